@@ -1,0 +1,65 @@
+"""``python -m llama3 SUBCOMMAND [flags]``: dispatches to the subcommand's module.
+
+Only the chosen subcommand's module is imported, so ``--help`` of one command stays quick.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from llama3.cli import HelpFormatter, UsageError
+from llama3.model.args import ConfigError
+
+# name → (module defining add_arguments(parser) and run(args), one-line summary)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "preprocess": ("llama3.data.preprocess", "clean and split .jsonl/.jsonl.zst corpora into train/eval shards"),
+    "train_tokenizer": ("llama3.data.tokenizer", "train a SentencePiece BPE tokenizer"),
+    "pretokenize": ("llama3.data.tokens", "encode a corpus into cached binary token shards"),
+    "train": ("llama3.training.train", "train a model in one process"),
+    "multitrain": ("llama3.training.multitrain", "train with FSDP2 under torchrun (one or many nodes)"),
+    "evaluate": ("llama3.evaluate", "loss, perplexity and bits per byte on an eval corpus"),
+    "generate": ("llama3.generate", "sample text from a checkpoint"),
+    "deploy": ("llama3.deploy.command", "export to ONNX and TensorRT, check accuracy, measure latency"),
+    "import_meta": ("llama3.import_meta", "convert a Meta Llama 3 checkpoint into ours"),
+    "plot": ("llama3.plot", "draw the loss curves of one or more runs into a PNG"),
+}
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    lines = [f"  {name:<16} {summary}" for name, (_, summary) in COMMANDS.items()]
+    return argparse.ArgumentParser(
+        prog="python -m llama3",
+        description="Llama 3 pretraining with softmax or softplus attention.\n\nsubcommands:\n"
+        + "\n".join(lines) + "\n\nRun 'python -m llama3 SUBCOMMAND --help' for its flags.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        parser = _top_parser()
+        parser.add_argument("subcommand", choices=list(COMMANDS), help=argparse.SUPPRESS)
+        parser.parse_args(argv[:1])  # prints help or a "choose from" error and exits
+        return 2
+    name, rest = argv[0], argv[1:]
+    module_name, summary = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"python -m llama3 {name}", description=summary,
+                                     formatter_class=HelpFormatter)
+    module.add_arguments(parser)
+    args = parser.parse_args(rest)
+    try:
+        return int(module.run(args) or 0)
+    except (UsageError, ConfigError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""Plain PyTorch reference of softplus attention: the ground truth, the CPU path and the ONNX form.
+
+Layouts: q (B, S, r); k, v (B, r, T), feature-major so a key cache grows along its last axis.
+The first C = T − S keys are cached context; query row i sits at absolute position C + i and sees
+keys j ≤ C + i, n_i = C + i + 1 of them::
+
+    λ_i  = log(n_i) / sqrt(r)        (scale="length")   or   1 / sqrt(r)   (scale="constant")
+    z_ij = λ_i · ⟨q_i, k_j⟩           for visible j
+    w_ij = softplus(z_ij)
+    o_i  = Σ_j w_ij · v_j / Σ_j w_ij
+
+``kv_len`` (B,) optionally says how many leading keys of each batch row are valid (a pre-allocated
+cache of capacity T holding kv_len[b] keys); then C_b = kv_len[b] − S and keys ≥ kv_len[b] are
+invisible. All arithmetic is fp32; the output has q's dtype. This materialises the S×T matrix, and
+builds the causal mask from ``arange`` so that ONNX export turns it into Range, comparison and Where
+nodes that any runtime can execute.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+SCALES = ("length", "constant")
+
+
+def query_positions(S: int, T: int, kv_len: Tensor | None, device: torch.device) -> Tensor:
+    """Absolute position C + i of every query row: (1, S) without ``kv_len``, else (B, S)."""
+    i = torch.arange(S, device=device)
+    if kv_len is None:
+        return (i + (T - S)).unsqueeze(0)
+    return (kv_len.to(device=device, dtype=torch.long) - S).unsqueeze(1) + i.unsqueeze(0)
+
+
+def row_scale(positions: Tensor, r: int, scale: str) -> Tensor:
+    """λ_i for each query row, fp32, same shape as ``positions``."""
+    if scale == "constant":
+        return torch.full(positions.shape, 1.0 / math.sqrt(r), device=positions.device)
+    return torch.log((positions + 1).to(torch.float32)) / math.sqrt(r)
+
+
+def softplus_attention_reference(
+    q: Tensor, k: Tensor, v: Tensor, scale: str = "length", kv_len: Tensor | None = None
+) -> Tensor:
+    """Softplus attention by its definition; differentiable by autograd. Returns (B, S, r)."""
+    S, r, T = q.shape[1], q.shape[2], k.shape[2]
+    pos = query_positions(S, T, kv_len, q.device)  # (1|B, S)
+    lam = row_scale(pos, r, scale).unsqueeze(-1)  # (1|B, S, 1)
+    keys = torch.arange(T, device=q.device)
+    visible = keys.view(1, 1, T) <= pos.unsqueeze(-1)  # (1|B, S, T)
+    z = lam * torch.matmul(q.float(), k.float())  # (B, S, T)
+    w = torch.where(visible, F.softplus(z), torch.zeros_like(z))
+    l = w.sum(dim=-1, keepdim=True)  # (B, S, 1)
+    o = torch.matmul(w, v.float().transpose(1, 2)) / l  # (B, S, r)
+    return o.to(q.dtype)
