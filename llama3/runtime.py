@@ -1,0 +1,73 @@
+"""Device selection, numeric precision and seeding: shared by every command that runs a model."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from llama3.cli import UsageError
+
+
+def select_device(flag: str | None) -> torch.device:
+    """``--device`` if given (checked), else CUDA when present, else CPU."""
+    if flag is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(flag)
+    except RuntimeError as err:
+        raise UsageError(f"--device {flag!r} is not a device name (try cuda, cuda:0 or cpu)") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {flag}: CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {flag}: only {torch.cuda.device_count()} CUDA device(s) present")
+    return device
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How to run: parameter dtype, optional autocast dtype, and whether a gradient scaler is needed."""
+
+    param_dtype: torch.dtype = torch.float32
+    autocast_dtype: torch.dtype | None = None
+
+    @classmethod
+    def from_flags(cls, args: argparse.Namespace) -> "Precision":
+        if getattr(args, "bf16", False):
+            return cls(param_dtype=torch.bfloat16)
+        if getattr(args, "amp_bf16", False):
+            return cls(autocast_dtype=torch.bfloat16)
+        if getattr(args, "amp_fp16", False):
+            return cls(autocast_dtype=torch.float16)
+        return cls()
+
+    @property
+    def needs_scaler(self) -> bool:
+        return self.autocast_dtype == torch.float16
+
+    @property
+    def name(self) -> str:
+        if self.param_dtype == torch.bfloat16:
+            return "bf16"
+        return {None: "fp32", torch.bfloat16: "amp_bf16", torch.float16: "amp_fp16"}[self.autocast_dtype]
+
+    def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
+
+
+def configure_matmul(allow_tf32: bool) -> None:
+    """TF32 for fp32 matmuls and convolutions on GPUs that have it."""
+    torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+    torch.backends.cudnn.allow_tf32 = allow_tf32
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
