@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
-
 import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -39,8 +38,13 @@ class EvalResult:
 
 @torch.no_grad()
 def evaluate_loss(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], device: torch.device,
-                  precision: Precision = Precision()) -> EvalResult:
-    """Mean loss of ``model`` over (inputs, targets) batches; restores the model's train/eval mode."""
+                  precision: Precision = Precision(),
+                  all_reduce: Callable[[Tensor], None] | None = None) -> EvalResult:
+    """Mean loss of ``model`` over (inputs, targets) batches; restores the model's train/eval mode.
+
+    With several processes each evaluates its own batches and ``all_reduce`` (an in-place sum over
+    ranks) combines the totals, so every rank returns the global mean.
+    """
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
@@ -56,5 +60,8 @@ def evaluate_loss(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], de
         count += n
         n_batches += 1
     model.train(was_training)
+    if all_reduce is not None:
+        all_reduce(total)
+        all_reduce(count)
     tokens = int(count.item())
     return EvalResult(loss=total.item() / max(tokens, 1), tokens=tokens, batches=n_batches)
