@@ -1,0 +1,327 @@
+"""Reading corpora: ``.jsonl`` and ``.jsonl.zst`` files (or directories of them), one JSON object
+with a string ``"text"`` per line, as The Pile ships them.
+
+Everything streams in constant memory. Files are read in blocks of whole lines (:class:`Chunk`) so
+that parsing can run in worker processes; :func:`parse_lines` turns a chunk into texts. Bad input
+never crashes a run and never passes silently: each case is a :class:`Problem` with a reason, file
+and line, collected by a :class:`ProblemLog` that counts them, reports the first few and, when
+strict, stops at the first.
+
+``zstandard`` is imported only when a ``.zst`` file is actually read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import IO, NamedTuple
+
+from llama3.cli import UsageError
+
+SUFFIXES = (".jsonl", ".jsonl.zst")
+DEFAULT_CHUNK_BYTES = 4 << 20
+
+# reason → what it means (shown in summaries)
+REASONS: dict[str, str] = {
+    "unreadable": "file cannot be opened or read",
+    "empty_file": "file holds no data",
+    "truncated_zst": "zstd stream ends mid-frame (download or copy cut short)",
+    "corrupt_zst": "zstd stream cannot be decoded",
+    "invalid_utf8": "line is not valid UTF-8",
+    "malformed_json": "line is not valid JSON",
+    "not_an_object": "JSON value is not an object",
+    "missing_text": 'object has no "text" field',
+    "text_not_string": '"text" is not a string',
+    "lone_surrogate": '"text" holds an unpaired UTF-16 surrogate escape',
+}
+
+
+class BadInputError(UsageError):
+    """Raised on the first bad input when running with ``--strict``."""
+
+
+class Problem(NamedTuple):
+    reason: str  # a key of REASONS
+    path: str
+    line: int  # 1-based; 0 when the whole file is concerned
+    detail: str = ""
+
+    def __str__(self) -> str:
+        where = f"{self.path}:{self.line}" if self.line else self.path
+        detail = f" ({self.detail})" if self.detail else ""
+        return f"{where}: {REASONS[self.reason]}{detail}"
+
+
+class ProblemLog:
+    """Counts bad input by reason, reports the first ``max_reports``, raises at the first if strict."""
+
+    def __init__(self, strict: bool = False, max_reports: int = 5, stream: IO[str] | None = None):
+        self.strict = strict
+        self.max_reports = max_reports
+        self.stream = stream
+        self.counts: Counter[str] = Counter()
+        self.first: list[Problem] = []
+
+    def add(self, problem: Problem) -> None:
+        self.counts[problem.reason] += 1
+        if self.strict:
+            raise BadInputError(f"{problem} [--strict stops at the first bad input]")
+        if len(self.first) < self.max_reports:
+            self.first.append(problem)
+            _write_line(f"warning: {problem}", self.stream)
+
+    def extend(self, problems: Iterable[Problem]) -> None:
+        for problem in problems:
+            self.add(problem)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def summary(self) -> str:
+        if not self.total:
+            return "bad input: none"
+        parts = ", ".join(f"{n} {reason}" for reason, n in sorted(self.counts.items()))
+        shown = len(self.first)
+        return f"bad input skipped: {parts} (first {shown} reported above; --strict stops at the first)"
+
+
+def _write_line(text: str, stream: IO[str] | None) -> None:
+    """Print without breaking a progress bar."""
+    from tqdm import tqdm
+
+    tqdm.write(text, file=stream or sys.stderr)
+
+
+def add_bad_input_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("bad input")
+    group.add_argument("--strict", action="store_true",
+                       help="stop with an error at the first bad input (malformed JSON, missing "
+                            "text, invalid UTF-8, empty, truncated or unreadable file) instead of "
+                            "skipping and counting it")
+    group.add_argument("--max_reports", type=int, default=5,
+                       help="bad inputs reported individually (with file and line) before only "
+                            "counting them")
+
+
+def problem_log_from_flags(args: argparse.Namespace) -> ProblemLog:
+    return ProblemLog(strict=args.strict, max_reports=args.max_reports)
+
+
+# --------------------------------------------------------------------------------------- files
+
+
+def is_zst(path: str | os.PathLike) -> bool:
+    return str(path).endswith(".zst")
+
+
+def _is_corpus_name(name: str) -> bool:
+    return name.endswith(SUFFIXES) and not name.startswith(".")
+
+
+def find_corpus_files(paths: str | os.PathLike | Sequence[str | os.PathLike],
+                      flag: str = "--corpus") -> list[Path]:
+    """The corpus files named by ``paths``: files as given, directories searched recursively for
+    ``*.jsonl`` and ``*.jsonl.zst`` (hidden entries skipped), each directory's files sorted."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    files: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = _files_under(path)
+            if not found:
+                raise UsageError(f"{flag} {path}: no .jsonl or .jsonl.zst files in this directory")
+            files += found
+        elif path.exists() or path.is_symlink():
+            files.append(path)
+        else:
+            raise UsageError(f"{flag} {path}: no such file or directory")
+    return files
+
+
+def _files_under(root: Path) -> list[Path]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        found += [Path(dirpath, name) for name in filenames if _is_corpus_name(name)]
+        # a dangling link or a directory with a corpus name is reported when read, not hidden
+        found += [Path(dirpath, d) for d in dirnames if _is_corpus_name(d)]
+    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+
+
+def total_size(files: Iterable[Path]) -> int:
+    size = 0
+    for path in files:
+        try:
+            size += path.stat().st_size
+        except OSError:
+            pass
+    return size
+
+
+# -------------------------------------------------------------------------------------- chunks
+
+
+class Chunk(NamedTuple):
+    """Whole lines of one file: ``data`` starts at line ``first_line`` (1-based)."""
+
+    path: str
+    first_line: int
+    data: bytes
+    raw_bytes: int  # bytes of the file (compressed, for .zst) consumed to produce this chunk
+
+
+class _StreamError(Exception):
+    """A compressed stream that cannot be read to its end: ``reason`` is a key of REASONS."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
+
+
+def zstandard_module():
+    """The zstandard package, imported on first use (it is optional)."""
+    try:
+        import zstandard
+    except ImportError as err:
+        raise UsageError("reading .zst files needs the zstandard package: pip install zstandard "
+                         "(or decompress first: zstd -d FILE)") from err
+    return zstandard
+
+
+def _plain_blocks(f: IO[bytes], size: int) -> Iterator[tuple[bytes, int]]:
+    while block := f.read(size):
+        yield block, len(block)
+
+
+def _zst_blocks(f: IO[bytes], size: int) -> Iterator[tuple[bytes, int]]:
+    """Decompressed blocks of a (possibly multi-frame) zstd file. Raises _StreamError if the data
+    stops inside a frame, which ``stream_reader`` would silently accept as the end."""
+    zstandard = zstandard_module()
+    dctx = zstandard.ZstdDecompressor()
+    dobj, in_frame = dctx.decompressobj(), False
+    while raw := f.read(max(size // 4, 1 << 16)):
+        consumed = len(raw)
+        while raw:
+            try:
+                out = dobj.decompress(raw)
+            except zstandard.ZstdError as err:
+                raise _StreamError("corrupt_zst", str(err)) from err
+            in_frame = True
+            if out:
+                yield out, consumed
+                consumed = 0
+            if dobj.eof:
+                raw, dobj, in_frame = dobj.unused_data, dctx.decompressobj(), False
+            else:
+                raw = b""
+        if consumed:
+            yield b"", consumed
+    if in_frame:
+        raise _StreamError("truncated_zst", "the incomplete last line is dropped")
+
+
+def file_chunks(path: Path, log: ProblemLog, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[Chunk]:
+    """Chunks of whole lines of one file; file-level problems go to ``log``."""
+    name = str(path)
+    try:
+        f = open(path, "rb")
+    except OSError as err:
+        log.add(Problem("unreadable", name, 0, err.strerror or type(err).__name__))
+        return
+    line, parts, raw_pending, total = 1, [], 0, 0
+    with f:
+        blocks = _zst_blocks(f, chunk_bytes) if is_zst(path) else _plain_blocks(f, chunk_bytes)
+        try:
+            for block, raw in blocks:
+                total += len(block)
+                raw_pending += raw
+                cut = block.rfind(b"\n") + 1
+                if cut == 0:
+                    parts.append(block)
+                    continue
+                data = b"".join([*parts, block[:cut]]) if parts else block[:cut]
+                parts = [block[cut:]] if cut < len(block) else []
+                yield Chunk(name, line, data, raw_pending)
+                line += data.count(b"\n")
+                raw_pending = 0
+        except _StreamError as err:
+            log.add(Problem(err.reason, name, line, err.detail))
+            return
+        except OSError as err:
+            log.add(Problem("unreadable", name, line, err.strerror or str(err)))
+            return
+    rest = b"".join(parts)
+    if rest or raw_pending:
+        yield Chunk(name, line, rest, raw_pending)
+    if total == 0:
+        log.add(Problem("empty_file", name, 0))
+
+
+def corpus_chunks(files: Iterable[Path], log: ProblemLog,
+                  chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[Chunk]:
+    for path in files:
+        yield from file_chunks(path, log, chunk_bytes)
+
+
+def chunk_size_for(total_bytes: int, workers: int) -> int:
+    """Chunks small enough to keep every worker busy until the end (about 16 per worker), large
+    enough to amortise handing them to a worker."""
+    return max(64 << 10, min(DEFAULT_CHUNK_BYTES, total_bytes // (16 * max(workers, 1))))
+
+
+# ------------------------------------------------------------------------------------- parsing
+
+
+def parse_line(raw: bytes) -> str | tuple[str, str]:
+    """The ``"text"`` of one JSON line, or ``(reason, detail)`` when the line is bad."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return "invalid_utf8", f"byte {err.start}: {raw[err.start:err.start + 1]!r}"
+    try:
+        record = json.loads(line)
+    except ValueError as err:
+        return "malformed_json", getattr(err, "msg", str(err)) + f" at column {getattr(err, 'colno', '?')}"
+    if not isinstance(record, dict):
+        return "not_an_object", type(record).__name__
+    if "text" not in record:
+        return "missing_text", "keys: " + ", ".join(list(record)[:5])
+    text = record["text"]
+    if not isinstance(text, str):
+        return "text_not_string", type(text).__name__
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            return "lone_surrogate", f"character {err.start}"
+    return text
+
+
+def parse_lines(chunk: Chunk) -> tuple[list[str], list[Problem]]:
+    """Texts of a chunk's lines (blank lines skipped) and the problems found."""
+    texts: list[str] = []
+    problems: list[Problem] = []
+    for offset, raw in enumerate(chunk.data.split(b"\n")):
+        if not raw or raw.isspace():
+            continue
+        parsed = parse_line(raw)
+        if isinstance(parsed, str):
+            texts.append(parsed)
+        else:
+            problems.append(Problem(parsed[0], chunk.path, chunk.first_line + offset, parsed[1]))
+    return texts, problems
+
+
+def iter_texts(files: Iterable[Path], log: ProblemLog,
+               chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[str]:
+    """Every text of ``files`` in order, in this process (problems go to ``log``)."""
+    for chunk in corpus_chunks(files, log, chunk_bytes):
+        texts, problems = parse_lines(chunk)
+        log.extend(problems)
+        yield from texts

@@ -1,0 +1,320 @@
+"""SentencePiece BPE tokenizer: training (``python -m llama3 train_tokenizer``) and the
+:class:`Tokenizer` every other command uses.
+
+Special ids are fixed: unk 0, pad 1, bos 2, eos 3. As in the original, the most frequent words of
+the corpus become user-defined symbols (whole-word pieces "▁word" that BPE never splits); we count
+them over a sample of every file of the corpus, proportional to file size.
+
+Training is deterministic: sentences (the non-empty lines of each document, lines longer than
+``max_sentence_length`` bytes split at spaces) are drawn by reservoir sampling with a seeded
+generator — SentencePiece's own sampling is not reproducible — and SentencePiece runs on one
+thread, so the same corpus, flags and seed give a byte-identical ``.model`` on any machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import os
+import random
+import re
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from llama3.fileio import atomic_write_bytes
+from llama3.cli import UsageError
+from llama3.data.sources import (ProblemLog, add_bad_input_flags, file_chunks, find_corpus_files,
+                                 parse_lines, problem_log_from_flags, total_size)
+
+UNK_ID, PAD_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+WORD_BOUNDARY = "\u2581"  # "▁", SentencePiece's marker for a preceding space
+_WORD = re.compile(r"[^\W\d_]{2,}")
+
+
+def _sentencepiece():
+    import sentencepiece
+
+    return sentencepiece
+
+
+class Tokenizer:
+    """A loaded SentencePiece model. Pickles by path, so worker processes can receive it."""
+
+    def __init__(self, model_file: str | os.PathLike, *, num_threads: int = 1,
+                 flag: str = "--tokenizer"):
+        self.path = Path(model_file)
+        self.num_threads = num_threads  # for encode_batch
+        try:
+            data = self.path.read_bytes()
+        except OSError as err:
+            raise UsageError(f"{flag} {self.path}: cannot read the tokenizer "
+                             f"({err.strerror or err}); train one with "
+                             "'python -m llama3 train_tokenizer'") from err
+        try:
+            self._sp = _sentencepiece().SentencePieceProcessor(model_proto=data)
+        except Exception as err:  # sentencepiece raises RuntimeError or OSError on a bad proto
+            raise UsageError(f"{flag} {self.path}: not a SentencePiece model ({err})") from err
+        self._sha256 = hashlib.sha256(data).hexdigest()
+        self._flag = flag
+        self.vocab_size: int = self._sp.vocab_size()
+        self.unk_id: int = self._sp.unk_id()
+        self.pad_id: int = self._sp.pad_id()
+        self.bos_id: int = self._sp.bos_id()
+        self.eos_id: int = self._sp.eos_id()
+        self._token_bytes: np.ndarray | None = None
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path, "num_threads": self.num_threads, "flag": self._flag,
+                "sha256": self._sha256}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["path"], num_threads=state["num_threads"], flag=state["flag"])
+        if self._sha256 != state["sha256"]:
+            raise UsageError(f"{state['flag']} {self.path} changed while in use")
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({str(self.path)!r}, vocab_size={self.vocab_size})"
+
+    @property
+    def sha256(self) -> str:
+        """Content hash of the model file (as loaded)."""
+        return self._sha256
+
+    def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
+        return self._sp.encode(text, add_bos=bos, add_eos=eos)
+
+    def encode_batch(self, texts: list[str], *, bos: bool = False, eos: bool = False) -> list[list[int]]:
+        return self._sp.encode(texts, add_bos=bos, add_eos=eos, num_threads=self.num_threads)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._sp.decode([int(i) for i in ids])
+
+    def piece(self, token_id: int) -> str:
+        return self._sp.id_to_piece(int(token_id))
+
+    def token_bytes(self) -> np.ndarray:
+        """UTF-8 bytes each token adds to decoded text: (vocab_size,) int64. Control and unknown
+        tokens count 0, byte-fallback tokens 1, "▁" counts as the space it decodes to."""
+        if self._token_bytes is None:
+            sp = self._sp
+            sizes = np.zeros(self.vocab_size, dtype=np.int64)
+            for i in range(self.vocab_size):
+                if sp.is_control(i) or sp.is_unknown(i):
+                    continue
+                sizes[i] = 1 if sp.is_byte(i) else len(
+                    sp.id_to_piece(i).replace(WORD_BOUNDARY, " ").encode("utf-8"))
+            self._token_bytes = sizes
+        return self._token_bytes
+
+
+# ------------------------------------------------------------------------------------ training
+
+
+def split_long_line(line: str, max_bytes: int) -> Iterator[str]:
+    """``line`` in pieces of at most ``max_bytes`` UTF-8 bytes, cut at spaces where possible and
+    never inside a character (SentencePiece would skip longer sentences entirely)."""
+    data = line.encode("utf-8")
+    if len(data) <= max_bytes:
+        yield line
+        return
+    start = 0
+    while start < len(data):
+        end = min(start + max_bytes, len(data))
+        if end < len(data):
+            space = data.rfind(b" ", start + 1, end + 1)
+            if space > start:
+                end = space
+            else:
+                while end > start + 1 and data[end] & 0xC0 == 0x80:  # continuation byte
+                    end -= 1
+        piece = data[start:end].decode("utf-8").strip()
+        if piece:
+            yield piece
+        start = end
+
+
+def _sentences(text: str, max_bytes: int) -> Iterator[str]:
+    for line in text.split("\n"):
+        line = line.strip()
+        if line:
+            yield from split_long_line(line, max_bytes)
+
+
+class _Reservoir:
+    """A uniform sample of ``size`` items from a stream (all of them if fewer), seeded."""
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.rng = size, random.Random(seed)
+        self.items: list[str] = []
+        self.seen = 0
+
+    def add(self, item: str) -> None:
+        self.seen += 1
+        if self.size <= 0 or len(self.items) < self.size:
+            self.items.append(item)
+            return
+        j = self.rng.randrange(self.seen)
+        if j < self.size:
+            self.items[j] = item
+
+
+def _read_corpus(files: list[Path], *, input_sentence_size: int, max_sentence_length: int,
+                 seed: int, word_sample_bytes: int, log: ProblemLog,
+                 progress: bool) -> tuple[_Reservoir, Counter[str]]:
+    """One pass over the corpus: the sentence sample, and word counts over the first
+    ``word_sample_bytes × (file size / corpus size)`` characters of every file."""
+    from tqdm import tqdm
+
+    reservoir, words = _Reservoir(input_sentence_size, seed), Counter()
+    total = total_size(files)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="reading corpus", disable=not progress,
+              dynamic_ncols=True) as bar:
+        for path in files:
+            budget = word_sample_bytes * total_size([path]) / max(total, 1)
+            counted = 0
+            for chunk in file_chunks(path, log):
+                texts, problems = parse_lines(chunk)
+                log.extend(problems)
+                for text in texts:
+                    if counted <= budget:
+                        words.update(_WORD.findall(text))
+                        counted += len(text)
+                    for sentence in _sentences(text, max_sentence_length):
+                        reservoir.add(sentence)
+                bar.update(chunk.raw_bytes)
+                bar.set_postfix_str(f"{reservoir.seen} sentences", refresh=False)
+    return reservoir, words
+
+
+def most_frequent(words: Counter[str], n: int) -> list[str]:
+    """The ``n`` most frequent words, ties broken alphabetically (deterministic)."""
+    ranked = sorted(words.items(), key=lambda item: (-item[1], item[0]))
+    return [word for word, _ in ranked[:n]]
+
+
+def train_tokenizer(corpus: str | os.PathLike | Sequence[str | os.PathLike],
+                    model_file: str | os.PathLike, vocab_size: int, *,
+                    input_sentence_size: int = 1_000_000, n_most_frequent_words: int = 100,
+                    max_sentence_length: int = 4192, seed: int = 0, byte_fallback: bool = False,
+                    character_coverage: float = 0.9995, word_sample_mb: float = 64.0,
+                    log: ProblemLog | None = None, progress: bool = True, verbose: bool = False,
+                    flag: str = "--train_corpus") -> Path:
+    """Train a BPE model on ``corpus`` (files or directories) and write it atomically to
+    ``model_file`` (plus a readable ``.vocab`` beside it). Returns the model path."""
+    _check_training_flags(vocab_size, n_most_frequent_words, max_sentence_length)
+    files = find_corpus_files(corpus, flag)
+    log = log or ProblemLog()
+    reservoir, words = _read_corpus(
+        files, input_sentence_size=input_sentence_size, max_sentence_length=max_sentence_length,
+        seed=seed, word_sample_bytes=int(word_sample_mb * 2**20), log=log, progress=progress)
+    if not reservoir.items:
+        raise UsageError(f"{flag} {corpus}: no text to train on ({log.summary()})")
+    symbols = [WORD_BOUNDARY + w for w in most_frequent(words, n_most_frequent_words)]
+    if progress:
+        print(f"training BPE: vocab {vocab_size}, {len(reservoir.items)} of {reservoir.seen} "
+              f"sentences, {len(symbols)} word symbols", file=sys.stderr)
+    start = time.perf_counter()
+    proto = _train_proto(reservoir.items, vocab_size=vocab_size, symbols=symbols,
+                         byte_fallback=byte_fallback, character_coverage=character_coverage,
+                         max_sentence_length=max_sentence_length, verbose=verbose, corpus=corpus)
+    model_file = Path(model_file)
+    model_file.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(model_file, proto)
+    _write_vocab(model_file)
+    if progress:
+        print(f"trained in {time.perf_counter() - start:.1f} s → {model_file}", file=sys.stderr)
+    return model_file
+
+
+def _check_training_flags(vocab_size: int, n_words: int, max_sentence_length: int) -> None:
+    if vocab_size < 8:
+        raise UsageError(f"--vocab_size {vocab_size}: too small")
+    if not 0 <= n_words < vocab_size // 2:
+        raise UsageError(f"--n_most_frequent_words {n_words}: must be between 0 and half of "
+                         f"--vocab_size ({vocab_size // 2})")
+    if max_sentence_length < 16:
+        raise UsageError(f"--max_sentence_length {max_sentence_length}: too small (bytes)")
+
+
+def _train_proto(sentences: list[str], *, vocab_size: int, symbols: list[str], byte_fallback: bool,
+                 character_coverage: float, max_sentence_length: int, verbose: bool,
+                 corpus: object) -> bytes:
+    sp = _sentencepiece()
+    buffer = io.BytesIO()
+    try:
+        sp.SentencePieceTrainer.train(
+            sentence_iterator=iter(sentences), model_writer=buffer, model_type="bpe",
+            vocab_size=vocab_size, unk_id=UNK_ID, pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+            user_defined_symbols=symbols, byte_fallback=byte_fallback,
+            character_coverage=character_coverage, max_sentence_length=max_sentence_length,
+            input_sentence_size=0, shuffle_input_sentence=False, num_threads=1,
+            minloglevel=0 if verbose else 2)
+    except RuntimeError as err:
+        raise UsageError(f"SentencePiece cannot train on --train_corpus {corpus}: {err} (a smaller "
+                         "--vocab_size or a larger corpus may help)") from err
+    return buffer.getvalue()
+
+
+def _write_vocab(model_file: Path) -> None:
+    """``piece<TAB>score`` per line, for reading the vocabulary."""
+    sp = _sentencepiece().SentencePieceProcessor(model_file=str(model_file))
+    lines = [f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n" for i in range(sp.vocab_size())]
+    atomic_write_bytes(model_file.with_suffix(".vocab"), "".join(lines).encode("utf-8"))
+
+
+# --------------------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("corpus and output")
+    group.add_argument("--train_corpus", nargs="+", required=True, metavar="PATH",
+                       help=".jsonl/.jsonl.zst files or directories (e.g. pretrain_data/train)")
+    group.add_argument("--model_file", default="tokenizer.model",
+                       help="where to write the SentencePiece model (a .vocab is written beside it)")
+    group = parser.add_argument_group("vocabulary")
+    group.add_argument("--vocab_size", type=int, default=2048, help="tokens in the vocabulary")
+    group.add_argument("--n_most_frequent_words", type=int, default=100,
+                       help="most frequent words added as whole-word symbols")
+    group.add_argument("--byte_fallback", action=argparse.BooleanOptionalAction, default=False,
+                       help="encode characters outside the vocabulary as UTF-8 byte tokens "
+                            "instead of <unk>")
+    group.add_argument("--character_coverage", type=float, default=0.9995,
+                       help="share of characters the vocabulary must cover; the rarest rest "
+                            "become <unk> (or bytes)")
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--input_sentence_size", type=int, default=1_000_000,
+                       help="sentences (lines) sampled from the corpus for training; 0 = all")
+    group.add_argument("--max_sentence_length", type=int, default=4192,
+                       help="longest sentence in bytes; longer lines are split at spaces")
+    group.add_argument("--word_sample_mb", type=float, default=64.0,
+                       help="text over which words are counted, taken from every file in "
+                            "proportion to its size")
+    group.add_argument("--seed", type=int, default=0,
+                       help="seed of the sentence sample: same corpus, flags and seed → "
+                            "byte-identical model")
+    add_bad_input_flags(parser)
+    group = parser.add_argument_group("output")
+    group.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                       help="show progress")
+    group.add_argument("--verbose", action="store_true", help="show SentencePiece's training log")
+
+
+def run(args: argparse.Namespace) -> int:
+    log = problem_log_from_flags(args)
+    path = train_tokenizer(
+        args.train_corpus, args.model_file, args.vocab_size,
+        input_sentence_size=args.input_sentence_size,
+        n_most_frequent_words=args.n_most_frequent_words,
+        max_sentence_length=args.max_sentence_length, seed=args.seed,
+        byte_fallback=args.byte_fallback, character_coverage=args.character_coverage,
+        word_sample_mb=args.word_sample_mb, log=log, progress=args.progress, verbose=args.verbose)
+    tokenizer = Tokenizer(path, flag="--model_file")
+    print(f"tokenizer: {path} (vocab {tokenizer.vocab_size}, sha256 {tokenizer.sha256[:12]})")
+    print(log.summary(), file=sys.stderr if log.total else sys.stdout)
+    return 0
