@@ -2,27 +2,38 @@
 
 A checkpoint is a directory (``--to_checkpoint DIR``)::
 
-    DIR/latest                    name of the newest complete step directory
-    DIR/step_00000200/model.pt    consolidated model: args, weights, tokenizer fingerprint, step
-    DIR/step_00000200/...         training state, when written by training
+    DIR/latest                          name of the newest complete step directory
+    DIR/step_00000200/model.pt          consolidated model: args, weights, tokenizer fingerprint, step
+    DIR/step_00000200/trainer.pt        training record: step, schedule, gradient scaler, metric
+                                        history, model and train args, tokenizer and corpus
+                                        fingerprints, number of processes
+    DIR/step_00000200/state/            model and optimizer, one shard file per process
+                                        (torch.distributed.checkpoint)
+    DIR/step_00000200/rank_00000.pt     per process: data position and random-number generators
 
-A step directory is written under a temporary name and renamed once complete, and ``latest`` is
-replaced atomically, so a crash mid-save never damages the last good checkpoint. Anything that reads
-a model accepts ``DIR``, ``DIR/step_N`` or ``DIR/step_N/model.pt``.
+``model.pt`` alone is what evaluate, deploy and generate read; the rest is what training needs to
+continue exactly. A step directory is written under a temporary name and renamed once complete, and
+``latest`` is replaced atomically, so a crash mid-save never damages the last good checkpoint.
+Anything that reads a model accepts ``DIR``, ``DIR/step_N`` or ``DIR/step_N/model.pt``.
 """
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import os
+import random
 import shutil
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+import numpy as np
 import torch
 from torch import nn
 
 from llama3.cli import UsageError
+from llama3.fileio import STAGING_SUFFIX, atomic_write_bytes, file_sha256, fsync_dir
 from llama3.model.args import ModelArgs
 from llama3.model.transformer import Transformer
 
@@ -30,15 +41,6 @@ FORMAT = "llama3-model"
 VERSION = 1
 MODEL_FILE = "model.pt"
 LATEST = "latest"
-STAGING_SUFFIX = ".tmp"
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def tokenizer_fingerprint(path: str | os.PathLike) -> dict[str, str]:
@@ -54,26 +56,6 @@ def check_tokenizer(record: dict[str, Any], tokenizer_path: str | os.PathLike) -
             f"--tokenizer {tokenizer_path} is not the tokenizer this checkpoint was trained with "
             f"({record['tokenizer'].get('path')}); pass that one"
         )
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write a file so that readers see the old content or the new one, never a part."""
-    path = Path(path)
-    tmp = path.with_name(path.name + STAGING_SUFFIX)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
@@ -193,3 +175,150 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu",
     if dtype is not None:
         model = model.to(dtype)
     return model.eval()
+
+
+# ---- Training state: written by train/multitrain, read back to continue a run exactly ----------
+
+TRAINER_FILE = "trainer.pt"
+TRAINER_FORMAT = "llama3-trainer"
+STATE_DIR = "state"
+
+
+class ProcessGroup(Protocol):
+    """What saving and loading need to know of the processes (one, or many under torchrun)."""
+
+    rank: int
+    world_size: int
+
+    @property
+    def active(self) -> bool: ...
+
+    def barrier(self) -> None: ...
+
+
+def rank_file_name(rank: int) -> str:
+    return f"rank_{rank:05d}.pt"
+
+
+def save_training_checkpoint(root: str | os.PathLike, step: int, *, model: nn.Module,
+                             optimizer: torch.optim.Optimizer, model_state: dict[str, torch.Tensor],
+                             model_args: ModelArgs, tokenizer: dict[str, str] | None,
+                             trainer_record: dict[str, Any], rank_record: dict[str, Any],
+                             group: ProcessGroup, keep_last: int | None = None) -> Path:
+    """Write step ``step`` under ``root`` from every process; returns the published directory.
+
+    Collective: every process calls it. ``model_state`` is the gathered full state dict (only the
+    main process's copy is written). Nothing is visible under the final name until every process
+    has finished writing, so an interrupted save leaves the previous checkpoint as ``latest``.
+    """
+    staging = Path(root) / (step_dir_name(step) + STAGING_SUFFIX)
+    if group.rank == 0:
+        stage_step_dir(root, step)
+    group.barrier()
+    _save_sharded_state(staging / STATE_DIR, model, optimizer, group)
+    atomic_torch_save(rank_record, staging / rank_file_name(group.rank))
+    if group.rank == 0:
+        write_model_file(staging / MODEL_FILE, model_state, model_args, tokenizer=tokenizer,
+                         step=step)
+        record = {"format": TRAINER_FORMAT, "version": VERSION, "step": step,
+                  "model_args": model_args.to_dict(), "tokenizer": tokenizer,
+                  "world_size": group.world_size, **trainer_record}
+        atomic_torch_save(record, staging / TRAINER_FILE)
+    group.barrier()
+    final = Path(root) / step_dir_name(step)
+    if group.rank == 0:
+        publish_step_dir(root, staging, step, keep_last)
+        for stale in Path(root).glob("step_*" + STAGING_SUFFIX):  # left by interrupted saves
+            shutil.rmtree(stale, ignore_errors=True)
+    group.barrier()
+    return final
+
+
+def read_trainer_record(path: str | os.PathLike) -> tuple[Path, dict[str, Any] | None]:
+    """The step directory meant by ``path`` and its training record (None for a model-only
+    checkpoint, such as one written by import_meta)."""
+    step_dir = resolve_step_dir(path)
+    file = step_dir / TRAINER_FILE
+    if not file.is_file():
+        return step_dir, None
+    try:
+        record = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise UsageError(f"cannot read training state {file}: {err}") from err
+    if not isinstance(record, dict) or record.get("format") != TRAINER_FORMAT:
+        raise UsageError(f"{file} is not a llama3 training record")
+    if record.get("version", 0) > VERSION:
+        raise UsageError(f"{file} has format version {record['version']}; this code reads up to "
+                         f"{VERSION}: update the code")
+    return step_dir, record
+
+
+def read_rank_record(step_dir: Path, group: ProcessGroup) -> dict[str, Any]:
+    """This process's record of ``step_dir``: data position and random-number generators."""
+    rank_file = step_dir / rank_file_name(group.rank)
+    if not rank_file.is_file():
+        raise UsageError(f"{step_dir} has no state for process {group.rank} ({rank_file.name}): "
+                         "resume with the number of processes that wrote it")
+    return torch.load(rank_file, map_location="cpu", weights_only=True)
+
+
+def load_training_state(step_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                        group: ProcessGroup) -> None:
+    """Restore model and optimizer from ``step_dir``, resharded to the current processes.
+    Collective."""
+    _load_sharded_state(step_dir / STATE_DIR, model, optimizer, group)
+
+
+def _save_sharded_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                        group: ProcessGroup) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    with _single_process_quiet(group):
+        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=path,
+                 no_dist=not group.active)
+
+
+def _load_sharded_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                        group: ProcessGroup) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optim_state}
+    with _single_process_quiet(group):
+        dcp.load(state, checkpoint_id=path, no_dist=not group.active)
+    set_state_dict(model, optimizer, model_state_dict=state["model"],
+                   optim_state_dict=state["optimizer"])
+
+
+@contextlib.contextmanager
+def _single_process_quiet(group: ProcessGroup) -> Iterator[None]:
+    """Without a process group, torch.distributed.checkpoint warns that it assumes a single
+    process; here that is intended."""
+    with warnings.catch_warnings():
+        if not group.active:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def capture_rng_state(device: torch.device) -> dict[str, Any]:
+    """Every random-number generator a training step may draw from (dropout, data, Python)."""
+    keys, pos, has_gauss, cached = np.random.get_state()[1:]
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)

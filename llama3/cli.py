@@ -18,7 +18,12 @@ class UsageError(Exception):
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Shows defaults and keeps the description's line breaks."""
+    """Shows meaningful defaults (not None or False) and keeps the description's line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False:
+            return action.help or ""
+        return super()._get_help_string(action)
 
 
 # Model flags: (flag, type, help). Defaults come from ModelArgs so there is one source of truth.
@@ -44,25 +49,42 @@ _MODEL_FLAGS: list[tuple[str, Any, str]] = [
 _MODEL_CHOICES = {"attention": ATTENTIONS, "mixer": MIXERS, "softplus_scale": SOFTPLUS_SCALES}
 
 
-def add_model_flags(parser: argparse.ArgumentParser, *, from_checkpoint: bool = False) -> None:
-    """Model shape flags. With ``from_checkpoint`` they default to the checkpoint's values and, if
-    given, must agree with them (see :func:`check_model_flags`)."""
-    title = "model (taken from the checkpoint; if given, must agree)" if from_checkpoint else "model"
+def add_model_flags(parser: argparse.ArgumentParser, *, from_checkpoint: bool = False,
+                    resumable: bool = False) -> None:
+    """Model shape flags.
+
+    ``from_checkpoint``: the values come from a checkpoint; flags given must agree with it (see
+    :func:`check_model_flags`). ``resumable`` (training): a new run uses ModelArgs' defaults, shown
+    per flag, and a resumed run takes the checkpoint's. Both leave unset flags as None.
+    """
+    if from_checkpoint:
+        title = "model (taken from the checkpoint; if given, must agree)"
+    elif resumable:
+        title = "model (a new run uses the defaults shown; --from_checkpoint takes the checkpoint's " \
+                "values, and flags given must agree)"
+    else:
+        title = "model"
     group = parser.add_argument_group(title)
-    defaults = ModelArgs.__dataclass_fields__
-    for name, kind, text in _MODEL_FLAGS:
-        default = None if from_checkpoint else defaults[name].default
-        group.add_argument(f"--{name}", type=kind, default=default, choices=_MODEL_CHOICES.get(name),
-                           help=text)
-    default_scaled = None if from_checkpoint else False
-    group.add_argument("--use_scaled_rope", action=argparse.BooleanOptionalAction,
-                       default=default_scaled, help="apply the Llama 3.1 RoPE frequency scaling")
+    fields = ModelArgs.__dataclass_fields__
+    for name, kind, text in [*_MODEL_FLAGS, ("use_scaled_rope", None,
+                                             "apply the Llama 3.1 RoPE frequency scaling")]:
+        default = fields[name].default
+        if resumable and default is not None:
+            text = f"{text} (new run: {default})"
+        value = None if (from_checkpoint or resumable) else default
+        if kind is None:
+            group.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=value,
+                               help=text)
+        else:
+            group.add_argument(f"--{name}", type=kind, default=value,
+                               choices=_MODEL_CHOICES.get(name), help=text)
 
 
 def model_args_from_flags(args: argparse.Namespace, vocab_size: int) -> ModelArgs:
-    """ModelArgs from parsed model flags; ``vocab_size`` comes from the tokenizer."""
-    values = {name: getattr(args, name) for name, _, _ in _MODEL_FLAGS}
-    values["use_scaled_rope"] = args.use_scaled_rope
+    """ModelArgs from parsed model flags (unset ones take ModelArgs' defaults); ``vocab_size``
+    comes from the tokenizer."""
+    names = [name for name, _, _ in _MODEL_FLAGS] + ["use_scaled_rope"]
+    values = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     return ModelArgs(vocab_size=vocab_size, **values)
 
 

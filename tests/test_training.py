@@ -1,0 +1,398 @@
+"""Training through the real CLI on a tiny corpus and tokenizer that these tests build themselves.
+
+Covers: the loss falls; the run directory (checkpoints, metrics, summary, TensorBoard) and the plot
+command; gradient accumulation equals one large batch; resuming continues bit for bit; Ctrl-C
+saves a checkpoint; a non-finite loss stops before the update and keeps the last checkpoint; FSDP
+over two gloo processes (torchrun) matches one process, and resumes; clear usage errors; and a
+stored loss trajectory that a change must reproduce.
+
+Regenerate the stored trajectory (after a deliberate change of the numerics) with::
+
+    python tests/test_training.py --regenerate
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from llama3 import load_checkpoint  # noqa: E402
+from llama3.__main__ import main  # noqa: E402
+from llama3.checkpoint import list_step_dirs, resolve_step_dir  # noqa: E402
+
+TRAJECTORY = Path(__file__).parent / "data" / "training_trajectory.json"
+TINY = ["--dim", "32", "--n_layers", "2", "--n_heads", "4", "--core_dim", "16", "--max_seq_len",
+        "32", "--batch_size", "8", "--base_lr", "3e-3", "--warmup_steps", "2", "--no-tensorboard"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+
+# ------------------------------------------------------------------------------ tiny data
+
+SUBJECTS = ["the cat", "a dog", "the old man", "my sister", "the teacher", "a small bird",
+            "the farmer", "our neighbour"]
+VERBS = ["sees", "likes", "finds", "carries", "paints", "follows", "feeds", "remembers"]
+OBJECTS = ["the red ball", "a green apple", "the long road", "a quiet river", "the wooden table",
+           "an open door", "the warm bread", "a bright star"]
+PLACES = ["in the morning", "at night", "near the house", "by the lake", "after lunch",
+          "in the garden"]
+
+
+def documents(n: int, seed: int):
+    """Simple English documents from a fixed generator (identical on every machine)."""
+    state = seed
+
+    def draw(items):
+        nonlocal state
+        state = (state * 6364136223846793005 + 1442695040888963407) % 2**64
+        return items[(state >> 33) % len(items)]
+
+    for _ in range(n):
+        sentences = draw(range(1, 7))
+        yield " ".join(f"{draw(SUBJECTS).capitalize()} {draw(VERBS)} {draw(OBJECTS)} "
+                       f"{draw(PLACES)}." for _ in range(sentences))
+
+
+def write_corpus(path: Path, n: int, seed: int) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    with open(path / "part.jsonl", "w") as f:
+        for text in documents(n, seed):
+            f.write(json.dumps({"text": text}) + "\n")
+    return path
+
+
+class TinyData:
+    def __init__(self, root: Path):
+        self.train = write_corpus(root / "train", 600, seed=1)
+        self.eval = write_corpus(root / "eval", 60, seed=2)
+        self.tokenizer = root / "tokenizer.model"
+        assert main(["train_tokenizer", "--train_corpus", str(self.train), "--model_file",
+                     str(self.tokenizer), "--vocab_size", "128", "--n_most_frequent_words", "10",
+                     "--no-progress"]) == 0
+
+    def flags(self, run_dir: Path, *, eval_corpus: bool = True) -> list[str]:
+        flags = ["--train_corpus", str(self.train), "--tokenizer", str(self.tokenizer),
+                 "--to_checkpoint", str(run_dir)]
+        return flags + (["--eval_corpus", str(self.eval)] if eval_corpus else [])
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> TinyData:
+    return TinyData(tmp_path_factory.mktemp("tiny_data"))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One thread per process: the test machines have two cores, shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def train(data: TinyData, run_dir: Path, *flags: str, eval_corpus: bool = True) -> int:
+    """``python -m llama3 train`` in this process."""
+    return main(["train", *data.flags(run_dir, eval_corpus=eval_corpus), *TINY, *flags])
+
+
+def records(run_dir: Path, kind: str = "train") -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def losses(run_dir: Path, kind: str = "train") -> list[float]:
+    return [r["loss"] for r in records(run_dir, kind)]
+
+
+def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+               str(nproc), "-m", "llama3", *args]  # --standalone: a free local port
+    return subprocess.run(command, env=ENV, cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+# ------------------------------------------------------------------- a finished CLI run
+
+
+@pytest.fixture(scope="module")
+def finished_run(data, tmp_path_factory) -> Path:
+    """40 steps through ``python -m llama3 train`` in a fresh interpreter, TensorBoard on."""
+    run_dir = tmp_path_factory.mktemp("runs") / "softplus"
+    flags = [f for f in TINY if f != "--no-tensorboard"]
+    command = [sys.executable, "-m", "llama3", "train", *data.flags(run_dir), *flags,
+               "--total_steps", "40", "--eval_steps", "10", "--eval_batches", "2",
+               "--save_steps", "20"]
+    done = subprocess.run(command, env=ENV, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return run_dir
+
+
+def test_loss_falls(finished_run):
+    train_losses = losses(finished_run)
+    assert len(train_losses) == 40
+    assert sum(train_losses[-5:]) / 5 < train_losses[0] - 0.7
+    eval_losses = losses(finished_run, "eval")
+    assert [r["step"] for r in records(finished_run, "eval")] == [10, 20, 30, 40]
+    assert eval_losses[-1] < eval_losses[0] - 0.3
+
+
+def test_run_directory(finished_run):
+    assert [p.name for p in list_step_dirs(finished_run)] == ["step_00000020", "step_00000040"]
+    assert resolve_step_dir(finished_run).name == "step_00000040"
+    for step_dir in list_step_dirs(finished_run):
+        assert {p.name for p in step_dir.iterdir()} == {"model.pt", "trainer.pt", "state",
+                                                       "rank_00000.pt"}
+    summary = json.loads((finished_run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == 40
+    assert summary["tokens"] == 40 * 8 * 32
+    assert summary["final_train_loss"] == losses(finished_run)[-1]
+    assert summary["final_eval_loss"] == losses(finished_run, "eval")[-1]
+    assert summary["tokens_per_s"] > 0 and summary["peak_memory_gib"] > 0
+    step = records(finished_run)[5]
+    assert set(step) >= {"loss", "lr", "grad_norm", "tokens_per_s", "mfu", "peak_memory_gib"}
+    assert list((finished_run / "tensorboard").glob("events.out.tfevents.*"))
+    model = load_checkpoint(finished_run)  # no model flags, no torchrun
+    assert model.args.dim == 32 and model.args.attention == "softplus"
+    assert torch.isfinite(model(torch.randint(0, 128, (1, 16)))).all()
+
+
+def test_plot_writes_png(finished_run, tmp_path):
+    png = tmp_path / "curves.png"
+    assert main(["plot", str(finished_run), str(finished_run / "metrics.jsonl"), "--output",
+                 str(png), "--x", "tokens", "--labels", "a", "b", "--smooth", "0.5"]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_plot_refuses_a_directory_without_metrics(tmp_path, capsys):
+    assert main(["plot", str(tmp_path), "--output", str(tmp_path / "x.png")]) == 2
+    assert "metrics.jsonl" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------- numerics of the loop
+
+
+def test_accumulation_equals_one_batch(data, tmp_path):
+    """8 windows in one micro-batch, in 2 and in 4 give the same losses and gradient norms.
+
+    Padded windows hold different numbers of targets, so averaging per micro-batch (instead of
+    over all targets of the step) would differ; the check below makes sure the data shows it."""
+    flags = ["--data_mode", "padded", "--max_seq_len", "64", "--total_steps", "4"]
+    runs = {}
+    for accumulation in (1, 2, 4):
+        run_dir = tmp_path / f"acc{accumulation}"
+        assert train(data, run_dir, *flags, "--accumulation_steps", str(accumulation),
+                     eval_corpus=False) == 0
+        runs[accumulation] = records(run_dir)
+    for accumulation in (2, 4):
+        for one, many in zip(runs[1], runs[accumulation]):
+            assert many["loss"] == pytest.approx(one["loss"], rel=1e-5)
+            assert many["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-4)
+    assert _targets_per_micro_batch_differ(data)
+
+
+def _targets_per_micro_batch_differ(data: TinyData) -> bool:
+    from llama3.data.dataset import TrainWindows
+    from llama3.data.tokenizer import Tokenizer
+    from llama3.data.tokens import open_token_corpus
+    from llama3.evaluate import IGNORE_INDEX
+
+    tokenizer = Tokenizer(data.tokenizer)
+    corpus = open_token_corpus(data.train, tokenizer, progress=False)
+    _, targets = TrainWindows(corpus, 64, 8, mode="padded", pad_id=tokenizer.pad_id,
+                              prefetch=0).batch(0)
+    counts = [int((t != IGNORE_INDEX).sum()) for t in targets.chunk(2)]
+    return counts[0] != counts[1]
+
+
+@pytest.fixture(scope="module")
+def straight_run(data, tmp_path_factory) -> Path:
+    """6 steps with dropout (so generator state matters), saved at steps 3 and 6."""
+    run_dir = tmp_path_factory.mktemp("straight") / "run"
+    assert train(data, run_dir, "--dropout", "0.1", "--total_steps", "6", "--save_steps", "3",
+                 "--eval_steps", "3", "--eval_batches", "2") == 0
+    return run_dir
+
+
+def test_resume_is_exact(data, straight_run, tmp_path):
+    resumed = tmp_path / "resumed"
+    assert train(data, resumed, "--dropout", "0.1", "--total_steps", "6", "--save_steps", "3",
+                 "--eval_steps", "3", "--eval_batches", "2", "--from_checkpoint",
+                 str(straight_run / "step_00000003")) == 0
+    for kind in ("train", "eval"):
+        a, b = records(straight_run, kind), records(resumed, kind)
+        assert [r["step"] for r in a] == [r["step"] for r in b]
+        assert [r["loss"] for r in a] == [r["loss"] for r in b]  # bit for bit
+    assert [r["grad_norm"] for r in records(straight_run)] == [
+        r["grad_norm"] for r in records(resumed)]
+    final_a, final_b = load_checkpoint(straight_run), load_checkpoint(resumed)
+    for (name, a), b in zip(final_a.state_dict().items(), final_b.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_resume_refuses_changed_flags(data, straight_run, tmp_path, capsys):
+    start = ["--dropout", "0.1", "--total_steps", "6", "--from_checkpoint", str(straight_run)]
+    assert train(data, tmp_path / "a", *start, "--dim", "64") == 2
+    assert "--dim 64 (checkpoint: 32)" in capsys.readouterr().err
+    assert train(data, tmp_path / "b", *start, "--batch_size", "4") == 2
+    assert "--batch_size" in capsys.readouterr().err
+    assert train(data, straight_run, "--total_steps", "8") == 2  # a fresh run into a used directory
+    assert "already holds a run" in capsys.readouterr().err
+
+
+def test_ctrl_c_saves_then_resumes(data, tmp_path):
+    run_dir = tmp_path / "interrupted"
+    command = [sys.executable, "-m", "llama3", "train", *data.flags(run_dir, eval_corpus=False),
+               *TINY, "--total_steps", "100000", "--save_steps", "100000"]
+    child = subprocess.Popen(command, env=ENV, cwd=REPO, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            metrics = run_dir / "metrics.jsonl"
+            if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+                break
+            time.sleep(0.1)
+        child.send_signal(signal.SIGINT)
+        _, err = child.communicate(timeout=120)
+    finally:
+        child.kill()
+    assert child.returncode == 130, err[-2000:]
+    assert "stopping after this step" in err
+    steps = [r["step"] for r in records(run_dir)]
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 3
+    assert resolve_step_dir(run_dir).name == f"step_{steps[-1]:08d}"
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "interrupted"
+    assert train(data, run_dir, "--total_steps", str(steps[-1] + 2), "--from_checkpoint",
+                 str(run_dir), eval_corpus=False) == 0
+    assert [r["step"] for r in records(run_dir)] == list(range(1, steps[-1] + 3))
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(data, tmp_path, capsys):
+    run_dir = tmp_path / "exploding"
+    # An absurd learning rate: the first update is finite, the second step's loss is not.
+    status = train(data, run_dir, "--base_lr", "1e20", "--warmup_steps", "0", "--total_steps", "5",
+                   "--save_steps", "1", eval_corpus=False)
+    err = capsys.readouterr().err
+    assert status == 3
+    assert "non-finite values at step 2" in err and "first non-finite gradient: " in err
+    assert [p.name for p in list_step_dirs(run_dir)] == ["step_00000001"]
+    assert not list(run_dir.glob("*.tmp"))
+    assert resolve_step_dir(run_dir).name == "step_00000001"
+    assert load_checkpoint(run_dir) is not None
+    error = records(run_dir, "error")
+    assert len(error) == 1 and error[0]["step"] == 2
+
+
+# -------------------------------------------------------------------------------- errors
+
+
+def test_usage_errors_name_the_flag(data, tmp_path, capsys):
+    cases = [
+        (["--train_corpus", str(tmp_path / "missing")], "--train_corpus"),
+        (["--tokenizer", str(tmp_path / "missing.model")], "--tokenizer"),
+        (["--accumulation_steps", "3"], "--accumulation_steps 3 must divide --batch_size 8"),
+        (["--warmup_steps", "10", "--total_steps", "10"], "--warmup_steps"),
+    ]
+    for flags, message in cases:
+        assert train(data, tmp_path / "run", *flags) == 2
+        assert message in capsys.readouterr().err
+    small = write_corpus(tmp_path / "small_eval", 2, seed=3)
+    assert train(data, tmp_path / "run", "--eval_corpus", str(small)) == 2
+    assert "--eval_corpus" in capsys.readouterr().err
+
+
+def test_multitrain_needs_torchrun(data, tmp_path, capsys, monkeypatch):
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    assert main(["multitrain", *data.flags(tmp_path / "run"), *TINY]) == 2
+    assert "torchrun" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------- FSDP
+
+
+def test_fsdp_two_processes_match_one_and_resume(data, tmp_path):
+    """Two gloo processes × 4 windows (FSDP2) = one process × 8 windows: same windows per step,
+    same losses; the sharded checkpoint resumes exactly and its model.pt loads without torchrun."""
+    common = [*TINY, "--accumulation_steps", "2", "--total_steps", "4", "--save_steps", "2",
+              "--eval_steps", "2", "--eval_batches", "2"]
+    single = tmp_path / "single"
+    assert train(data, single, *common) == 0
+    sharded = tmp_path / "fsdp"
+    done = torchrun("multitrain", *data.flags(sharded), *common, "--batch_size", "4")
+    assert done.returncode == 0, done.stderr[-3000:]
+    for kind in ("train", "eval"):
+        assert [r["step"] for r in records(single, kind)] == [r["step"] for r in records(sharded, kind)]
+        for a, b in zip(losses(single, kind), losses(sharded, kind)):
+            assert b == pytest.approx(a, rel=1e-5)
+    step_dir = sharded / "step_00000004"
+    assert {p.name for p in step_dir.iterdir()} == {"model.pt", "trainer.pt", "state",
+                                                   "rank_00000.pt", "rank_00001.pt"}
+    assert len(list((step_dir / "state").glob("*.distcp"))) == 2
+    one, two = load_checkpoint(single), load_checkpoint(sharded)
+    for (name, a), b in zip(one.state_dict().items(), two.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6, msg=name)
+
+    resumed = tmp_path / "fsdp_resumed"
+    done = torchrun("multitrain", *data.flags(resumed), *common, "--batch_size", "4",
+                    "--from_checkpoint", str(sharded / "step_00000002"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert losses(resumed) == losses(sharded)
+    assert losses(resumed, "eval") == losses(sharded, "eval")
+
+
+# ----------------------------------------------------------------- stored trajectory
+
+TRAJECTORY_FLAGS = {
+    "softplus": ["--attention", "softplus", "--total_steps", "8"],
+    "softmax": ["--attention", "softmax", "--total_steps", "8"],
+}
+
+
+def trajectory(data: TinyData, root: Path) -> dict[str, list[float]]:
+    result = {}
+    for name, flags in TRAJECTORY_FLAGS.items():
+        assert train(data, root / name, *flags, "--save_steps", "8", eval_corpus=False) == 0
+        result[name] = losses(root / name)
+    return result
+
+
+def test_loss_trajectory_matches_stored(data, tmp_path):
+    stored = json.loads(TRAJECTORY.read_text())
+    assert stored["flags"] == TINY and stored["runs"] == TRAJECTORY_FLAGS
+    current = trajectory(data, tmp_path)
+    for name, expected in stored["losses"].items():
+        assert current[name] == pytest.approx(expected, rel=2e-5, abs=1e-5), (
+            f"{name}: the loss trajectory changed; if intended, regenerate it "
+            "(python tests/test_training.py --regenerate)")
+
+
+def regenerate() -> None:
+    import tempfile
+
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        current = trajectory(TinyData(Path(tmp) / "data"), Path(tmp) / "runs")
+    TRAJECTORY.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"about": "training losses of the tiny configurations in tests/test_training.py "
+                        "(one CPU thread, fp32); regenerate with "
+                        "python tests/test_training.py --regenerate",
+               "torch": torch.__version__, "flags": TINY, "runs": TRAJECTORY_FLAGS,
+               "losses": current}
+    TRAJECTORY.write_text(json.dumps(payload, indent=1) + "\n")
+    print(f"wrote {TRAJECTORY}")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--regenerate"]:
+        sys.exit("usage: python tests/test_training.py --regenerate")
+    regenerate()
