@@ -1,16 +1,30 @@
-"""Language-model loss over fixed windows: used by training's periodic evaluation and by ``evaluate``."""
+"""Language-model loss over fixed windows: used by training's periodic evaluation and by
+``python -m llama3 evaluate`` (loss, perplexity and bits per byte of a checkpoint)."""
 
 from __future__ import annotations
 
+import argparse
 import math
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm import tqdm
 
-from llama3.runtime import Precision
+from llama3.cli import (UsageError, add_model_flags, add_precision_flags, add_tokenizer_flag,
+                        check_model_flags)
+from llama3.model.args import ModelArgs
+from llama3.fileio import write_json
+from llama3.runtime import Precision, configure_matmul, select_device
+
+if TYPE_CHECKING:
+    from llama3.data.dataset import EvalWindows
+    from llama3.data.tokenizer import Tokenizer
 
 IGNORE_INDEX = -100  # target value that contributes no loss (padding)
 
@@ -65,3 +79,136 @@ def evaluate_loss(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], de
         all_reduce(count)
     tokens = int(count.item())
     return EvalResult(loss=total.item() / max(tokens, 1), tokens=tokens, batches=n_batches)
+
+
+# ------------------------------------------------------------------------------ the command
+# ``python -m llama3 evaluate``: loss, perplexity and bits per byte of a checkpoint on fixed windows.
+
+
+class ByteCounter:
+    """Counts the UTF-8 bytes of the target tokens of batches passing through it.
+
+    Bits per byte = total nats / ln 2 / bytes; unlike loss per token it does not depend on the
+    tokenizer, so models with different vocabularies compare.
+    """
+
+    def __init__(self, token_bytes: np.ndarray):
+        self.table = torch.as_tensor(np.asarray(token_bytes), dtype=torch.int64)
+        self.bytes = 0
+
+    def count(self, batches: Iterable[tuple[Tensor, Tensor]]) -> Iterator[tuple[Tensor, Tensor]]:
+        for inputs, targets in batches:
+            counted = targets[targets != IGNORE_INDEX].cpu()
+            self.bytes += int(self.table[counted].sum())
+            yield inputs, targets
+
+
+def bits_per_byte(loss: float, tokens: int, n_bytes: int) -> float:
+    """Total nats of ``tokens`` targets at mean ``loss``, in bits, per UTF-8 byte of those targets."""
+    return loss * tokens / math.log(2) / max(n_bytes, 1)
+
+
+def load_tokenizer(path: str, record: dict[str, Any], model_args: ModelArgs) -> Tokenizer:
+    """The ``--tokenizer``, refused if it is not the checkpoint's or does not fit its vocabulary."""
+    from llama3.checkpoint import check_tokenizer
+    from llama3.data.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(path)  # first: its error names a missing or unreadable file
+    check_tokenizer(record, path)
+    if tokenizer.vocab_size > model_args.vocab_size:
+        raise UsageError(f"--tokenizer {path} has {tokenizer.vocab_size} tokens but the model only "
+                         f"{model_args.vocab_size}: pass the tokenizer the model was trained with")
+    return tokenizer
+
+
+def open_eval_windows(corpus: str, tokenizer: Tokenizer, seq_len: int, batch_size: int,
+                      mode: str = "packed", *, cache_dir: str | None = None,
+                      progress: bool = True) -> EvalWindows:
+    """Fixed-order eval windows of ``corpus`` (encoded once and cached by the data pipeline)."""
+    from llama3.data.dataset import EvalWindows
+    from llama3.data.tokens import open_token_corpus
+
+    tokens = open_token_corpus(corpus, tokenizer, cache_dir=cache_dir, progress=progress,
+                               flag="--eval_corpus")
+    return EvalWindows(tokens, seq_len, batch_size, mode=mode, pad_id=tokenizer.pad_id)
+
+
+EVALUATE_DESCRIPTION = """\
+Loss, perplexity and bits per byte of a checkpoint on an eval corpus, over fixed windows of
+--max_seq_len tokens (default: the checkpoint's context; a different length measures length
+extrapolation). Bits per byte = total nats / ln 2 / UTF-8 bytes of the counted target tokens, so
+models with different tokenizers compare.
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = EVALUATE_DESCRIPTION
+    source = parser.add_argument_group("checkpoint and data")
+    source.add_argument("--from_checkpoint", required=True, metavar="DIR",
+                        help="checkpoint directory, step directory or model.pt")
+    add_tokenizer_flag(source)
+    source.add_argument("--eval_corpus", required=True, metavar="PATH",
+                        help=".jsonl/.jsonl.zst eval files or a directory of them")
+    source.add_argument("--cache_dir", metavar="DIR",
+                        help="where the corpus's token cache lives (default: beside the corpus)")
+    add_model_flags(parser, from_checkpoint=True)
+    group = parser.add_argument_group("evaluation")
+    group.add_argument("--batch_size", type=int, default=8, help="windows per batch")
+    group.add_argument("--total_steps", type=int, default=0,
+                       help="batches to evaluate; 0 = the whole eval set")
+    group.add_argument("--mode", choices=("packed", "padded"), default="packed",
+                       help="packed: documents joined into full windows; padded: one document per "
+                            "window, padding not counted")
+    group.add_argument("--output", metavar="FILE", help="also write the results as JSON")
+    group.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                       help="show progress bars")
+    add_precision_flags(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from llama3.checkpoint import load_model, read_model_file, resolve_step_dir
+
+    record = read_model_file(args.from_checkpoint)
+    model_args = ModelArgs.from_dict(record["model_args"])
+    # --max_seq_len sets the window here, not the model: only the other model flags must agree.
+    check_model_flags(argparse.Namespace(**{**vars(args), "max_seq_len": None}), model_args)
+    seq_len = args.max_seq_len or model_args.max_seq_len
+    if args.batch_size <= 0 or seq_len <= 0 or args.total_steps < 0:
+        raise UsageError("--batch_size and --max_seq_len must be positive, --total_steps ≥ 0")
+    device = select_device(args.device)
+    configure_matmul(args.allow_tf32)
+    precision = Precision.from_flags(args)
+    tokenizer = load_tokenizer(args.tokenizer, record, model_args)
+    windows = open_eval_windows(args.eval_corpus, tokenizer, seq_len, args.batch_size, args.mode,
+                                cache_dir=args.cache_dir, progress=args.progress)
+    n_batches = len(windows) if args.total_steps == 0 else min(args.total_steps, len(windows))
+    if n_batches == 0:
+        raise UsageError(f"--eval_corpus {args.eval_corpus} has too few tokens for one batch of "
+                         f"{args.batch_size} × {seq_len}")
+    model = load_model(args.from_checkpoint, device=device, dtype=precision.param_dtype)
+    counter = ByteCounter(tokenizer.token_bytes())
+    batches = tqdm(windows.batches(max_batches=n_batches), total=n_batches, unit="batch",
+                   desc="evaluating", disable=not args.progress, dynamic_ncols=True)
+    start = time.perf_counter()
+    result = evaluate_loss(model, counter.count(batches), device, precision)
+    seconds = time.perf_counter() - start
+    summary = {
+        "checkpoint": str(resolve_step_dir(args.from_checkpoint)), "step": record.get("step"),
+        "eval_corpus": str(args.eval_corpus), "tokenizer": str(args.tokenizer),
+        "seq_len": seq_len, "batch_size": args.batch_size, "mode": args.mode,
+        "precision": precision.name, "batches": result.batches, "tokens": result.tokens,
+        "bytes": counter.bytes, "loss": result.loss, "perplexity": result.perplexity,
+        "bits_per_byte": bits_per_byte(result.loss, result.tokens, counter.bytes),
+        "seconds": seconds, "tokens_per_s": result.tokens / max(seconds, 1e-9),
+    }
+    print_summary(summary)
+    if args.output:
+        print(f"results: {write_json(args.output, summary)}")
+    return 0
+
+
+def print_summary(s: dict[str, Any]) -> None:
+    print(f"loss {s['loss']:.4f}  perplexity {s['perplexity']:.2f}  bits/byte "
+          f"{s['bits_per_byte']:.4f}  ({s['tokens']} tokens, {s['bytes']} bytes, {s['batches']} "
+          f"batches of {s['batch_size']}×{s['seq_len']}, {s['mode']}, {s['precision']}, "
+          f"{s['tokens_per_s']:.0f} tokens/s)")

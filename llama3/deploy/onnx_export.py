@@ -1,0 +1,120 @@
+"""ONNX export of the export call form ``model(input, k_cache, v_cache)``.
+
+The graph has inputs ``input`` (B, S) int64, ``k_cache`` and ``v_cache`` (the model's cache layout
+with C cached positions) and outputs ``output`` (B, S, vocab), ``updated_k_cache`` and
+``updated_v_cache`` (C + S positions). Batch, query length and cache length are dynamic: one file
+serves prefill (C = 0) and decoding (S = 1). Softplus attention exports through its plain reference
+as standard ONNX operators (MatMul, Softplus, Range-built causal mask, ReduceSum, Div).
+
+We use the dynamo exporter (``torch.export`` with ``dynamic_shapes``): it is the supported exporter
+of current PyTorch, and it records the three dimensions as symbols instead of tracing one shape.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from llama3.model.args import ModelArgs
+
+INPUT_NAMES = ("input", "k_cache", "v_cache")
+OUTPUT_NAMES = ("output", "updated_k_cache", "updated_v_cache")
+MIN_OPSET = 18
+DEFAULT_OPSET = 18
+# Protobuf files cannot exceed 2 GiB; larger weights go to a side file next to the graph.
+EXTERNAL_DATA_BYTES = 1 << 30
+# Example sizes: all ≥ 2 and distinct, so torch.export specialises none of the dynamic dimensions.
+EXAMPLE_BATCH, EXAMPLE_QUERY, EXAMPLE_CACHE = 2, 5, 3
+
+
+def cache_time_axis(args: ModelArgs) -> int:
+    """Axis of the cache length: (L, B, T, Hkv, hd) for softmax, (L, B, r, T) for softplus."""
+    return 2 if args.attention == "softmax" else 3
+
+
+def cache_shape(args: ModelArgs, batch: int, length: int) -> tuple[int, ...]:
+    """Shape of an export-form cache holding ``length`` positions."""
+    if args.attention == "softmax":
+        return (args.n_layers, batch, length, args.n_kv_heads, args.head_dim)
+    return (args.n_layers, batch, args.core_dim, length)
+
+
+def example_inputs(args: ModelArgs, device: torch.device | str = "cpu",
+                   dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor, Tensor]:
+    """Inputs to trace with: tokens (2, 5) and caches of 3 positions."""
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, args.vocab_size, (EXAMPLE_BATCH, EXAMPLE_QUERY), generator=generator)
+    shape = cache_shape(args, EXAMPLE_BATCH, EXAMPLE_CACHE)
+    k = torch.randn(shape, generator=generator).to(dtype)
+    v = torch.randn(shape, generator=generator).to(dtype)
+    return tokens.to(device), k.to(device), v.to(device)
+
+
+def dynamic_shapes(args: ModelArgs) -> tuple[dict[int, object], ...]:
+    """torch.export dimension specs for (input, k_cache, v_cache)."""
+    from torch.export import Dim
+
+    batch, query, cache = Dim("batch"), Dim("query"), Dim("cache")
+    cache_axes = {1: batch, cache_time_axis(args): cache}
+    return ({0: batch, 1: query}, cache_axes, dict(cache_axes))
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Silence the exporter's progress lines and deprecation chatter; errors still raise."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def parameter_bytes(model: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def export_onnx(model: nn.Module, path: str | Path, *, opset: int = DEFAULT_OPSET) -> Path:
+    """Export ``model``'s export form to ``path`` and check the file; returns the path.
+
+    The model is exported as it is (device and dtype); deployment exports an fp32 CPU copy so the
+    file runs everywhere and TensorRT chooses reduced precision itself.
+    """
+    if opset < MIN_OPSET:
+        raise ValueError(f"--opset must be at least {MIN_OPSET}, got {opset}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    param = next(model.parameters())
+    inputs = example_inputs(model.args, param.device, param.dtype)
+    with _quiet_exporter(), torch.no_grad():
+        program = torch.onnx.export(
+            model.eval(), inputs, None, dynamo=True, opset_version=opset, verbose=False,
+            input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES),
+            dynamic_shapes=dynamic_shapes(model.args),
+        )
+        program.save(str(path), external_data=parameter_bytes(model) > EXTERNAL_DATA_BYTES)
+    check_onnx(path)
+    return path
+
+
+def check_onnx(path: str | Path) -> None:
+    """onnx.checker on the file (by path, so external weights are found) and the I/O names."""
+    import onnx
+
+    path = Path(path)
+    onnx.checker.check_model(str(path), full_check=True)
+    graph = onnx.load(str(path), load_external_data=False).graph
+    inputs = tuple(i.name for i in graph.input)
+    outputs = tuple(o.name for o in graph.output)
+    if inputs != INPUT_NAMES or outputs != OUTPUT_NAMES:
+        raise ValueError(f"{path}: expected inputs {INPUT_NAMES} and outputs {OUTPUT_NAMES}, "
+                         f"found {inputs} and {outputs}")

@@ -1,0 +1,498 @@
+"""Text generation: ``python -m llama3 generate`` and the :class:`Generator` API behind it.
+
+Prompts of different lengths run as one batch: they are right-padded and prefilled together into a
+pre-allocated :class:`~llama3.model.transformer.StaticKVCache`, then each row decodes from its own
+length (``cache.lengths``). Decode steps have fixed shapes — tokens (B, 1), lengths (B,) — so on
+CUDA one step is captured once in a CUDA graph and replayed; on CPU it runs eagerly. Sampling
+(temperature, top-k, nucleus) happens outside the graph, from a seeded ``torch.Generator``, so a
+seed fixes the output. A row stops at its end-of-sequence token; the batch stops when all have.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from llama3.cli import UsageError, add_model_flags, add_precision_flags, add_tokenizer_flag
+from llama3.model.transformer import StaticKVCache
+
+CAPACITY_ROUNDING = 128  # cache capacity is rounded up so graphs are reused across similar calls
+
+# ------------------------------------------------------------------------------------ sampling
+
+
+@dataclass
+class SamplingSettings:
+    """How to pick each next token. temperature 0 is greedy; top_k 0 and top_p 1 disable those."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.8
+    top_k: int = 0
+    top_p: float = 0.9
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise UsageError(f"--max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise UsageError(f"--temperature must be ≥ 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise UsageError(f"--top_k must be ≥ 0 (0: off), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise UsageError(f"--nucleus_prob must be in (0, 1], got {self.top_p}")
+
+
+def apply_temperature(logits: Tensor, temperature: float) -> Tensor:
+    return logits / temperature
+
+
+def top_k_filter(logits: Tensor, k: int) -> Tensor:
+    """Keep the k largest logits of each row (ties at the k-th kept), the rest to −inf."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: Tensor, p: float) -> Tensor:
+    """Nucleus filter: keep the most probable tokens until their mass reaches p (at least one)."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    mass_before = torch.cumsum(probs, dim=-1) - probs  # mass of strictly more probable tokens
+    drop_sorted = mass_before >= p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def pick(logits: Tensor, settings: SamplingSettings, noise: Tensor | None) -> Tensor:
+    """One token per row from logits (B, V): the argmax at temperature 0, else the draw that
+    ``noise`` (B, V), i.i.d. Exp(1), selects: argmax(p / noise) is an exact sample of p, and needs
+    neither a host synchronisation (unlike torch.multinomial) nor a generator of its own, so it can
+    be captured in a CUDA graph while the noise is drawn outside."""
+    logits = logits.float()
+    if settings.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = apply_temperature(logits, settings.temperature)
+    logits = top_p_filter(top_k_filter(logits, settings.top_k), settings.top_p)
+    return (torch.softmax(logits, dim=-1) / noise).argmax(dim=-1)
+
+
+def sample(logits: Tensor, settings: SamplingSettings, generator: torch.Generator) -> Tensor:
+    """:func:`pick` with noise drawn from ``generator`` (none at temperature 0)."""
+    noise = None
+    if settings.temperature != 0:
+        noise = torch.empty(logits.shape, device=logits.device).exponential_(1.0, generator=generator)
+    return pick(logits, settings, noise)
+
+
+# ---------------------------------------------------------------------------------- generator
+
+
+@dataclass
+class GenerationResult:
+    """Generated ids per prompt (end-of-sequence excluded) and timings."""
+
+    tokens: list[list[int]]
+    finished: list[bool]  # the row produced its end-of-sequence token
+    prompt_tokens: int
+    prefill_s: float  # prefill and the first sampled token
+    decode_s: float
+    decode_steps: int
+    texts: list[str] = field(default_factory=list)
+
+    @property
+    def new_tokens(self) -> int:
+        return sum(len(t) for t in self.tokens)
+
+    @property
+    def decode_tokens(self) -> int:
+        """Tokens made by decode steps (the first of each row comes from the prefill)."""
+        return sum(max(len(t) + f - 1, 0) for t, f in zip(self.tokens, self.finished))
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_tokens / self.decode_s if self.decode_s > 0 else 0.0
+
+    def stats_line(self) -> str:
+        return (f"prefill: {self.prompt_tokens} tokens in {self.prefill_s:.3f} s "
+                f"({self.prefill_tokens_per_s:.1f} tokens/s); decode: {self.decode_tokens} tokens "
+                f"in {self.decode_s:.3f} s ({self.decode_tokens_per_s:.1f} tokens/s, batch "
+                f"{len(self.tokens)})")
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """Autocast without its cache of cast weights, whose copies a CUDA graph must not outlive."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype, cache_enabled=False)
+
+
+class _DecodeStep:
+    """Static buffers — cache, the (B, 1) tokens fed next, finished rows, sampling noise — and one
+    decode step over them: forward, sample, mark rows that produced end-of-sequence, feed the
+    token back. On CUDA the step is captured in a CUDA graph (once per sampling settings) and
+    replayed; elsewhere the same function runs eagerly."""
+
+    def __init__(self, model: nn.Module, batch: int, capacity: int, device: torch.device,
+                 dtype: torch.dtype, autocast_dtype: torch.dtype | None, use_graph: bool):
+        self.model, self.batch, self.capacity = model, batch, capacity
+        self.device, self.autocast_dtype, self.use_graph = device, autocast_dtype, use_graph
+        self.cache = StaticKVCache.allocate(model.args, batch, capacity, device, dtype)
+        self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.done = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.noise = torch.ones(batch, model.args.vocab_size, device=device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.key: tuple | None = None
+        self.settings, self.eos, self.pad = SamplingSettings(), None, 0
+
+    def prepare(self, settings: SamplingSettings, eos: int | None, pad: int) -> None:
+        """Empty the buffers; capture the step again if the sampling settings changed."""
+        key = (settings.temperature, settings.top_k, settings.top_p, eos, pad)
+        self.settings, self.eos, self.pad = settings, eos, pad
+        if self.use_graph and key != self.key:
+            self.graph = None
+            self._capture()
+        self.key = key
+        self.reset()
+
+    def reset(self) -> None:
+        self.cache.reset()
+        self.tokens.zero_()
+        self.done.zero_()
+
+    def start(self, first: Tensor) -> None:
+        """Take the prefill's token (B,) as the first one fed to the decode steps."""
+        if self.eos is not None:
+            self.done |= first == self.eos
+        self.tokens.copy_(first.view(-1, 1))
+
+    def _step(self) -> None:
+        with _autocast(self.device, self.autocast_dtype):
+            logits = self.model(self.tokens, cache=self.cache)[:, -1]  # (B, V)
+        self.cache.lengths.add_(1)
+        token = torch.where(self.done, self.pad, pick(logits, self.settings, self.noise))
+        if self.eos is not None:
+            self.done |= token == self.eos
+        self.tokens.copy_(token.view(-1, 1))
+
+    def _capture(self) -> None:
+        self.noise.fill_(1.0)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):  # warm-up: lazy initialisation, kernel compilation, tuning
+            for _ in range(2):
+                self._step()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._step()
+        self.graph = graph
+
+    def __call__(self, generator: torch.Generator) -> Tensor:
+        """One decode step; returns the tokens it produced (B,) (pad for finished rows)."""
+        if self.settings.temperature != 0:
+            self.noise.exponential_(1.0, generator=generator)
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self._step()
+        return self.tokens[:, 0]
+
+
+class Generator:
+    """Batched generation with a static KV cache (and a CUDA-graphed decode step on CUDA).
+
+    ``model`` runs in its parameter dtype, or under autocast to ``autocast_dtype``; the caches
+    take the dtype the keys come out in. ``tokenizer`` is needed for text prompts
+    (:meth:`generate`), which start with the tokenizer's ``start`` token ("eos": packed training
+    puts one before every document but the first; "bos": padded training starts documents with
+    it; None: nothing); :meth:`generate_ids` works on token ids alone.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: object | None = None,
+                 device: torch.device | str | None = None, *, cuda_graph: bool = True,
+                 eos_id: int | None = None, pad_id: int = 0,
+                 autocast_dtype: torch.dtype | None = None, start: str | None = "eos"):
+        param = next(model.parameters())
+        self.device = torch.device(device) if device is not None else param.device
+        self.model = model.to(self.device).eval()
+        self.tokenizer = tokenizer
+        self.autocast_dtype = autocast_dtype
+        self.dtype = autocast_dtype or param.dtype
+        self.use_graph = cuda_graph and self.device.type == "cuda"
+        self.eos_id = eos_id if eos_id is not None else getattr(tokenizer, "eos_id", None)
+        self.pad_id = pad_id
+        self.start_ids = [getattr(tokenizer, f"{start}_id")] if tokenizer and start else []
+        self._step: _DecodeStep | None = None
+
+    def encode(self, prompt: str) -> list[int]:
+        """A text prompt as the ids :meth:`generate` feeds: the start token, then the text."""
+        return self.start_ids + self.tokenizer.encode(prompt)
+
+    def generate(self, prompts: Sequence[str], settings: SamplingSettings = SamplingSettings(),
+                 on_step: Callable[[Tensor], None] | None = None) -> GenerationResult:
+        """Text in, text out (see :meth:`encode`)."""
+        if self.tokenizer is None:
+            raise ValueError("Generator.generate needs a tokenizer; use generate_ids for token ids")
+        ids = [self.encode(p) for p in prompts]
+        result = self.generate_ids(ids, settings, on_step=on_step)
+        result.texts = [completion_text(self.tokenizer, p, t) for p, t in zip(ids, result.tokens)]
+        return result
+
+    @torch.no_grad()
+    def generate_ids(self, prompts: Sequence[Sequence[int]],
+                     settings: SamplingSettings = SamplingSettings(), *,
+                     on_step: Callable[[Tensor], None] | None = None,
+                     stop_at_eos: bool = True) -> GenerationResult:
+        """Continue each prompt by up to ``settings.max_new_tokens`` tokens.
+
+        ``on_step`` receives each step's sampled tokens (B,) on the CPU (rows already finished
+        hold the pad id). With ``stop_at_eos=False`` every row runs the full length (benchmarks).
+        """
+        lengths = [len(p) for p in prompts]
+        if not prompts or min(lengths) == 0:
+            raise ValueError("every prompt needs at least one token")
+        eos = self.eos_id if stop_at_eos else None
+        step = self._decode_step(len(prompts), max(lengths) + settings.max_new_tokens)
+        step.prepare(settings, eos, self.pad_id)
+        generator = torch.Generator(device=self.device).manual_seed(settings.seed)
+        self._sync()
+        start = time.perf_counter()
+        first = self._prefill(step, prompts, lengths, settings, generator)
+        self._sync()
+        prefill_s = time.perf_counter() - start
+        out, n_steps = self._decode(step, first, settings, generator, on_step)
+        self._sync()
+        decode_s = time.perf_counter() - start - prefill_s
+        tokens, finished = _trim(out.tolist(), eos)
+        return GenerationResult(tokens=tokens, finished=finished, prompt_tokens=sum(lengths),
+                                prefill_s=prefill_s, decode_s=decode_s, decode_steps=n_steps)
+
+    def _decode_step(self, batch: int, needed: int) -> _DecodeStep:
+        """The cache and graph for this batch size, reused when large enough."""
+        capacity = -(-needed // CAPACITY_ROUNDING) * CAPACITY_ROUNDING
+        step = self._step
+        if step is None or step.batch != batch or step.capacity < needed:
+            self._step = None  # free the old buffers (and graph) before allocating new ones
+            step = _DecodeStep(self.model, batch, capacity, self.device, self.dtype,
+                               self.autocast_dtype, self.use_graph)
+            self._step = step
+        return step
+
+    def _prefill(self, step: _DecodeStep, prompts: Sequence[Sequence[int]], lengths: list[int],
+                 settings: SamplingSettings, generator: torch.Generator) -> Tensor:
+        """Right-padded prompts into the cache; returns the first sampled token per row."""
+        width = max(lengths)
+        padded = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        for row, ids in enumerate(prompts):
+            padded[row, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
+        with _autocast(self.device, self.autocast_dtype):
+            logits = self.model(padded.to(self.device), cache=step.cache)  # (B, width, V)
+        last = torch.as_tensor(lengths, device=self.device) - 1
+        step.cache.lengths.copy_(last + 1)
+        return sample(logits[torch.arange(len(prompts), device=self.device), last], settings,
+                      generator)
+
+    def _decode(self, step: _DecodeStep, first: Tensor, settings: SamplingSettings,
+                generator: torch.Generator,
+                on_step: Callable[[Tensor], None] | None) -> tuple[Tensor, int]:
+        """Decode until every row has finished or the budget is spent; returns the (B, n) ids
+        (end-of-sequence included, pad after it) and the number of decode steps."""
+        out = torch.full((first.shape[0], settings.max_new_tokens), self.pad_id, dtype=torch.long,
+                         device=self.device)
+        step.start(first)
+        for i in range(settings.max_new_tokens):
+            token = first if i == 0 else step(generator)
+            out[:, i] = token
+            if on_step is not None:
+                on_step(token.cpu())
+            # Looking at ``done`` costs a host synchronisation: every step only when streaming.
+            if step.eos is not None and (on_step is not None or i % 8 == 7) and bool(step.done.all()):
+                return out[:, : i + 1], i
+        return out, settings.max_new_tokens - 1
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def completion_text(tokenizer: object, prompt: Sequence[int], new: Sequence[int]) -> str:
+    """The text ``new`` adds after ``prompt``. Decoding the ids alone would drop the space a
+    leading word-boundary token stands for; decoding both and subtracting keeps it."""
+    before = tokenizer.decode(list(prompt))
+    after = tokenizer.decode(list(prompt) + list(new))
+    return after[len(before):] if after.startswith(before) else tokenizer.decode(list(new))
+
+
+def _trim(rows: list[list[int]], eos: int | None) -> tuple[list[list[int]], list[bool]]:
+    """Cut each row at its first end-of-sequence token (excluded)."""
+    tokens, finished = [], []
+    for row in rows:
+        if eos is not None and eos in row:
+            tokens.append(row[: row.index(eos)])
+            finished.append(True)
+        else:
+            tokens.append(row)
+            finished.append(False)
+    return tokens, finished
+
+
+# ----------------------------------------------------------------------------------------- CLI
+
+
+class TextStream:
+    """Prints row 0's completion as it grows. Each step decodes prompt and completion so far and
+    prints what was added, so characters spanning tokens and word-boundary spaces come out right."""
+
+    def __init__(self, tokenizer: object, prompt: Sequence[int], eos_id: int | None,
+                 out=sys.stdout):
+        self.tokenizer, self.eos_id, self.out = tokenizer, eos_id, out
+        self.ids = list(prompt)
+        self.shown = tokenizer.decode(self.ids)
+        self.stopped = False
+
+    def __call__(self, tokens: Tensor) -> None:
+        token = int(tokens[0])
+        if self.stopped or token == self.eos_id:
+            self.stopped = True
+            return
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if text.startswith(self.shown):
+            self.out.write(text[len(self.shown):])
+            self.out.flush()
+            self.shown = text
+
+
+GENERATE_DESCRIPTION = """\
+Sample continuations of prompts from a checkpoint. One prompt streams its completion as it is
+generated; several run as one batch (right-padded, each row decoding from its own length) and
+print in order, each after a "--- [i]" line, when all are done. A row stops at the end-of-sequence
+token. Timings (prefill and decode tokens/s) go to stderr. On CUDA each decode step replays a
+captured CUDA graph; on CPU it runs eagerly.
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = GENERATE_DESCRIPTION
+    source = parser.add_argument_group("checkpoint")
+    source.add_argument("--from_checkpoint", required=True, metavar="DIR",
+                        help="checkpoint directory, step directory or model.pt")
+    add_tokenizer_flag(source)
+    add_model_flags(parser, from_checkpoint=True)
+    prompts = parser.add_argument_group("prompts (default: one per line on stdin)")
+    prompts.add_argument("--prompt", action="append", default=[], metavar="TEXT",
+                         help="a prompt; repeat for a batch")
+    prompts.add_argument("--prompt_file", metavar="FILE",
+                         help="a file of prompts, one per line (blank lines skipped)")
+    sampling = parser.add_argument_group("sampling")
+    sampling.add_argument("--max_new_tokens", type=int, default=128,
+                          help="tokens to generate per prompt at most")
+    sampling.add_argument("--temperature", type=float, default=0.8,
+                          help="softmax temperature; 0 = greedy")
+    sampling.add_argument("--top_k", type=int, default=0,
+                          help="sample among the k most probable tokens only; 0 = off")
+    sampling.add_argument("--nucleus_prob", type=float, default=0.9,
+                          help="nucleus (top-p) sampling: the smallest set of tokens with this "
+                               "much probability; 1 = off")
+    sampling.add_argument("--seed", type=int, default=0,
+                          help="sampling seed: the same seed, prompts and flags give the same text")
+    decoding = parser.add_argument_group("decoding")
+    decoding.add_argument("--max_batch_size", type=int, default=64,
+                          help="prompts generated together; more run in successive batches")
+    decoding.add_argument("--no_cuda_graph", action="store_true",
+                          help="decode eagerly on CUDA instead of replaying a captured CUDA graph")
+    decoding.add_argument("--start_token", choices=("eos", "bos", "none"), default="eos",
+                          help="token put before each prompt: eos for models trained on packed "
+                               "windows (documents follow an end-of-sequence token), bos for "
+                               "--data_mode padded (documents start with beginning-of-sequence)")
+    add_precision_flags(parser)
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompt)
+    if args.prompt_file:
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                prompts += [line.rstrip("\n") for line in f if line.strip()]
+        except OSError as err:
+            raise UsageError(f"--prompt_file {args.prompt_file}: {err.strerror or err}") from err
+    if not args.prompt and not args.prompt_file:
+        if sys.stdin.isatty():
+            raise UsageError("no prompts: give --prompt TEXT, --prompt_file FILE, or pipe prompts "
+                             "on stdin, one per line")
+        prompts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    if not prompts:
+        raise UsageError("no prompts: the given prompt file or stdin holds only blank lines")
+    return prompts
+
+
+def run(args: argparse.Namespace) -> int:
+    from llama3.checkpoint import load_model, read_model_file
+    from llama3.cli import check_model_flags
+    from llama3.evaluate import load_tokenizer
+    from llama3.model.args import ModelArgs
+    from llama3.runtime import Precision, configure_matmul, select_device
+
+    settings = SamplingSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                top_k=args.top_k, top_p=args.nucleus_prob, seed=args.seed)
+    if args.max_batch_size < 1:
+        raise UsageError(f"--max_batch_size must be at least 1, got {args.max_batch_size}")
+    prompts = read_prompts(args)
+    record = read_model_file(args.from_checkpoint)
+    model_args = ModelArgs.from_dict(record["model_args"])
+    check_model_flags(argparse.Namespace(**{**vars(args), "max_seq_len": None}), model_args)
+    tokenizer = load_tokenizer(args.tokenizer, record, model_args)
+    device = select_device(args.device)
+    configure_matmul(args.allow_tf32)
+    precision = Precision.from_flags(args)
+    model = load_model(args.from_checkpoint, device=device, dtype=precision.param_dtype)
+    generator = Generator(model, tokenizer, device, cuda_graph=not args.no_cuda_graph,
+                          pad_id=tokenizer.pad_id, autocast_dtype=precision.autocast_dtype,
+                          start=None if args.start_token == "none" else args.start_token)
+    check_prompts(generator, prompts, settings, args.max_seq_len or model_args.max_seq_len)
+    for start in range(0, len(prompts), args.max_batch_size):
+        batch = prompts[start: start + args.max_batch_size]
+        result = generate_and_print(generator, tokenizer, batch, settings, first_index=start)
+        print(result.stats_line(), file=sys.stderr, flush=True)
+    return 0
+
+
+def check_prompts(generator: Generator, prompts: list[str], settings: SamplingSettings,
+                  context: int) -> None:
+    """Refuse empty prompts; warn when a prompt and its completion exceed the model's context."""
+    lengths = [len(generator.encode(p)) for p in prompts]
+    if min(lengths) == 0:
+        raise UsageError("an empty prompt with --start_token none has no token to continue from")
+    if max(lengths) + settings.max_new_tokens > context:
+        print(f"warning: prompt ({max(lengths)} tokens) + --max_new_tokens "
+              f"{settings.max_new_tokens} exceeds the model's context of {context} tokens",
+              file=sys.stderr)
+
+
+def generate_and_print(generator: Generator, tokenizer: object, prompts: list[str],
+                       settings: SamplingSettings, first_index: int = 0) -> GenerationResult:
+    """One prompt: print it, then stream the completion. Several: print each when all are done."""
+    if len(prompts) == 1:
+        print(prompts[0], end="", flush=True)
+        stream = TextStream(tokenizer, generator.encode(prompts[0]), generator.eos_id)
+        result = generator.generate(prompts, settings, on_step=stream)
+        print(flush=True)
+        return result
+    result = generator.generate(prompts, settings)
+    for i, (prompt, text) in enumerate(zip(prompts, result.texts), start=first_index):
+        print(f"--- [{i}]\n{prompt}{text}")
+    return result

@@ -1,0 +1,171 @@
+"""``python -m llama3 import_meta``: a Meta Llama 3 checkpoint (``params.json`` and
+``consolidated.*.pth``) → our checkpoint, softmax attention with SwiGLU, step 0.
+
+Shards are read memory-mapped where the file format allows, merged along Meta's model-parallel
+axes (:func:`llama3.model.meta.merge_shards`) and assigned to a model built on the ``meta`` device,
+so the weights are held once, in the dtype Meta stored them in.
+
+Meta's ``tokenizer.model`` for Llama 3 is a tiktoken BPE file, while our commands read SentencePiece
+models; it is therefore not recorded in the checkpoint (a SentencePiece ``tokenizer.model``, as
+Llama 2 shipped, is).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from llama3.checkpoint import save_model_checkpoint, tokenizer_fingerprint
+from llama3.cli import UsageError
+from llama3.model.args import ConfigError, ModelArgs
+from llama3.model.meta import merge_shards, model_args_from_params
+from llama3.model.transformer import Transformer
+
+PARAMS_FILE = "params.json"
+SHARD_PATTERN = "consolidated.*.pth"
+TOKENIZER_FILE = "tokenizer.model"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Convert Meta's Llama 3 checkpoint (params.json + consolidated.*.pth) into ours: softmax\n"
+        "attention, SwiGLU, step 0. Llama 3's tokenizer.model is a tiktoken file, not SentencePiece,\n"
+        "so it is not recorded; the result loads with llama3.load_checkpoint and deploys without a\n"
+        "tokenizer.")
+    group = parser.add_argument_group("conversion")
+    group.add_argument("--meta_dir", required=True, metavar="DIR",
+                       help="directory holding params.json and consolidated.00.pth (and more shards)")
+    group.add_argument("--to_checkpoint", required=True, metavar="DIR",
+                       help="checkpoint directory to write (step_00000000 and latest)")
+    group.add_argument("--max_seq_len", type=int, default=8192,
+                       help="context length recorded in the checkpoint (Llama 3: 8192; 3.1: 131072)")
+
+
+def run(args: argparse.Namespace) -> int:
+    meta_dir = Path(args.meta_dir)
+    params_path, shard_paths = find_files(meta_dir)
+    model_args = read_params(params_path, shard_paths, args.max_seq_len)
+    state = load_shards(shard_paths)
+    model = build_model(model_args, state, shard_paths)
+    tokenizer, note = tokenizer_record(meta_dir / TOKENIZER_FILE)
+    path = save_model_checkpoint(args.to_checkpoint, model, tokenizer=tokenizer, step=0)
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"imported {n_params / 1e6:.1f} M parameters from {len(shard_paths)} shard(s) → {path}")
+    if note:
+        print(note)
+    return 0
+
+
+def find_files(meta_dir: Path) -> tuple[Path, list[Path]]:
+    """params.json and the shards, sorted by their model-parallel rank."""
+    if not meta_dir.is_dir():
+        raise UsageError(f"--meta_dir {meta_dir}: no such directory")
+    params = meta_dir / PARAMS_FILE
+    if not params.is_file():
+        raise UsageError(f"--meta_dir {meta_dir}: {PARAMS_FILE} is missing")
+    shards = sorted(meta_dir.glob(SHARD_PATTERN))
+    if not shards:
+        raise UsageError(f"--meta_dir {meta_dir}: no {SHARD_PATTERN} shards")
+    return params, shards
+
+
+def read_params(params_path: Path, shard_paths: list[Path], max_seq_len: int) -> ModelArgs:
+    try:
+        params = json.loads(params_path.read_text())
+    except (OSError, ValueError) as err:
+        raise UsageError(f"{params_path}: cannot read it as JSON ({err})") from err
+    if not isinstance(params, dict):
+        raise UsageError(f"{params_path}: expected a JSON object")
+    if params.get("vocab_size", 0) <= 0:
+        rows = embedding_rows(shard_paths[0])
+        raise UsageError(f"{params_path}: vocab_size is {params.get('vocab_size')}; set it to the "
+                         f"tokenizer's vocabulary size (the embedding in {shard_paths[0].name} "
+                         f"has {rows} rows)")
+    try:
+        return model_args_from_params(params, max_seq_len=max_seq_len)
+    except ConfigError as err:
+        raise UsageError(f"{params_path}: {err}") from err
+
+
+def load_shard(path: Path) -> dict[str, torch.Tensor]:
+    """One shard on CPU: memory-mapped when its format allows, tensors only."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # the legacy (non-zip) format cannot be mapped; try reading it whole
+        pass
+    except Exception as err:
+        raise UsageError(f"cannot read {path}: {_first_line(err)}") from err
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise UsageError(f"cannot read {path} as a PyTorch file of tensors: "
+                         f"{_first_line(err)}") from err
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def embedding_rows(path: Path) -> int | str:
+    weight = load_shard(path).get("tok_embeddings.weight")
+    return weight.shape[0] if weight is not None else "no tok_embeddings.weight, so unknown"
+
+
+def load_shards(shard_paths: list[Path]) -> dict[str, torch.Tensor]:
+    shards = []
+    for path in shard_paths:
+        print(f"reading {path}", file=sys.stderr, flush=True)
+        shard = load_shard(path)
+        if not isinstance(shard, dict):
+            raise UsageError(f"{path}: expected a state dict of tensors")
+        shards.append(shard)
+    try:
+        return merge_shards(shards)
+    except ConfigError as err:
+        raise UsageError(f"{', '.join(p.name for p in shard_paths)}: {err}") from err
+
+
+def build_model(model_args: ModelArgs, state: dict[str, torch.Tensor],
+                shard_paths: list[Path]) -> Transformer:
+    """Our model holding Meta's tensors (assigned, not copied); checks names and shapes first."""
+    with torch.device("meta"):
+        model = Transformer(model_args)
+    check_state(model, state, shard_paths)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval()
+
+
+def check_state(model: Transformer, state: dict[str, torch.Tensor], shard_paths: list[Path]) -> None:
+    """UsageError naming the shards and each missing, unexpected or misshapen parameter."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    problems = [f"missing {k}" for k in expected if k not in state]
+    problems += [f"unexpected {k}" for k in state if k not in expected]
+    problems += [f"{k} has shape {tuple(state[k].shape)}, params.json implies {shape}"
+                 for k, shape in expected.items() if k in state and tuple(state[k].shape) != shape]
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; … {len(problems) - 5} more" if len(problems) > 5 else "")
+        names = ", ".join(p.name for p in shard_paths)
+        raise UsageError(f"{names} do not match {PARAMS_FILE}: {shown}")
+
+
+def tokenizer_record(path: Path) -> tuple[dict[str, str] | None, str]:
+    """The fingerprint to record (SentencePiece files only) and a note for the user."""
+    if not path.is_file():
+        return None, f"note: no {path.name} in {path.parent}; no tokenizer recorded"
+    import sentencepiece
+
+    try:
+        sentencepiece.SentencePieceProcessor(model_proto=path.read_bytes())
+    except Exception:
+        return None, (
+            f"note: {path} is not a SentencePiece model (Llama 3 ships a tiktoken BPE file), so "
+            "no tokenizer is recorded. Our evaluate and generate commands read SentencePiece "
+            "models; the imported checkpoint loads with llama3.load_checkpoint and runs "
+            "'python -m llama3 deploy --from_checkpoint CKPT' (export, logits checks, latency) "
+            "without one.")
+    return tokenizer_fingerprint(path), f"tokenizer: recorded {path} (SentencePiece)"

@@ -1,0 +1,106 @@
+"""Shared fixtures: a tiny text corpus, a SentencePiece tokenizer trained on it, and tiny
+checkpoints of both attentions. Built once per pytest run, in temporary directories."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+_WORDS = (
+    "the of and to in is was for on that with as by at from his her they are this which be or an "
+    "had not but were have one all their there been has who when more would its will two time "
+    "people first new about after year city river music school water light house garden market "
+    "stone paper window morning evening winter summer story music film team game village road "
+    "bridge forest mountain island ocean train station letter number science history language "
+    "small large early late quick slow bright dark warm cold open quiet green blue red old young"
+).split()
+
+
+def _document(rng: random.Random) -> str:
+    sentences = []
+    for _ in range(rng.randint(2, 6)):
+        words = [rng.choice(_WORDS) for _ in range(rng.randint(4, 14))]
+        sentences.append(" ".join(words).capitalize() + rng.choice(".!?"))
+    return " ".join(sentences) + ("\n" + _document(rng) if rng.random() < 0.2 else "")
+
+
+def write_jsonl(path: Path, n_documents: int, seed: int) -> Path:
+    rng = random.Random(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for _ in range(n_documents):
+            f.write(json.dumps({"text": _document(rng)}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory) -> dict[str, Path]:
+    """``{"train": DIR, "eval": DIR}``, each holding one .jsonl file of generated English-like text."""
+    root = tmp_path_factory.mktemp("corpus")
+    write_jsonl(root / "train" / "part.jsonl", 300, seed=0)
+    write_jsonl(root / "eval" / "part.jsonl", 60, seed=1)
+    return {"train": root / "train", "eval": root / "eval"}
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_corpus, tmp_path_factory) -> Path:
+    """A 256-token SentencePiece model trained on the tiny corpus."""
+    from llama3.data.tokenizer import train_tokenizer
+
+    path = tmp_path_factory.mktemp("tokenizer") / "tiny.model"
+    return train_tokenizer(tiny_corpus["train"], path, 256, n_most_frequent_words=10,
+                           progress=False)
+
+
+TINY_MODELS = {
+    "softmax": dict(attention="softmax", dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                    multiple_of=16, max_seq_len=32),
+    "softplus": dict(attention="softplus", dim=32, n_layers=2, core_dim=16, max_seq_len=32),
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_tokenizer, tmp_path_factory):
+    """``tiny_checkpoint(attention)`` → a checkpoint directory of a randomly initialised tiny model
+    whose vocabulary is the tiny tokenizer's (one per attention, made on first use)."""
+    from llama3 import ModelArgs, Transformer
+    from llama3.checkpoint import save_model_checkpoint, tokenizer_fingerprint
+    from llama3.data.tokenizer import Tokenizer
+
+    made: dict[str, Path] = {}
+    vocab = Tokenizer(tiny_tokenizer).vocab_size
+
+    def make(attention: str) -> Path:
+        if attention not in made:
+            torch.manual_seed(0)
+            model = Transformer.build(ModelArgs(vocab_size=vocab, **TINY_MODELS[attention]))
+            root = tmp_path_factory.mktemp(f"ckpt_{attention}")
+            save_model_checkpoint(root, model, tokenizer=tokenizer_fingerprint(tiny_tokenizer))
+            made[attention] = root
+        return made[attention]
+
+    return make
+
+
+@pytest.fixture
+def llama3_cli():
+    """``llama3_cli(*args, stdin=None, env=None)`` → CompletedProcess of ``python -m llama3 ARGS`` run
+    from the repository root (text mode, output captured)."""
+
+    def run(*args: object, stdin: str | None = None, env: dict[str, str] | None = None,
+            timeout: float = 300) -> subprocess.CompletedProcess:
+        environment = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+        return subprocess.run([sys.executable, "-m", "llama3", *map(str, args)], cwd=REPO,
+                              input=stdin, capture_output=True, text=True, env=environment,
+                              timeout=timeout)
+
+    return run
