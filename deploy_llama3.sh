@@ -32,5 +32,5 @@ seq_flags=()
 
 "$(pick_python)" -m llama3 deploy \
   --from_checkpoint "$CHECKPOINT" --tokenizer "$TOKENIZER" --eval_corpus "$EVAL_CORPUS" \
-  --output_dir "$OUTPUT_DIR" --batch_size "$BATCH_SIZE" --precision "$PRECISION" \
+  --export_dir "$OUTPUT_DIR" --batch_size "$BATCH_SIZE" --precision "$PRECISION" \
   "${seq_flags[@]}" "$@"

@@ -10,7 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 source scripts/common.sh
 handle_help "$@"
-py="$(ensure_venv test)"
+py="$(ensure_venv "$VENV_EXTRAS")"
 
 status=0
 "$py" -m pytest "$@" || status=$?

@@ -34,6 +34,9 @@ handle_help() {
   case "${1:-}" in -h|--help) print_usage; exit 0 ;; esac
 }
 
+# The optional extras the quick start and the tests install (one set, so neither reinstalls the other's).
+VENV_EXTRAS="test,plot"
+
 # ensure_venv EXTRAS: create or reuse .venv, install torch if it is missing ($TORCH_SPEC, default
 # torch==2.13.0), then this project with the given extras; reinstalls only when pyproject.toml
 # changes. Prints the venv's python on stdout (progress goes to stderr).
