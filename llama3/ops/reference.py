@@ -42,17 +42,30 @@ def row_scale(positions: Tensor, r: int, scale: str) -> Tensor:
     return torch.log((positions + 1).to(torch.float32)) / math.sqrt(r)
 
 
+def scores(
+    q: Tensor, k: Tensor, scale: str, kv_len: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """λ (1|B, S, 1), z (B, S, T) in fp32 and the causal visibility mask (1|B, S, T)."""
+    S, r, T = q.shape[1], q.shape[2], k.shape[2]
+    pos = query_positions(S, T, kv_len, q.device)  # (1|B, S)
+    lam = row_scale(pos, r, scale).unsqueeze(-1)  # (1|B, S, 1)
+    visible = torch.arange(T, device=q.device).view(1, 1, T) <= pos.unsqueeze(-1)
+    return lam, lam * torch.matmul(q.float(), k.float()), visible
+
+
+def reference_forward(
+    q: Tensor, k: Tensor, v: Tensor, scale: str = "length", kv_len: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """The output (B, S, r) in q's dtype and l = Σ_j w_ij (B, S) in fp32."""
+    _, z, visible = scores(q, k, scale, kv_len)
+    w = torch.where(visible, F.softplus(z), torch.zeros_like(z))  # (B, S, T)
+    l = w.sum(dim=-1)  # (B, S)
+    o = torch.matmul(w, v.float().transpose(1, 2)) / l.unsqueeze(-1)  # (B, S, r)
+    return o.to(q.dtype), l
+
+
 def softplus_attention_reference(
     q: Tensor, k: Tensor, v: Tensor, scale: str = "length", kv_len: Tensor | None = None
 ) -> Tensor:
     """Softplus attention by its definition; differentiable by autograd. Returns (B, S, r)."""
-    S, r, T = q.shape[1], q.shape[2], k.shape[2]
-    pos = query_positions(S, T, kv_len, q.device)  # (1|B, S)
-    lam = row_scale(pos, r, scale).unsqueeze(-1)  # (1|B, S, 1)
-    keys = torch.arange(T, device=q.device)
-    visible = keys.view(1, 1, T) <= pos.unsqueeze(-1)  # (1|B, S, T)
-    z = lam * torch.matmul(q.float(), k.float())  # (B, S, T)
-    w = torch.where(visible, F.softplus(z), torch.zeros_like(z))
-    l = w.sum(dim=-1, keepdim=True)  # (B, S, 1)
-    o = torch.matmul(w, v.float().transpose(1, 2)) / l  # (B, S, r)
-    return o.to(q.dtype)
+    return reference_forward(q, k, v, scale, kv_len)[0]

@@ -1,14 +1,38 @@
-"""The public softplus attention operator: input checks and dispatch to an implementation."""
+"""The public softplus attention operator: input checks, a PyTorch custom op, and dispatch.
 
-from __future__ import annotations
+To the rest of PyTorch the operator is ``torch.ops.llama3.softplus_attention`` (returning the
+output and the fp32 normaliser l kept for the backward pass), with a fake implementation and an
+autograd formula whose backward is ``torch.ops.llama3.softplus_attention_backward``: torch.compile
+traces the model without a graph break, and FSDP2 hands it plain tensors. Behind the op:
 
+* CUDA: the Triton kernels of :mod:`llama3.ops.softplus_triton`;
+* CPU with ``TRITON_INTERPRET=1`` (read at every call): the same kernels, run by Triton's
+  interpreter, fp32 and fp16 only (it cannot compute in bf16);
+* anything else: the dense PyTorch formulas below, which materialise the S×T matrix.
+
+While a model is exported (``torch.onnx.export``, ``torch.export``), the entry point calls the plain
+reference instead, so the exported graph holds standard operators only.
+"""
+
+import os
+import warnings
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from llama3.ops.reference import SCALES, softplus_attention_reference
+from llama3.ops.reference import SCALES, reference_forward, scores, softplus_attention_reference
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def check_inputs(q: Tensor, k: Tensor, v: Tensor, scale: str, kv_len: Tensor | None) -> None:
-    """Raise ValueError naming the offending argument for anything the operator does not support."""
+    """Raise ValueError naming the offending argument for anything the operator does not support.
+
+    ``kv_len`` values must lie in [S, T]; they are not checked, since reading them would stall the
+    GPU (and break CUDA-graph capture of a decoding step).
+    """
     if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
         raise ValueError(
             f"softplus_attention expects q (B, S, r), k and v (B, r, T); got shapes "
@@ -19,8 +43,8 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, scale: str, kv_len: Tensor | N
         raise ValueError(
             f"k and v must both be (B={B}, r={r}, T); got {tuple(k.shape)} and {tuple(v.shape)}"
         )
-    if r % 8:
-        raise ValueError(f"core width r must be a multiple of 8, got r={r}")
+    if r % 8 or r == 0:
+        raise ValueError(f"core width r must be a positive multiple of 8, got r={r}")
     if k.shape[2] < S:
         raise ValueError(f"keys T={k.shape[2]} must be at least the queries S={S}")
     if not (q.dtype == k.dtype == v.dtype):
@@ -29,8 +53,13 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, scale: str, kv_len: Tensor | N
         raise ValueError(f"q, k, v must share a device; got {q.device}, {k.device}, {v.device}")
     if scale not in SCALES:
         raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
-    if kv_len is not None and (kv_len.dim() != 1 or kv_len.shape[0] != B):
-        raise ValueError(f"kv_len must have shape (B={B},), got {tuple(kv_len.shape)}")
+    if kv_len is not None:
+        if kv_len.dim() != 1 or kv_len.shape[0] != B:
+            raise ValueError(f"kv_len must have shape (B={B},), got {tuple(kv_len.shape)}")
+        if kv_len.dtype.is_floating_point or kv_len.dtype.is_complex or kv_len.dtype == torch.bool:
+            raise ValueError(f"kv_len must hold integers, got {kv_len.dtype}")
+        if kv_len.device != q.device:
+            raise ValueError(f"kv_len must be on q's device {q.device}, got {kv_len.device}")
 
 
 def softplus_attention(
@@ -38,8 +67,130 @@ def softplus_attention(
 ) -> Tensor:
     """Causal softplus attention; see :mod:`llama3.ops.reference` for the definition and layouts.
 
-    q (B, S, r); k, v (B, r, T) with T ≥ S; optional kv_len (B,) of valid keys per batch row.
-    Returns (B, S, r) in q's dtype.
+    q (B, S, r); k, v (B, r, T) with T ≥ S; optional kv_len (B,) of valid keys per batch row,
+    S ≤ kv_len[b] ≤ T. Any strides; fp32, fp16 or bf16. Returns (B, S, r) in q's dtype.
     """
     check_inputs(q, k, v, scale, kv_len)
-    return softplus_attention_reference(q, k, v, scale, kv_len)
+    if torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting():
+        return softplus_attention_reference(q, k, v, scale, kv_len)
+    return _attention_op(q, k, v, scale, kv_len)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Dispatch
+# ---------------------------------------------------------------------------------------------
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, stacklevel=3)
+
+
+def _triton_installed() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def use_kernels(t: Tensor) -> bool:
+    """Whether the Triton kernels run for inputs like ``t`` (see the module docstring)."""
+    on_cuda = t.device.type == "cuda"
+    interpret = t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if not (on_cuda or interpret):
+        return False
+    if not _triton_installed():
+        _warn_once("Triton is not installed: softplus attention runs the dense PyTorch version, "
+                   "whose memory grows with S×T")
+        return False
+    if t.dtype not in KERNEL_DTYPES or (interpret and t.dtype == torch.bfloat16):
+        where = "Triton's CPU interpreter" if interpret else "the softplus attention kernels"
+        _warn_once(f"{where} cannot compute in {t.dtype}: softplus attention runs the dense "
+                   "PyTorch version")
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Dense PyTorch version (CPU): the same formulas, with the S×T matrix in memory
+# ---------------------------------------------------------------------------------------------
+
+
+def _dense_backward(
+    do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, l: Tensor, scale: str,
+    kv_len: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    lam, z, visible = scores(q, k, scale, kv_len)
+    do, inv_l = do.float(), 1.0 / l.unsqueeze(-1)  # (B, S, r), (B, S, 1)
+    p = torch.where(visible, F.softplus(z), 0.0) * inv_l  # w / l
+    sig = torch.where(visible, torch.sigmoid(z), 0.0)
+    delta = (do * o.float()).sum(-1, keepdim=True)  # D (B, S, 1)
+    dz = (torch.matmul(do, v.float()) - delta) * inv_l * sig  # (B, S, T)
+    dq = lam * torch.matmul(dz, k.float().transpose(1, 2))  # (B, S, r)
+    dk = torch.matmul(q.float().transpose(1, 2), lam * dz)  # (B, r, T)
+    dv = torch.matmul(do.transpose(1, 2), p)  # (B, r, T)
+    # the layouts of the inputs, as the fake implementation promises
+    return (torch.empty_like(q).copy_(dq), torch.empty_like(k).copy_(dk),
+            torch.empty_like(v).copy_(dv))
+
+
+# ---------------------------------------------------------------------------------------------
+# Custom operators
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("llama3::softplus_attention", mutates_args=())
+def _attention_op(
+    q: Tensor, k: Tensor, v: Tensor, scale: str, kv_len: Optional[Tensor]
+) -> tuple[Tensor, Tensor]:
+    """(o, l): the output (B, S, r) and l_i = Σ_j softplus(z_ij) (B, S) in fp32."""
+    if use_kernels(q):
+        from llama3.ops import softplus_triton
+
+        return softplus_triton.forward(q, k, v, scale, kv_len)
+    return reference_forward(q, k, v, scale, kv_len)
+
+
+@_attention_op.register_fake
+def _(q: Tensor, k: Tensor, v: Tensor, scale: str, kv_len: Optional[Tensor]):
+    B, S, r = q.shape
+    return q.new_empty(B, S, r), q.new_empty(B, S, dtype=torch.float32)
+
+
+@torch.library.custom_op("llama3::softplus_attention_backward", mutates_args=())
+def _attention_backward_op(
+    do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, l: Tensor, scale: str,
+    kv_len: Optional[Tensor],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """dq, dk, dv in the layouts and dtypes of q, k, v."""
+    if use_kernels(q):
+        from llama3.ops import softplus_triton
+
+        return softplus_triton.backward(do, q, k, v, o, l, scale, kv_len)
+    return _dense_backward(do, q, k, v, o, l, scale, kv_len)
+
+
+@_attention_backward_op.register_fake
+def _(do, q, k, v, o, l, scale, kv_len):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, scale, kv_len = inputs
+    o, l = output
+    ctx.save_for_backward(q, k, v, o, l, kv_len)
+    ctx.scale = scale
+    ctx.mark_non_differentiable(l)
+
+
+def _backward(ctx, do: Tensor, _dl: Tensor):
+    q, k, v, o, l, kv_len = ctx.saved_tensors
+    dq, dk, dv = _attention_backward_op(do, q, k, v, o, l, ctx.scale, kv_len)
+    return dq, dk, dv, None, None
+
+
+_attention_op.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,293 @@
+"""Attention kernel benchmark: softplus (Triton, reference) against softmax SDPA, side by side.
+
+    python benchmarks/attention.py                 # GPU: B=16, S=4096 at r=128..512, S sweep, decoding
+    python benchmarks/attention.py --tiny          # CPU: tiny shapes, Triton rows interpreted
+
+Training shapes report forward, backward and forward+backward time, TFLOP/s and peak memory. FLOPs
+count the score and value products over the visible (causal) pairs only: forward 4·r per pair,
+backward 10·r (five products), the usual FlashAttention convention, the same for every row.
+Softmax runs through scaled_dot_product_attention with one head of head_dim r, on the flash and
+memory-efficient backends (a row says so when a backend rejects the shape). Decoding (S = 1) reports
+GB/s of keys and values read, beside a measured device copy bandwidth; a bf16 matmul gives the
+TFLOP/s ceiling. Rows that would not fit in memory are skipped with a note. Inputs are fresh random
+draws; times are medians over repeats, with CUDA events on the GPU.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import argparse  # noqa: E402
+import functools  # noqa: E402
+import os  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
+from typing import Any  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from benchmarks.common import environment, format_table, write_results  # noqa: E402
+from llama3.ops import softplus_attention, softplus_attention_reference  # noqa: E402
+
+DEFAULT_OUTPUT = Path(__file__).resolve().parent / "out" / "attention.json"
+COLUMNS = [
+    "impl", "B", "S", "T", "r", "fwd_ms", "bwd_ms", "fwdbwd_ms", "fwd_tflops", "bwd_tflops",
+    "fwdbwd_tflops", "fwd_vs_sdpa", "fwdbwd_vs_sdpa", "fwd_of_peak", "peak_mem_gb", "note",
+]
+DECODE_COLUMNS = ["impl", "B", "T", "r", "ms", "kv_gb_per_s", "of_copy_bw", "note"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing and memory
+# ---------------------------------------------------------------------------------------------
+
+
+def timed(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int = 2) -> float:
+    """Median milliseconds of ``fn()``."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            begin = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - begin))
+    return statistics.median(times)
+
+
+def peak_memory_gb(fn: Callable[[], Any], device: torch.device) -> float | None:
+    """Peak memory (GB) that ``fn()`` allocates beyond what already exists; None on the CPU."""
+    if device.type != "cuda":
+        fn()
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 1e9
+
+
+@contextmanager
+def interpreted(enabled: bool):
+    """TRITON_INTERPRET=1 inside the block (the Triton rows on a CPU)."""
+    saved = os.environ.get("TRITON_INTERPRET")
+    if enabled:
+        os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
+
+
+def free_memory(device: torch.device) -> float:
+    if device.type == "cuda":
+        return float(torch.cuda.mem_get_info(device)[0])
+    return float("inf")
+
+
+# ---------------------------------------------------------------------------------------------
+# Implementations: each returns (forward callable, inputs that need gradients)
+# ---------------------------------------------------------------------------------------------
+
+
+def softplus_inputs(B, S, T, r, dtype, device, cache_layout=False):
+    """q (B, S, r); k, v (B, r, T), as the model makes them (transposed (B, T, r)) or as a cache."""
+    q = torch.randn(B, S, r, device=device, dtype=dtype)
+    if cache_layout:
+        k, v = (torch.randn(B, r, T, device=device, dtype=dtype) for _ in range(2))
+    else:
+        k, v = (torch.randn(B, T, r, device=device, dtype=dtype).transpose(1, 2) for _ in range(2))
+    return q, k, v
+
+
+def sdpa_inputs(B, S, T, r, dtype, device):
+    """One head of head_dim r: (B, 1, S|T, r)."""
+    return tuple(torch.randn(B, 1, n, r, device=device, dtype=dtype) for n in (S, T, T))
+
+
+SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "mem_efficient": "EFFICIENT_ATTENTION", "math": "MATH"}
+
+
+def make_call(impl: str, q, k, v, causal: bool = True) -> Callable[[], torch.Tensor]:
+    if impl == "softplus_triton":
+        return lambda: softplus_attention(q, k, v)
+    if impl == "softplus_reference":
+        return lambda: softplus_attention_reference(q, k, v)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = getattr(SDPBackend, SDPA_BACKENDS[impl.removeprefix("sdpa_")])
+
+    def call():
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+    return call
+
+
+def inputs_for(impl: str, B, S, T, r, dtype, device, cache_layout=False):
+    if impl.startswith("softplus"):
+        return softplus_inputs(B, S, T, r, dtype, device, cache_layout)
+    return sdpa_inputs(B, S, T, r, dtype, device)
+
+
+def reference_bytes(B: int, S: int, T: int) -> float:
+    """Rough peak of the reference's forward and backward: a handful of fp32 S×T matrices."""
+    return 10.0 * B * S * T * 4
+
+
+# ---------------------------------------------------------------------------------------------
+# Measurements
+# ---------------------------------------------------------------------------------------------
+
+
+def _note(impl: str, device: torch.device) -> str | None:
+    if impl == "softplus_triton" and device.type == "cpu":
+        return "Triton interpreter on the CPU"
+    return None
+
+
+def visible_pairs(B: int, S: int, T: int) -> int:
+    """(query, key) pairs the causal mask lets through: B · Σ_i (T − S + i + 1)."""
+    return B * (S * (T - S) + S * (S + 1) // 2)
+
+
+def measure_training(impl, B, S, r, dtype, device, repeats) -> dict[str, Any]:
+    row: dict[str, Any] = dict(impl=impl, B=B, S=S, T=S, r=r)
+    if impl == "softplus_reference" and reference_bytes(B, S, S) > 0.8 * free_memory(device):
+        return {**row, "note": "skipped: would not fit in memory"}
+    q, k, v = (x.requires_grad_() for x in inputs_for(impl, B, S, S, r, dtype, device))
+    call = make_call(impl, q, k, v)
+    try:
+        with interpreted(impl == "softplus_triton" and device.type == "cpu"):
+            out = call()
+            do = torch.randn_like(out)
+            fwd = timed(call, device, repeats)
+            backward = functools.partial(torch.autograd.grad, out, (q, k, v), do, retain_graph=True)
+            bwd = timed(backward, device, repeats)
+            fwdbwd = timed(lambda: torch.autograd.grad(call(), (q, k, v), do), device, repeats)
+            del backward, out  # free the retained graph before measuring peak memory
+            peak = peak_memory_gb(lambda: torch.autograd.grad(call(), (q, k, v), do), device)
+    except RuntimeError as error:  # a backend that rejects the shape, or out of memory
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return {**row, "note": f"skipped: {str(error).splitlines()[0][:80]}"}
+    pairs = visible_pairs(B, S, S)
+    return {**row, "note": _note(impl, device), "fwd_ms": fwd, "bwd_ms": bwd, "fwdbwd_ms": fwdbwd,
+            "fwd_tflops": 4 * r * pairs / fwd / 1e9, "bwd_tflops": 10 * r * pairs / bwd / 1e9,
+            "fwdbwd_tflops": 14 * r * pairs / fwdbwd / 1e9, "peak_mem_gb": peak}
+
+
+def measure_decoding(impl, B, T, r, dtype, device, repeats, copy_gb_per_s) -> dict[str, Any]:
+    row: dict[str, Any] = dict(impl=impl, B=B, T=T, r=r)
+    q, k, v = inputs_for(impl, B, 1, T, r, dtype, device, cache_layout=True)
+    call = make_call(impl, q, k, v, causal=False)  # one query sees every key
+    try:
+        with interpreted(impl == "softplus_triton" and device.type == "cpu"), torch.no_grad():
+            ms = timed(call, device, repeats)
+    except RuntimeError as error:
+        return {**row, "note": f"skipped: {str(error).splitlines()[0][:80]}"}
+    gb_per_s = 2 * k.numel() * k.element_size() / ms / 1e6
+    return {**row, "note": _note(impl, device), "ms": ms, "kv_gb_per_s": gb_per_s,
+            "of_copy_bw": gb_per_s / copy_gb_per_s if copy_gb_per_s else None}
+
+
+def copy_bandwidth_gb_per_s(device: torch.device, numel: int, repeats: int) -> float:
+    """Device copy bandwidth: bytes read plus bytes written per second."""
+    src = torch.empty(numel, device=device, dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    ms = timed(lambda: dst.copy_(src), device, repeats)
+    return 2 * src.numel() * src.element_size() / ms / 1e6
+
+
+def matmul_tflops(device: torch.device, n: int, dtype: torch.dtype, repeats: int) -> float:
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    ms = timed(lambda: a @ b, device, repeats)
+    return 2 * n**3 / ms / 1e9
+
+
+def add_ratios(rows: list[dict[str, Any]], peak_tflops: float) -> None:
+    """Softplus (Triton) against its softmax counterpart: SDPA flash up to r = 256, else
+    memory-efficient (or whichever of the two ran)."""
+    for row in rows:
+        if row["impl"] != "softplus_triton" or "fwd_ms" not in row:
+            continue
+        same = {x["impl"]: x for x in rows
+                if (x["B"], x["S"], x["r"]) == (row["B"], row["S"], row["r"]) and "fwd_ms" in x}
+        preferred = ["sdpa_mem_efficient"]
+        if row["r"] <= 256:
+            preferred.insert(0, "sdpa_flash")
+        base = next((same[name] for name in preferred if name in same), None)
+        if base is not None:
+            row["fwd_vs_sdpa"] = base["fwd_ms"] / row["fwd_ms"]
+            row["fwdbwd_vs_sdpa"] = base["fwdbwd_ms"] / row["fwdbwd_ms"]
+        row["fwd_of_peak"] = row["fwd_tflops"] / peak_tflops
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------
+
+
+def plan(tiny: bool) -> dict[str, Any]:
+    if tiny:
+        return dict(training=[(2, 64, 64), (1, 48, 136)], decoding=[(2, 128, 64)], repeats=2,
+                    impls=["softplus_triton", "softplus_reference", "sdpa_flash", "sdpa_math"],
+                    dtype=torch.float32, copy_numel=1 << 22, matmul_n=256)
+    design = [(16, 4096, r) for r in (128, 256, 424, 512)]
+    sweep = [(65536 // s, s, r) for r in (128, 424) for s in (1024, 2048, 8192, 16384)]
+    return dict(training=design + sweep, decoding=[(64, 4096, 128), (64, 4096, 424)], repeats=20,
+                impls=["softplus_triton", "softplus_reference", "sdpa_flash", "sdpa_mem_efficient"],
+                dtype=torch.bfloat16, copy_numel=1 << 30, matmul_n=8192)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tiny", action="store_true",
+                        help="tiny shapes that run on a CPU (Triton rows via TRITON_INTERPRET=1)")
+    parser.add_argument("--output", default=str(DEFAULT_OUTPUT), help="JSON results file")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu" and not args.tiny:
+        parser.error("no CUDA GPU: the full benchmark needs one; use --tiny on a CPU")
+    p = plan(args.tiny)
+    seed = torch.seed()  # fresh inputs every run; recorded with the results
+
+    peak = matmul_tflops(device, p["matmul_n"], p["dtype"], p["repeats"])
+    copy_bw = copy_bandwidth_gb_per_s(device, p["copy_numel"], p["repeats"])
+    print(f"device {environment()['gpu'] or 'cpu'}: {p['dtype']} matmul {peak:.4g} TFLOP/s, "
+          f"copy {copy_bw:.4g} GB/s")
+
+    rows = []
+    for B, S, r in p["training"]:
+        for impl in p["impls"]:
+            rows.append(measure_training(impl, B, S, r, p["dtype"], device, p["repeats"]))
+            print(f"  {impl} B={B} S={S} r={r}: fwd+bwd {rows[-1].get('fwdbwd_ms', '-')} ms",
+                  file=sys.stderr, flush=True)
+    add_ratios(rows, peak)
+    decoding = [measure_decoding(impl, B, T, r, p["dtype"], device, p["repeats"], copy_bw)
+                for B, T, r in p["decoding"] for impl in p["impls"]]
+
+    print("\nTraining shapes (causal, T = S):\n" + format_table(rows, COLUMNS))
+    print("\nDecoding (S = 1):\n" + format_table(decoding, DECODE_COLUMNS))
+    path = write_results(args.output, rows + decoding, dtype=str(p["dtype"]), seed=seed,
+                         matmul_tflops=peak, copy_gb_per_s=copy_bw, tiny=args.tiny)
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
