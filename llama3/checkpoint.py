@@ -143,13 +143,17 @@ def write_model_file(path: str | os.PathLike, state_dict: dict[str, torch.Tensor
 
 def read_model_file(path: str | os.PathLike) -> dict[str, Any]:
     """The model record of a checkpoint (weights on CPU), checked for format and version."""
-    file = resolve_step_dir(path) / MODEL_FILE
+    return _read_record(resolve_step_dir(path) / MODEL_FILE, FORMAT, "model checkpoint")
+
+
+def _read_record(file: Path, expected_format: str, what: str) -> dict[str, Any]:
+    """A torch-saved dict of the given format, on CPU; UsageError if unreadable or foreign."""
     try:
         record = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as err:  # unreadable, truncated, not a torch file
-        raise UsageError(f"cannot read checkpoint {file}: {err}") from err
-    if not isinstance(record, dict) or record.get("format") != FORMAT:
-        raise UsageError(f"{file} is not a llama3 model checkpoint")
+        raise UsageError(f"cannot read {what} {file}: {err}") from err
+    if not isinstance(record, dict) or record.get("format") != expected_format:
+        raise UsageError(f"{file} is not a llama3 {what}")
     if record.get("version", 0) > VERSION:
         raise UsageError(f"{file} has format version {record['version']}; this code reads up to "
                          f"{VERSION}: update the code")
@@ -241,16 +245,7 @@ def read_trainer_record(path: str | os.PathLike) -> tuple[Path, dict[str, Any] |
     file = step_dir / TRAINER_FILE
     if not file.is_file():
         return step_dir, None
-    try:
-        record = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise UsageError(f"cannot read training state {file}: {err}") from err
-    if not isinstance(record, dict) or record.get("format") != TRAINER_FORMAT:
-        raise UsageError(f"{file} is not a llama3 training record")
-    if record.get("version", 0) > VERSION:
-        raise UsageError(f"{file} has format version {record['version']}; this code reads up to "
-                         f"{VERSION}: update the code")
-    return step_dir, record
+    return step_dir, _read_record(file, TRAINER_FORMAT, "training record")
 
 
 def read_rank_record(step_dir: Path, group: ProcessGroup) -> dict[str, Any]:

@@ -116,10 +116,33 @@ def add_precision_flags(parser: argparse.ArgumentParser) -> None:
                       help="pure bfloat16 parameters and activations (FSDP: fp32 gradient reduction)")
 
 
-def add_tokenizer_flag(parser: argparse.ArgumentParser, required: bool = True) -> None:
+def add_tokenizer_flag(parser: argparse._ActionsContainer, required: bool = True) -> None:
     """The SentencePiece model file."""
     parser.add_argument("--tokenizer", required=required, metavar="MODEL_FILE",
                         help="SentencePiece model file written by train_tokenizer")
+
+
+DATA_MODES = ("packed", "padded")
+
+
+def add_checkpoint_source_flags(group: argparse._ActionsContainer, *,
+                                tokenizer_required: bool = True) -> None:
+    """``--from_checkpoint`` and ``--tokenizer`` of the commands that load a trained model."""
+    group.add_argument("--from_checkpoint", required=True, metavar="DIR",
+                       help="run directory (its latest checkpoint), step directory or model.pt")
+    add_tokenizer_flag(group, required=tokenizer_required)
+
+
+def add_token_cache_flags(group: argparse._ActionsContainer, *, data_mode: bool = True) -> None:
+    """Where a corpus's tokens are cached and (with ``data_mode``) how they become windows."""
+    if data_mode:
+        group.add_argument("--data_mode", choices=DATA_MODES, default="packed",
+                           help="packed: documents joined (EOS between) into full windows; padded: "
+                                "one document per window, as the original, padding not counted by "
+                                "the loss")
+    group.add_argument("--cache_dir", metavar="DIR",
+                       help="where the corpus's encoded token shards are kept (default: "
+                            "CORPUS/.tokens/, or the user cache when the corpus folder is read-only)")
 
 
 def add_seed_flag(parser: argparse.ArgumentParser, default: int = 0) -> None:

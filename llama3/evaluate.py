@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from llama3.cli import (UsageError, add_model_flags, add_precision_flags, add_tokenizer_flag,
-                        check_model_flags)
+from llama3.cli import (UsageError, add_checkpoint_source_flags, add_model_flags,
+                        add_precision_flags, add_token_cache_flags, check_model_flags)
 from llama3.model.args import ModelArgs
 from llama3.fileio import write_json
 from llama3.runtime import Precision, configure_matmul, select_device
@@ -144,21 +144,15 @@ models with different tokenizers compare.
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = EVALUATE_DESCRIPTION
     source = parser.add_argument_group("checkpoint and data")
-    source.add_argument("--from_checkpoint", required=True, metavar="DIR",
-                        help="checkpoint directory, step directory or model.pt")
-    add_tokenizer_flag(source)
+    add_checkpoint_source_flags(source)
     source.add_argument("--eval_corpus", required=True, metavar="PATH",
                         help=".jsonl/.jsonl.zst eval files or a directory of them")
-    source.add_argument("--cache_dir", metavar="DIR",
-                        help="where the corpus's token cache lives (default: beside the corpus)")
+    add_token_cache_flags(source)
     add_model_flags(parser, from_checkpoint=True)
     group = parser.add_argument_group("evaluation")
     group.add_argument("--batch_size", type=int, default=8, help="windows per batch")
     group.add_argument("--total_steps", type=int, default=0,
                        help="batches to evaluate; 0 = the whole eval set")
-    group.add_argument("--mode", choices=("packed", "padded"), default="packed",
-                       help="packed: documents joined into full windows; padded: one document per "
-                            "window, padding not counted")
     group.add_argument("--output", metavar="FILE", help="also write the results as JSON")
     group.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                        help="show progress bars")
@@ -179,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
     configure_matmul(args.allow_tf32)
     precision = Precision.from_flags(args)
     tokenizer = load_tokenizer(args.tokenizer, record, model_args)
-    windows = open_eval_windows(args.eval_corpus, tokenizer, seq_len, args.batch_size, args.mode,
+    windows = open_eval_windows(args.eval_corpus, tokenizer, seq_len, args.batch_size, args.data_mode,
                                 cache_dir=args.cache_dir, progress=args.progress)
     n_batches = len(windows) if args.total_steps == 0 else min(args.total_steps, len(windows))
     if n_batches == 0:
@@ -195,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
     summary = {
         "checkpoint": str(resolve_step_dir(args.from_checkpoint)), "step": record.get("step"),
         "eval_corpus": str(args.eval_corpus), "tokenizer": str(args.tokenizer),
-        "seq_len": seq_len, "batch_size": args.batch_size, "mode": args.mode,
+        "seq_len": seq_len, "batch_size": args.batch_size, "mode": args.data_mode,
         "precision": precision.name, "batches": result.batches, "tokens": result.tokens,
         "bytes": counter.bytes, "loss": result.loss, "perplexity": result.perplexity,
         "bits_per_byte": bits_per_byte(result.loss, result.tokens, counter.bytes),

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from llama3.cli import UsageError, add_model_flags, add_precision_flags, add_tokenizer_flag
+from llama3.cli import UsageError, add_checkpoint_source_flags, add_model_flags, add_precision_flags
 from llama3.model.transformer import StaticKVCache
 
 CAPACITY_ROUNDING = 128  # cache capacity is rounded up so graphs are reused across similar calls
@@ -389,9 +389,7 @@ captured CUDA graph; on CPU it runs eagerly.
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = GENERATE_DESCRIPTION
     source = parser.add_argument_group("checkpoint")
-    source.add_argument("--from_checkpoint", required=True, metavar="DIR",
-                        help="checkpoint directory, step directory or model.pt")
-    add_tokenizer_flag(source)
+    add_checkpoint_source_flags(source)
     add_model_flags(parser, from_checkpoint=True)
     prompts = parser.add_argument_group("prompts (default: one per line on stdin)")
     prompts.add_argument("--prompt", action="append", default=[], metavar="TEXT",

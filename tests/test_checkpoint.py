@@ -158,5 +158,5 @@ def test_unreadable_training_record_is_a_usage_error(tmp_path):
     model = tiny_model()
     save(tmp_path, 1, model, trained(model))
     (tmp_path / "step_00000001" / "trainer.pt").write_bytes(b"garbage")
-    with pytest.raises(ckpt.UsageError, match="cannot read training state"):
+    with pytest.raises(ckpt.UsageError, match="cannot read training record"):
         ckpt.read_trainer_record(tmp_path)

@@ -47,7 +47,7 @@ def test_evaluate_equals_direct_computation(mode, attention, seq_len, tiny_check
     checkpoint, output = tiny_checkpoint(attention), tmp_path / "eval.json"
     code = main(["evaluate", "--from_checkpoint", str(checkpoint), "--tokenizer",
                  str(tiny_tokenizer), "--eval_corpus", str(tiny_corpus["eval"]), "--batch_size", "3",
-                 "--max_seq_len", str(seq_len), "--total_steps", "5", "--mode", mode, "--device", "cpu",
+                 "--max_seq_len", str(seq_len), "--total_steps", "5", "--data_mode", mode, "--device", "cpu",
                  "--no-progress", "--output", str(output)])
     assert code == 0
     result = json.loads(output.read_text())

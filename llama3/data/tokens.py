@@ -40,7 +40,7 @@ from typing import NamedTuple
 import numpy as np
 
 from llama3.fileio import atomic_write_bytes, file_sha256
-from llama3.cli import UsageError, add_tokenizer_flag
+from llama3.cli import UsageError, add_token_cache_flags, add_tokenizer_flag
 from llama3.data.parallel import WorkerPool, available_cpus
 from llama3.data.sources import (Chunk, Problem, ProblemLog, add_bad_input_flags, chunk_size_for,
                                  file_chunks, find_corpus_files, parse_lines,
@@ -481,9 +481,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             ".jsonl/.jsonl.zst files or directories")
     add_tokenizer_flag(group)
     group = parser.add_argument_group("cache")
-    group.add_argument("--cache_dir", default=None, metavar="DIR",
-                       help="where to keep the token shards; None: in CORPUS/.tokens/, or in the "
-                            "user cache when the corpus folder is read-only")
+    add_token_cache_flags(group, data_mode=False)
     group.add_argument("--rebuild", action="store_true", help="encode again even if the cache is current")
     add_bad_input_flags(parser)
     group = parser.add_argument_group("performance")

@@ -12,7 +12,8 @@ import torch
 from torch import Tensor
 
 from llama3.checkpoint import load_model, read_model_file, resolve_step_dir
-from llama3.cli import UsageError, add_model_flags, add_tokenizer_flag, check_model_flags
+from llama3.cli import (UsageError, add_checkpoint_source_flags, add_model_flags,
+                        add_token_cache_flags, check_model_flags)
 from llama3.deploy import latency
 from llama3.deploy.accuracy import check_inputs, compare_outputs, runner_loss
 from llama3.deploy.onnx_export import DEFAULT_OPSET, MIN_OPSET, export_onnx
@@ -50,16 +51,11 @@ CHECK_QUERY = 16  # prefill length of the logits comparison (capped by --max_seq
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = DESCRIPTION
     source = parser.add_argument_group("checkpoint and data")
-    source.add_argument("--from_checkpoint", required=True, metavar="DIR",
-                        help="checkpoint directory, step directory or model.pt to deploy")
-    add_tokenizer_flag(source, required=False)
+    add_checkpoint_source_flags(source, tokenizer_required=False)
     source.add_argument("--eval_corpus", metavar="PATH",
                         help=".jsonl/.jsonl.zst eval files or a directory of them, for the eval-loss "
                              "comparison; needs --tokenizer (without it only logits are compared)")
-    source.add_argument("--cache_dir", metavar="DIR",
-                        help="where the corpus's token cache lives (default: beside the corpus)")
-    source.add_argument("--mode", choices=("packed", "padded"), default="packed",
-                        help="eval windows: packed documents, or one document per window padded")
+    add_token_cache_flags(source)
     add_model_flags(parser, from_checkpoint=True)
     target = parser.add_argument_group("deployment")
     target.add_argument("--export_dir", default="deployed", metavar="DIR",
@@ -264,7 +260,7 @@ def eval_batches(args: argparse.Namespace, plan: Plan) -> list[tuple[Tensor, Ten
     from llama3.evaluate import open_eval_windows
 
     windows = open_eval_windows(args.eval_corpus, plan.tokenizer, plan.seq_len, args.batch_size,
-                                args.mode, cache_dir=args.cache_dir)
+                                args.data_mode, cache_dir=args.cache_dir)
     return list(windows.batches(max_batches=args.accuracy_batches))
 
 

@@ -6,10 +6,8 @@ from __future__ import annotations
 import argparse
 
 from llama3.cli import (UsageError, add_model_flags, add_precision_flags, add_seed_flag,
-                        add_tokenizer_flag)
+                        add_token_cache_flags, add_tokenizer_flag)
 from llama3.training.optim import SCHEDULES
-
-DATA_MODES = ("packed", "padded")
 
 EPILOG = """\
 --batch_size windows of --max_seq_len tokens make one optimizer step per process, split into
@@ -42,11 +40,7 @@ def add_data_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--eval_corpus", metavar="PATH",
                        help="held-out corpus for periodic evaluation (none: no evaluation)")
     add_tokenizer_flag(group)
-    group.add_argument("--data_mode", choices=DATA_MODES, default="packed",
-                       help="packed: documents concatenated into full windows; padded: one document "
-                            "per window, padding ignored by the loss")
-    group.add_argument("--cache_dir", metavar="DIR",
-                       help="where encoded token shards are cached (default: beside the corpus)")
+    add_token_cache_flags(group)
 
 
 def add_batch_flags(parser: argparse.ArgumentParser) -> None:
