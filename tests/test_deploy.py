@@ -19,9 +19,10 @@ import torch
 from llama3 import ModelArgs, Transformer, load_checkpoint
 from llama3.deploy import latency
 from llama3.deploy.onnx_export import (EXAMPLE_BATCH, EXAMPLE_CACHE, EXAMPLE_QUERY, INPUT_NAMES,
-                                       OUTPUT_NAMES, cache_shape, export_onnx)
+                                       OUTPUT_NAMES, export_onnx)
 from llama3.deploy.runners import OnnxRuntimeRunner, TorchRunner
 from llama3.deploy.tensorrt import build_engine, profile_shapes, trtexec_command
+from llama3.model.transformer import cache_shape
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from llama3.model.args import ModelArgs
+from llama3.model.transformer import cache_shape, cache_time_axis
 
 INPUT_NAMES = ("input", "k_cache", "v_cache")
 OUTPUT_NAMES = ("output", "updated_k_cache", "updated_v_cache")
@@ -31,18 +32,6 @@ DEFAULT_OPSET = 18
 EXTERNAL_DATA_BYTES = 1 << 30
 # Example sizes: all ≥ 2 and distinct, so torch.export specialises none of the dynamic dimensions.
 EXAMPLE_BATCH, EXAMPLE_QUERY, EXAMPLE_CACHE = 2, 5, 3
-
-
-def cache_time_axis(args: ModelArgs) -> int:
-    """Axis of the cache length: (L, B, T, Hkv, hd) for softmax, (L, B, r, T) for softplus."""
-    return 2 if args.attention == "softmax" else 3
-
-
-def cache_shape(args: ModelArgs, batch: int, length: int) -> tuple[int, ...]:
-    """Shape of an export-form cache holding ``length`` positions."""
-    if args.attention == "softmax":
-        return (args.n_layers, batch, length, args.n_kv_heads, args.head_dim)
-    return (args.n_layers, batch, args.core_dim, length)
 
 
 def example_inputs(args: ModelArgs, device: torch.device | str = "cpu",

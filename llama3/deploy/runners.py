@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from llama3.deploy.onnx_export import INPUT_NAMES, OUTPUT_NAMES, cache_shape, cache_time_axis
+from llama3.deploy.onnx_export import INPUT_NAMES, OUTPUT_NAMES
+from llama3.model.transformer import cache_shape, cache_time_axis
 from llama3.model.args import ModelArgs
 
 Outputs = tuple[Tensor, Tensor, Tensor]

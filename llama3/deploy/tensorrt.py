@@ -18,7 +18,8 @@ import torch
 from torch import Tensor
 
 from llama3.fileio import atomic_write_bytes
-from llama3.deploy.onnx_export import INPUT_NAMES, OUTPUT_NAMES, cache_shape
+from llama3.deploy.onnx_export import INPUT_NAMES, OUTPUT_NAMES
+from llama3.model.transformer import cache_shape
 from llama3.deploy.runners import Outputs
 from llama3.model.args import ModelArgs
 

@@ -103,6 +103,19 @@ def causal_mask(positions: Tensor, n_keys: int) -> Tensor:
     return keys.view(1, 1, 1, -1) <= positions.unsqueeze(1).unsqueeze(-1)
 
 
+def cache_time_axis(args: ModelArgs) -> int:
+    """Axis of the cache length: softmax (n_layers, B, T, n_kv_heads, head_dim), softplus
+    (n_layers, B, r, T)."""
+    return 2 if args.attention == "softmax" else 3
+
+
+def cache_shape(args: ModelArgs, batch: int, length: int) -> tuple[int, ...]:
+    """Shape of a cache of every layer holding ``length`` positions."""
+    if args.attention == "softmax":
+        return (args.n_layers, batch, length, args.n_kv_heads, args.head_dim)
+    return (args.n_layers, batch, args.core_dim, length)
+
+
 @dataclass
 class StaticKVCache:
     """Pre-allocated keys and values for all layers, in the export-form layouts, plus valid lengths."""
@@ -117,17 +130,9 @@ class StaticKVCache:
         dtype: torch.dtype,
     ) -> "StaticKVCache":
         # Zeros, not empty: masked keys still enter the matmuls of the reference path, and 0·NaN = NaN.
-        if args.attention == "softmax":
-            shape = (args.n_layers, batch_size, capacity, args.n_kv_heads, args.head_dim)
-        else:
-            shape = (args.n_layers, batch_size, args.core_dim, capacity)
-        k = torch.zeros(shape, device=device, dtype=dtype)
+        k = torch.zeros(cache_shape(args, batch_size, capacity), device=device, dtype=dtype)
         lengths = torch.zeros(batch_size, device=device, dtype=torch.long)
         return cls(k=k, v=torch.zeros_like(k), lengths=lengths)
-
-    @property
-    def capacity(self) -> int:
-        return self.k.shape[2] if self.k.dim() == 5 else self.k.shape[3]
 
     def reset(self) -> None:
         self.k.zero_()
@@ -325,8 +330,7 @@ class Transformer(nn.Module):
         if cache is not None:
             positions = cache.lengths.unsqueeze(1) + steps  # (B, S)
         elif k_cache is not None:
-            cached = k_cache.shape[3] if self.args.attention == "softplus" else k_cache.shape[2]
-            positions = (steps + cached).unsqueeze(0)
+            positions = (steps + k_cache.shape[cache_time_axis(self.args)]).unsqueeze(0)
         else:
             positions = steps.unsqueeze(0)
         cos, sin = self.rope(positions)
@@ -359,10 +363,5 @@ class Transformer(nn.Module):
         self, batch_size: int, device: torch.device | str, dtype: torch.dtype
     ) -> tuple[Tensor, Tensor]:
         """Zero-length export-form caches (the first call of the export form)."""
-        a = self.args
-        if a.attention == "softmax":
-            shape = (a.n_layers, batch_size, 0, a.n_kv_heads, a.head_dim)
-        else:
-            shape = (a.n_layers, batch_size, a.core_dim, 0)
-        k = torch.zeros(shape, device=device, dtype=dtype)
+        k = torch.zeros(cache_shape(self.args, batch_size, 0), device=device, dtype=dtype)
         return k, torch.zeros_like(k)

@@ -76,11 +76,6 @@ class Distributed:
             dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
         return tensor
 
-    def all_reduce_min(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.active:
-            dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
-        return tensor
-
     def barrier(self) -> None:
         if self.active:
             dist.barrier()
