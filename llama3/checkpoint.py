@@ -19,6 +19,7 @@ Anything that reads a model accepts ``DIR``, ``DIR/step_N`` or ``DIR/step_N/mode
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import random
@@ -32,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from llama3.cli import UsageError
+from llama3.cli import UsageError, check_model_flags
 from llama3.fileio import STAGING_SUFFIX, atomic_write_bytes, file_sha256, fsync_dir
 from llama3.model.args import ModelArgs
 from llama3.model.transformer import Transformer
@@ -173,12 +174,27 @@ def save_model_checkpoint(root: str | os.PathLike, model: nn.Module, *,
 def load_model(path: str | os.PathLike, device: torch.device | str = "cpu",
                dtype: torch.dtype | None = None) -> Transformer:
     """A model in eval mode, rebuilt from the checkpoint's args and weights."""
-    record = read_model_file(path)
+    return model_from_record(read_model_file(path), device, dtype)
+
+
+def model_from_record(record: dict[str, Any], device: torch.device | str = "cpu",
+                      dtype: torch.dtype | None = None) -> Transformer:
+    """A model in eval mode from a record :func:`read_model_file` returned (no second read)."""
     model = Transformer.build(ModelArgs.from_dict(record["model_args"]), device=device, init=False)
     model.load_state_dict(record["model"])
     if dtype is not None:
         model = model.to(dtype)
     return model.eval()
+
+
+def read_checked_record(args: argparse.Namespace) -> tuple[dict[str, Any], ModelArgs]:
+    """The model record of ``--from_checkpoint`` and its ModelArgs, with the model flags given
+    checked against them. ``--max_seq_len`` is exempt: evaluate, deploy and generate read it as a
+    window length, which may differ from the training context."""
+    record = read_model_file(args.from_checkpoint)
+    model_args = ModelArgs.from_dict(record["model_args"])
+    check_model_flags(argparse.Namespace(**{**vars(args), "max_seq_len": None}), model_args)
+    return record, model_args
 
 
 # ---- Training state: written by train/multitrain, read back to continue a run exactly ----------

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from llama3.cli import (UsageError, add_checkpoint_source_flags, add_model_flags,
-                        add_precision_flags, add_token_cache_flags, check_model_flags)
+                        add_precision_flags, add_token_cache_flags)
 from llama3.model.args import ModelArgs
 from llama3.fileio import write_json
 from llama3.runtime import Precision, configure_matmul, select_device
@@ -160,12 +160,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from llama3.checkpoint import load_model, read_model_file, resolve_step_dir
+    from llama3.checkpoint import model_from_record, read_checked_record, resolve_step_dir
 
-    record = read_model_file(args.from_checkpoint)
-    model_args = ModelArgs.from_dict(record["model_args"])
-    # --max_seq_len sets the window here, not the model: only the other model flags must agree.
-    check_model_flags(argparse.Namespace(**{**vars(args), "max_seq_len": None}), model_args)
+    record, model_args = read_checked_record(args)  # --max_seq_len sets the window, not the model
     seq_len = args.max_seq_len or model_args.max_seq_len
     if args.batch_size <= 0 or seq_len <= 0 or args.total_steps < 0:
         raise UsageError("--batch_size and --max_seq_len must be positive, --total_steps ≥ 0")
@@ -179,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
     if n_batches == 0:
         raise UsageError(f"--eval_corpus {args.eval_corpus} has too few tokens for one batch of "
                          f"{args.batch_size} × {seq_len}")
-    model = load_model(args.from_checkpoint, device=device, dtype=precision.param_dtype)
+    model = model_from_record(record, device=device, dtype=precision.param_dtype)
     counter = ByteCounter(tokenizer.token_bytes())
     batches = tqdm(windows.batches(max_batches=n_batches), total=n_batches, unit="batch",
                    desc="evaluating", disable=not args.progress, dynamic_ncols=True)

@@ -439,10 +439,8 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from llama3.checkpoint import load_model, read_model_file
-    from llama3.cli import check_model_flags
+    from llama3.checkpoint import model_from_record, read_checked_record
     from llama3.evaluate import load_tokenizer
-    from llama3.model.args import ModelArgs
     from llama3.runtime import Precision, configure_matmul, select_device
 
     settings = SamplingSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -450,14 +448,12 @@ def run(args: argparse.Namespace) -> int:
     if args.max_batch_size < 1:
         raise UsageError(f"--max_batch_size must be at least 1, got {args.max_batch_size}")
     prompts = read_prompts(args)
-    record = read_model_file(args.from_checkpoint)
-    model_args = ModelArgs.from_dict(record["model_args"])
-    check_model_flags(argparse.Namespace(**{**vars(args), "max_seq_len": None}), model_args)
+    record, model_args = read_checked_record(args)
     tokenizer = load_tokenizer(args.tokenizer, record, model_args)
     device = select_device(args.device)
     configure_matmul(args.allow_tf32)
     precision = Precision.from_flags(args)
-    model = load_model(args.from_checkpoint, device=device, dtype=precision.param_dtype)
+    model = model_from_record(record, device=device, dtype=precision.param_dtype)
     generator = Generator(model, tokenizer, device, cuda_graph=not args.no_cuda_graph,
                           pad_id=tokenizer.pad_id, autocast_dtype=precision.autocast_dtype,
                           start=None if args.start_token == "none" else args.start_token)

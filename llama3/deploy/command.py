@@ -11,9 +11,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from llama3.checkpoint import load_model, read_model_file, resolve_step_dir
+from llama3.checkpoint import model_from_record, read_checked_record, resolve_step_dir
 from llama3.cli import (UsageError, add_checkpoint_source_flags, add_model_flags,
-                        add_token_cache_flags, check_model_flags)
+                        add_token_cache_flags)
 from llama3.deploy import latency
 from llama3.deploy.accuracy import check_inputs, compare_outputs, runner_loss
 from llama3.deploy.onnx_export import DEFAULT_OPSET, MIN_OPSET, export_onnx
@@ -111,9 +111,7 @@ class Plan:
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
-    record = read_model_file(args.from_checkpoint)
-    model_args = ModelArgs.from_dict(record["model_args"])
-    check_model_flags(argparse.Namespace(**{**vars(args), "max_seq_len": None}), model_args)
+    record, model_args = read_checked_record(args)
     seq_len = args.max_seq_len or model_args.max_seq_len
     for flag, value in (("--batch_size", args.batch_size), ("--max_seq_len", seq_len)):
         if value <= 0:
@@ -137,7 +135,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
 
 def run(args: argparse.Namespace) -> int:
     plan = make_plan(args)
-    model = load_model(plan.checkpoint, device="cpu")
+    model = model_from_record(plan.record, device="cpu")
     info: dict[str, Any] = {"checkpoint": str(plan.checkpoint), "step": plan.record.get("step"),
                             "model_args": plan.model_args.to_dict(), "device": str(plan.device),
                             "batch_size": args.batch_size, "seq_len": plan.seq_len,
