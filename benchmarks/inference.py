@@ -22,7 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import environment, format_table, write_results  # noqa: E402
+from benchmarks.common import (BASE, CONFIGS, TINY_BASE, TINY_CONFIGS, environment,  # noqa: E402
+                               format_table, write_results)
 
 import argparse  # noqa: E402
 import gc  # noqa: E402
@@ -41,18 +42,6 @@ from llama3.deploy.tensorrt import (TensorRTRunner, build_engine, import_tensorr
                                     missing_message, profile_shapes)
 from llama3.generate import Generator, SamplingSettings  # noqa: E402
 
-BASE = dict(n_layers=3, dim=128, vocab_size=2048)
-CONFIGS = {
-    "softmax": dict(attention="softmax", n_heads=4),
-    "softplus-128": dict(attention="softplus", core_dim=128),
-    "softplus-424": dict(attention="softplus", core_dim=424),
-}
-TINY_BASE = dict(n_layers=2, dim=32, vocab_size=128)
-TINY_CONFIGS = {
-    "softmax": dict(attention="softmax", n_heads=4),
-    "softplus-16": dict(attention="softplus", core_dim=16),
-    "softplus-40": dict(attention="softplus", core_dim=40),
-}
 RUNNERS = ("eager", "compile", "onnxruntime", "tensorrt")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PREFILL_COLUMNS = ("model", "runner", "device", "precision", "batch", "seq_len", "iterations",

@@ -25,7 +25,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import RESULTS_DIR, environment, format_table, write_results  # noqa: E402
+from benchmarks.common import BASE as COMMON_BASE  # noqa: E402
+from benchmarks.common import TINY_BASE as COMMON_TINY_BASE  # noqa: E402
+from benchmarks.common import (CONFIGS, RESULTS_DIR, TINY_CONFIGS, environment,  # noqa: E402
+                               format_table, write_results)
 
 import argparse  # noqa: E402
 import gc  # noqa: E402
@@ -45,18 +48,8 @@ from llama3.training.optim import OptimizerSettings, build_optimizer  # noqa: E4
 from llama3.training.parallel import ParallelPlan, parallelize  # noqa: E402
 from llama3.training.step import TrainStep  # noqa: E402
 
-CONFIGS = {
-    "softmax": dict(attention="softmax", n_heads=4),
-    "softplus-128": dict(attention="softplus", core_dim=128),
-    "softplus-424": dict(attention="softplus", core_dim=424),
-}
-BASE = dict(n_layers=3, dim=128, vocab_size=2048, max_seq_len=4096)
-TINY_CONFIGS = {
-    "softmax": dict(attention="softmax", n_heads=4),
-    "softplus-16": dict(attention="softplus", core_dim=16),
-    "softplus-40": dict(attention="softplus", core_dim=40),
-}
-TINY_BASE = dict(n_layers=2, dim=32, vocab_size=128, max_seq_len=128, multiple_of=16)
+BASE = dict(**COMMON_BASE, max_seq_len=4096)
+TINY_BASE = dict(**COMMON_TINY_BASE, max_seq_len=128, multiple_of=16)
 COLUMNS = ("model", "params", "seq_len", "batch", "steps", "tokens_per_s", "vs_softmax", "step_ms",
            "mfu", "peak_memory_gib", "final_loss", "data", "error")
 
