@@ -69,3 +69,26 @@ def softplus_attention_reference(
 ) -> Tensor:
     """Softplus attention by its definition; differentiable by autograd. Returns (B, S, r)."""
     return reference_forward(q, k, v, scale, kv_len)[0]
+
+
+def reference_backward(
+    do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, l: Tensor, scale: str = "length",
+    kv_len: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """dq, dk, dv by the backward formulas, given the output o and l = Σ_j softplus(z_ij), in the
+    layouts and dtypes of q, k, v (the CPU path of the custom op)::
+
+        p_ij = w_ij / l_i,   D_i = ⟨dO_i, o_i⟩,   dz_ij = (⟨dO_i, v_j⟩ − D_i) σ(z_ij) / l_i
+        dq_i = λ_i Σ_j dz_ij k_j,   dk_j = Σ_i λ_i dz_ij q_i,   dv_j = Σ_i p_ij dO_i
+    """
+    lam, z, visible = scores(q, k, scale, kv_len)
+    do, inv_l = do.float(), 1.0 / l.unsqueeze(-1)  # (B, S, r), (B, S, 1)
+    p = torch.where(visible, F.softplus(z), 0.0) * inv_l
+    sig = torch.where(visible, torch.sigmoid(z), 0.0)
+    delta = (do * o.float()).sum(-1, keepdim=True)  # (B, S, 1)
+    dz = (torch.matmul(do, v.float()) - delta) * inv_l * sig  # (B, S, T)
+    dq = lam * torch.matmul(dz, k.float().transpose(1, 2))  # (B, S, r)
+    dk = torch.matmul(q.float().transpose(1, 2), lam * dz)  # (B, r, T)
+    dv = torch.matmul(do.transpose(1, 2), p)  # (B, r, T)
+    return (torch.empty_like(q).copy_(dq), torch.empty_like(k).copy_(dk),
+            torch.empty_like(v).copy_(dv))

@@ -3,26 +3,32 @@
 To the rest of PyTorch the operator is ``torch.ops.llama3.softplus_attention`` (returning the
 output and the fp32 normaliser l kept for the backward pass), with a fake implementation and an
 autograd formula whose backward is ``torch.ops.llama3.softplus_attention_backward``: torch.compile
-traces the model without a graph break, and FSDP2 hands it plain tensors. Behind the op:
+traces the model without a graph break, and FSDP2 hands it plain tensors. Behind the op, chosen
+by :func:`use_kernels` (the one place that decides):
 
 * CUDA: the Triton kernels of :mod:`llama3.ops.softplus_triton`;
-* CPU with ``TRITON_INTERPRET=1`` (read at every call): the same kernels, run by Triton's
-  interpreter, fp32 and fp16 only (it cannot compute in bf16);
-* anything else: the dense PyTorch formulas below, which materialise the S×T matrix.
+* CPU, when the process starts with ``TRITON_INTERPRET=1`` (or inside :func:`cpu_kernels`): the
+  same kernels, run by Triton's interpreter, fp32 and fp16 only (it cannot compute in bf16);
+* anything else: the dense formulas of :mod:`llama3.ops.reference`, which materialise the S×T
+  matrix.
 
 While a model is exported (``torch.onnx.export``, ``torch.export``), the entry point calls the plain
 reference instead, so the exported graph holds standard operators only.
 """
 
+import contextlib
 import os
+import sys
 import warnings
+from collections.abc import Iterator
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from llama3.ops.reference import SCALES, reference_forward, scores, softplus_attention_reference
+from llama3.ops.reference import (
+    SCALES, reference_backward, reference_forward, softplus_attention_reference,
+)
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -97,45 +103,62 @@ def _triton_installed() -> bool:
     return True
 
 
+# Whether CPU inputs run the interpreted kernels: read once, at import, as Triton reads it.
+_cpu_kernels = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
+
+
 def use_kernels(t: Tensor) -> bool:
     """Whether the Triton kernels run for inputs like ``t`` (see the module docstring)."""
-    on_cuda = t.device.type == "cuda"
-    interpret = t.device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") == "1"
-    if not (on_cuda or interpret):
+    on_cpu = t.device.type == "cpu"
+    if not (t.device.type == "cuda" or (on_cpu and _cpu_kernels)):
         return False
     if not _triton_installed():
         _warn_once("Triton is not installed: softplus attention runs the dense PyTorch version, "
                    "whose memory grows with S×T")
         return False
-    if t.dtype not in KERNEL_DTYPES or (interpret and t.dtype == torch.bfloat16):
-        where = "Triton's CPU interpreter" if interpret else "the softplus attention kernels"
+    if t.dtype not in KERNEL_DTYPES or (on_cpu and t.dtype == torch.bfloat16):
+        where = "Triton's CPU interpreter" if on_cpu else "the softplus attention kernels"
         _warn_once(f"{where} cannot compute in {t.dtype}: softplus attention runs the dense "
                    "PyTorch version")
         return False
     return True
 
 
-# ---------------------------------------------------------------------------------------------
-# Dense PyTorch version (CPU): the same formulas, with the S×T matrix in memory
-# ---------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def cpu_kernels(enabled: bool = True) -> Iterator[None]:
+    """Run CPU inputs through the Triton kernels, in Triton's interpreter, inside the block (or
+    the dense formulas, with ``enabled=False``): tests and the benchmarks' CPU rows compare both
+    in one process.
+
+    Triton fixes a kernel's mode when it is defined, so the kernel module must be first imported
+    with TRITON_INTERPRET=1; this imports it so if nothing has yet.
+    """
+    global _cpu_kernels
+    if enabled:
+        _interpreted_kernels()
+    saved, _cpu_kernels = _cpu_kernels, enabled
+    try:
+        yield
+    finally:
+        _cpu_kernels = saved
 
 
-def _dense_backward(
-    do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, l: Tensor, scale: str,
-    kv_len: Tensor | None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    lam, z, visible = scores(q, k, scale, kv_len)
-    do, inv_l = do.float(), 1.0 / l.unsqueeze(-1)  # (B, S, r), (B, S, 1)
-    p = torch.where(visible, F.softplus(z), 0.0) * inv_l  # w / l
-    sig = torch.where(visible, torch.sigmoid(z), 0.0)
-    delta = (do * o.float()).sum(-1, keepdim=True)  # D (B, S, 1)
-    dz = (torch.matmul(do, v.float()) - delta) * inv_l * sig  # (B, S, T)
-    dq = lam * torch.matmul(dz, k.float().transpose(1, 2))  # (B, S, r)
-    dk = torch.matmul(q.float().transpose(1, 2), lam * dz)  # (B, r, T)
-    dv = torch.matmul(do.transpose(1, 2), p)  # (B, r, T)
-    # the layouts of the inputs, as the fake implementation promises
-    return (torch.empty_like(q).copy_(dq), torch.empty_like(k).copy_(dk),
-            torch.empty_like(v).copy_(dv))
+def _interpreted_kernels():
+    name = "llama3.ops.softplus_triton"
+    if name not in sys.modules:
+        saved = os.environ.get("TRITON_INTERPRET")
+        os.environ["TRITON_INTERPRET"] = "1"
+        try:
+            from llama3.ops import softplus_triton  # noqa: F401
+        finally:
+            if saved is None:
+                del os.environ["TRITON_INTERPRET"]
+            else:
+                os.environ["TRITON_INTERPRET"] = saved
+    if not sys.modules[name].INTERPRETED:
+        raise RuntimeError("the softplus kernels were compiled for the GPU in this process; start "
+                           "it with TRITON_INTERPRET=1 to run them on the CPU")
+    return sys.modules[name]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,7 +194,7 @@ def _attention_backward_op(
         from llama3.ops import softplus_triton
 
         return softplus_triton.backward(do, q, k, v, o, l, scale, kv_len)
-    return _dense_backward(do, q, k, v, o, l, scale, kv_len)
+    return reference_backward(do, q, k, v, o, l, scale, kv_len)
 
 
 @_attention_backward_op.register_fake

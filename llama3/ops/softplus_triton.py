@@ -49,23 +49,32 @@ call time, loading a second copy of this file for the other mode if needed.
 """
 
 import functools
-import importlib.util
 import math
 import os
-import sys
-from types import ModuleType
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-# tl.sum is itself a @triton.jit function, built in the mode Triton was imported in; rebinding its
-# Python body gives these kernels one in their own mode (see _kernels).
-_sum = triton.jit(tl.sum.fn)
+# Decided once, when this module is imported (Triton fixes a kernel's mode when it is defined):
+# the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1) or compiled for the GPU;
+# LLAMA3_KERNEL_AUTOTUNE=0 skips autotuning (each kernel runs the first shape of its table, so
+# a first call compiles one configuration); LLAMA3_KERNEL_FP32=ieee|tf32x3|tf32 fixes the
+# precision of fp32 inputs' dots (see _dot_precision).
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
+AUTOTUNE = os.environ.get("LLAMA3_KERNEL_AUTOTUNE", "1") != "0"
+FP32_PRECISION = os.environ.get("LLAMA3_KERNEL_FP32") or None
+if FP32_PRECISION not in (None, "ieee", "tf32x3", "tf32"):
+    raise ValueError(f"LLAMA3_KERNEL_FP32 must be ieee, tf32x3 or tf32, got {FP32_PRECISION!r}")
 
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
+# log2(1 + e) / e ≈ Σ_k P_k e^k on [0, 1] (minimax in relative error; see _log2_1p)
+LOG2_1P_COEFFS = (1.4426947832107544, -0.7213100790977478, 0.48006370663642883,
+                  -0.35339483618736267, 0.2560097277164459, -0.15535187721252441,
+                  0.06360789388418198, -0.012319473549723625)
+_P0, _P1, _P2, _P3, _P4, _P5, _P6, _P7 = (tl.constexpr(c) for c in LOG2_1P_COEFFS)
 
 MAX_R = 4096  # widest core the kernels accept (each r slice recomputes the scores)
 _DECODE_MAX_S = 16  # query rows up to which the split-K decoding path runs
@@ -77,13 +86,60 @@ _DECODE_MAX_S = 16  # query rows up to which the split-K decoding path runs
 
 
 @triton.jit
-def _softplus_log2(y):
-    """w = softplus(z) / ln 2 for y = z log2(e), and e = 2^−|y| (reused by the sigmoid)."""
+def _log2_1p(e):
+    """log2(1 + e) for e in [0, 1] as e·P(e), P the degree-7 minimax fit of log2(1 + e)/e.
+
+    Eight FMAs instead of a software log2 (about 25 instructions on sm_90); relative error at
+    most 2e-7 from the fit, 4e-7 with fp32 rounding (tests/test_softplus_kernel.py checks it
+    against float64 over the whole interval).
+    """
+    p = e * _P7 + _P6
+    p = p * e + _P5
+    p = p * e + _P4
+    p = p * e + _P3
+    p = p * e + _P2
+    p = p * e + _P1
+    p = p * e + _P0
+    return e * p
+
+
+@triton.jit
+def _softplus2(y):
+    """w = softplus(z) / ln 2 for y = z log2(e): max(y, 0) + log2(1 + 2^−|y|), finite for any y.
+
+    One special-function op (the exp2); the rest runs on the FMA units.
+    """
     e = tl.exp2(-tl.abs(y))
-    # log2(1 + e): once 1 + e drops e's low bits (e < 2^-6), the Taylor series is the accurate one
-    series = e * (1.0 - e * (0.5 - e * (0.3333333333333333 - 0.25 * e))) * _LOG2E
-    w = tl.maximum(y, 0.0) + tl.where(e < 0.015625, series, tl.log2(1.0 + e))
-    return w, e
+    return tl.maximum(y, 0.0) + _log2_1p(e)
+
+
+@triton.jit
+def _sigmoid2(y, w):
+    """sigmoid(z) = e^z / (1 + e^z) = 2^(y − w), from the weight w already computed: no division."""
+    return tl.exp2(y - w)
+
+
+@triton.jit
+def _reciprocal(x, FAST: tl.constexpr):
+    """1 / x: the hardware's approximate reciprocal (one op, ~1 ulp) when compiled, else exact."""
+    if FAST:
+        r = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [x],
+                                      dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        r = 1.0 / x
+    return r
+
+
+@triton.jit
+def _add(a, b):
+    return a + b
+
+
+@triton.jit
+def _row_sum(x):
+    """Σ over axis 1 in fp32. (tl.sum would do, but it is a @triton.jit function of Triton's own,
+    defined in whichever mode Triton was first imported in; this one follows the kernels' mode.)"""
+    return tl.reduce(x, 1, _add)
 
 
 @triton.jit
@@ -176,10 +232,10 @@ def _fwd_step(
     else:
         z = _dot_over_r(q_ptrs, row_ok[:, None], stride_qr, k_ptrs, key_ok[None, :], stride_kr,
                         R, BLOCK_DK, PRECISION, UNROLL)
-    w, _ = _softplus_log2(z * lam2[:, None])  # (BLOCK_M, BLOCK_N)
+    w = _softplus2(z * lam2[:, None])  # (BLOCK_M, BLOCK_N)
     if MASKED:
         w = tl.where(keys[None, :] <= pos[:, None], w, 0.0)
-    l += _sum(w, 1)
+    l += _row_sum(w)
     vt = tl.load(vt_ptrs, mask=key_ok[:, None] & col_ok[None, :], other=0.0)
     acc = tl.dot(w.to(vt.dtype), vt, acc, input_precision=PRECISION)
     return acc, l
@@ -201,7 +257,6 @@ def _fwd_kernel(
     UNROLL: tl.constexpr,
 ):
     """Grid (row blocks × r slices, B, key splits). Writes o and l, or per-split partials."""
-    tl.static_assert(BLOCK_DK < R or BLOCK_DV >= R)
     stride_qb, stride_qs, stride_qr = _hinted(stride_qb, stride_qs, stride_qr, Q_LAYOUT)
     stride_ob, stride_os, stride_or = _hinted(stride_ob, stride_os, stride_or, Q_LAYOUT)
     stride_kb, stride_kr, stride_kt = _hinted(stride_kb, stride_kr, stride_kt, KV_LAYOUT)
@@ -219,7 +274,7 @@ def _fwd_kernel(
     rows = m0 + tl.arange(0, BLOCK_M)
     row_ok = rows < S
     pos = first + rows
-    lam2 = _row_scale(pos, inv_sqrt_r, LENGTH_SCALE) * _LOG2E
+    lam2 = _row_scale(pos, inv_sqrt_r, LENGTH_SCALE) * _LOG2E  # once per row
     n = tl.arange(0, BLOCK_N)
     d = tl.arange(0, BLOCK_DK)
     d_ok = d < R
@@ -297,12 +352,24 @@ def _combine_kernel(
 # ---------------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["S"])
-def _bwd_delta_kernel(
-    O, DO, DELTA, stride_ob, stride_os, stride_or, stride_dob, stride_dos, stride_dor, S,
-    R: tl.constexpr, Q_LAYOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DK: tl.constexpr,
+@triton.jit(do_not_specialize=["S", "T"])
+def _bwd_rows_kernel(
+    O, DO, L, KV_LEN, ROWS, DO_SCALED,
+    stride_ob, stride_os, stride_or, stride_dob, stride_dos, stride_dor, stride_kvl,
+    S, T, inv_sqrt_r,
+    R: tl.constexpr, LENGTH_SCALE: tl.constexpr, HAS_KV_LEN: tl.constexpr,
+    SCALE_DO: tl.constexpr, Q_LAYOUT: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_DK: tl.constexpr,
 ):
-    """Grid (row blocks, B): D_i = ⟨dO_i, o_i⟩ in fp32, stored (B, S)."""
+    """Grid (row blocks, B): what the backward needs per query row, computed once.
+
+    With L_i = Σ_j softplus(z_ij), D_i = ⟨dO_i, o_i⟩ and c_i = ln 2 / L_i, ROWS (3, B, S) fp32
+    holds y_i = λ_i log2(e) (scores to base 2), c_i D_i y_i and c_i, so that with base-2 weights
+    w_ij, p_ij = c_i w_ij and λ_i dz_ij = (c_i ⟨dO_i, v_j⟩ y_i − c_i D_i y_i) σ_ij.
+    SCALE_DO: also DO_SCALED = c_i dO_i (B, S, r, contiguous, dO's dtype), which spares the dK/dV
+    and dQ kernels a multiplication per pair and two per-row constants. Not in fp16, whose range
+    c_i dO_i can leave when every score of a row is very negative (L_i tiny).
+    """
     stride_ob, stride_os, stride_or = _hinted(stride_ob, stride_os, stride_or, Q_LAYOUT)
     stride_dob, stride_dos, stride_dor = _hinted(stride_dob, stride_dos, stride_dor, Q_LAYOUT)
     b = tl.program_id(1)
@@ -316,52 +383,104 @@ def _bwd_delta_kernel(
         mask = row_ok[:, None] & (d0 + d < R)[None, :]
         o = tl.load(o_ptrs + d0 * stride_or, mask=mask, other=0.0).to(tl.float32)
         do = tl.load(do_ptrs + d0 * stride_dor, mask=mask, other=0.0).to(tl.float32)
-        delta += _sum(o * do, 1)
-    tl.store(DELTA + b.to(tl.int64) * S + rows, delta, mask=row_ok)
+        delta += _row_sum(o * do)
+    c = _LN2 / tl.load(L + b.to(tl.int64) * S + rows, mask=row_ok, other=1.0)
+    if SCALE_DO:
+        scaled_ptrs = DO_SCALED + (b.to(tl.int64) * S + rows[:, None]) * R + d[None, :]
+        for d0 in tl.static_range(0, R, BLOCK_DK):
+            mask = row_ok[:, None] & (d0 + d < R)[None, :]
+            do = tl.load(do_ptrs + d0 * stride_dor, mask=mask, other=0.0).to(tl.float32)
+            tl.store(scaled_ptrs + d0, (do * c[:, None]).to(DO_SCALED.dtype.element_ty),
+                     mask=mask)
+    kv_len = _valid_keys(KV_LEN, stride_kvl, b, T, HAS_KV_LEN)
+    c_y = _row_scale(kv_len - S + rows, inv_sqrt_r, LENGTH_SCALE) * _LOG2E
+    out = ROWS + b.to(tl.int64) * S + rows
+    plane = tl.num_programs(1).to(tl.int64) * S
+    tl.store(out, c_y, mask=row_ok)
+    tl.store(out + plane, c * delta * c_y, mask=row_ok)
+    tl.store(out + 2 * plane, c, mask=row_ok)
+
+
+@triton.jit
+def _load_rows(rows_ptrs, plane, ok, CHECK: tl.constexpr, SCALE_DO: tl.constexpr):
+    """Per-row constants (see _bwd_rows_kernel) for the rows at ``rows_ptrs``: y_i to scale the
+    scores, c_dp to scale ⟨dO_i, v_j⟩, c_sh = c_i D_i y_i, and c_p to scale the weights (1 when
+    dO comes scaled). With CHECK, rows past S get 0, so that they contribute nothing."""
+    if CHECK:
+        c_y = tl.load(rows_ptrs, mask=ok, other=0.0)
+        c_sh = tl.load(rows_ptrs + plane, mask=ok, other=0.0)
+    else:
+        c_y = tl.load(rows_ptrs)
+        c_sh = tl.load(rows_ptrs + plane)
+    if SCALE_DO:
+        c_p = c_y  # unused
+        c_dp = c_y
+    else:
+        if CHECK:
+            c_p = tl.load(rows_ptrs + 2 * plane, mask=ok, other=0.0)
+        else:
+            c_p = tl.load(rows_ptrs + 2 * plane)
+        c_dp = c_y * c_p
+    return c_y, c_dp, c_sh, c_p
 
 
 @triton.jit
 def _dkdv_step(
     dk, dv, kt, vt, kt_ptrs, vt_ptrs, key_ok, keys, qt_ptrs, dot_ptrs, q_ptrs, do_ptrs,
-    l_ptrs, delta_ptrs, rows, first, S, d_ok, col_ok, inv_sqrt_r,
+    rows_ptrs, plane, rows, first, S, col_ok,
     stride_kr, stride_vr, stride_qr, stride_dor,
-    R: tl.constexpr, LENGTH_SCALE: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_DK: tl.constexpr, UNROLL: tl.constexpr,
+    R: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_DK: tl.constexpr, UNROLL: tl.constexpr, SCALE_DO: tl.constexpr,
+    GRAD_K: tl.constexpr, GRAD_V: tl.constexpr, FAST: tl.constexpr,
 ):
-    """Add one query tile (rows) to the key tile's dk and dv; scores are kept transposed."""
-    row_ok = rows < S
-    pos = first + rows
-    lam = _row_scale(pos, inv_sqrt_r, LENGTH_SCALE)
-    inv_l = 1.0 / tl.load(l_ptrs, mask=row_ok, other=1.0)
-    delta = tl.load(delta_ptrs, mask=row_ok, other=0.0)
+    """Add one query tile (rows) to the key tile's dk and/or dv; scores are kept transposed.
+
+    MASKED: the tile may cross the causal diagonal or the last row; otherwise every row exists
+    and sees every key, and nothing is checked.
+    """
+    if MASKED:
+        row_ok = rows < S
+    else:  # an all-true constant keeps the loads unpredicated
+        row_ok = tl.full(rows.shape, 1, tl.int1)
+    c_y, c_dp, c_sh, c_p = _load_rows(rows_ptrs, plane, row_ok, MASKED, SCALE_DO)
     out_mask = row_ok[:, None] & col_ok[None, :]
     q = tl.load(q_ptrs, mask=out_mask, other=0.0)  # (BLOCK_M, BLOCK_DV)
     do = tl.load(do_ptrs, mask=out_mask, other=0.0)
     if BLOCK_DK >= R:  # the slice is all of r
         zt = tl.dot(kt, tl.trans(q), input_precision=PRECISION)  # (BLOCK_N, BLOCK_M)
-        dpt = tl.dot(vt, tl.trans(do), input_precision=PRECISION)
     else:
         zt = _dot_over_r(kt_ptrs, key_ok[:, None], stride_kr, qt_ptrs, row_ok[None, :], stride_qr,
                          R, BLOCK_DK, PRECISION, UNROLL)
-        dpt = _dot_over_r(vt_ptrs, key_ok[:, None], stride_vr, dot_ptrs, row_ok[None, :],
-                          stride_dor, R, BLOCK_DK, PRECISION, UNROLL)
-    yt = zt * (lam * _LOG2E)[None, :]
-    w, e = _softplus_log2(yt)
-    sig = tl.where(yt >= 0, 1.0, e) / (1.0 + e)  # sigmoid(z), never overflows
+    yt = zt * c_y[None, :]
     if MASKED:
-        seen = keys[:, None] <= pos[None, :]
-        w = tl.where(seen, w, 0.0)
-        sig = tl.where(seen, sig, 0.0)
-    pt = w * (inv_l * _LN2)[None, :]  # (w / l)ᵀ
-    dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PRECISION)
-    dzt = (dpt - delta[None, :]) * sig * (lam * inv_l)[None, :]  # (λ_i dz_ij)ᵀ
-    dk = tl.dot(dzt.to(q.dtype), q, dk, input_precision=PRECISION)
+        seen = keys[:, None] <= (first + rows)[None, :]
+    if GRAD_V:
+        w = _softplus2(yt)
+        if GRAD_K:
+            sig = _sigmoid2(yt, w)
+        if MASKED:
+            w = tl.where(seen, w, 0.0)
+        if not SCALE_DO:
+            w = w * c_p[None, :]
+        dv = tl.dot(w.to(do.dtype), do, dv, input_precision=PRECISION)  # Σ_i p_ij dO_i
+    elif GRAD_K:  # sigmoid(z) = 1 / (1 + 2^−y), softplus itself not needed
+        sig = _reciprocal(1.0 + tl.exp2(-yt), FAST)
+    if GRAD_K:
+        if BLOCK_DK >= R:
+            dpt = tl.dot(vt, tl.trans(do), input_precision=PRECISION)
+        else:
+            dpt = _dot_over_r(vt_ptrs, key_ok[:, None], stride_vr, dot_ptrs, row_ok[None, :],
+                              stride_dor, R, BLOCK_DK, PRECISION, UNROLL)
+        if MASKED:
+            sig = tl.where(seen, sig, 0.0)
+        dzt = (dpt * c_dp[None, :] - c_sh[None, :]) * sig  # (λ_i dz_ij)ᵀ
+        dk = tl.dot(dzt.to(q.dtype), q, dk, input_precision=PRECISION)
     return dk, dv
 
 
 @triton.jit(do_not_specialize=["S", "T"])
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, L, DELTA, KV_LEN, DK, DV,
+    Q, K, V, DO, ROWS, KV_LEN, DK, DV,
     stride_qb, stride_qs, stride_qr,
     stride_kb, stride_kr, stride_kt,
     stride_vb, stride_vr, stride_vt,
@@ -369,14 +488,16 @@ def _bwd_dkdv_kernel(
     stride_dkb, stride_dkr, stride_dkt,
     stride_dvb, stride_dvr, stride_dvt,
     stride_kvl,
-    S, T, inv_sqrt_r, S_BUCKET,
-    R: tl.constexpr, LENGTH_SCALE: tl.constexpr, HAS_KV_LEN: tl.constexpr,
+    S, T, S_BUCKET,
+    R: tl.constexpr, HAS_KV_LEN: tl.constexpr, SCALE_DO: tl.constexpr,
     PRECISION: tl.constexpr, Q_LAYOUT: tl.constexpr, KV_LAYOUT: tl.constexpr,
+    GRAD_K: tl.constexpr, GRAD_V: tl.constexpr, FAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     UNROLL: tl.constexpr,
 ):
-    """Grid (key blocks × r slices, B): dk and dv of one key tile, over the query rows that see it."""
-    tl.static_assert(BLOCK_DK < R or BLOCK_DV >= R)
+    """Grid (key blocks × r slices, B): dk and/or dv of one key tile, over the query rows that
+    see it. Up to r = 128 one launch computes both; wider cores run one launch per gradient, each
+    with a single accumulator (two would not fit in registers) and without the other's work."""
     stride_qb, stride_qs, stride_qr = _hinted(stride_qb, stride_qs, stride_qr, Q_LAYOUT)
     stride_dob, stride_dos, stride_dor = _hinted(stride_dob, stride_dos, stride_dor, Q_LAYOUT)
     stride_kb, stride_kr, stride_kt = _hinted(stride_kb, stride_kr, stride_kt, KV_LAYOUT)
@@ -406,8 +527,8 @@ def _bwd_dkdv_kernel(
     dot_ptrs = do_b + d[:, None] * stride_dor + m[None, :] * stride_dos
     q_ptrs = q_b + m[:, None] * stride_qs + cols[None, :] * stride_qr  # (BLOCK_M, BLOCK_DV)
     do_ptrs = do_b + m[:, None] * stride_dos + cols[None, :] * stride_dor
-    l_ptrs = L + b.to(tl.int64) * S + m
-    delta_ptrs = DELTA + b.to(tl.int64) * S + m
+    rows_ptrs = ROWS + b.to(tl.int64) * S + m
+    plane = tl.num_programs(1).to(tl.int64) * S
     if BLOCK_DK >= R:  # one chunk covers r: keep the key and value tiles
         kv_mask = key_ok[:, None] & d_ok[None, :]
         kt = tl.load(kt_ptrs, mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_DK)
@@ -416,43 +537,57 @@ def _bwd_dkdv_kernel(
         kt = None
         vt = None
 
-    # rows from n0 − first on see a key of the tile; rows from m_full on see all of them
+    # rows from n0 − first on see a key of the tile, rows from m_full on see all of them; the
+    # tiles between m_full and the last whole tile need no check at all
     m_lo = (tl.maximum(n0 - first, 0) // BLOCK_M) * BLOCK_M
     m_full = (tl.maximum(n0 + BLOCK_N - 1 - first, 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    m_whole = tl.maximum(S // BLOCK_M * BLOCK_M, m_full)
     dk = tl.full([BLOCK_N, BLOCK_DV], 0.0, tl.float32)
     dv = tl.full([BLOCK_N, BLOCK_DV], 0.0, tl.float32)
     for m0 in range(m_lo, tl.minimum(m_full, S), BLOCK_M):
         dk, dv = _dkdv_step(dk, dv, kt, vt, kt_ptrs, vt_ptrs, key_ok, keys,
                             qt_ptrs + m0 * stride_qs, dot_ptrs + m0 * stride_dos,
-                            q_ptrs + m0 * stride_qs, do_ptrs + m0 * stride_dos, l_ptrs + m0,
-                            delta_ptrs + m0, m0 + m, first, S, d_ok, col_ok, inv_sqrt_r,
+                            q_ptrs + m0 * stride_qs, do_ptrs + m0 * stride_dos, rows_ptrs + m0,
+                            plane, m0 + m, first, S, col_ok,
                             stride_kr, stride_vr, stride_qr, stride_dor,
-                            R, LENGTH_SCALE, True, PRECISION, BLOCK_DK, UNROLL)
-    for m0 in range(m_full, S, BLOCK_M):
+                            R, True, PRECISION, BLOCK_DK, UNROLL, SCALE_DO,
+                            GRAD_K, GRAD_V, FAST)
+    for m0 in range(m_full, m_whole, BLOCK_M):
         dk, dv = _dkdv_step(dk, dv, kt, vt, kt_ptrs, vt_ptrs, key_ok, keys,
                             qt_ptrs + m0 * stride_qs, dot_ptrs + m0 * stride_dos,
-                            q_ptrs + m0 * stride_qs, do_ptrs + m0 * stride_dos, l_ptrs + m0,
-                            delta_ptrs + m0, m0 + m, first, S, d_ok, col_ok, inv_sqrt_r,
+                            q_ptrs + m0 * stride_qs, do_ptrs + m0 * stride_dos, rows_ptrs + m0,
+                            plane, m0 + m, first, S, col_ok,
                             stride_kr, stride_vr, stride_qr, stride_dor,
-                            R, LENGTH_SCALE, False, PRECISION, BLOCK_DK, UNROLL)
+                            R, False, PRECISION, BLOCK_DK, UNROLL, SCALE_DO,
+                            GRAD_K, GRAD_V, FAST)
+    for m0 in range(m_whole, S, BLOCK_M):  # the last rows, if S is not a multiple of BLOCK_M
+        dk, dv = _dkdv_step(dk, dv, kt, vt, kt_ptrs, vt_ptrs, key_ok, keys,
+                            qt_ptrs + m0 * stride_qs, dot_ptrs + m0 * stride_dos,
+                            q_ptrs + m0 * stride_qs, do_ptrs + m0 * stride_dos, rows_ptrs + m0,
+                            plane, m0 + m, first, S, col_ok,
+                            stride_kr, stride_vr, stride_qr, stride_dor,
+                            R, True, PRECISION, BLOCK_DK, UNROLL, SCALE_DO,
+                            GRAD_K, GRAD_V, FAST)
 
     out_ok = (keys < T)[:, None] & col_ok[None, :]  # keys past kv_len get zero gradients
     dk_ptrs = (DK + b.to(tl.int64) * stride_dkb + keys[:, None] * stride_dkt
                + cols[None, :] * stride_dkr)
     dv_ptrs = (DV + b.to(tl.int64) * stride_dvb + keys[:, None] * stride_dvt
                + cols[None, :] * stride_dvr)
-    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=out_ok)
-    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=out_ok)
+    if GRAD_K:
+        tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=out_ok)
+    if GRAD_V:
+        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=out_ok)
 
 
 @triton.jit
 def _dq_step(
-    dq, q, do, q_ptrs, do_ptrs, row_ok, k_ptrs, v_ptrs, kt_ptrs, keys, pos, lam2, delta, d_ok,
-    col_ok, kv_len, stride_qr, stride_dor, stride_kr, stride_vr,
+    dq, q, do, q_ptrs, do_ptrs, row_ok, k_ptrs, v_ptrs, kt_ptrs, keys, pos, c_dp, neg_c_y, c_sh,
+    d_ok, col_ok, kv_len, stride_qr, stride_dor, stride_kr, stride_vr,
     R: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr, BLOCK_DK: tl.constexpr,
-    UNROLL: tl.constexpr,
+    UNROLL: tl.constexpr, FAST: tl.constexpr,
 ):
-    """Add one key tile to the row block's Σ_j (dp_ij − D_i) σ_ij k_j."""
+    """Add one key tile to the row block's Σ_j λ_i dz_ij k_j."""
     if MASKED:
         key_ok = keys < kv_len
     else:  # an all-true constant keeps the loads vectorised
@@ -469,31 +604,31 @@ def _dq_step(
         dp = _dot_over_r(do_ptrs, row_ok[:, None], stride_dor, v_ptrs, key_ok[None, :], stride_vr,
                          R, BLOCK_DK, PRECISION, UNROLL)
         kt = tl.load(kt_ptrs, mask=key_ok[:, None] & col_ok[None, :], other=0.0)  # (N, BLOCK_DV)
-    sig = 1.0 / (1.0 + tl.exp2(-z * lam2[:, None]))  # sigmoid(z); softplus itself is not needed
+    # sigmoid(z) = 1 / (1 + 2^−y): softplus itself is not needed here; 2^−y = inf gives 0
+    sig = _reciprocal(1.0 + tl.exp2(z * neg_c_y[:, None]), FAST)
     if MASKED:
         sig = tl.where(keys[None, :] <= pos[:, None], sig, 0.0)
-    ds = (dp - delta[:, None]) * sig
+    ds = (dp * c_dp[:, None] - c_sh[:, None]) * sig  # λ_i dz_ij
     dq = tl.dot(ds.to(kt.dtype), kt, dq, input_precision=PRECISION)
     return dq
 
 
 @triton.jit(do_not_specialize=["S", "T"])
 def _bwd_dq_kernel(
-    Q, K, V, DO, L, DELTA, KV_LEN, DQ,
+    Q, K, V, DO, ROWS, KV_LEN, DQ,
     stride_qb, stride_qs, stride_qr,
     stride_kb, stride_kr, stride_kt,
     stride_vb, stride_vr, stride_vt,
     stride_dob, stride_dos, stride_dor,
     stride_dqb, stride_dqs, stride_dqr,
     stride_kvl,
-    S, T, inv_sqrt_r, S_BUCKET,
-    R: tl.constexpr, LENGTH_SCALE: tl.constexpr, HAS_KV_LEN: tl.constexpr,
+    S, T, S_BUCKET,
+    R: tl.constexpr, HAS_KV_LEN: tl.constexpr, SCALE_DO: tl.constexpr,
     PRECISION: tl.constexpr, Q_LAYOUT: tl.constexpr, KV_LAYOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    UNROLL: tl.constexpr,
+    UNROLL: tl.constexpr, FAST: tl.constexpr,
 ):
     """Grid (row blocks × r slices, B): dq of one query tile, over the keys it sees."""
-    tl.static_assert(BLOCK_DK < R or BLOCK_DV >= R)
     stride_qb, stride_qs, stride_qr = _hinted(stride_qb, stride_qs, stride_qr, Q_LAYOUT)
     stride_dob, stride_dos, stride_dor = _hinted(stride_dob, stride_dos, stride_dor, Q_LAYOUT)
     stride_dqb, stride_dqs, stride_dqr = _hinted(stride_dqb, stride_dqs, stride_dqr, Q_LAYOUT)
@@ -511,9 +646,9 @@ def _bwd_dq_kernel(
     rows = m0 + tl.arange(0, BLOCK_M)
     row_ok = rows < S
     pos = first + rows
-    lam = _row_scale(pos, inv_sqrt_r, LENGTH_SCALE)
-    inv_l = 1.0 / tl.load(L + b.to(tl.int64) * S + rows, mask=row_ok, other=1.0)
-    delta = tl.load(DELTA + b.to(tl.int64) * S + rows, mask=row_ok, other=0.0)
+    c_y, c_dp, c_sh, _ = _load_rows(ROWS + b.to(tl.int64) * S + rows,
+                                    tl.num_programs(1).to(tl.int64) * S, row_ok, True, SCALE_DO)
+    neg_c_y = -c_y
     n = tl.arange(0, BLOCK_N)
     d = tl.arange(0, BLOCK_DK)
     d_ok = d < R
@@ -535,19 +670,17 @@ def _bwd_dq_kernel(
 
     end = tl.minimum(first + m0 + BLOCK_M, kv_len)
     full = (tl.maximum(first + m0 + 1, 0) // BLOCK_N) * BLOCK_N
-    lam2 = lam * _LOG2E
     dq = tl.full([BLOCK_M, BLOCK_DV], 0.0, tl.float32)
     for n0 in range(0, full, BLOCK_N):
         dq = _dq_step(dq, q, do, q_ptrs, do_ptrs, row_ok, k_ptrs + n0 * stride_kt,
-                      v_ptrs + n0 * stride_vt, kt_ptrs + n0 * stride_kt, n0 + n, pos, lam2, delta,
-                      d_ok, col_ok, kv_len, stride_qr, stride_dor, stride_kr, stride_vr,
-                      R, False, PRECISION, BLOCK_DK, UNROLL)
+                      v_ptrs + n0 * stride_vt, kt_ptrs + n0 * stride_kt, n0 + n, pos, c_dp,
+                      neg_c_y, c_sh, d_ok, col_ok, kv_len, stride_qr, stride_dor, stride_kr,
+                      stride_vr, R, False, PRECISION, BLOCK_DK, UNROLL, FAST)
     for n0 in range(full, end, BLOCK_N):
         dq = _dq_step(dq, q, do, q_ptrs, do_ptrs, row_ok, k_ptrs + n0 * stride_kt,
-                      v_ptrs + n0 * stride_vt, kt_ptrs + n0 * stride_kt, n0 + n, pos, lam2, delta,
-                      d_ok, col_ok, kv_len, stride_qr, stride_dor, stride_kr, stride_vr,
-                      R, True, PRECISION, BLOCK_DK, UNROLL)
-    dq = dq * (lam * inv_l)[:, None]
+                      v_ptrs + n0 * stride_vt, kt_ptrs + n0 * stride_kt, n0 + n, pos, c_dp,
+                      neg_c_y, c_sh, d_ok, col_ok, kv_len, stride_qr, stride_dor, stride_kr,
+                      stride_vr, R, True, PRECISION, BLOCK_DK, UNROLL, FAST)
 
     dq_ptrs = (DQ + b.to(tl.int64) * stride_dqb + rows[:, None] * stride_dqs
                + cols[None, :] * stride_dqr)
@@ -555,48 +688,94 @@ def _bwd_dq_kernel(
 
 
 # ---------------------------------------------------------------------------------------------
-# Launchers: block shapes, autotuning, mode selection
+# Launchers: block shapes, autotuning
 # ---------------------------------------------------------------------------------------------
 #
-# Shapes are (BLOCK_M, BLOCK_N, BLOCK_DV, num_warps, num_stages[, ROLLED]) per padded width:
-# starting points for the autotuner (keyed on r, the power of two above S and the layouts), not
-# measured optima. The r-chunk loop is unrolled up to r = 512 unless a shape says ROLLED; rolled
-# it needs far less shared memory and fewer registers, unrolled it exposes more overlap; which
-# wins is the autotuner's call. Every shape here compiles for sm_90 within its shared memory.
+# Shapes are (BLOCK_M, BLOCK_N, BLOCK_DV, num_warps, num_stages[, ROLLED]) per launch role, input
+# class ("16" for fp16/bf16, "32" for fp32) and padded width: the autotuner's candidates, keyed on
+# r, the power of two above S, the layouts and the dot precision. Rules, each checked on the
+# compiled sm_90 code by benchmarks/kernel_static.py (tests/test_kernel_static.py in CI):
+#  * the rows of a chained dot (BLOCK_M in the forward and dQ, BLOCK_N in dK/dV) are at least
+#    16 × num_warps, so every warp owns its own rows (Triton lays a chained dot's warps along
+#    its rows; fewer rows would make warpgroups compute the same scores twice);
+#  * every shape fits in the 227 KB of shared memory a block may use, and none spills registers.
+# The first shape of each list is the one used without autotuning (LLAMA3_KERNEL_AUTOTUNE=0).
+# Roles: "fwd"; "dkdv" (both key gradients in one launch, r ≤ 128), or "dv" and "dk" (one launch
+# each, wider r); "dq". ROLLED: the r-chunk loop is a loop, not unrolled; "dkNN": chunks of NN
+# columns of r (default: see chunk_width).
 ROLLED = "rolled"
-_FWD_SHAPES = {
-    64: [(128, 64, 64, 4, 3), (128, 128, 64, 8, 3), (64, 64, 64, 4, 3)],
-    128: [(128, 64, 128, 8, 3), (128, 128, 128, 8, 2), (64, 64, 128, 4, 3)],
-    256: [(128, 64, 256, 8, 2), (64, 64, 256, 8, 2), (128, 64, 128, 8, 2)],
-    512: [(64, 32, 512, 8, 2), (64, 32, 512, 8, 3), (64, 32, 256, 8, 2),
-          (128, 32, 256, 8, 2, ROLLED)],
-    1024: [(64, 32, 256, 8, 2), (64, 32, 128, 8, 2), (128, 32, 256, 8, 2)],
+SHAPES = {
+    "fwd": {
+        ("16", 64): [(128, 64, 64, 8, 3), (64, 64, 64, 4, 3)],
+        ("16", 128): [(128, 64, 128, 8, 3), (128, 128, 128, 8, 2), (64, 64, 128, 4, 3)],
+        ("16", 256): [(128, 32, 256, 8, 2), (128, 32, 256, 8, 3)],
+        ("16", 512): [(128, 32, 256, 8, 2)],
+        ("16", 1024): [(128, 32, 256, 8, 2, ROLLED)],
+        ("32", 64): [(64, 32, 64, 4, 2)],
+        ("32", 128): [(64, 32, 128, 4, 2)],
+        ("32", 256): [(64, 32, 128, 4, 2)],
+        ("32", 512): [(64, 32, 128, 4, 2)],
+        ("32", 1024): [(64, 32, 128, 4, 2, ROLLED)],
+    },
+    # BLOCK_N keys stay, BLOCK_M query rows stream past; two BLOCK_N × BLOCK_DV accumulators
+    "dkdv": {
+        ("16", 64): [(32, 128, 64, 8, 3), (32, 64, 64, 4, 3)],
+        ("16", 128): [(32, 128, 128, 8, 3), (16, 128, 128, 8, 3)],
+        ("32", 64): [(32, 64, 64, 4, 2)],
+        ("32", 128): [(32, 64, 64, 4, 2)],
+    },
+    "dv": {
+        ("16", 256): [(32, 64, 256, 4, 2)],
+        ("16", 512): [(32, 128, 256, 8, 2, "dk64")],
+        ("16", 1024): [(32, 128, 256, 8, 2, ROLLED, "dk64")],
+        ("32", 256): [(32, 64, 64, 4, 2)],
+        ("32", 512): [(32, 64, 64, 4, 2)],
+        ("32", 1024): [(32, 64, 64, 4, 2, ROLLED)],
+    },
+    "dk": {
+        ("16", 256): [(32, 128, 256, 8, 2)],
+        ("16", 512): [(16, 128, 256, 8, 2, ROLLED, "dk64")],
+        ("16", 1024): [(16, 128, 256, 8, 2, ROLLED, "dk64")],
+        ("32", 256): [(32, 64, 64, 4, 2)],
+        ("32", 512): [(32, 64, 64, 4, 2)],
+        ("32", 1024): [(32, 64, 64, 4, 2, ROLLED)],
+    },
+    # decoding (S ≤ 16, split-K): one 16-row block, not autotuned (CUDA graphs capture it)
+    "decode": {
+        ("16", 64): [(16, 32, 64, 4, 3)],
+        ("16", 128): [(16, 32, 128, 4, 3)],
+        ("16", 256): [(16, 32, 256, 4, 3)],
+        ("16", 512): [(16, 32, 512, 4, 3)],
+        ("16", 1024): [(16, 32, 256, 4, 2)],
+        ("32", 64): [(16, 32, 64, 4, 2)],
+        ("32", 128): [(16, 32, 128, 4, 2)],
+        ("32", 256): [(16, 32, 256, 4, 2)],
+        ("32", 512): [(16, 32, 256, 4, 2)],
+        ("32", 1024): [(16, 32, 256, 4, 2)],
+    },
+    "dq": {
+        ("16", 64): [(128, 64, 64, 8, 3), (64, 64, 64, 4, 3)],
+        ("16", 128): [(128, 64, 128, 8, 2), (128, 32, 128, 8, 3), (64, 64, 128, 4, 3)],
+        ("16", 256): [(128, 32, 256, 8, 2)],
+        ("16", 512): [(128, 16, 256, 8, 2, ROLLED, "dk64")],
+        ("16", 1024): [(128, 32, 256, 8, 2, ROLLED)],
+        ("32", 64): [(64, 32, 64, 4, 2)],
+        ("32", 128): [(64, 32, 128, 4, 2)],
+        ("32", 256): [(64, 32, 128, 4, 2)],
+        ("32", 512): [(64, 32, 128, 4, 2)],
+        ("32", 1024): [(64, 32, 128, 4, 2, ROLLED)],
+    },
 }
-# dk/dv: BLOCK_N keys stay, BLOCK_M query rows stream past; two BLOCK_N × BLOCK_DV accumulators
-_DKDV_SHAPES = {
-    64: [(64, 128, 64, 8, 3), (64, 64, 64, 4, 3), (32, 64, 64, 4, 3)],
-    128: [(32, 128, 128, 8, 3), (64, 64, 128, 8, 2), (32, 64, 128, 4, 3)],
-    256: [(32, 64, 128, 4, 1), (16, 64, 256, 8, 2), (64, 64, 128, 8, 2, ROLLED)],
-    512: [(32, 64, 128, 4, 1), (16, 64, 256, 8, 2), (64, 64, 128, 8, 2, ROLLED),
-          (16, 64, 256, 8, 2, ROLLED)],
-    1024: [(64, 64, 128, 8, 2), (16, 64, 256, 8, 2), (32, 64, 128, 4, 1)],
-}
-_DQ_SHAPES = {
-    64: [(128, 64, 64, 8, 3), (64, 64, 64, 4, 3), (128, 32, 64, 4, 3)],
-    128: [(128, 64, 128, 8, 2), (64, 64, 128, 4, 3), (128, 32, 128, 8, 3)],
-    256: [(64, 32, 256, 8, 2), (128, 64, 128, 8, 2), (64, 64, 256, 8, 2)],
-    512: [(64, 32, 256, 8, 2), (64, 32, 128, 8, 2), (64, 32, 512, 8, 1),
-          (64, 32, 256, 8, 2, ROLLED)],
-    1024: [(64, 32, 256, 8, 2), (64, 32, 128, 8, 2), (64, 32, 128, 4, 2)],
-}
-_SHAPES = {
-    "_fwd_kernel": _FWD_SHAPES, "_bwd_dkdv_kernel": _DKDV_SHAPES, "_bwd_dq_kernel": _DQ_SHAPES,
-}
-# The interpreter runs one small shape (no autotuning): diagonals cross tiles and r is sliced.
-_INTERPRETER_SHAPES = {
-    "_fwd_kernel": (64, 32, 128), "_bwd_dkdv_kernel": (32, 64, 128),
-    "_bwd_dq_kernel": (64, 32, 128),
-}
+_KERNELS = {"fwd": "_fwd_kernel", "dkdv": "_bwd_dkdv_kernel", "dv": "_bwd_dkdv_kernel",
+            "dk": "_bwd_dkdv_kernel", "dq": "_bwd_dq_kernel"}
+# The interpreter runs one small shape per role (no autotuning): diagonals cross tiles, r is sliced.
+_INTERPRETER_SHAPES = {"fwd": (64, 32, 128), "dkdv": (32, 64, 128), "dv": (32, 64, 128),
+                       "dk": (32, 64, 128), "dq": (64, 32, 128)}
+
+
+def split_key_gradients(r: int) -> bool:
+    """Whether dk and dv take one launch each (see _bwd_dkdv_kernel)."""
+    return padded_width(r) > 128
 
 
 def padded_width(r: int) -> int:
@@ -604,11 +783,12 @@ def padded_width(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
 
-def chunk_width(r: int) -> int:
-    """BLOCK_DK: the whole padded width up to 128, else chunks of 128 or, if r is not a multiple
-    of 128, 64 (r = 424 → 7 × 64 = 448 columns of work, not 512)."""
+def chunk_width(r: int, block_dv: int) -> int:
+    """BLOCK_DK: the whole padded width up to 128, or 256 when one program computes every output
+    column (BLOCK_DV covers r); else chunks of 128 or, if r is not a multiple of 128, 64
+    (r = 424 → 7 × 64 = 448 columns of work, not 512)."""
     width = padded_width(r)
-    if width <= 128:
+    if width <= 128 or (width <= 256 and block_dv >= width):
         return width
     return 128 if r % 128 == 0 else 64
 
@@ -618,82 +798,88 @@ def unrolled(r: int) -> bool:
     return r <= 512
 
 
-def _configs(name: str, r: int) -> list[triton.Config]:
+def input_class(dtype: torch.dtype) -> str:
+    """Key of the shape tables: "32" for fp32 inputs, "16" for fp16 and bf16."""
+    return "32" if dtype == torch.float32 else "16"
+
+
+def table_key(r: int, dtype: torch.dtype) -> tuple[str, int]:
+    """Key of the shape tables for width r and inputs of ``dtype``."""
+    return input_class(dtype), min(max(padded_width(r), 64), 1024)
+
+
+def configs(role: str, r: int, dtype: torch.dtype) -> list[triton.Config]:
+    """Autotune candidates of launch ``role`` at width r for inputs of ``dtype``."""
     width = padded_width(r)
-    configs = []
-    for m, n, dv, warps, stages, *rolled in _SHAPES[name][min(max(width, 64), 1024)]:
-        meta = dict(BLOCK_M=m, BLOCK_N=n, BLOCK_DK=chunk_width(r), BLOCK_DV=min(dv, width),
-                    UNROLL=unrolled(r) and not rolled)
-        configs.append(triton.Config(meta, num_warps=warps, num_stages=stages))
-    return configs
-
-
-def _interpret_requested() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-_DEFINED_INTERPRETED = _interpret_requested()
+    found = []
+    for m, n, dv, warps, stages, *flags in SHAPES[role][table_key(r, dtype)]:
+        dv = min(dv, width)
+        chunk = next((int(f[2:]) for f in flags if f.startswith("dk")), chunk_width(r, dv))
+        meta = dict(BLOCK_M=m, BLOCK_N=n, BLOCK_DV=dv, UNROLL=unrolled(r) and ROLLED not in flags,
+                    BLOCK_DK=min(chunk, width))
+        found.append(triton.Config(meta, num_warps=warps, num_stages=stages))
+    return found if AUTOTUNE else found[:1]
 
 
 @functools.cache
-def _kernels(interpret: bool) -> ModuleType:
-    """This module's kernels compiled for the GPU, or interpreted in Python on the CPU."""
-    if interpret == _DEFINED_INTERPRETED:
-        return sys.modules[__name__]
-    name = f"{__name__}_{'interpreted' if interpret else 'compiled'}"
-    spec = importlib.util.spec_from_file_location(name, __file__)
-    module = importlib.util.module_from_spec(spec)
-    saved = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
-    try:
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    finally:
-        if saved is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = saved
-    return module
+def _autotuned(role: str, r: int, dtype: torch.dtype):
+    """The kernel of launch ``role`` in an autotuner over its shapes for width r and ``dtype``."""
+    key = ["R", "S_BUCKET", "Q_LAYOUT", "KV_LAYOUT", "PRECISION"]
+    return triton.autotune(configs=configs(role, r, dtype), key=key)(globals()[_KERNELS[role]])
 
 
-@functools.cache
-def _autotuned(name: str, r: int):
-    """Kernel ``name`` wrapped in an autotuner over the shapes for width r."""
-    kernel = getattr(_kernels(False), name)
-    key = ["R", "S_BUCKET", "Q_LAYOUT", "KV_LAYOUT"]
-    return triton.autotune(configs=_configs(name, r), key=key)(kernel)
-
-
-def _launch(name: str, grid, args: tuple, r: int, interpret: bool, **meta) -> None:
-    """Run kernel ``name``: autotuned on the GPU, with the one interpreter shape on the CPU."""
-    if not interpret:
-        _autotuned(name, r)[grid](*args, **meta)
+def _launch(role: str, grid, args: tuple, r: int, dtype: torch.dtype, **meta) -> None:
+    """Run launch ``role``: autotuned when compiled, with the one interpreter shape otherwise."""
+    if not INTERPRETED:
+        _autotuned(role, r, dtype)[grid](*args, **meta)
         return
-    block_m, block_n, block_dv = _INTERPRETER_SHAPES[name]
-    dv = padded_width(r) if chunk_width(r) >= r else min(block_dv, padded_width(r))
-    getattr(_kernels(True), name)[grid](
-        *args, **meta, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DK=chunk_width(r), BLOCK_DV=dv,
-        UNROLL=unrolled(r))
+    block_m, block_n, block_dv = _INTERPRETER_SHAPES[role]
+    width = padded_width(r)
+    dv = width if width <= 128 else min(block_dv, width)
+    globals()[_KERNELS[role]][grid](
+        *args, **meta, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DK=chunk_width(r, dv),
+        BLOCK_DV=dv, UNROLL=unrolled(r))
 
 
-@functools.cache
 def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (of the active Triton target for ``meta``)."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # the interpreter: a few splits, enough to exercise the combine step
+    if INTERPRETED:
+        return 4  # a few splits, enough to exercise the combine step
+    from triton.runtime import driver
+
+    return driver.active.utils.get_device_properties(0)["multiprocessor_count"]
 
 
-def num_key_splits(batch: int, keys: int, block_n: int, device: torch.device) -> int:
-    """Split-K factor for decoding: about two programs per SM, at least two key tiles each."""
-    wanted = triton.cdiv(2 * _sm_count(device), batch)
-    return max(1, min(wanted, triton.cdiv(keys, 2 * block_n), 64))
+def num_key_splits(programs: int, keys: int, block_n: int, sm_count: int) -> int:
+    """Split-K factor for decoding: ``programs`` × splits programs fill whole waves of
+    ``sm_count`` as closely as possible (ties to fewer splits), each split at least two key tiles."""
+    most = max(1, min(triton.cdiv(keys, 2 * block_n), 64))
+
+    def fill(splits: int) -> float:  # share of the last wave's SMs that have work
+        total = programs * splits
+        return total / (triton.cdiv(total, sm_count) * sm_count)
+
+    best = 1
+    for splits in range(1, most + 1):
+        if fill(splits) > fill(best) + 0.02:
+            best = splits
+    return best
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs use TF32 tensor cores only where PyTorch's matmuls may."""
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
-        return "ieee"
-    return "tf32"
+    """Tensor-core precision of the dots; fp32 inputs follow PyTorch's matmul precision.
+
+    "highest" (PyTorch's default) runs 3×TF32 (about fp32's accuracy, three TF32 products),
+    "high"/"medium" one TF32 product; LLAMA3_KERNEL_FP32=ieee asks for plain fp32 FMAs (slow to
+    compile and run).
+    """
+    if dtype != torch.float32:
+        return "tf32"  # unused: fp16/bf16 dots ignore it
+    if FP32_PRECISION:
+        return FP32_PRECISION
+    return "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
 def _check_width(r: int) -> None:
@@ -741,7 +927,6 @@ def forward(
     l = torch.empty(B, S, device=q.device, dtype=torch.float32)
     if B == 0 or S == 0:
         return o, l
-    interpret = q.device.type == "cpu"
     kv, stride_kvl = _kv_len_args(kv_len, l)
     meta = dict(R=r, LENGTH_SCALE=scale == "length", HAS_KV_LEN=kv_len is not None,
                 PRECISION=_dot_precision(q.dtype), Q_LAYOUT=unit_axis(q, o),
@@ -751,39 +936,42 @@ def forward(
         grid = lambda m: (triton.cdiv(S, m["BLOCK_M"]) * triton.cdiv(r, m["BLOCK_DV"]), B, 1)
         args = (q, k, v, kv, o, l, o, l, *strides, S, T, 1, 1.0 / math.sqrt(r),
                 triton.next_power_of_2(S))
-        _launch("_fwd_kernel", grid, args, r, interpret, **meta, PARTIAL=False)
+        _launch("fwd", grid, args, r, q.dtype, **meta, PARTIAL=False)
         return o, l
-    _decode_forward(q, k, v, kv, o, l, strides, meta, num_splits, interpret)
+    _decode_forward(q, k, v, kv, o, l, strides, meta, num_splits)
     return o, l
 
 
 def _decode_forward(
     q: Tensor, k: Tensor, v: Tensor, kv: Tensor, o: Tensor, l: Tensor, strides: tuple,
-    meta: dict, num_splits: int | None, interpret: bool,
+    meta: dict, num_splits: int | None,
 ) -> None:
     """S ≤ 16: one 16-row block per batch row, an accumulator up to 512 wide, keys split across
     programs."""
     B, S, r = q.shape
     T = k.shape[2]
     width = padded_width(r)
-    block_dv = min(width, 512)
-    block_n = 16 if interpret else (64 if width <= 256 else 32)
-    splits = num_splits or num_key_splits(B, T, block_n, q.device)
+    if INTERPRETED:
+        block_n, block_dv, warps, stages = 16, min(width, 512), 4, 1
+    else:  # the first shape of the table: decoding is not autotuned (CUDA graphs capture it)
+        _, block_n, block_dv, warps, stages = SHAPES["decode"][table_key(r, q.dtype)][0]
+        block_dv = min(block_dv, width)
+    slices = triton.cdiv(r, block_dv)
+    splits = num_splits or num_key_splits(B * slices, T, block_n, _sm_count(q.device))
     partial = splits > 1
     if partial:
         o_part = torch.empty(splits, B, S, r, device=q.device, dtype=torch.float32)
         l_part = torch.empty(splits, B, S, device=q.device, dtype=torch.float32)
     else:
         o_part, l_part = o, l
-    kernels = _kernels(interpret)
-    kernels._fwd_kernel[(triton.cdiv(r, block_dv), B, splits)](
+    _fwd_kernel[(slices, B, splits)](
         q, k, v, kv, o, l, o_part, l_part, *strides, S, T, splits, 1.0 / math.sqrt(r),
         triton.next_power_of_2(S), **meta, PARTIAL=partial,
-        BLOCK_M=16, BLOCK_N=block_n, BLOCK_DK=chunk_width(r), BLOCK_DV=block_dv,
-        UNROLL=unrolled(r), num_warps=4, num_stages=3)
+        BLOCK_M=16, BLOCK_N=block_n, BLOCK_DK=chunk_width(r, block_dv), BLOCK_DV=block_dv,
+        UNROLL=unrolled(r), num_warps=warps, num_stages=stages)
     if partial:
-        kernels._combine_kernel[(S, B)](o_part, l_part, o, l, *o.stride(), S, splits, R=r,
-                                         BLOCK_R=width, num_warps=4)
+        _combine_kernel[(S, B)](o_part, l_part, o, l, *o.stride(), S, splits, R=r,
+                                BLOCK_R=width, num_warps=4)
 
 
 def backward(
@@ -797,26 +985,32 @@ def backward(
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if B == 0 or S == 0:
         return dq, dk.zero_(), dv.zero_()
-    interpret = q.device.type == "cpu"
     l = l.contiguous()
-    delta = torch.empty(B, S, device=q.device, dtype=torch.float32)
-    kernels = _kernels(interpret)
-    q_layout = unit_axis(q, o, do, dq)
-    kernels._bwd_delta_kernel[(triton.cdiv(S, 64), B)](
-        o, do, delta, *o.stride(), *do.stride(), S, R=r, Q_LAYOUT=q_layout, BLOCK_M=64,
+    rows = torch.empty(3, B, S, device=q.device, dtype=torch.float32)
+    scale_do = do.dtype != torch.float16
+    do_scaled = torch.empty(B, S, r, device=q.device, dtype=do.dtype) if scale_do else do
+    kv, stride_kvl = _kv_len_args(kv_len, l)
+    rows_block = 64 if r <= 512 else 16  # the r loop is unrolled: fewer rows for wide cores
+    _bwd_rows_kernel[(triton.cdiv(S, rows_block), B)](
+        o, do, l, kv, rows, do_scaled, *o.stride(), *do.stride(), stride_kvl, S, T,
+        1.0 / math.sqrt(r), R=r, LENGTH_SCALE=scale == "length", HAS_KV_LEN=kv_len is not None,
+        SCALE_DO=scale_do, Q_LAYOUT=unit_axis(o, do), BLOCK_M=rows_block,
         BLOCK_DK=min(padded_width(r), 128), num_warps=4)
 
-    kv, stride_kvl = _kv_len_args(kv_len, l)
-    meta = dict(R=r, LENGTH_SCALE=scale == "length", HAS_KV_LEN=kv_len is not None,
-                PRECISION=_dot_precision(q.dtype), Q_LAYOUT=q_layout,
-                KV_LAYOUT=unit_axis(k, v, dk, dv))
-    inputs = (q, k, v, do, l, delta, kv)
-    in_strides = (*q.stride(), *k.stride(), *v.stride(), *do.stride())
-    tail = (stride_kvl, S, T, 1.0 / math.sqrt(r), triton.next_power_of_2(S))
+    meta = dict(R=r, HAS_KV_LEN=kv_len is not None, SCALE_DO=scale_do,
+                PRECISION=_dot_precision(q.dtype), Q_LAYOUT=unit_axis(q, do_scaled, dq),
+                KV_LAYOUT=unit_axis(k, v, dk, dv), FAST=not INTERPRETED)
+    inputs = (q, k, v, do_scaled, rows, kv)
+    in_strides = (*q.stride(), *k.stride(), *v.stride(), *do_scaled.stride())
+    tail = (stride_kvl, S, T, triton.next_power_of_2(S))
     slices = lambda m: triton.cdiv(r, m["BLOCK_DV"])
     dkdv_args = (*inputs, dk, dv, *in_strides, *dk.stride(), *dv.stride(), *tail)
-    _launch("_bwd_dkdv_kernel", lambda m: (triton.cdiv(T, m["BLOCK_N"]) * slices(m), B),
-            dkdv_args, r, interpret, **meta)
-    _launch("_bwd_dq_kernel", lambda m: (triton.cdiv(S, m["BLOCK_M"]) * slices(m), B),
-            (*inputs, dq, *in_strides, *dq.stride(), *tail), r, interpret, **meta)
+    key_grid = lambda m: (triton.cdiv(T, m["BLOCK_N"]) * slices(m), B)
+    if split_key_gradients(r):
+        _launch("dv", key_grid, dkdv_args, r, q.dtype, **meta, GRAD_K=False, GRAD_V=True)
+        _launch("dk", key_grid, dkdv_args, r, q.dtype, **meta, GRAD_K=True, GRAD_V=False)
+    else:
+        _launch("dkdv", key_grid, dkdv_args, r, q.dtype, **meta, GRAD_K=True, GRAD_V=True)
+    _launch("dq", lambda m: (triton.cdiv(S, m["BLOCK_M"]) * slices(m), B),
+            (*inputs, dq, *in_strides, *dq.stride(), *tail), r, q.dtype, **meta)
     return dq, dk, dv

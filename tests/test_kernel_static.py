@@ -1,0 +1,81 @@
+"""The kernels' compiled Hopper code, read on the CPU (benchmarks/kernel_static.py).
+
+Every autotune configuration of every kernel is compiled for sm_90 at the benchmark shapes (bf16,
+B = 16, S = 4096; decoding B = 64, T = 4096) for r = 128 and 424, and must fit in the shared memory
+a block may use, must not spill registers (every shape in the tables is one the launcher may pick)
+and must give every warp rows of its own. The instrument's own reading of SASS is checked on a
+kernel written here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+triton = pytest.importorskip("triton")
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+pytestmark = pytest.mark.skipif(not (BIN / "cuobjdump").exists() or not (BIN / "ptxas").exists(),
+                                reason="this Triton build has no CUDA tools (ptxas, cuobjdump)")
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> dict:
+    """The static report for r = 128 and 424, compiled in two processes."""
+    out = tmp_path_factory.mktemp("static") / "report.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, str(REPO / "benchmarks" / "kernel_static.py"), "--r", "128,424",
+                    "--jobs", "2", "--output", str(out)], check=True, env=env, cwd=REPO,
+                   capture_output=True, text=True, timeout=600)
+    return json.loads(out.read_text())
+
+
+def test_every_configuration_fits_and_does_not_spill(report):
+    rows = report["rows"]
+    kernels = {row["kernel"] for row in rows}
+    assert {"fwd", "bwd_rows", "bwd_dkdv", "bwd_dk", "bwd_dv", "bwd_dq", "decode_fwd"} <= kernels
+    for row in rows:
+        where = f"r={row['r']} {row['kernel']} {row['config']}"
+        assert row["fits"], f"{where}: {row['shared_kb']} KB of shared memory"
+        assert row["spill_stores"] == 0 and row["spill_loads"] == 0, f"{where} spills"
+        assert row["dup"] == 1, f"{where}: warps recompute each other's tiles ({row['dup']}×)"
+
+
+def test_one_special_function_op_per_pair_in_the_forward(report):
+    """The polynomial leaves the exp2 as the forward's only special-function op, and the
+    tensor cores do the products (wgmma)."""
+    forward = [row for row in report["rows"] if row["kernel"] == "fwd" and row["r"] == 128]
+    assert forward
+    for row in forward:
+        assert row["mufu_per_pair"] == 1.0, row
+        assert row["mma"] == "wgmma", row
+
+
+def test_sass_reading_counts_a_known_loop():
+    """A loop of exactly one exp2 and one FMA per element: the reader finds that loop and counts
+    its special-function op, and every instruction it counts belongs to the loop."""
+    sys.path.insert(0, str(REPO))
+    from benchmarks.kernel_static import count_loop, parse_sass, tile_loop
+
+    text = "\n".join([
+        "        /*0000*/                   MOV R1, c[0x0][0x28] ;",
+        "        /*0010*/                   FMUL R2, R1, R1 ;",
+        "        /*0020*/                   MUFU.EX2 R3, R2 ;",
+        "        /*0030*/                   FFMA R4, R3, R2, R4 ;",
+        "        /*0040*/                   HGMMA.64x64x16.F32.BF16 R8, gdesc[UR4], R8 ;",
+        "        /*0050*/               @P0 BRA 0x10 ;",
+        "        /*0060*/                   EXIT ;",
+    ])
+    code = parse_sass(text)
+    assert [i.opcode for i in code][:3] == ["MOV", "FMUL", "MUFU.EX2"]
+    loop, nested = tile_loop(code)
+    assert loop == (1, 5) and nested == []
+    totals = count_loop(code, loop, nested, 1, warps=4)
+    assert totals["instructions"] == 5 and totals["mufu"] == 1
+    assert totals["tensor_flops"] == 2 * 64 * 64 * 16
