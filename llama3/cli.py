@@ -1,8 +1,8 @@
 """Command-line flag groups, each defined once; subcommands compose the groups they need.
 
 A subcommand module defines ``add_arguments(parser)`` and ``run(args) -> int``; ``__main__`` lists
-them in :data:`COMMANDS`. Errors a user can fix raise :class:`UsageError` (or
-:class:`~llama3.model.args.ConfigError`), printed as one line without a traceback.
+them in its ``COMMANDS``. Errors a user can fix are :mod:`llama3.errors` types, printed as one
+line without a traceback.
 """
 
 from __future__ import annotations
@@ -10,11 +10,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from llama3.errors import UsageError  # also importable from here, as code written before expects
 from llama3.model.args import ATTENTIONS, MIXERS, SOFTPLUS_SCALES, ModelArgs
-
-
-class UsageError(Exception):
-    """A problem the user can fix (bad flag, missing file); the message says what to change."""
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from llama3.errors import UsageError
 from llama3.fileio import atomic_write_bytes
-from llama3.cli import UsageError
 from llama3.data.sources import (ProblemLog, add_bad_input_flags, file_chunks, find_corpus_files,
                                  parse_lines, problem_log_from_flags, total_size)
 
