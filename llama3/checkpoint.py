@@ -49,16 +49,6 @@ def tokenizer_fingerprint(path: str | os.PathLike) -> dict[str, str]:
     return {"path": str(Path(path).resolve()), "sha256": file_sha256(path)}
 
 
-def check_tokenizer(record: dict[str, Any], tokenizer_path: str | os.PathLike) -> None:
-    """Refuse a tokenizer whose content differs from the one the checkpoint was trained with."""
-    expected = (record.get("tokenizer") or {}).get("sha256")
-    if expected and file_sha256(tokenizer_path) != expected:
-        raise UsageError(
-            f"--tokenizer {tokenizer_path} is not the tokenizer this checkpoint was trained with "
-            f"({record['tokenizer'].get('path')}); pass that one"
-        )
-
-
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     path = Path(path)
     tmp = path.with_name(path.name + STAGING_SUFFIX)

@@ -440,7 +440,7 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     from llama3.checkpoint import model_from_record, read_checked_record
-    from llama3.evaluate import load_tokenizer
+    from llama3.data.tokenizer import load_tokenizer
     from llama3.runtime import Precision, configure_matmul, select_device
 
     settings = SamplingSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -449,13 +449,13 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--max_batch_size must be at least 1, got {args.max_batch_size}")
     prompts = read_prompts(args)
     record, model_args = read_checked_record(args)
-    tokenizer = load_tokenizer(args.tokenizer, record, model_args)
+    tokenizer = load_tokenizer(args.tokenizer, record.get("tokenizer"), model_args.vocab_size)
     device = select_device(args.device)
     configure_matmul(args.allow_tf32)
     precision = Precision.from_flags(args)
     model = model_from_record(record, device=device, dtype=precision.param_dtype)
     generator = Generator(model, tokenizer, device, cuda_graph=not args.no_cuda_graph,
-                          pad_id=tokenizer.pad_id, autocast_dtype=precision.autocast_dtype,
+                          pad_id=tokenizer.padding_id, autocast_dtype=precision.autocast_dtype,
                           start=None if args.start_token == "none" else args.start_token)
     check_prompts(generator, prompts, settings, args.max_seq_len or model_args.max_seq_len)
     for start in range(0, len(prompts), args.max_batch_size):

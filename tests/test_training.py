@@ -205,7 +205,7 @@ def _targets_per_micro_batch_differ(data: TinyData) -> bool:
     from llama3.data.dataset import TrainWindows
     from llama3.data.tokenizer import Tokenizer
     from llama3.data.tokens import open_token_corpus
-    from llama3.evaluate import IGNORE_INDEX
+    from llama3.loss import IGNORE_INDEX
 
     tokenizer = Tokenizer(data.tokenizer)
     corpus = open_token_corpus(data.train, tokenizer, progress=False)

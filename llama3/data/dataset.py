@@ -24,13 +24,17 @@ import queue
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from llama3.cli import UsageError
-from llama3.data.tokens import TokenCorpus
-from llama3.evaluate import IGNORE_INDEX
+from llama3.data.tokens import TokenCorpus, open_token_corpus
+from llama3.errors import UsageError
+from llama3.loss import IGNORE_INDEX
+
+if TYPE_CHECKING:
+    from llama3.data.tokenizer import Tokenizer
 
 MODES = ("packed", "padded")
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -283,3 +287,12 @@ class EvalWindows:
         for j in range(count):
             first = (j * self.world_size + self.rank) * self.batch_size
             yield self._sequences.batch(np.arange(first, first + self.batch_size))
+
+
+def open_eval_windows(corpus: str, tokenizer: Tokenizer, seq_len: int, batch_size: int,
+                      mode: str = "packed", *, cache_dir: str | None = None,
+                      progress: bool = True) -> EvalWindows:
+    """Fixed-order eval windows of ``--eval_corpus`` (encoded once and cached) for one process."""
+    tokens = open_token_corpus(corpus, tokenizer, cache_dir=cache_dir, progress=progress,
+                               flag="--eval_corpus")
+    return EvalWindows(tokens, seq_len, batch_size, mode=mode, pad_id=tokenizer.padding_id)

@@ -120,9 +120,9 @@ def make_plan(args: argparse.Namespace) -> Plan:
         raise UsageError("--eval_corpus needs --tokenizer (the checkpoint's SentencePiece model)")
     tokenizer = None
     if args.eval_corpus and args.accuracy_batches > 0:
-        from llama3.evaluate import load_tokenizer
+        from llama3.data.tokenizer import load_tokenizer
 
-        tokenizer = load_tokenizer(args.tokenizer, record, model_args)
+        tokenizer = load_tokenizer(args.tokenizer, record.get("tokenizer"), model_args.vocab_size)
     if args.opset < MIN_OPSET:
         raise UsageError(f"--opset must be at least {MIN_OPSET}, got {args.opset}")
     export_dir = Path(args.export_dir)
@@ -255,7 +255,7 @@ def eval_batches(args: argparse.Namespace, plan: Plan) -> list[tuple[Tensor, Ten
     """The first ``--accuracy_batches`` eval windows, kept in memory to feed every runner alike."""
     if plan.tokenizer is None:
         return []
-    from llama3.evaluate import open_eval_windows
+    from llama3.data.dataset import open_eval_windows
 
     windows = open_eval_windows(args.eval_corpus, plan.tokenizer, plan.seq_len, args.batch_size,
                                 args.data_mode, cache_dir=args.cache_dir)

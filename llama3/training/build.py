@@ -12,9 +12,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from llama3.checkpoint import (check_tokenizer, list_step_dirs, load_training_state,
-                               read_model_file, read_rank_record, read_trainer_record,
-                               restore_rng_state, tokenizer_fingerprint)
+from llama3.checkpoint import (list_step_dirs, load_training_state, read_model_file,
+                               read_rank_record, read_trainer_record, restore_rng_state,
+                               tokenizer_fingerprint)
 from llama3.cli import UsageError, check_model_flags, model_args_from_flags
 from llama3.model import ModelArgs, Transformer, model_summary, training_flops_per_token
 from llama3.runtime import Precision, seed_everything
@@ -115,15 +115,14 @@ def _resume_source(args: argparse.Namespace) -> tuple[Path | None, dict[str, Any
 
 def _model_args(args: argparse.Namespace, tokenizer: Any, step_dir: Path | None,
                 record: dict[str, Any] | None) -> ModelArgs:
+    from llama3.data.tokenizer import check_tokenizer
+
     if step_dir is None:
         return model_args_from_flags(args, tokenizer.vocab_size)
     saved = record if record is not None else read_model_file(step_dir)
     model_args = ModelArgs.from_dict(saved["model_args"])
     check_model_flags(args, model_args)
-    check_tokenizer(saved, args.tokenizer)
-    if model_args.vocab_size != tokenizer.vocab_size:
-        raise UsageError(f"--tokenizer {args.tokenizer} has {tokenizer.vocab_size} tokens but the "
-                         f"checkpoint's model has {model_args.vocab_size}")
+    check_tokenizer(tokenizer, saved.get("tokenizer"), model_args.vocab_size)
     return model_args
 
 
@@ -152,7 +151,7 @@ def _build_data(args: argparse.Namespace, dist: Distributed, tokenizer: Any,
     from llama3.data.dataset import EvalWindows, TrainWindows
 
     seq_len = model_args.max_seq_len
-    pad_id = tokenizer.pad_id if tokenizer.pad_id >= 0 else tokenizer.eos_id
+    pad_id = tokenizer.padding_id
     train = _open_corpus(args.train_corpus, "--train_corpus", tokenizer, args, dist)
     windows = TrainWindows(train, seq_len, args.batch_size, seed=args.seed, rank=dist.rank,
                            world_size=dist.world_size, mode=args.data_mode, pad_id=pad_id)

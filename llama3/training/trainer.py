@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from llama3.checkpoint import capture_rng_state, save_training_checkpoint
-from llama3.evaluate import evaluate_loss
+from llama3.loss import evaluate_loss
 from llama3.model import Transformer, parameter_counts
 from llama3.runtime import configure_matmul
 from llama3.training.build import Run, build_run
