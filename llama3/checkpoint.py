@@ -19,13 +19,12 @@ Anything that reads a model accepts ``DIR``, ``DIR/step_N`` or ``DIR/step_N/mode
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import random
 import shutil
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -33,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from llama3.cli import UsageError, check_model_flags
+from llama3.errors import UsageError
 from llama3.fileio import STAGING_SUFFIX, atomic_write_bytes, file_sha256, fsync_dir
 from llama3.model.args import ModelArgs
 from llama3.model.transformer import Transformer
@@ -177,13 +176,22 @@ def model_from_record(record: dict[str, Any], device: torch.device | str = "cpu"
     return model.eval()
 
 
-def read_checked_record(args: argparse.Namespace) -> tuple[dict[str, Any], ModelArgs]:
-    """The model record of ``--from_checkpoint`` and its ModelArgs, with the model flags given
-    checked against them. ``--max_seq_len`` is exempt: evaluate, deploy and generate read it as a
-    window length, which may differ from the training context."""
-    record = read_model_file(args.from_checkpoint)
+def check_model_flags(given: Mapping[str, Any], model_args: ModelArgs) -> None:
+    """Refuse model flags given (``given``: values by ModelArgs field name) that differ from the
+    checkpoint's ``model_args``, naming each."""
+    diffs = [f"--{name} {value} (checkpoint: {getattr(model_args, name)})"
+             for name, value in given.items() if value != getattr(model_args, name)]
+    if diffs:
+        raise UsageError("model flags disagree with the checkpoint: " + "; ".join(diffs))
+
+
+def read_checked_record(path: str | os.PathLike,
+                        model_flags: Mapping[str, Any]) -> tuple[dict[str, Any], ModelArgs]:
+    """The model record at ``path`` (``--from_checkpoint``) and its ModelArgs, with the model
+    flags given (``model_flags``) checked against them."""
+    record = read_model_file(path)
     model_args = ModelArgs.from_dict(record["model_args"])
-    check_model_flags(argparse.Namespace(**{**vars(args), "max_seq_len": None}), model_args)
+    check_model_flags(model_flags, model_args)
     return record, model_args
 
 

@@ -15,7 +15,8 @@ from torch import Tensor
 from tqdm import tqdm
 
 from llama3.cli import (add_checkpoint_source_flags, add_model_flags, add_precision_flags,
-                        add_token_cache_flags)
+                        add_seq_len_flag, add_token_cache_flags, model_flag_values,
+                        seq_len_from_flags)
 from llama3.errors import UsageError
 from llama3.fileio import write_json
 from llama3.loss import IGNORE_INDEX, evaluate_loss
@@ -47,7 +48,7 @@ def bits_per_byte(loss: float, tokens: int, n_bytes: int) -> float:
 
 EVALUATE_DESCRIPTION = """\
 Loss, perplexity and bits per byte of a checkpoint on an eval corpus, over fixed windows of
---max_seq_len tokens (default: the checkpoint's context; a different length measures length
+--seq_len tokens (default: the checkpoint's context; a different length measures length
 extrapolation). Bits per byte = total nats / ln 2 / UTF-8 bytes of the counted target tokens, so
 models with different tokenizers compare.
 """
@@ -62,9 +63,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_token_cache_flags(source)
     add_model_flags(parser, from_checkpoint=True)
     group = parser.add_argument_group("evaluation")
+    add_seq_len_flag(group, "the length of each eval window")
     group.add_argument("--batch_size", type=int, default=8, help="windows per batch")
-    group.add_argument("--total_steps", type=int, default=0,
-                       help="batches to evaluate; 0 = the whole eval set")
+    group.add_argument("--eval_batches", "--total_steps", dest="eval_batches", type=int, default=0,
+                       metavar="N", help="batches to evaluate, 0 = the whole eval set; "
+                                         "--total_steps is accepted as an older spelling")
     group.add_argument("--output", metavar="FILE", help="also write the results as JSON")
     group.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                        help="show progress bars")
@@ -76,17 +79,17 @@ def run(args: argparse.Namespace) -> int:
     from llama3.data.dataset import open_eval_windows
     from llama3.data.tokenizer import load_tokenizer
 
-    record, model_args = read_checked_record(args)  # --max_seq_len sets the window, not the model
-    seq_len = args.max_seq_len or model_args.max_seq_len
-    if args.batch_size <= 0 or seq_len <= 0 or args.total_steps < 0:
-        raise UsageError("--batch_size and --max_seq_len must be positive, --total_steps ≥ 0")
+    record, model_args = read_checked_record(args.from_checkpoint, model_flag_values(args))
+    seq_len = seq_len_from_flags(args, model_args)
+    if args.batch_size <= 0 or args.eval_batches < 0:
+        raise UsageError("--batch_size must be positive and --eval_batches ≥ 0")
     device = select_device(args.device)
     configure_matmul(args.allow_tf32)
     precision = Precision.from_flags(args)
     tokenizer = load_tokenizer(args.tokenizer, record.get("tokenizer"), model_args.vocab_size)
     windows = open_eval_windows(args.eval_corpus, tokenizer, seq_len, args.batch_size, args.data_mode,
                                 cache_dir=args.cache_dir, progress=args.progress)
-    n_batches = len(windows) if args.total_steps == 0 else min(args.total_steps, len(windows))
+    n_batches = len(windows) if args.eval_batches == 0 else min(args.eval_batches, len(windows))
     model = model_from_record(record, device=device, dtype=precision.param_dtype)
     counter = ByteCounter(tokenizer.token_bytes())
     batches = tqdm(windows.batches(max_batches=n_batches), total=n_batches, unit="batch",

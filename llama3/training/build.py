@@ -12,10 +12,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from llama3.checkpoint import (list_step_dirs, load_training_state, read_model_file,
-                               read_rank_record, read_trainer_record, restore_rng_state,
-                               tokenizer_fingerprint)
-from llama3.cli import UsageError, check_model_flags, model_args_from_flags
+from llama3.checkpoint import (check_model_flags, list_step_dirs, load_training_state,
+                               read_model_file, read_rank_record, read_trainer_record,
+                               restore_rng_state, tokenizer_fingerprint)
+from llama3.cli import model_flag_values
+from llama3.errors import UsageError
 from llama3.model import ModelArgs, Transformer, model_summary, training_flops_per_token
 from llama3.runtime import Precision, seed_everything
 from llama3.training.distributed import Distributed
@@ -118,10 +119,10 @@ def _model_args(args: argparse.Namespace, tokenizer: Any, step_dir: Path | None,
     from llama3.data.tokenizer import check_tokenizer
 
     if step_dir is None:
-        return model_args_from_flags(args, tokenizer.vocab_size)
+        return ModelArgs(vocab_size=tokenizer.vocab_size, **model_flag_values(args))
     saved = record if record is not None else read_model_file(step_dir)
     model_args = ModelArgs.from_dict(saved["model_args"])
-    check_model_flags(args, model_args)
+    check_model_flags(model_flag_values(args), model_args)
     check_tokenizer(tokenizer, saved.get("tokenizer"), model_args.vocab_size)
     return model_args
 
