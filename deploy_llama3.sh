@@ -28,7 +28,7 @@ require_path "$CHECKPOINT" CHECKPOINT "checkpoint"
 require_path "$TOKENIZER" TOKENIZER "tokenizer"
 require_path "$EVAL_CORPUS" EVAL_CORPUS "eval corpus"
 seq_flags=()
-[[ -z "$MAX_SEQ_LEN" ]] || seq_flags=(--max_seq_len "$MAX_SEQ_LEN")
+[[ -z "$MAX_SEQ_LEN" ]] || seq_flags=(--seq_len "$MAX_SEQ_LEN")
 
 "$(pick_python)" -m llama3 deploy \
   --from_checkpoint "$CHECKPOINT" --tokenizer "$TOKENIZER" --eval_corpus "$EVAL_CORPUS" \

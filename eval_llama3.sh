@@ -32,4 +32,4 @@ output_flags=()
 # shellcheck disable=SC2086  # PRECISION_FLAGS is a word list
 "$(pick_python)" -m llama3 evaluate \
   --from_checkpoint "$CHECKPOINT" --tokenizer "$TOKENIZER" --eval_corpus "$EVAL_CORPUS" \
-  --batch_size "$BATCH_SIZE" --total_steps "$TOTAL_STEPS" $PRECISION_FLAGS "${output_flags[@]}" "$@"
+  --batch_size "$BATCH_SIZE" --eval_batches "$TOTAL_STEPS" $PRECISION_FLAGS "${output_flags[@]}" "$@"

@@ -61,11 +61,11 @@ rm -rf "$RUN"
 
 step 5 "evaluation on the whole eval split"
 "$py" -m llama3 evaluate --device cpu --from_checkpoint "$RUN" --tokenizer "$TOKENIZER" \
-  --eval_corpus "$DATA/eval" --batch_size 16 --total_steps 0 --output "$OUT/eval.json"
+  --eval_corpus "$DATA/eval" --batch_size 16 --eval_batches 0 --output "$OUT/eval.json"
 
 step 6 "deployment: ONNX export, ONNX Runtime check, TensorRT if installed, latency"
 "$py" -m llama3 deploy --device cpu --from_checkpoint "$RUN" --tokenizer "$TOKENIZER" \
-  --eval_corpus "$DATA/eval" --export_dir "$OUT/deploy" --batch_size 4 --max_seq_len 256 \
+  --eval_corpus "$DATA/eval" --export_dir "$OUT/deploy" --batch_size 4 --seq_len 256 \
   --accuracy_batches 2 --warmup 3 --iterations 20
 
 step 7 "generation"

@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 
 # public name → (module, attribute)
 _EXPORTS = {
-    "ConfigError": ("llama3.model.args", "ConfigError"),
+    "ConfigError": ("llama3.errors", "ConfigError"),
     "ModelArgs": ("llama3.model.args", "ModelArgs"),
     "heuristic_core_dim": ("llama3.model.args", "heuristic_core_dim"),
     "StaticKVCache": ("llama3.model.transformer", "StaticKVCache"),

@@ -9,8 +9,8 @@ import argparse
 import importlib
 import sys
 
-from llama3.cli import HelpFormatter, UsageError
-from llama3.model.args import ConfigError
+from llama3.cli import HelpFormatter
+from llama3.errors import ConfigError, UsageError
 
 # name → (module defining add_arguments(parser) and run(args), one-line summary)
 COMMANDS: dict[str, tuple[str, str]] = {

@@ -4,28 +4,32 @@ A checkpoint is a directory (``--to_checkpoint DIR``)::
 
     DIR/latest                          name of the newest complete step directory
     DIR/step_00000200/model.pt          consolidated model: args, weights, tokenizer fingerprint, step
-    DIR/step_00000200/trainer.pt        training record: step, schedule, gradient scaler, metric
-                                        history, model and train args, tokenizer and corpus
-                                        fingerprints, number of processes
+    DIR/step_00000200/trainer.pt        training record: step, number of processes, model args,
+                                        tokenizer fingerprint, and the state of each piece the run
+                                        shares (progress and metric history, gradient scaler, the
+                                        settings a resumed run compares)
     DIR/step_00000200/state/            model and optimizer, one shard file per process
                                         (torch.distributed.checkpoint)
-    DIR/step_00000200/rank_00000.pt     per process: data position and random-number generators
+    DIR/step_00000200/rank_00000.pt     per process: the state of its own pieces (data position,
+                                        random-number generators)
 
 ``model.pt`` alone is what evaluate, deploy and generate read; the rest is what training needs to
-continue exactly. A step directory is written under a temporary name and renamed once complete, and
-``latest`` is replaced atomically, so a crash mid-save never damages the last good checkpoint.
-Anything that reads a model accepts ``DIR``, ``DIR/step_N`` or ``DIR/step_N/model.pt``.
+continue exactly. Training names its pieces in a :class:`TrainingState`; this module alone decides
+where each is kept and in which order they come back. A step directory is written under a temporary
+name and renamed once complete, and ``latest`` is replaced atomically, so a crash mid-save never
+damages the last good checkpoint. Anything that reads a model accepts ``DIR``, ``DIR/step_N`` or
+``DIR/step_N/model.pt``.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import random
 import shutil
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -33,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from llama3.cli import UsageError, check_model_flags
+from llama3.errors import UsageError
 from llama3.fileio import STAGING_SUFFIX, atomic_write_bytes, file_sha256, fsync_dir
 from llama3.model.args import ModelArgs
 from llama3.model.transformer import Transformer
@@ -47,16 +51,6 @@ LATEST = "latest"
 def tokenizer_fingerprint(path: str | os.PathLike) -> dict[str, str]:
     """What a checkpoint records of its tokenizer: absolute path and content hash."""
     return {"path": str(Path(path).resolve()), "sha256": file_sha256(path)}
-
-
-def check_tokenizer(record: dict[str, Any], tokenizer_path: str | os.PathLike) -> None:
-    """Refuse a tokenizer whose content differs from the one the checkpoint was trained with."""
-    expected = (record.get("tokenizer") or {}).get("sha256")
-    if expected and file_sha256(tokenizer_path) != expected:
-        raise UsageError(
-            f"--tokenizer {tokenizer_path} is not the tokenizer this checkpoint was trained with "
-            f"({record['tokenizer'].get('path')}); pass that one"
-        )
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
@@ -147,17 +141,19 @@ def read_model_file(path: str | os.PathLike) -> dict[str, Any]:
     return _read_record(resolve_step_dir(path) / MODEL_FILE, FORMAT, "model checkpoint")
 
 
-def _read_record(file: Path, expected_format: str, what: str) -> dict[str, Any]:
-    """A torch-saved dict of the given format, on CPU; UsageError if unreadable or foreign."""
+def _read_record(file: Path, expected_format: str, what: str,
+                 version: int = VERSION) -> dict[str, Any]:
+    """A torch-saved dict of the given format, at most ``version``, on CPU; UsageError if
+    unreadable, foreign or newer."""
     try:
         record = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as err:  # unreadable, truncated, not a torch file
         raise UsageError(f"cannot read {what} {file}: {err}") from err
     if not isinstance(record, dict) or record.get("format") != expected_format:
         raise UsageError(f"{file} is not a llama3 {what}")
-    if record.get("version", 0) > VERSION:
+    if record.get("version", 0) > version:
         raise UsageError(f"{file} has format version {record['version']}; this code reads up to "
-                         f"{VERSION}: update the code")
+                         f"{version}: update the code")
     return record
 
 
@@ -187,13 +183,22 @@ def model_from_record(record: dict[str, Any], device: torch.device | str = "cpu"
     return model.eval()
 
 
-def read_checked_record(args: argparse.Namespace) -> tuple[dict[str, Any], ModelArgs]:
-    """The model record of ``--from_checkpoint`` and its ModelArgs, with the model flags given
-    checked against them. ``--max_seq_len`` is exempt: evaluate, deploy and generate read it as a
-    window length, which may differ from the training context."""
-    record = read_model_file(args.from_checkpoint)
+def check_model_flags(given: Mapping[str, Any], model_args: ModelArgs) -> None:
+    """Refuse model flags given (``given``: values by ModelArgs field name) that differ from the
+    checkpoint's ``model_args``, naming each."""
+    diffs = [f"--{name} {value} (checkpoint: {getattr(model_args, name)})"
+             for name, value in given.items() if value != getattr(model_args, name)]
+    if diffs:
+        raise UsageError("model flags disagree with the checkpoint: " + "; ".join(diffs))
+
+
+def read_checked_record(path: str | os.PathLike,
+                        model_flags: Mapping[str, Any]) -> tuple[dict[str, Any], ModelArgs]:
+    """The model record at ``path`` (``--from_checkpoint``) and its ModelArgs, with the model
+    flags given (``model_flags``) checked against them."""
+    record = read_model_file(path)
     model_args = ModelArgs.from_dict(record["model_args"])
-    check_model_flags(argparse.Namespace(**{**vars(args), "max_seq_len": None}), model_args)
+    check_model_flags(model_flags, model_args)
     return record, model_args
 
 
@@ -201,7 +206,9 @@ def read_checked_record(args: argparse.Namespace) -> tuple[dict[str, Any], Model
 
 TRAINER_FILE = "trainer.pt"
 TRAINER_FORMAT = "llama3-trainer"
+TRAINER_VERSION = 2  # 2: each shared piece under its name (1: their entries side by side)
 STATE_DIR = "state"
+_HEADER = ("format", "version", "step", "world_size", "model_args", "tokenizer")
 
 
 class ProcessGroup(Protocol):
@@ -216,33 +223,64 @@ class ProcessGroup(Protocol):
     def barrier(self) -> None: ...
 
 
+class Stateful(Protocol):
+    """A piece of training state: what it saves, and how it continues from that."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass(frozen=True)
+class TrainingState:
+    """Everything a training checkpoint saves and restores.
+
+    The model and optimizer are sharded over the processes (``state/``); ``shared`` pieces are
+    equal on every process and saved once (``trainer.pt``); ``per_process`` pieces are each
+    process's own (``rank_NNNNN.pt``). Each dict is restored in its order. Adding a piece of
+    training state is one entry here.
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    shared: Mapping[str, Stateful]
+    per_process: Mapping[str, Stateful]
+
+    def __post_init__(self) -> None:
+        clash = sorted(set(self.shared) & set(_HEADER))
+        if clash:
+            raise ValueError(f"shared training state may not be named {', '.join(clash)}")
+
+
 def rank_file_name(rank: int) -> str:
     return f"rank_{rank:05d}.pt"
 
 
-def save_training_checkpoint(root: str | os.PathLike, step: int, *, model: nn.Module,
-                             optimizer: torch.optim.Optimizer, model_state: dict[str, torch.Tensor],
-                             model_args: ModelArgs, tokenizer: dict[str, str] | None,
-                             trainer_record: dict[str, Any], rank_record: dict[str, Any],
-                             group: ProcessGroup, keep_last: int | None = None) -> Path:
+def save_training_checkpoint(root: str | os.PathLike, step: int, state: TrainingState, *,
+                             model_state: dict[str, torch.Tensor], model_args: ModelArgs,
+                             tokenizer: dict[str, str] | None, group: ProcessGroup,
+                             keep_last: int | None = None) -> Path:
     """Write step ``step`` under ``root`` from every process; returns the published directory.
 
     Collective: every process calls it. ``model_state`` is the gathered full state dict (only the
-    main process's copy is written). Nothing is visible under the final name until every process
-    has finished writing, so an interrupted save leaves the previous checkpoint as ``latest``.
+    main process's copy is written). Every piece's state is taken first, before any file is
+    written. Nothing is visible under the final name until every process has finished writing, so
+    an interrupted save leaves the previous checkpoint as ``latest``.
     """
+    own = {name: piece.state_dict() for name, piece in state.per_process.items()}
+    shared = {name: piece.state_dict() for name, piece in state.shared.items()}
     staging = Path(root) / (step_dir_name(step) + STAGING_SUFFIX)
     if group.rank == 0:
         stage_step_dir(root, step)
     group.barrier()
-    _save_sharded_state(staging / STATE_DIR, model, optimizer, group)
-    atomic_torch_save(rank_record, staging / rank_file_name(group.rank))
+    _save_sharded_state(staging / STATE_DIR, state.model, state.optimizer, group)
+    atomic_torch_save(own, staging / rank_file_name(group.rank))
     if group.rank == 0:
         write_model_file(staging / MODEL_FILE, model_state, model_args, tokenizer=tokenizer,
                          step=step)
-        record = {"format": TRAINER_FORMAT, "version": VERSION, "step": step,
-                  "model_args": model_args.to_dict(), "tokenizer": tokenizer,
-                  "world_size": group.world_size, **trainer_record}
+        record = {"format": TRAINER_FORMAT, "version": TRAINER_VERSION, "step": step,
+                  "world_size": group.world_size, "model_args": model_args.to_dict(),
+                  "tokenizer": tokenizer, **shared}
         atomic_torch_save(record, staging / TRAINER_FILE)
     group.barrier()
     final = Path(root) / step_dir_name(step)
@@ -254,6 +292,26 @@ def save_training_checkpoint(root: str | os.PathLike, step: int, *, model: nn.Mo
     return final
 
 
+def restore_training_checkpoint(step_dir: Path, record: dict[str, Any], state: TrainingState,
+                                group: ProcessGroup) -> None:
+    """Continue from ``step_dir``, whose training record :func:`read_trainer_record` returned.
+
+    In this order: refuse a different number of processes (the data order could not continue);
+    this process's own pieces (the data position first: it names a changed flag before the large
+    state is read); model and optimizer, resharded to the current processes; the shared pieces.
+    Collective.
+    """
+    if record["world_size"] != group.world_size:
+        raise UsageError(f"{step_dir} was written by {record['world_size']} process(es); continue "
+                         f"it with as many (not {group.world_size}) so the data order continues")
+    own = read_rank_record(step_dir, group)
+    for name, piece in state.per_process.items():
+        piece.load_state_dict(own[name])
+    load_training_state(step_dir, state.model, state.optimizer, group)
+    for name, piece in state.shared.items():
+        piece.load_state_dict(record[name])
+
+
 def read_trainer_record(path: str | os.PathLike) -> tuple[Path, dict[str, Any] | None]:
     """The step directory meant by ``path`` and its training record (None for a model-only
     checkpoint, such as one written by import_meta)."""
@@ -261,7 +319,7 @@ def read_trainer_record(path: str | os.PathLike) -> tuple[Path, dict[str, Any] |
     file = step_dir / TRAINER_FILE
     if not file.is_file():
         return step_dir, None
-    return step_dir, _read_record(file, TRAINER_FORMAT, "training record")
+    return step_dir, _read_record(file, TRAINER_FORMAT, "training record", TRAINER_VERSION)
 
 
 def read_rank_record(step_dir: Path, group: ProcessGroup) -> dict[str, Any]:
@@ -312,6 +370,19 @@ def _single_process_quiet(group: ProcessGroup) -> Iterator[None]:
         if not group.active:
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         yield
+
+
+class RandomState:
+    """The random-number generators of this process, as a piece of training state."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def state_dict(self) -> dict[str, Any]:
+        return capture_rng_state(self.device)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        restore_rng_state(state, self.device)
 
 
 def capture_rng_state(device: torch.device) -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """Command-line flag groups, each defined once; subcommands compose the groups they need.
 
 A subcommand module defines ``add_arguments(parser)`` and ``run(args) -> int``; ``__main__`` lists
-them in :data:`COMMANDS`. Errors a user can fix raise :class:`UsageError` (or
-:class:`~llama3.model.args.ConfigError`), printed as one line without a traceback.
+them in its ``COMMANDS``. Errors a user can fix are :mod:`llama3.errors` types, printed as one line
+without a traceback. This module turns flags into plain values; nothing below the commands imports
+it.
 """
 
 from __future__ import annotations
@@ -10,11 +11,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from llama3.errors import UsageError  # also importable from here, as code written before expects
 from llama3.model.args import ATTENTIONS, MIXERS, SOFTPLUS_SCALES, ModelArgs
-
-
-class UsageError(Exception):
-    """A problem the user can fix (bad flag, missing file); the message says what to change."""
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -54,7 +52,9 @@ def add_model_flags(parser: argparse.ArgumentParser, *, from_checkpoint: bool = 
     """Model shape flags.
 
     ``from_checkpoint``: the values come from a checkpoint; flags given must agree with it (see
-    :func:`check_model_flags`). ``resumable`` (training): a new run uses ModelArgs' defaults, shown
+    :func:`llama3.checkpoint.check_model_flags`). Those commands run the model on sequences of
+    their own length, so they take ``--seq_len`` (:func:`add_seq_len_flag`) instead of the
+    model's ``--max_seq_len``. ``resumable`` (training): a new run uses ModelArgs' defaults, shown
     per flag, and a resumed run takes the checkpoint's. Both leave unset flags as None.
     """
     if from_checkpoint:
@@ -68,6 +68,8 @@ def add_model_flags(parser: argparse.ArgumentParser, *, from_checkpoint: bool = 
     fields = ModelArgs.__dataclass_fields__
     for name, kind, text in [*_MODEL_FLAGS, ("use_scaled_rope", None,
                                              "apply the Llama 3.1 RoPE frequency scaling")]:
+        if from_checkpoint and name == "max_seq_len":
+            continue
         default = fields[name].default
         if resumable and default is not None:
             text = f"{text} (new run: {default})"
@@ -80,24 +82,27 @@ def add_model_flags(parser: argparse.ArgumentParser, *, from_checkpoint: bool = 
                                choices=_MODEL_CHOICES.get(name), help=text)
 
 
-def model_args_from_flags(args: argparse.Namespace, vocab_size: int) -> ModelArgs:
-    """ModelArgs from parsed model flags (unset ones take ModelArgs' defaults); ``vocab_size``
-    comes from the tokenizer."""
+def model_flag_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The model flags given (set, not None), by ModelArgs field name."""
     names = [name for name, _, _ in _MODEL_FLAGS] + ["use_scaled_rope"]
-    values = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
-    return ModelArgs(vocab_size=vocab_size, **values)
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
 
-def check_model_flags(args: argparse.Namespace, model_args: ModelArgs) -> None:
-    """Raise UsageError naming each model flag that was given and differs from the checkpoint."""
-    names = [name for name, _, _ in _MODEL_FLAGS] + ["use_scaled_rope"]
-    diffs = [
-        f"--{n} {getattr(args, n)} (checkpoint: {getattr(model_args, n)})"
-        for n in names
-        if getattr(args, n, None) is not None and getattr(args, n) != getattr(model_args, n)
-    ]
-    if diffs:
-        raise UsageError("model flags disagree with the checkpoint: " + "; ".join(diffs))
+def add_seq_len_flag(group: argparse._ActionsContainer, what: str) -> None:
+    """``--seq_len`` of the commands that run a trained model: tokens per sequence, ``what`` they
+    are for. ``--max_seq_len`` is accepted as the same flag, for scripts written before."""
+    group.add_argument("--seq_len", "--max_seq_len", dest="seq_len", type=int, default=None,
+                       metavar="N", help=f"tokens per sequence: {what} (default: the checkpoint's "
+                                         "context, --max_seq_len of training); --max_seq_len is "
+                                         "accepted as an older spelling of this flag")
+
+
+def seq_len_from_flags(args: argparse.Namespace, model_args: ModelArgs) -> int:
+    """``--seq_len``, or the checkpoint's context when not given."""
+    seq_len = args.seq_len or model_args.max_seq_len
+    if seq_len <= 0:
+        raise UsageError(f"--seq_len must be positive, got {seq_len}")
+    return seq_len
 
 
 def add_precision_flags(parser: argparse.ArgumentParser) -> None:

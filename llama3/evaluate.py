@@ -1,88 +1,26 @@
-"""Language-model loss over fixed windows: used by training's periodic evaluation and by
-``python -m llama3 evaluate`` (loss, perplexity and bits per byte of a checkpoint)."""
+"""``python -m llama3 evaluate``: loss, perplexity and bits per byte of a checkpoint on fixed
+windows of an eval corpus (the loss itself is :mod:`llama3.loss`)."""
 
 from __future__ import annotations
 
 import argparse
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from tqdm import tqdm
 
-from llama3.cli import (UsageError, add_checkpoint_source_flags, add_model_flags,
-                        add_precision_flags, add_token_cache_flags)
-from llama3.model.args import ModelArgs
+from llama3.cli import (add_checkpoint_source_flags, add_model_flags, add_precision_flags,
+                        add_seq_len_flag, add_token_cache_flags, model_flag_values,
+                        seq_len_from_flags)
+from llama3.errors import UsageError
 from llama3.fileio import write_json
+from llama3.loss import IGNORE_INDEX, evaluate_loss
 from llama3.runtime import Precision, configure_matmul, select_device
-
-if TYPE_CHECKING:
-    from llama3.data.dataset import EvalWindows
-    from llama3.data.tokenizer import Tokenizer
-
-IGNORE_INDEX = -100  # target value that contributes no loss (padding)
-
-
-def lm_loss_sum(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-    """Summed next-token cross entropy (fp32) and the number of counted targets.
-
-    Returning the sum, not the mean, lets callers average over every token of an accumulated batch.
-    """
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss, (targets != IGNORE_INDEX).sum()
-
-
-@dataclass
-class EvalResult:
-    loss: float  # mean cross entropy per target token, nats
-    tokens: int  # target tokens counted
-    batches: int
-
-    @property
-    def perplexity(self) -> float:
-        return math.exp(min(self.loss, 700.0))
-
-
-@torch.no_grad()
-def evaluate_loss(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], device: torch.device,
-                  precision: Precision = Precision(),
-                  all_reduce: Callable[[Tensor], None] | None = None) -> EvalResult:
-    """Mean loss of ``model`` over (inputs, targets) batches; restores the model's train/eval mode.
-
-    With several processes each evaluates its own batches and ``all_reduce`` (an in-place sum over
-    ranks) combines the totals, so every rank returns the global mean.
-    """
-    was_training = model.training
-    model.eval()
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    count = torch.zeros((), dtype=torch.int64, device=device)
-    n_batches = 0
-    for inputs, targets in batches:
-        inputs = inputs.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
-        with precision.autocast(device):
-            logits = model(inputs)
-        loss, n = lm_loss_sum(logits, targets)
-        total += loss.double()
-        count += n
-        n_batches += 1
-    model.train(was_training)
-    if all_reduce is not None:
-        all_reduce(total)
-        all_reduce(count)
-    tokens = int(count.item())
-    return EvalResult(loss=total.item() / max(tokens, 1), tokens=tokens, batches=n_batches)
-
-
-# ------------------------------------------------------------------------------ the command
-# ``python -m llama3 evaluate``: loss, perplexity and bits per byte of a checkpoint on fixed windows.
 
 
 class ByteCounter:
@@ -108,34 +46,9 @@ def bits_per_byte(loss: float, tokens: int, n_bytes: int) -> float:
     return loss * tokens / math.log(2) / max(n_bytes, 1)
 
 
-def load_tokenizer(path: str, record: dict[str, Any], model_args: ModelArgs) -> Tokenizer:
-    """The ``--tokenizer``, refused if it is not the checkpoint's or does not fit its vocabulary."""
-    from llama3.checkpoint import check_tokenizer
-    from llama3.data.tokenizer import Tokenizer
-
-    tokenizer = Tokenizer(path)  # first: its error names a missing or unreadable file
-    check_tokenizer(record, path)
-    if tokenizer.vocab_size > model_args.vocab_size:
-        raise UsageError(f"--tokenizer {path} has {tokenizer.vocab_size} tokens but the model only "
-                         f"{model_args.vocab_size}: pass the tokenizer the model was trained with")
-    return tokenizer
-
-
-def open_eval_windows(corpus: str, tokenizer: Tokenizer, seq_len: int, batch_size: int,
-                      mode: str = "packed", *, cache_dir: str | None = None,
-                      progress: bool = True) -> EvalWindows:
-    """Fixed-order eval windows of ``corpus`` (encoded once and cached by the data pipeline)."""
-    from llama3.data.dataset import EvalWindows
-    from llama3.data.tokens import open_token_corpus
-
-    tokens = open_token_corpus(corpus, tokenizer, cache_dir=cache_dir, progress=progress,
-                               flag="--eval_corpus")
-    return EvalWindows(tokens, seq_len, batch_size, mode=mode, pad_id=tokenizer.pad_id)
-
-
 EVALUATE_DESCRIPTION = """\
 Loss, perplexity and bits per byte of a checkpoint on an eval corpus, over fixed windows of
---max_seq_len tokens (default: the checkpoint's context; a different length measures length
+--seq_len tokens (default: the checkpoint's context; a different length measures length
 extrapolation). Bits per byte = total nats / ln 2 / UTF-8 bytes of the counted target tokens, so
 models with different tokenizers compare.
 """
@@ -150,9 +63,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_token_cache_flags(source)
     add_model_flags(parser, from_checkpoint=True)
     group = parser.add_argument_group("evaluation")
+    add_seq_len_flag(group, "the length of each eval window")
     group.add_argument("--batch_size", type=int, default=8, help="windows per batch")
-    group.add_argument("--total_steps", type=int, default=0,
-                       help="batches to evaluate; 0 = the whole eval set")
+    group.add_argument("--eval_batches", "--total_steps", dest="eval_batches", type=int, default=0,
+                       metavar="N", help="batches to evaluate, 0 = the whole eval set; "
+                                         "--total_steps is accepted as an older spelling")
     group.add_argument("--output", metavar="FILE", help="also write the results as JSON")
     group.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
                        help="show progress bars")
@@ -161,21 +76,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from llama3.checkpoint import model_from_record, read_checked_record, resolve_step_dir
+    from llama3.data.dataset import open_eval_windows
+    from llama3.data.tokenizer import load_tokenizer
 
-    record, model_args = read_checked_record(args)  # --max_seq_len sets the window, not the model
-    seq_len = args.max_seq_len or model_args.max_seq_len
-    if args.batch_size <= 0 or seq_len <= 0 or args.total_steps < 0:
-        raise UsageError("--batch_size and --max_seq_len must be positive, --total_steps ≥ 0")
+    record, model_args = read_checked_record(args.from_checkpoint, model_flag_values(args))
+    seq_len = seq_len_from_flags(args, model_args)
+    if args.batch_size <= 0 or args.eval_batches < 0:
+        raise UsageError("--batch_size must be positive and --eval_batches ≥ 0")
     device = select_device(args.device)
     configure_matmul(args.allow_tf32)
     precision = Precision.from_flags(args)
-    tokenizer = load_tokenizer(args.tokenizer, record, model_args)
+    tokenizer = load_tokenizer(args.tokenizer, record.get("tokenizer"), model_args.vocab_size)
     windows = open_eval_windows(args.eval_corpus, tokenizer, seq_len, args.batch_size, args.data_mode,
                                 cache_dir=args.cache_dir, progress=args.progress)
-    n_batches = len(windows) if args.total_steps == 0 else min(args.total_steps, len(windows))
-    if n_batches == 0:
-        raise UsageError(f"--eval_corpus {args.eval_corpus} has too few tokens for one batch of "
-                         f"{args.batch_size} × {seq_len}")
+    n_batches = len(windows) if args.eval_batches == 0 else min(args.eval_batches, len(windows))
     model = model_from_record(record, device=device, dtype=precision.param_dtype)
     counter = ByteCounter(tokenizer.token_bytes())
     batches = tqdm(windows.batches(max_batches=n_batches), total=n_batches, unit="batch",

@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from llama3.cli import UsageError, add_checkpoint_source_flags, add_model_flags, add_precision_flags
+from llama3.cli import (add_checkpoint_source_flags, add_model_flags, add_precision_flags,
+                        add_seq_len_flag, model_flag_values, seq_len_from_flags)
+from llama3.errors import UsageError
 from llama3.model.transformer import StaticKVCache
 
 CAPACITY_ROUNDING = 128  # cache capacity is rounded up so graphs are reused across similar calls
@@ -409,6 +411,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sampling.add_argument("--seed", type=int, default=0,
                           help="sampling seed: the same seed, prompts and flags give the same text")
     decoding = parser.add_argument_group("decoding")
+    add_seq_len_flag(decoding, "a prompt and its completion longer than this get a warning "
+                               "(set it to generate past the training context on purpose)")
     decoding.add_argument("--max_batch_size", type=int, default=64,
                           help="prompts generated together; more run in successive batches")
     decoding.add_argument("--no_cuda_graph", action="store_true",
@@ -440,7 +444,7 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     from llama3.checkpoint import model_from_record, read_checked_record
-    from llama3.evaluate import load_tokenizer
+    from llama3.data.tokenizer import load_tokenizer
     from llama3.runtime import Precision, configure_matmul, select_device
 
     settings = SamplingSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -448,16 +452,17 @@ def run(args: argparse.Namespace) -> int:
     if args.max_batch_size < 1:
         raise UsageError(f"--max_batch_size must be at least 1, got {args.max_batch_size}")
     prompts = read_prompts(args)
-    record, model_args = read_checked_record(args)
-    tokenizer = load_tokenizer(args.tokenizer, record, model_args)
+    record, model_args = read_checked_record(args.from_checkpoint, model_flag_values(args))
+    seq_len = seq_len_from_flags(args, model_args)
+    tokenizer = load_tokenizer(args.tokenizer, record.get("tokenizer"), model_args.vocab_size)
     device = select_device(args.device)
     configure_matmul(args.allow_tf32)
     precision = Precision.from_flags(args)
     model = model_from_record(record, device=device, dtype=precision.param_dtype)
     generator = Generator(model, tokenizer, device, cuda_graph=not args.no_cuda_graph,
-                          pad_id=tokenizer.pad_id, autocast_dtype=precision.autocast_dtype,
+                          pad_id=tokenizer.padding_id, autocast_dtype=precision.autocast_dtype,
                           start=None if args.start_token == "none" else args.start_token)
-    check_prompts(generator, prompts, settings, args.max_seq_len or model_args.max_seq_len)
+    check_prompts(generator, prompts, settings, seq_len)
     for start in range(0, len(prompts), args.max_batch_size):
         batch = prompts[start: start + args.max_batch_size]
         result = generate_and_print(generator, tokenizer, batch, settings, first_index=start)
@@ -467,13 +472,14 @@ def run(args: argparse.Namespace) -> int:
 
 def check_prompts(generator: Generator, prompts: list[str], settings: SamplingSettings,
                   context: int) -> None:
-    """Refuse empty prompts; warn when a prompt and its completion exceed the model's context."""
+    """Refuse empty prompts; warn when a prompt and its completion exceed ``context`` tokens (the
+    model's context, or ``--seq_len``)."""
     lengths = [len(generator.encode(p)) for p in prompts]
     if min(lengths) == 0:
         raise UsageError("an empty prompt with --start_token none has no token to continue from")
     if max(lengths) + settings.max_new_tokens > context:
         print(f"warning: prompt ({max(lengths)} tokens) + --max_new_tokens "
-              f"{settings.max_new_tokens} exceeds the model's context of {context} tokens",
+              f"{settings.max_new_tokens} exceeds the context of {context} tokens",
               file=sys.stderr)
 
 

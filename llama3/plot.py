@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from llama3.cli import UsageError
+from llama3.errors import UsageError
 from llama3.training.metrics import METRICS_FILE
 
 X_AXES = {"step": ("step", "optimizer step"), "tokens": ("tokens", "tokens trained on"),

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from llama3.cli import UsageError
+from llama3.errors import UsageError
 
 
 def select_device(flag: str | None) -> torch.device:

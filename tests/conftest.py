@@ -42,6 +42,13 @@ def write_jsonl(path: Path, n_documents: int, seed: int) -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def fixed_torch_seed():
+    """Every test starts from the same torch generator state, so a failure reproduces whatever
+    ran before it; tests that need other numbers seed their own generators."""
+    torch.manual_seed(0)
+
+
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory) -> dict[str, Path]:
     """``{"train": DIR, "eval": DIR}``, each holding one .jsonl file of generated English-like text."""

@@ -33,14 +33,32 @@ def trained(model: Transformer) -> torch.optim.AdamW:
     return opt
 
 
+class Piece:
+    """A piece of training state that is a plain dict."""
+
+    def __init__(self, state: dict | None = None):
+        self.state = state
+
+    def state_dict(self) -> dict:
+        return self.state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = state
+
+
+def training_state(model: Transformer, opt: torch.optim.Optimizer,
+                   step: int = 0) -> ckpt.TrainingState:
+    return ckpt.TrainingState(
+        model, opt, shared={"history": Piece({"records": [{"kind": "train", "step": step}]})},
+        per_process={"data": Piece({"position": step}),
+                     "rng": ckpt.RandomState(torch.device("cpu"))})
+
+
 def save(root: Path, step: int, model: Transformer, opt: torch.optim.Optimizer, **kw) -> Path:
     group = Distributed.single("cpu")
     return ckpt.save_training_checkpoint(
-        root, step, model=model, optimizer=opt, model_state=model.state_dict(),
-        model_args=model.args, tokenizer={"path": "t.model", "sha256": "abc"},
-        trainer_record={"history": [{"kind": "train", "step": step, "loss": 1.0}]},
-        rank_record={"data": {"position": step}, "rng": ckpt.capture_rng_state(torch.device("cpu"))},
-        group=group, **kw)
+        root, step, training_state(model, opt, step), model_state=model.state_dict(),
+        model_args=model.args, tokenizer={"path": "t.model", "sha256": "abc"}, group=group, **kw)
 
 
 def test_training_state_round_trip(tmp_path):
@@ -67,6 +85,32 @@ def test_training_state_round_trip(tmp_path):
     loaded = load_checkpoint(tmp_path)  # the consolidated model, as evaluate/deploy/generate read it
     for a, b in zip(model.state_dict().values(), loaded.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_restore_puts_every_piece_back_and_needs_the_same_process_count(tmp_path):
+    model = tiny_model()
+    opt = trained(model)
+    save(tmp_path, 7, model, opt)
+    expected = torch.rand(4)  # what the generators give after the save
+    fresh = tiny_model(seed=1)
+    state = training_state(fresh, trained(fresh))
+    step_dir, record = ckpt.read_trainer_record(tmp_path)
+    with pytest.raises(ckpt.UsageError, match="written by 1 process.*not 2"):
+        ckpt.restore_training_checkpoint(step_dir, record, state,
+                                         Distributed(device=torch.device("cpu"), world_size=2))
+    assert state.per_process["data"].state == {"position": 0}  # refused before anything was read
+    ckpt.restore_training_checkpoint(step_dir, record, state, Distributed.single("cpu"))
+    assert state.per_process["data"].state == {"position": 7}
+    assert state.shared["history"].state == {"records": [{"kind": "train", "step": 7}]}
+    assert torch.equal(torch.rand(4), expected)
+    for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_training_state_names_may_not_shadow_the_record(tmp_path):
+    model = tiny_model()
+    with pytest.raises(ValueError, match="step"):
+        ckpt.TrainingState(model, trained(model), shared={"step": Piece()}, per_process={})
 
 
 def test_save_failing_before_publish_keeps_previous(tmp_path, monkeypatch):

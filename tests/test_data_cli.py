@@ -1,22 +1,20 @@
-"""The data commands end to end through ``python -m llama3``, their help, and the shell scripts."""
+"""The data commands end to end through ``python -m llama3``, their help, and the shell scripts
+(every command's flags are documented: test_cli.py)."""
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
-import os
+import random
 import runpy
 import shutil
 import subprocess
 import sys
-import time
 
 import pytest
 from test_data_support import ROOT, jsonl_bytes, make_texts, run_cli, write_jsonl, write_zst
 
 from llama3.__main__ import main
-from llama3.data import preprocess, tokenizer, tokens
 
 SCRIPTS = ROOT / "llama3" / "data" / "preprocessing"
 
@@ -47,14 +45,6 @@ def test_preprocess_train_tokenizer_pretokenize_end_to_end(tmp_path):
         assert sum(f["documents"] for f in json.loads(meta.read_text())["files"]) == \
                manifest["splits"][split]["documents"]
         assert f"{data / split}: " in done.stdout
-
-
-@pytest.mark.parametrize("module", [preprocess, tokenizer, tokens])
-def test_every_flag_is_documented(module):
-    parser = argparse.ArgumentParser()
-    module.add_arguments(parser)
-    undocumented = [a.option_strings for a in parser._actions if not a.help]
-    assert not undocumented
 
 
 def test_help_runs(capsys):
@@ -100,9 +90,9 @@ def download(*args: str) -> subprocess.CompletedProcess:
 
 @needs_fetcher
 def test_download_fails_fast_with_one_line_when_offline(tmp_path):
-    start = time.monotonic()
     done = download("-o", str(tmp_path), "--timeout", "5", "http://127.0.0.1:9/shard.jsonl.zst")
-    assert done.returncode != 0 and time.monotonic() - start < 10
+    assert done.returncode != 0
+    assert "downloading" not in done.stdout  # stopped by the connection check, before any retry
     assert done.stderr.strip().count("\n") == 0 and "cannot reach 127.0.0.1:9" in done.stderr
     assert not list(tmp_path.iterdir())
 
@@ -111,7 +101,7 @@ def test_download_fails_fast_with_one_line_when_offline(tmp_path):
 def test_download_resumes_and_verifies_checksums(tmp_path):
     source = tmp_path / "src" / "shard.jsonl"
     source.parent.mkdir()
-    source.write_bytes(os.urandom(200_000))
+    source.write_bytes(random.Random(0).randbytes(200_000))
     digest = hashlib.sha256(source.read_bytes()).hexdigest()
     out = tmp_path / "out"
     out.mkdir()

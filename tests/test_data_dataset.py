@@ -8,11 +8,11 @@ import pytest
 import torch
 from test_data_support import make_texts, train_tiny_tokenizer, write_jsonl
 
-from llama3.cli import UsageError
+from llama3.errors import UsageError
 from llama3.data.dataset import EvalWindows, TrainWindows
 from llama3.data.tokenizer import Tokenizer
 from llama3.data.tokens import TokenCorpus, open_token_corpus
-from llama3.evaluate import IGNORE_INDEX
+from llama3.loss import IGNORE_INDEX
 
 S, B = 16, 4
 

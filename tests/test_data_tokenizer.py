@@ -7,7 +7,7 @@ import pickle
 import pytest
 from test_data_support import make_texts, make_words, train_tiny_tokenizer, write_jsonl
 
-from llama3.cli import UsageError
+from llama3.errors import UsageError
 from llama3.data.tokenizer import Tokenizer, _Reservoir, split_long_line, train_tokenizer
 
 

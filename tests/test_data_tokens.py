@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from test_data_support import jsonl_bytes, make_texts, train_tiny_tokenizer, write_jsonl, write_zst
 
-from llama3.cli import UsageError
+from llama3.errors import UsageError
 from llama3.data import tokens as tokens_module
 from llama3.data.sources import BadInputError
 from llama3.data.tokenizer import Tokenizer

@@ -14,7 +14,7 @@ from llama3 import load_checkpoint
 from llama3.data.dataset import EvalWindows
 from llama3.data.tokenizer import Tokenizer
 from llama3.data.tokens import open_token_corpus
-from llama3.evaluate import IGNORE_INDEX
+from llama3.loss import IGNORE_INDEX
 
 
 def direct(checkpoint, tokenizer_path, corpus, seq_len, batch_size, mode, max_batches):

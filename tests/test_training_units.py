@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from llama3 import ModelArgs, Transformer
-from llama3.cli import UsageError
+from llama3.errors import UsageError
 from llama3.training.distributed import Distributed
-from llama3.training.flags import add_training_flags, check_training_flags
+from llama3.training.flags import TrainingConfig, add_training_flags
 from llama3.training.guard import NonFiniteError, check_finite, first_nonfinite_grad
 from llama3.training.metrics import MetricsLog, Throughput, peak_tflops
 from llama3.training.optim import LRSchedule, parameter_groups, total_grad_norm
@@ -137,7 +137,7 @@ def parse(*argv: str) -> argparse.Namespace:
 ])
 def test_bad_flags_are_refused(argv, message):
     with pytest.raises(UsageError, match=message):
-        check_training_flags(parse(*argv))
+        TrainingConfig.from_args(parse(*argv))
 
 
 def test_precision_modes_exclude_each_other():
@@ -146,7 +146,5 @@ def test_precision_modes_exclude_each_other():
 
 
 def test_default_warmup_is_five_percent():
-    check_training_flags(parse("--total_steps", "200"))
-    from llama3.training.flags import warmup_steps
-
-    assert warmup_steps(parse("--total_steps", "200")) == 10
+    config = TrainingConfig.from_args(parse("--total_steps", "200"))
+    assert config.optim.warmup_steps == 10

@@ -24,13 +24,17 @@ import queue
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from llama3.cli import UsageError
-from llama3.data.tokens import TokenCorpus
-from llama3.evaluate import IGNORE_INDEX
+from llama3.data.tokens import TokenCorpus, open_token_corpus
+from llama3.errors import UsageError
+from llama3.loss import IGNORE_INDEX
+
+if TYPE_CHECKING:
+    from llama3.data.tokenizer import Tokenizer
 
 MODES = ("packed", "padded")
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -59,8 +63,9 @@ class _PackedSequences:
 class _PaddedSequences:
     """One document per sequence: BOS, the document, EOS, then padding (ignored in the loss)."""
 
-    def __init__(self, corpus: TokenCorpus, seq_len: int, pad_id: int):
+    def __init__(self, corpus: TokenCorpus, seq_len: int, pad_id: int, seq_len_flag: str):
         self.corpus, self.seq_len, self.pad_id = corpus, seq_len, pad_id
+        self.seq_len_flag = seq_len_flag
         lengths = corpus.document_lengths()  # EOS included; BOS adds one
         fits = lengths <= seq_len
         self.documents = np.flatnonzero(fits)
@@ -85,8 +90,8 @@ class _PaddedSequences:
         if self.dropped:
             total = self.dropped + len(self.documents)
             print(f"padded mode: {self.dropped} of {total} documents of {corpus_flag} "
-                  f"{self.corpus.path} ({100 * self.dropped / total:.1f}%) do not fit --max_seq_len "
-                  f"{self.seq_len} with BOS and EOS and are dropped", file=sys.stderr)
+                  f"{self.corpus.path} ({100 * self.dropped / total:.1f}%) do not fit "
+                  f"{self.seq_len_flag} {self.seq_len} with BOS and EOS and are dropped", file=sys.stderr)
 
 
 def _split(buffer: np.ndarray) -> Batch:
@@ -95,30 +100,32 @@ def _split(buffer: np.ndarray) -> Batch:
             torch.from_numpy(np.ascontiguousarray(buffer[:, 1:])))
 
 
-def _sequences(corpus: TokenCorpus, seq_len: int, batch_size: int, mode: str, pad_id: int):
+def _sequences(corpus: TokenCorpus, seq_len: int, batch_size: int, mode: str, pad_id: int,
+               seq_len_flag: str):
     if mode not in MODES:
         raise UsageError(f"data mode {mode!r}: choose from {', '.join(MODES)}")
     if seq_len < 1:
-        raise UsageError(f"--max_seq_len {seq_len}: must be positive")
+        raise UsageError(f"{seq_len_flag} {seq_len}: must be positive")
     if batch_size < 1:
         raise UsageError(f"--batch_size {batch_size}: must be positive")
     if mode == "packed":
         return _PackedSequences(corpus, seq_len)
-    return _PaddedSequences(corpus, seq_len, pad_id)
+    return _PaddedSequences(corpus, seq_len, pad_id, seq_len_flag)
 
 
-def _check_batches(n_batches: int, sequences, batch_size: int, world_size: int, flag: str) -> None:
+def _check_batches(n_batches: int, sequences, batch_size: int, world_size: int, flag: str,
+                   seq_len_flag: str) -> None:
     if n_batches >= 1:
         return
     if isinstance(sequences, _PackedSequences):
-        gives = f"{len(sequences)} windows of --max_seq_len {sequences.seq_len} + 1 tokens"
+        gives = f"{len(sequences)} windows of {seq_len_flag} {sequences.seq_len} + 1 tokens"
     else:
-        gives = (f"{len(sequences)} documents that fit in --max_seq_len {sequences.seq_len} + 1 "
+        gives = (f"{len(sequences)} documents that fit in {seq_len_flag} {sequences.seq_len} + 1 "
                  "tokens with BOS and EOS")
     raise UsageError(
         f"{flag} {sequences.corpus.path} is too small for one batch: it gives {gives}, and one "
         f"batch needs --batch_size {batch_size} × {world_size} process(es) = "
-        f"{batch_size * world_size}; use a larger corpus or a smaller --batch_size or --max_seq_len")
+        f"{batch_size * world_size}; use a larger corpus or a smaller --batch_size or {seq_len_flag}")
 
 
 def _check_rank(rank: int, world_size: int) -> None:
@@ -142,9 +149,10 @@ class TrainWindows:
         self.corpus, self.seq_len, self.batch_size = corpus, seq_len, batch_size
         self.seed, self.rank, self.world_size, self.mode = seed, rank, world_size, mode
         self.prefetch = prefetch
-        self._sequences = _sequences(corpus, seq_len, batch_size, mode, pad_id)
+        self._sequences = _sequences(corpus, seq_len, batch_size, mode, pad_id, "--max_seq_len")
         self.steps_per_epoch: int = len(self._sequences) // (batch_size * world_size)
-        _check_batches(self.steps_per_epoch, self._sequences, batch_size, world_size, flag)
+        _check_batches(self.steps_per_epoch, self._sequences, batch_size, world_size, flag,
+                       "--max_seq_len")
         if mode == "padded" and rank == 0:
             self._sequences.report(flag)
         self._step = 0  # batches this rank has handed out
@@ -258,15 +266,19 @@ class _Prefetcher:
 
 class EvalWindows:
     """A fixed, ordered set of evaluation batches; rank ``r`` of ``W`` takes batches r, r + W, ...
-    and every rank gets the same number (the last partial round is left out)."""
+    and every rank gets the same number (the last partial round is left out).
+
+    ``seq_len_flag`` names the window length in messages: training's ``--max_seq_len`` (the
+    model's context) or the ``--seq_len`` of the commands that run a trained model."""
 
     def __init__(self, corpus: TokenCorpus, seq_len: int, batch_size: int, *, mode: str = "packed",
-                 pad_id: int = 1, rank: int = 0, world_size: int = 1, flag: str = "--eval_corpus"):
+                 pad_id: int = 1, rank: int = 0, world_size: int = 1, flag: str = "--eval_corpus",
+                 seq_len_flag: str = "--max_seq_len"):
         _check_rank(rank, world_size)
         self.corpus, self.batch_size, self.rank, self.world_size = corpus, batch_size, rank, world_size
-        self._sequences = _sequences(corpus, seq_len, batch_size, mode, pad_id)
+        self._sequences = _sequences(corpus, seq_len, batch_size, mode, pad_id, seq_len_flag)
         self._batches = len(self._sequences) // batch_size // world_size
-        _check_batches(self._batches, self._sequences, batch_size, world_size, flag)
+        _check_batches(self._batches, self._sequences, batch_size, world_size, flag, seq_len_flag)
         if mode == "padded" and rank == 0:
             self._sequences.report(flag)
 
@@ -283,3 +295,13 @@ class EvalWindows:
         for j in range(count):
             first = (j * self.world_size + self.rank) * self.batch_size
             yield self._sequences.batch(np.arange(first, first + self.batch_size))
+
+
+def open_eval_windows(corpus: str, tokenizer: Tokenizer, seq_len: int, batch_size: int,
+                      mode: str = "packed", *, cache_dir: str | None = None,
+                      progress: bool = True) -> EvalWindows:
+    """Fixed-order eval windows of ``--eval_corpus`` (encoded once and cached) for one process."""
+    tokens = open_token_corpus(corpus, tokenizer, cache_dir=cache_dir, progress=progress,
+                               flag="--eval_corpus")
+    return EvalWindows(tokens, seq_len, batch_size, mode=mode, pad_id=tokenizer.padding_id,
+                       seq_len_flag="--seq_len")

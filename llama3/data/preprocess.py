@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import IO, NamedTuple
 
 from llama3.fileio import atomic_write_bytes
-from llama3.cli import UsageError
+from llama3.errors import UsageError
 from llama3.data.clean import Cleaner, add_cleaning_flags
 from llama3.data.parallel import WorkerPool
 from llama3.data.sources import (Chunk, Problem, ProblemLog, add_bad_input_flags, chunk_size_for,

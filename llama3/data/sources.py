@@ -21,7 +21,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, NamedTuple
 
-from llama3.cli import UsageError
+from llama3.errors import UsageError
 
 SUFFIXES = (".jsonl", ".jsonl.zst")
 DEFAULT_CHUNK_BYTES = 4 << 20

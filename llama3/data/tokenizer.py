@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from llama3.errors import UsageError
 from llama3.fileio import atomic_write_bytes
-from llama3.cli import UsageError
 from llama3.data.sources import (ProblemLog, add_bad_input_flags, file_chunks, find_corpus_files,
                                  parse_lines, problem_log_from_flags, total_size)
 
@@ -61,7 +61,7 @@ class Tokenizer:
         except Exception as err:  # sentencepiece raises RuntimeError or OSError on a bad proto
             raise UsageError(f"{flag} {self.path}: not a SentencePiece model ({err})") from err
         self._sha256 = hashlib.sha256(data).hexdigest()
-        self._flag = flag
+        self.flag = flag  # the flag that named the file, for error messages
         self.vocab_size: int = self._sp.vocab_size()
         self.unk_id: int = self._sp.unk_id()
         self.pad_id: int = self._sp.pad_id()
@@ -70,7 +70,7 @@ class Tokenizer:
         self._token_bytes: np.ndarray | None = None
 
     def __getstate__(self) -> dict:
-        return {"path": self.path, "num_threads": self.num_threads, "flag": self._flag,
+        return {"path": self.path, "num_threads": self.num_threads, "flag": self.flag,
                 "sha256": self._sha256}
 
     def __setstate__(self, state: dict) -> None:
@@ -85,6 +85,11 @@ class Tokenizer:
     def sha256(self) -> str:
         """Content hash of the model file (as loaded)."""
         return self._sha256
+
+    @property
+    def padding_id(self) -> int:
+        """The id padded positions hold: the pad id, or end-of-sequence if the model has none."""
+        return self.pad_id if self.pad_id >= 0 else self.eos_id
 
     def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
         return self._sp.encode(text, add_bos=bos, add_eos=eos)
@@ -111,6 +116,27 @@ class Tokenizer:
                     sp.id_to_piece(i).replace(WORD_BOUNDARY, " ").encode("utf-8"))
             self._token_bytes = sizes
         return self._token_bytes
+
+
+def check_tokenizer(tokenizer: Tokenizer, recorded: dict[str, str] | None, vocab_size: int) -> None:
+    """Refuse a tokenizer that is not the one a checkpoint recorded (``recorded``: its path and
+    sha256, None if it recorded none) or whose ids do not fit the model's ``vocab_size``."""
+    expected = (recorded or {}).get("sha256")
+    if expected and tokenizer.sha256 != expected:
+        raise UsageError(f"{tokenizer.flag} {tokenizer.path} is not the tokenizer this checkpoint "
+                         f"was trained with ({recorded.get('path')}); pass that one")
+    if tokenizer.vocab_size > vocab_size:
+        raise UsageError(f"{tokenizer.flag} {tokenizer.path} has {tokenizer.vocab_size} tokens but "
+                         f"the model only {vocab_size}: pass the tokenizer the model was trained "
+                         "with")
+
+
+def load_tokenizer(path: str | os.PathLike, recorded: dict[str, str] | None,
+                   vocab_size: int) -> Tokenizer:
+    """``--tokenizer`` for a trained model, checked by :func:`check_tokenizer`."""
+    tokenizer = Tokenizer(path)  # first: its error names a missing or unreadable file
+    check_tokenizer(tokenizer, recorded, vocab_size)
+    return tokenizer
 
 
 # ------------------------------------------------------------------------------------ training

@@ -39,13 +39,13 @@ from typing import NamedTuple
 
 import numpy as np
 
-from llama3.fileio import atomic_write_bytes, file_sha256
-from llama3.cli import UsageError, add_token_cache_flags, add_tokenizer_flag
 from llama3.data.parallel import WorkerPool, available_cpus
 from llama3.data.sources import (Chunk, Problem, ProblemLog, add_bad_input_flags, chunk_size_for,
                                  file_chunks, find_corpus_files, parse_lines,
                                  problem_log_from_flags, total_size)
 from llama3.data.tokenizer import Tokenizer
+from llama3.errors import UsageError
+from llama3.fileio import atomic_write_bytes, file_sha256
 
 FORMAT = "llama3-tokens"
 VERSION = 1
@@ -475,6 +475,8 @@ def _checked(corpus: TokenCorpus, flag: str) -> TokenCorpus:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from llama3.cli import add_token_cache_flags, add_tokenizer_flag
+
     group = parser.add_argument_group("corpus and tokenizer")
     group.add_argument("--corpus", nargs="+", required=True, metavar="PATH",
                        help="corpora to encode: split directories (pretrain_data/train) or "

@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from llama3.model.transformer import cache_shape
 from llama3.deploy.runners import Runner, empty_cache
-from llama3.evaluate import lm_loss_sum
+from llama3.loss import lm_loss_sum
 from llama3.model.args import ModelArgs
 
 

@@ -12,8 +12,9 @@ import torch
 from torch import Tensor
 
 from llama3.checkpoint import model_from_record, read_checked_record, resolve_step_dir
-from llama3.cli import (UsageError, add_checkpoint_source_flags, add_model_flags,
-                        add_token_cache_flags)
+from llama3.cli import (add_checkpoint_source_flags, add_model_flags, add_seq_len_flag,
+                        add_token_cache_flags, model_flag_values, seq_len_from_flags)
+from llama3.errors import UsageError
 from llama3.deploy import latency
 from llama3.deploy.accuracy import check_inputs, compare_outputs, runner_loss
 from llama3.deploy.onnx_export import DEFAULT_OPSET, MIN_OPSET, export_onnx
@@ -35,7 +36,7 @@ Steps, in order:
      TensorRT one line says so and the other steps still run;
   3. compare ONNX Runtime and TensorRT with PyTorch fp32: largest logits differences for a prefill
      and a decode step, and eval loss on --accuracy_batches windows of --eval_corpus;
-  4. time PyTorch eager, ONNX Runtime and TensorRT on --batch_size x --max_seq_len prefills (and,
+  4. time PyTorch eager, ONNX Runtime and TensorRT on --batch_size x --seq_len prefills (and,
      with --decode, one-token steps after a full cache); print tables and write --output.
 Exits 1 when TensorRT is installed but the engine cannot be built (the rest still runs).
 """
@@ -45,7 +46,7 @@ LATENCY_COLUMNS = ("runner", "precision", "phase", "batch", "query", "cached", "
                    "p90_ms", "p95_ms", "p99_ms", "calls_per_s", "tokens_per_s")
 ACCURACY_COLUMNS = ("runner", "precision", "prefill_logits_abs", "prefill_logits_rel",
                     "decode_logits_abs", "eval_loss", "eval_loss_delta")
-CHECK_QUERY = 16  # prefill length of the logits comparison (capped by --max_seq_len)
+CHECK_QUERY = 16  # prefill length of the logits comparison (capped by --seq_len)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,9 +65,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"ONNX opset (at least {MIN_OPSET})")
     target.add_argument("--batch_size", type=int, default=64,
                         help="batch of the accuracy windows, the latency runs and the engine's "
-                             "optimisation profile (--max_seq_len sets the sequence length)")
+                             "optimisation profile (--seq_len sets the sequence length)")
+    add_seq_len_flag(target, "the accuracy windows, the timed prefills and the engine's "
+                             "optimisation profile")
     target.add_argument("--max_cache_len", type=int, default=None,
-                        help="longest cache the TensorRT engine accepts (default: --max_seq_len)")
+                        help="longest cache the TensorRT engine accepts (default: --seq_len)")
     target.add_argument("--precision", choices=PRECISIONS, default="fp32",
                         help="TensorRT engine precision, and the dtype PyTorch is timed in")
     target.add_argument("--device", default=None,
@@ -87,7 +90,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     timing.add_argument("--iterations", type=int, default=100,
                         help="timed calls per runner (0: skip latency)")
     timing.add_argument("--decode", action="store_true",
-                        help="also time one-token decode steps after a cache of --max_seq_len − 1")
+                        help="also time one-token decode steps after a cache of --seq_len − 1")
     timing.add_argument("--latency_runners", nargs="+", choices=LATENCY_RUNNERS,
                         default=list(LATENCY_RUNNERS), help="runners to time")
     out = parser.add_argument_group("output")
@@ -111,18 +114,17 @@ class Plan:
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
-    record, model_args = read_checked_record(args)
-    seq_len = args.max_seq_len or model_args.max_seq_len
-    for flag, value in (("--batch_size", args.batch_size), ("--max_seq_len", seq_len)):
-        if value <= 0:
-            raise UsageError(f"{flag} must be positive, got {value}")
+    record, model_args = read_checked_record(args.from_checkpoint, model_flag_values(args))
+    seq_len = seq_len_from_flags(args, model_args)
+    if args.batch_size <= 0:
+        raise UsageError(f"--batch_size must be positive, got {args.batch_size}")
     if args.eval_corpus and not args.tokenizer:
         raise UsageError("--eval_corpus needs --tokenizer (the checkpoint's SentencePiece model)")
     tokenizer = None
     if args.eval_corpus and args.accuracy_batches > 0:
-        from llama3.evaluate import load_tokenizer
+        from llama3.data.tokenizer import load_tokenizer
 
-        tokenizer = load_tokenizer(args.tokenizer, record, model_args)
+        tokenizer = load_tokenizer(args.tokenizer, record.get("tokenizer"), model_args.vocab_size)
     if args.opset < MIN_OPSET:
         raise UsageError(f"--opset must be at least {MIN_OPSET}, got {args.opset}")
     export_dir = Path(args.export_dir)
@@ -255,7 +257,7 @@ def eval_batches(args: argparse.Namespace, plan: Plan) -> list[tuple[Tensor, Ten
     """The first ``--accuracy_batches`` eval windows, kept in memory to feed every runner alike."""
     if plan.tokenizer is None:
         return []
-    from llama3.evaluate import open_eval_windows
+    from llama3.data.dataset import open_eval_windows
 
     windows = open_eval_windows(args.eval_corpus, plan.tokenizer, plan.seq_len, args.batch_size,
                                 args.data_mode, cache_dir=args.cache_dir)

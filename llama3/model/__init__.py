@@ -6,7 +6,7 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "ConfigError": "llama3.model.args",
+    "ConfigError": "llama3.errors",
     "ModelArgs": "llama3.model.args",
     "heuristic_core_dim": "llama3.model.args",
     "StaticKVCache": "llama3.model.transformer",

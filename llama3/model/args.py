@@ -6,14 +6,12 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from llama3.errors import ConfigError
+
 ATTENTIONS = ("softmax", "softplus")
 MIXERS = ("swiglu", "combinator")
 SOFTPLUS_SCALES = ("length", "constant")
 DEFAULT_MIXER = {"softmax": "swiglu", "softplus": "combinator"}
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the flag to change."""
 
 
 def heuristic_core_dim(dim: int) -> int:

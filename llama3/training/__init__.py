@@ -1,8 +1,11 @@
 """Training: one loop for one process (``train``) and for many under torchrun (``multitrain``).
 
-- :mod:`~llama3.training.flags` the flag groups of both commands;
-- :mod:`~llama3.training.build` tokenizer, model, optimiser and data from the flags, and the
-  state of a resumed run;
+- :mod:`~llama3.training.flags` the flag groups of both commands and the frozen configuration
+  (:class:`~llama3.training.flags.TrainingConfig`) they become;
+- :mod:`~llama3.training.build` tokenizer, model, optimiser and data from the configuration, and
+  the restore of a resumed run;
+- :mod:`~llama3.training.state` the run's mutable progress and the pieces of state a checkpoint
+  keeps;
 - :mod:`~llama3.training.trainer` the loop: steps, evaluation, checkpoints, interruption;
 - :mod:`~llama3.training.step` one optimizer step: accumulation, loss normalisation, clipping;
 - :mod:`~llama3.training.parallel` activation checkpointing → compile → FSDP2;

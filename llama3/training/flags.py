@@ -1,13 +1,24 @@
-"""Flags of ``train`` and ``multitrain``: the shared groups from :mod:`llama3.cli` plus the
-training-only groups defined here, once."""
+"""Flags of ``train`` and ``multitrain`` and the typed configuration they become.
+
+The shared groups (model, device and precision, tokenizer and token cache, seed) come from
+:mod:`llama3.cli`; the training-only groups are defined here, each next to the frozen dataclass
+that holds its values, checked once, naming the flag. :class:`TrainingConfig` gathers the groups;
+the rest of training reads it, never the parsed flags.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
 
-from llama3.cli import (UsageError, add_model_flags, add_precision_flags, add_seed_flag,
-                        add_token_cache_flags, add_tokenizer_flag)
-from llama3.training.optim import SCHEDULES
+from llama3.cli import (add_model_flags, add_precision_flags, add_seed_flag, add_token_cache_flags,
+                        add_tokenizer_flag, model_flag_values)
+from llama3.errors import UsageError
+from llama3.runtime import Precision
+from llama3.training.optim import SCHEDULES, LRSchedule, OptimizerSettings
 
 EPILOG = """\
 --batch_size windows of --max_seq_len tokens make one optimizer step per process, split into
@@ -17,6 +28,8 @@ Exit status: 0 done, 2 usage error, 3 non-finite loss or gradient (nothing saved
 checkpoint), 130 interrupted (Ctrl-C or SIGTERM: a checkpoint was saved first; press Ctrl-C twice to
 quit without saving).
 """
+
+Config = TypeVar("Config")
 
 
 def add_training_flags(parser: argparse.ArgumentParser, *, multiprocess: bool) -> None:
@@ -33,6 +46,20 @@ def add_training_flags(parser: argparse.ArgumentParser, *, multiprocess: bool) -
     add_seed_flag(parser)
 
 
+def _from_flags(cls: type[Config], args: argparse.Namespace, **values: Any) -> Config:
+    """``cls`` with each field taken from the flag of the same name, unless given in ``values``."""
+    names = [f.name for f in dataclasses.fields(cls) if f.name not in values]
+    return cls(**{name: getattr(args, name) for name in names}, **values)
+
+
+def _refuse(condition: bool, flag: str, value: Any, rule: str) -> None:
+    if condition:
+        raise UsageError(f"--{flag} {rule}, got {value}")
+
+
+# ------------------------------------------------------------------------------------ data
+
+
 def add_data_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("data")
     group.add_argument("--train_corpus", required=True, metavar="PATH",
@@ -41,6 +68,18 @@ def add_data_flags(parser: argparse.ArgumentParser) -> None:
                        help="held-out corpus for periodic evaluation (none: no evaluation)")
     add_tokenizer_flag(group)
     add_token_cache_flags(group)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train_corpus: str
+    eval_corpus: str | None
+    tokenizer: str
+    data_mode: str
+    cache_dir: str | None
+
+
+# ----------------------------------------------------------------------- batch and steps
 
 
 def add_batch_flags(parser: argparse.ArgumentParser) -> None:
@@ -56,6 +95,29 @@ def add_batch_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--eval_batches", type=int, default=20,
                        help="batches of --eval_corpus per evaluation: the same first windows every "
                             "time, so eval curves of runs with equal --batch_size are comparable")
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    batch_size: int
+    accumulation_steps: int
+    total_steps: int
+    eval_steps: int
+    eval_batches: int
+
+    def __post_init__(self) -> None:
+        for name, value in dataclasses.asdict(self).items():
+            _refuse(value <= 0, name, value, "must be positive")
+        if self.batch_size % self.accumulation_steps:
+            raise UsageError(f"--accumulation_steps {self.accumulation_steps} must divide "
+                             f"--batch_size {self.batch_size}")
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.batch_size // self.accumulation_steps
+
+
+# ---------------------------------------------------------------------------- optimisation
 
 
 def add_optimization_flags(parser: argparse.ArgumentParser) -> None:
@@ -76,6 +138,31 @@ def add_optimization_flags(parser: argparse.ArgumentParser) -> None:
                        help="learning rate at the last step, as a fraction of --base_lr")
 
 
+@dataclass(frozen=True)
+class OptimConfig:
+    base_lr: float
+    wd_rate: float
+    max_norm: float
+    beta1: float
+    beta2: float
+    adam_eps: float
+    lr_schedule: str
+    warmup_steps: int  # resolved: the flag, or 5% of --total_steps
+    min_lr_ratio: float
+
+    def __post_init__(self) -> None:
+        for name in ("base_lr", "wd_rate", "max_norm", "min_lr_ratio"):
+            _refuse(getattr(self, name) < 0, name, getattr(self, name), "must not be negative")
+        _refuse(self.min_lr_ratio > 1, "min_lr_ratio", self.min_lr_ratio, "must be at most 1")
+
+    def optimizer_settings(self) -> OptimizerSettings:
+        return OptimizerSettings(lr=self.base_lr, weight_decay=self.wd_rate,
+                                 betas=(self.beta1, self.beta2), eps=self.adam_eps)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
 def add_checkpoint_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("checkpoints and run directory")
     group.add_argument("--to_checkpoint", required=True, metavar="DIR",
@@ -88,6 +175,37 @@ def add_checkpoint_flags(parser: argparse.ArgumentParser) -> None:
                        help="save a checkpoint every this many steps, and at the end")
     group.add_argument("--keep_last", type=int, default=0,
                        help="keep only the newest N checkpoints (0: keep all)")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    to_checkpoint: str
+    from_checkpoint: str | None
+    save_steps: int
+    keep_last: int
+
+    def __post_init__(self) -> None:
+        _refuse(self.save_steps <= 0, "save_steps", self.save_steps, "must be positive")
+        _refuse(self.keep_last < 0, "keep_last", self.keep_last, "must not be negative")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.to_checkpoint)
+
+
+# ------------------------------------------------------------------ device and precision
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    """The group of :func:`llama3.cli.add_precision_flags`."""
+
+    device: str | None
+    allow_tf32: bool
+    precision: Precision
+
+
+# --------------------------------------------------------------------------- performance
 
 
 def add_performance_flags(parser: argparse.ArgumentParser, *, multiprocess: bool) -> None:
@@ -103,6 +221,19 @@ def add_performance_flags(parser: argparse.ArgumentParser, *, multiprocess: bool
                                 "and backward (0: none beyond FSDP's default)")
 
 
+@dataclass(frozen=True)
+class PerformanceConfig:
+    compile: bool
+    activation_checkpointing: bool
+    prefetching: int  # 0 for train, which has no FSDP
+
+    def __post_init__(self) -> None:
+        _refuse(self.prefetching < 0, "prefetching", self.prefetching, "must not be negative")
+
+
+# ------------------------------------------------------------------------------- metrics
+
+
 def add_logging_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("metrics")
     group.add_argument("--peak_tflops", type=float, default=None,
@@ -112,28 +243,55 @@ def add_logging_flags(parser: argparse.ArgumentParser) -> None:
                        help="write TensorBoard event files to DIR/tensorboard (needs tensorboard)")
 
 
-def warmup_steps(args: argparse.Namespace) -> int:
-    return args.warmup_steps if args.warmup_steps is not None else args.total_steps // 20
+@dataclass(frozen=True)
+class MetricsConfig:
+    peak_tflops: float | None
+    tensorboard: bool
+
+    def __post_init__(self) -> None:
+        _refuse(self.peak_tflops is not None and self.peak_tflops <= 0, "peak_tflops",
+                self.peak_tflops, "must be positive")
 
 
-def check_training_flags(args: argparse.Namespace) -> None:
-    """Raise UsageError for values no run can use, naming the flag."""
-    for name in ("batch_size", "accumulation_steps", "total_steps", "eval_steps", "eval_batches",
-                 "save_steps"):
-        if getattr(args, name) <= 0:
-            raise UsageError(f"--{name} must be positive, got {getattr(args, name)}")
-    if args.batch_size % args.accumulation_steps:
-        raise UsageError(f"--accumulation_steps {args.accumulation_steps} must divide --batch_size "
-                         f"{args.batch_size}")
-    if not 0 <= warmup_steps(args) < args.total_steps:
-        raise UsageError(f"--warmup_steps {warmup_steps(args)} must be below --total_steps "
-                         f"{args.total_steps}")
-    for name in ("base_lr", "wd_rate", "max_norm", "keep_last", "min_lr_ratio"):
-        if getattr(args, name) < 0:
-            raise UsageError(f"--{name} must not be negative, got {getattr(args, name)}")
-    if args.min_lr_ratio > 1:
-        raise UsageError(f"--min_lr_ratio must be at most 1, got {args.min_lr_ratio}")
-    if getattr(args, "prefetching", 0) < 0:
-        raise UsageError(f"--prefetching must not be negative, got {args.prefetching}")
-    if args.peak_tflops is not None and args.peak_tflops <= 0:
-        raise UsageError(f"--peak_tflops must be positive, got {args.peak_tflops}")
+# --------------------------------------------------------------------------- all together
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Every setting of a run, by flag group. ``model`` holds only the model flags given: a new
+    run fills the rest from ModelArgs' defaults, a resumed one from its checkpoint."""
+
+    data: DataConfig
+    model: dict[str, Any]
+    batch: BatchConfig
+    optim: OptimConfig
+    checkpoints: CheckpointConfig
+    device: DeviceConfig
+    performance: PerformanceConfig
+    metrics: MetricsConfig
+    seed: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.optim.warmup_steps < self.batch.total_steps:
+            raise UsageError(f"--warmup_steps {self.optim.warmup_steps} must be below "
+                             f"--total_steps {self.batch.total_steps}")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> TrainingConfig:
+        """The configuration the parsed flags give; UsageError names a flag no run can use."""
+        batch = _from_flags(BatchConfig, args)
+        warmup = args.warmup_steps if args.warmup_steps is not None else batch.total_steps // 20
+        return cls(data=_from_flags(DataConfig, args), model=model_flag_values(args), batch=batch,
+                   optim=_from_flags(OptimConfig, args, warmup_steps=warmup),
+                   checkpoints=_from_flags(CheckpointConfig, args),
+                   device=_from_flags(DeviceConfig, args, precision=Precision.from_flags(args)),
+                   performance=_from_flags(PerformanceConfig, args,
+                                           prefetching=getattr(args, "prefetching", 0)),
+                   metrics=_from_flags(MetricsConfig, args), seed=args.seed)
+
+    @property
+    def schedule(self) -> LRSchedule:
+        optim = self.optim
+        return LRSchedule(base_lr=optim.base_lr, warmup_steps=optim.warmup_steps,
+                          total_steps=self.batch.total_steps, kind=optim.lr_schedule,
+                          min_ratio=optim.min_lr_ratio)

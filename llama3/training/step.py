@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from llama3.evaluate import IGNORE_INDEX, lm_loss_sum
+from llama3.loss import IGNORE_INDEX, lm_loss_sum
 from llama3.runtime import Precision
 from llama3.training.distributed import Distributed
 from llama3.training.guard import check_finite

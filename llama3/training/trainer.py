@@ -9,7 +9,6 @@ Ctrl-C or SIGTERM, and a stop without one on a non-finite loss or gradient.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 from collections.abc import Iterator
@@ -17,13 +16,13 @@ from typing import Any
 
 import torch
 
-from llama3.checkpoint import capture_rng_state, save_training_checkpoint
-from llama3.evaluate import evaluate_loss
-from llama3.model import Transformer, parameter_counts
+from llama3.checkpoint import save_training_checkpoint
+from llama3.loss import evaluate_loss
+from llama3.model import ModelArgs, Transformer, parameter_counts
 from llama3.runtime import configure_matmul
 from llama3.training.build import Run, build_run
 from llama3.training.distributed import Distributed
-from llama3.training.flags import check_training_flags
+from llama3.training.flags import TrainingConfig
 from llama3.training.guard import NonFiniteError
 from llama3.training.interrupt import StopRequest
 from llama3.training.metrics import (MetricsLog, format_summary, last_value, memory_measure,
@@ -36,18 +35,18 @@ EXIT_INTERRUPTED = 130
 
 def run_training(args: argparse.Namespace, dist: Distributed) -> int:
     """Build the run from the flags, train to ``--total_steps``, return the exit status."""
-    check_training_flags(args)
-    configure_matmul(args.allow_tf32)
-    run = build_run(args, dist)
+    config = TrainingConfig.from_args(args)
+    configure_matmul(config.device.allow_tf32)
+    run = build_run(config, dist)
     reset_peak_memory(dist.device)
     if dist.is_main:
-        print("\n".join(_header(run) + run.log), flush=True)
+        print("\n".join(_header(run) + list(run.notes)), flush=True)
     metrics = MetricsLog(run.run_dir, main=dist.is_main, history=run.progress.history,
-                         start_step=run.progress.step, total_steps=args.total_steps,
-                         tensorboard=args.tensorboard)
+                         start_step=run.progress.step, total_steps=config.batch.total_steps,
+                         tensorboard=config.metrics.tensorboard)
     stop = StopRequest(announce=dist.is_main).install()
-    batches = iter(run.train_windows)
-    run.started = time.perf_counter()
+    batches = iter(run.parts.train_windows)
+    run.progress.start_clock()
     try:
         status = _loop(run, batches, metrics, stop)
     finally:
@@ -61,32 +60,30 @@ def run_training(args: argparse.Namespace, dist: Distributed) -> int:
 def _loop(run: Run, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], metrics: MetricsLog,
           stop: StopRequest) -> str:
     """Train until the last step, a stop request or a non-finite value; returns which."""
-    args, progress = run.args, run.progress
-    last_saved = progress.step if run.resumed_from is not None else None
+    batch, progress = run.config.batch, run.progress
     status = "completed"
-    while progress.step < args.total_steps:
+    while progress.step < batch.total_steps:
         try:
             begin = time.perf_counter()  # the step's time includes waiting for its data
             record, stop_requested = train_step(run, next(batches), stop.requested, begin)
         except NonFiniteError as err:
             metrics.write({"kind": "error", "step": progress.step + 1, "message": str(err),
-                           "elapsed_s": _elapsed(run)})
-            if run.dist.is_main:
+                           "elapsed_s": progress.elapsed()})
+            if run.parts.dist.is_main:
                 print(f"error: {err}", file=sys.stderr, flush=True)
             return "non-finite"
         metrics.write(record)
         metrics.progress(record)
-        final = progress.step == args.total_steps
-        if run.eval_windows is not None and (progress.step % args.eval_steps == 0 or final):
+        final = progress.step == batch.total_steps
+        if run.parts.eval_windows is not None and (progress.step % batch.eval_steps == 0 or final):
             metrics.write(evaluate(run))
             metrics.note(_eval_line(progress.history[-1]))
         if stop_requested:
             status = "interrupted"
             break
-        if progress.step % args.save_steps == 0 and not final:
+        if progress.step % run.config.checkpoints.save_steps == 0 and not final:
             save(run, metrics)
-            last_saved = progress.step
-    if progress.step != last_saved:
+    if progress.step != progress.saved_step:
         save(run, metrics)
     return status
 
@@ -95,16 +92,17 @@ def train_step(run: Run, batch: tuple[torch.Tensor, torch.Tensor], stop_requeste
                begin: float) -> tuple[dict[str, Any], bool]:
     """One optimizer step on ``batch`` at the scheduled learning rate; returns its metric record
     and whether any process asked to stop."""
-    progress = run.progress
-    lr = run.schedule(progress.step)
-    result = run.step(*batch, lr=lr, step=progress.step + 1, stop_requested=stop_requested)
+    parts, progress = run.parts, run.progress
+    lr = parts.schedule(progress.step)
+    result = parts.step(*batch, lr=lr, step=progress.step + 1, stop_requested=stop_requested)
     progress.step += 1
-    progress.tokens += run.throughput.tokens_per_step
-    tokens_per_s, mfu = run.throughput.add(time.perf_counter() - begin)
+    progress.tokens += parts.throughput.tokens_per_step
+    tokens_per_s, mfu = parts.throughput.add(time.perf_counter() - begin)
     record = {"kind": "train", "step": progress.step, "loss": result.loss, "lr": lr,
               "grad_norm": result.grad_norm, "tokens": progress.tokens,
               "tokens_per_s": tokens_per_s, "mfu": mfu,
-              "peak_memory_gib": peak_memory_gib(run.dist.device), "elapsed_s": _elapsed(run)}
+              "peak_memory_gib": peak_memory_gib(parts.dist.device),
+              "elapsed_s": progress.elapsed()}
     if result.skipped:
         record["skipped"] = True
     return record, result.stop_requested
@@ -112,37 +110,25 @@ def train_step(run: Run, batch: tuple[torch.Tensor, torch.Tensor], stop_requeste
 
 def evaluate(run: Run) -> dict[str, Any]:
     """Mean loss over the fixed held-out batches (the same ones at every evaluation)."""
-    dist = run.dist
-    result = evaluate_loss(run.model, run.eval_windows.batches(max_batches=run.eval_batches),
-                           dist.device, run.precision,
+    parts, progress = run.parts, run.progress
+    dist = parts.dist
+    result = evaluate_loss(parts.model, parts.eval_windows.batches(max_batches=parts.eval_batches),
+                           dist.device, run.config.device.precision,
                            all_reduce=dist.all_reduce_sum if dist.active else None)
-    return {"kind": "eval", "step": run.progress.step, "loss": result.loss,
+    return {"kind": "eval", "step": progress.step, "loss": result.loss,
             "perplexity": result.perplexity, "eval_tokens": result.tokens,
-            "tokens": run.progress.tokens, "elapsed_s": _elapsed(run)}
+            "tokens": progress.tokens, "elapsed_s": progress.elapsed()}
 
 
 def save(run: Run, metrics: MetricsLog) -> None:
     """Write a checkpoint of the current step (every process takes part)."""
-    progress = run.progress
-    trainer_record = {
-        "train_args": vars(run.args), "schedule": dataclasses.asdict(run.schedule),
-        "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
-        "history": progress.history, "tokens": progress.tokens,
-        "elapsed_s": _elapsed(run), "corpus": run.corpus, "precision": run.precision.name,
-    }
-    rank_record = {"data": run.train_windows.state_dict(),
-                   "rng": capture_rng_state(run.dist.device)}
+    parts, progress = run.parts, run.progress
     path = save_training_checkpoint(
-        run.run_dir, progress.step, model=run.model, optimizer=run.optimizer,
-        model_state=full_state_dict(run.model), model_args=run.model_args,
-        tokenizer=run.tokenizer, trainer_record=trainer_record, rank_record=rank_record,
-        group=run.dist, keep_last=run.args.keep_last or None)
+        run.run_dir, progress.step, run.checkpointed, model_state=full_state_dict(parts.model),
+        model_args=parts.model_args, tokenizer=parts.tokenizer_fingerprint, group=parts.dist,
+        keep_last=run.config.checkpoints.keep_last or None)
+    progress.saved_step = progress.step
     metrics.note(f"step {progress.step}: saved {path}")
-
-
-def _elapsed(run: Run) -> float:
-    """Wall-clock seconds of the whole run, earlier processes of a resumed run included."""
-    return run.progress.elapsed_s + time.perf_counter() - run.started
 
 
 def _eval_line(record: dict[str, Any]) -> str:
@@ -151,52 +137,52 @@ def _eval_line(record: dict[str, Any]) -> str:
 
 
 def _header(run: Run) -> list[str]:
-    args, dist = run.args, run.dist
-    micro = args.batch_size // args.accumulation_steps
-    peak = run.throughput.peak_flops
+    batch, parts = run.config.batch, run.parts
+    dist, peak = parts.dist, parts.throughput.peak_flops
     return [
-        f"device {dist.device} × {dist.world_size} process(es), precision {run.precision.name}"
-        + (", FSDP2" if dist.sharded else ""),
-        f"step: {args.batch_size} windows × {run.model_args.max_seq_len} tokens per process in "
-        f"{args.accumulation_steps} micro-batch(es) of {micro}; "
-        f"{run.throughput.tokens_per_step:,} tokens per step",
-        f"MFU against {peak / 1e12 / dist.world_size:g} TFLOP/s per device ({run.peak_source})"
-        if peak else f"MFU: {run.peak_source}",
+        f"device {dist.device} × {dist.world_size} process(es), precision "
+        f"{run.config.device.precision.name}" + (", FSDP2" if dist.sharded else ""),
+        f"step: {batch.batch_size} windows × {parts.model_args.max_seq_len} tokens per process in "
+        f"{batch.accumulation_steps} micro-batch(es) of {batch.micro_batch_size}; "
+        f"{parts.throughput.tokens_per_step:,} tokens per step",
+        f"MFU against {peak / 1e12 / dist.world_size:g} TFLOP/s per device ({parts.peak_source})"
+        if peak else f"MFU: {parts.peak_source}",
         f"run directory: {run.run_dir}",
     ]
 
 
 def _finish(run: Run, status: str) -> None:
     """Print and save the end-of-run summary (main process)."""
-    if not run.dist.is_main:
+    parts, progress = run.parts, run.progress
+    dist = parts.dist
+    if not dist.is_main:
         return
-    tokens_per_s, mfu = run.throughput.overall()
-    history = run.progress.history
-    peak = run.throughput.peak_flops
+    tokens_per_s, mfu = parts.throughput.overall()
+    peak = parts.throughput.peak_flops
     summary = {
         "status": status,
-        "steps": run.progress.step,
-        "total_steps": run.args.total_steps,
-        "tokens": run.progress.tokens,
-        "elapsed_s": _elapsed(run),
-        "step_time_s": run.throughput.seconds,
+        "steps": progress.step,
+        "total_steps": run.config.batch.total_steps,
+        "tokens": progress.tokens,
+        "elapsed_s": progress.elapsed(),
+        "step_time_s": parts.throughput.seconds,
         "tokens_per_s": tokens_per_s,
         "mfu": mfu,
-        "peak_tflops_per_device": peak / 1e12 / run.dist.world_size if peak else None,
-        "peak_tflops_source": run.peak_source,
-        "peak_memory_gib": peak_memory_gib(run.dist.device),
-        "memory_measure": memory_measure(run.dist.device),
-        "final_train_loss": last_value(history, "train"),
-        "final_eval_loss": last_value(history, "eval"),
-        "parameters": _parameter_count(run),
-        "processes": run.dist.world_size,
-        "device": str(run.dist.device),
-        "precision": run.precision.name,
+        "peak_tflops_per_device": peak / 1e12 / dist.world_size if peak else None,
+        "peak_tflops_source": parts.peak_source,
+        "peak_memory_gib": peak_memory_gib(dist.device),
+        "memory_measure": memory_measure(dist.device),
+        "final_train_loss": last_value(progress.history, "train"),
+        "final_eval_loss": last_value(progress.history, "eval"),
+        "parameters": _parameter_count(parts.model_args),
+        "processes": dist.world_size,
+        "device": str(dist.device),
+        "precision": run.config.device.precision.name,
     }
     path = write_summary(run.run_dir, summary)
     print(f"run {status}; summary ({path}):\n{format_summary(summary)}", flush=True)
 
 
-def _parameter_count(run: Run) -> int:
+def _parameter_count(model_args: ModelArgs) -> int:
     with torch.device("meta"):
-        return parameter_counts(Transformer(run.model_args))["total"]
+        return parameter_counts(Transformer(model_args))["total"]

@@ -1,0 +1,114 @@
+"""The command line as a whole: every flag of every subcommand is documented, the flags that a
+trained model's commands renamed keep their older spellings, the shell scripts and the README use
+only flags that exist, and the modules below the commands import neither the command line nor a
+command."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llama3.__main__ import COMMANDS, main
+
+
+def parser_of(command: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser()
+    importlib.import_module(COMMANDS[command][0]).add_arguments(parser)
+    return parser
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_every_flag_is_documented(command):
+    undocumented = [a.option_strings for a in parser_of(command)._actions if not a.help]
+    assert not undocumented
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_help_runs(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0 and "--" in capsys.readouterr().out
+
+
+REQUIRED = {"evaluate": ["--from_checkpoint", "c", "--tokenizer", "t", "--eval_corpus", "e"],
+            "deploy": ["--from_checkpoint", "c"],
+            "generate": ["--from_checkpoint", "c", "--tokenizer", "t"]}
+
+
+@pytest.mark.parametrize("command", list(REQUIRED))
+def test_window_length_keeps_its_older_spelling(command, capsys):
+    parser = parser_of(command)
+    assert parser.parse_args([*REQUIRED[command], "--seq_len", "24"]).seq_len == 24
+    assert parser.parse_args([*REQUIRED[command], "--max_seq_len", "24"]).seq_len == 24
+    assert parser.parse_args(REQUIRED[command]).seq_len is None  # the checkpoint's context
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--max_seq_len is accepted as an older spelling" in help_text
+
+
+def test_evaluated_batches_keep_their_older_spelling():
+    parser = parser_of("evaluate")
+    assert parser.parse_args([*REQUIRED["evaluate"], "--eval_batches", "5"]).eval_batches == 5
+    assert parser.parse_args([*REQUIRED["evaluate"], "--total_steps", "5"]).eval_batches == 5
+    assert parser.parse_args(REQUIRED["evaluate"]).eval_batches == 0
+
+
+def test_lower_layers_import_no_command_line():
+    """Loss, data, checkpoints, runtime and training import neither llama3.cli nor a command."""
+    code = ("import sys, llama3.loss, llama3.checkpoint, llama3.runtime, llama3.data.dataset, "
+            "llama3.data.tokenizer, llama3.data.tokens, llama3.training.parallel, "
+            "llama3.training.step, llama3.training.state; "
+            "print(sorted(m for m in sys.modules if m in ('llama3.cli', 'llama3.evaluate', "
+            "'llama3.generate', 'llama3.deploy.command')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = ["quickstart.sh", "train_tokenizer.sh", "train_llama3.sh", "eval_llama3.sh",
+           "deploy_llama3.sh", "generate_llama3.sh"]
+FLAG = re.compile(r"(?<![\w-])--[a-z][\w-]*")
+
+
+def script_commands(text: str) -> list[tuple[str, list[str]]]:
+    """(subcommand, flags) of each ``-m llama3 SUBCOMMAND ...`` in a script, continuation lines
+    joined; ``$SUBCOMMAND`` stands for its default."""
+    text = text.replace("\\\n", " ")
+    default = re.search(r'SUBCOMMAND="\$\{SUBCOMMAND:-(\w+)\}"', text)
+    found = []
+    for line in text.splitlines():
+        match = re.search(r'-m llama3 ("\$SUBCOMMAND"|\w+)(.*)', line)
+        if match:
+            name = default.group(1) if "SUBCOMMAND" in match.group(1) else match.group(1)
+            found.append((name, FLAG.findall(match.group(2))))
+    return found
+
+
+def readme_commands() -> list[tuple[str, list[str]]]:
+    """(subcommand, flags) of the README's parameter table and of its ``python -m llama3``
+    commands."""
+    text = (REPO / "README.md").read_text().replace("\\\n", " ")
+    found = [(m.group(1), FLAG.findall(m.group(2)))
+             for m in re.finditer(r"^\| `(\w+)` \|[^|]*\|(.*)\|$", text, re.MULTILINE)
+             if m.group(1) in COMMANDS]
+    found += [(m.group(1), FLAG.findall(m.group(2)))
+              for m in re.finditer(r"python -m llama3 (\w+)(.*)", text) if m.group(1) in COMMANDS]
+    return found
+
+
+@pytest.mark.parametrize("source", [*SCRIPTS, "README.md"])
+def test_scripts_and_readme_use_flags_that_exist(source):
+    commands = (readme_commands() if source == "README.md"
+                else script_commands((REPO / source).read_text()))
+    assert commands
+    for command, flags in commands:
+        known = parser_of(command)._option_string_actions
+        assert [f for f in flags if f not in known] == [], f"{source}: {command}"
