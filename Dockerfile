@@ -22,8 +22,8 @@ ARG TQDM_VERSION=4.70.1
 
 # NGC images keep trtexec beside the TensorRT samples.
 ENV PATH=/usr/src/tensorrt/bin:${PATH}
-RUN command -v trtexec >/dev/null \
-    || { echo "error: trtexec is not on PATH in ${BASE_IMAGE}: choose an NGC PyTorch image with TensorRT" >&2; exit 1; }
+RUN command -v trtexec >/dev/null || { echo "error: trtexec is not on PATH in ${BASE_IMAGE}:" \
+    "choose an NGC PyTorch image with TensorRT" >&2; exit 1; }
 
 # --no-deps keeps the image's torch; first judge that torch against our range.
 COPY pyproject.toml README.md /opt/llama3/

@@ -100,8 +100,8 @@ def test_dockerfile_runs_the_check_with_flags_it_has():
               for c in calls]
     assert parsed[0].version_only and not parsed[1].version_only
     assert parsed[1].require_cuda_provider and parsed[1].require_tensorrt
-    first_check, pip_install = dockerfile.index("container_check"), dockerfile.index("onnxruntime-gpu==")
-    assert first_check < pip_install, "the torch version is judged before anything is installed"
+    # the torch version is judged before anything is installed
+    assert dockerfile.index("container_check") < dockerfile.index("onnxruntime-gpu==")
 
 
 def test_tensorrt_extra_admits_exactly_the_supported_versions():

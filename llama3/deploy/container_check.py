@@ -69,9 +69,9 @@ def check_torch_version(version: str, image: str | None = None) -> str:
         raise CheckFailed(f"torch{where} reports version {version!r}, which is not a PEP 440 "
                           "version") from None
     if not inside:
-        raise CheckFailed(f"torch {version}{where} is outside this project's range ({requirement}); "
-                          "build with --build-arg BASE_IMAGE=<an NGC PyTorch image whose torch is "
-                          "in range> (README: Docker)")
+        raise CheckFailed(f"torch {version}{where} is outside this project's range "
+                          f"({requirement}); build with --build-arg BASE_IMAGE=<an NGC PyTorch "
+                          "image whose torch is in range> (README: Docker)")
     return f"torch {version}: within {requirement}"
 
 
@@ -104,8 +104,9 @@ def check_onnx_export() -> list[str]:
                                         *check_inputs(args, 2, query, cached)).logits_abs
                         for query, cached in ((7, 0), (1, 6)))
             if not worst <= LOGITS_TOLERANCE:
-                raise CheckFailed(f"ONNX Runtime {ort.__version__} differs from PyTorch by {worst:.2e} "
-                                  f"on a tiny {attention} model (tolerance {LOGITS_TOLERANCE})")
+                raise CheckFailed(f"ONNX Runtime {ort.__version__} differs from PyTorch by "
+                                  f"{worst:.2e} on a tiny {attention} model (tolerance "
+                                  f"{LOGITS_TOLERANCE})")
             lines.append(f"ONNX export of a tiny {attention} model: ONNX Runtime {ort.__version__} "
                          f"matches PyTorch (largest logits difference {worst:.1e})")
     return lines

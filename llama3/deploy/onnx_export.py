@@ -80,7 +80,8 @@ def parameter_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def cast_copy(model: nn.Module, dtype: torch.dtype, device: torch.device | str = "cpu") -> nn.Module:
+def cast_copy(model: nn.Module, dtype: torch.dtype,
+              device: torch.device | str = "cpu") -> nn.Module:
     """A copy of a :class:`llama3.Transformer` with its weights in ``dtype`` on ``device``.
 
     Buffers keep their dtype: RoPE's fp32 frequencies rounded to fp16 would shift the angles of

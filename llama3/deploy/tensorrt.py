@@ -1,5 +1,5 @@
-"""TensorRT 10 and 11: engine build from the ONNX file (Python API or ``trtexec``), and a runner that
-binds torch CUDA tensors by address on a stream of its own.
+"""TensorRT 10 and 11: engine build from the ONNX file (Python API or ``trtexec``), and a runner
+that binds torch CUDA tensors by address on a stream of its own.
 
 The optimisation profile follows the export form: min = one token, batch 1, empty cache; opt = the
 deployment batch × sequence length with an empty cache (a prefill); max = the same with a full
