@@ -1,6 +1,7 @@
 """Deployment: ONNX export parity in ONNX Runtime at shapes unlike the export example, the TensorRT
-control flow (missing module → one line; engine build with a stand-in module), latency statistics,
-and the deploy command end to end."""
+control flow when TensorRT is missing (one line), latency statistics, and the deploy command end to
+end. TensorRT against stand-ins of its two API generations: test_deploy_tensorrt.py; reduced
+precision exports: test_deploy_precision.py."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from llama3.deploy import latency
 from llama3.deploy.onnx_export import (EXAMPLE_BATCH, EXAMPLE_CACHE, EXAMPLE_QUERY, INPUT_NAMES,
                                        OUTPUT_NAMES, export_onnx)
 from llama3.deploy.runners import OnnxRuntimeRunner, TorchRunner
-from llama3.deploy.tensorrt import build_engine, profile_shapes, trtexec_command
+from llama3.deploy.tensorrt import EngineTyping, missing_message, profile_shapes, trtexec_command
 from llama3.model.transformer import cache_shape
 
 REPO = Path(__file__).resolve().parents[1]
@@ -112,98 +113,11 @@ def test_profile_shapes_follow_the_export_form():
     assert shapes["k_cache"].max == shapes["v_cache"].max == (2, 8, 16, 64)
     softmax = profile_shapes(ModelArgs(**TINY["softmax"]), 4, 16, 16)
     assert softmax["v_cache"].max == (2, 4, 16, 2, 8)  # (L, B, T, n_kv_heads, head_dim)
-    command = trtexec_command("trtexec", "m.onnx", "m.engine", shapes, "fp16")
+    mode = EngineTyping(version="10.16.1", precision="fp16", strongly_typed=False,
+                        network_flag=False, builder_flag="FP16")
+    command = trtexec_command("trtexec", "m.onnx", "m.engine", shapes, mode)
     assert "--minShapes=input:1x1,k_cache:2x1x16x0,v_cache:2x1x16x0" in command
     assert "--maxShapes=input:8x48,k_cache:2x8x16x64,v_cache:2x8x16x64" in command
-    assert "--fp16" in command
-
-
-class _FakeTensorRT(types.ModuleType):
-    """Just enough of the tensorrt module's build API to record what build_engine asks for."""
-
-    class Logger:
-        WARNING = 2
-
-        def __init__(self, level):
-            self.level = level
-
-    class BuilderFlag:
-        FP16, BF16, TF32 = "FP16", "BF16", "TF32"
-
-    class MemoryPoolType:
-        WORKSPACE = "WORKSPACE"
-
-    def __init__(self, parse_ok: bool = True):
-        super().__init__("tensorrt")
-        self.__version__ = "10.test"
-        self.calls: dict[str, object] = {"profile": {}, "flags": [], "cleared": []}
-        fake = self
-
-        class Profile:
-            def set_shape(self, name, lo, opt, hi):
-                fake.calls["profile"][name] = (tuple(lo), tuple(opt), tuple(hi))
-
-        class Config:
-            def set_flag(self, flag):
-                fake.calls["flags"].append(flag)
-
-            def clear_flag(self, flag):
-                fake.calls["cleared"].append(flag)
-
-            def set_memory_pool_limit(self, pool, size):
-                fake.calls["workspace"] = size
-
-            def add_optimization_profile(self, profile):
-                fake.calls["profiles_added"] = fake.calls.get("profiles_added", 0) + 1
-
-        class Builder:
-            def __init__(self, logger):
-                pass
-
-            def create_network(self, flags):
-                fake.calls["network_flags"] = flags
-                return object()
-
-            def create_builder_config(self):
-                return Config()
-
-            def create_optimization_profile(self):
-                return Profile()
-
-            def build_serialized_network(self, network, config):
-                return b"serialized engine"
-
-        class OnnxParser:
-            num_errors = 0 if parse_ok else 1
-
-            def __init__(self, network, logger):
-                pass
-
-            def parse_from_file(self, path):
-                fake.calls["parsed"] = path
-                return parse_ok
-
-            def get_error(self, i):
-                return "unsupported operator"
-
-        self.Builder, self.OnnxParser = Builder, OnnxParser
-
-
-def test_build_engine_drives_the_tensorrt_api(tmp_path):
-    trt = _FakeTensorRT()
-    shapes = profile_shapes(ModelArgs(**TINY["softplus"]), 4, 32, 32)
-    engine = build_engine(trt, tmp_path / "m.onnx", tmp_path / "m.engine", shapes, "bf16",
-                          workspace_gib=0.5)
-    assert engine.read_bytes() == b"serialized engine"
-    assert trt.calls["parsed"] == str(tmp_path / "m.onnx")
-    assert trt.calls["flags"] == ["BF16"] and trt.calls["workspace"] == 1 << 29
-    assert trt.calls["profiles_added"] == 1
-    assert trt.calls["profile"]["k_cache"] == ((2, 1, 16, 0), (2, 4, 16, 0), (2, 4, 16, 32))
-    build_engine(trt, tmp_path / "m.onnx", tmp_path / "m32.engine", shapes, "fp32")
-    assert trt.calls["cleared"] == ["TF32"]
-    with pytest.raises(RuntimeError, match="unsupported operator"):
-        build_engine(_FakeTensorRT(parse_ok=False), tmp_path / "m.onnx", tmp_path / "x.engine",
-                     shapes, "fp16")
 
 
 def test_percentiles_are_on_a_0_to_100_scale():
@@ -221,19 +135,37 @@ def test_missing_tensorrt_is_one_line(monkeypatch, capsys, tmp_path):
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # makes `import tensorrt` fail
     args = types.SimpleNamespace(no_tensorrt=False, trtexec=False, precision="fp32")
     plan = types.SimpleNamespace(device=torch.device("cpu"))
-    info, runner = command.tensorrt_step(args, plan, tmp_path / "model.onnx")
+    info, runner = command.tensorrt_step(args, plan, tmp_path / "model.onnx", model=None)
     lines = capsys.readouterr().out.splitlines()
     assert runner is None and "skipped" in info
     assert len(lines) == 1 and lines[0].startswith("TensorRT: skipped (import tensorrt failed")
+
+
+def test_missing_cuda_provider_is_a_visible_line(capsys, tmp_path):
+    """On a CUDA --device, an onnxruntime without its CUDA provider (the CPU build here) runs on
+    the CPU, and one printed line, kept in the report, says so and what to install."""
+    from llama3.deploy import command
+
+    model = tiny_model("softplus")
+    path = export_onnx(model, tmp_path / "model.onnx")
+    plan = types.SimpleNamespace(model_args=model.args, device=torch.device("cuda", 0))
+    info, runner = command.onnxruntime_step(plan, path)
+    lines = capsys.readouterr().out.splitlines()
+    assert runner.device == torch.device("cpu") and info["provider"] == "CPUExecutionProvider"
+    assert lines == [info["warning"]]
+    assert lines[0].startswith("ONNX Runtime: runs on CPUExecutionProvider, not cuda:0: this "
+                               "onnxruntime")
+    assert "onnxruntime-gpu>=1.27 for CUDA 13" in lines[0]
 
 
 def test_deploy_command_end_to_end(deployed):
     done, out, _ = deployed
     assert done.returncode == 0, done.stderr[-3000:]
     trt_lines = [line for line in done.stdout.splitlines() if line.startswith("TensorRT")]
-    assert trt_lines == ["TensorRT: skipped (import tensorrt failed: TensorRT hidden by the test); "
-                         "it ships with the NGC PyTorch container, or: pip install tensorrt"]
+    assert trt_lines == [missing_message("TensorRT hidden by the test")]
     report = json.loads((out / "deploy_report.json").read_text())
+    assert report["onnxruntime"]["provider"] == "CPUExecutionProvider"
+    assert "warning" not in report["onnxruntime"]  # the CPU was asked for
     assert (out / "model.onnx").is_file() and report["onnx"]["opset"] >= 18
     rows = {row["runner"]: row for row in report["accuracy"]}
     assert rows["onnxruntime"]["prefill_logits_abs"] < 1e-4
@@ -247,3 +179,4 @@ def test_deploy_command_end_to_end(deployed):
     assert (prefill["batch"], prefill["query"], prefill["cached"]) == (2, 16, 0)
     assert prefill["p50_ms"] <= prefill["p99_ms"] and prefill["iterations"] == 3
     assert timed[("pytorch", "decode")]["cached"] == 15
+    assert {r["device"] for r in report["latency"]} == {"cpu"}

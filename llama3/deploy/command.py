@@ -6,6 +6,7 @@ import argparse
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -17,33 +18,39 @@ from llama3.cli import (add_checkpoint_source_flags, add_model_flags, add_seq_le
 from llama3.errors import UsageError
 from llama3.deploy import latency
 from llama3.deploy.accuracy import check_inputs, compare_outputs, runner_loss
-from llama3.deploy.onnx_export import DEFAULT_OPSET, MIN_OPSET, export_onnx
-from llama3.deploy.runners import OnnxRuntimeRunner, Runner, TorchRunner, too_big_for_host
-from llama3.deploy.tensorrt import (PRECISIONS, TensorRTRunner, build_engine, build_engine_trtexec,
+from llama3.deploy.onnx_export import DEFAULT_OPSET, MIN_OPSET, cast_copy, export_onnx
+from llama3.deploy.runners import (DTYPES, OnnxRuntimeRunner, Runner, TorchRunner,
+                                   too_big_for_host)
+from llama3.deploy.tensorrt import (PRECISIONS, SUPPORTED, ShapeRange, TensorRTRunner,
+                                    build_engine, build_engine_trtexec, engine_typing,
                                     import_tensorrt, missing_message, profile_shapes)
 from llama3.fileio import write_json
 from llama3.model.args import ModelArgs
 from llama3.reporting import environment, format_table
 from llama3.runtime import select_device
 
-DESCRIPTION = """\
+DESCRIPTION = f"""\
 Export a checkpoint to ONNX and TensorRT, check accuracy, measure latency; one report.
 
 Steps, in order:
   1. export the cached call form to EXPORT_DIR/model.onnx (fp32; dynamic batch, query and cache
      length) and run onnx.checker on it;
-  2. build EXPORT_DIR/model_PRECISION.engine with TensorRT (Python API, or --trtexec); without
-     TensorRT one line says so and the other steps still run;
+  2. build EXPORT_DIR/model_PRECISION.engine with TensorRT (Python API, or --trtexec; versions
+     {SUPPORTED} are supported); without TensorRT one line says so and the other steps still
+     run. fp16/bf16: TensorRT 10 uses its builder flags on the fp32 file; TensorRT 11 (and 10
+     with --strongly_typed) takes the precision from the graph, so EXPORT_DIR/model_PRECISION.onnx
+     is exported in that dtype first (norm statistics and the softplus normaliser stay fp32);
   3. compare ONNX Runtime and TensorRT with PyTorch fp32: largest logits differences for a prefill
      and a decode step, and eval loss on --accuracy_batches windows of --eval_corpus;
   4. time PyTorch eager, ONNX Runtime and TensorRT on --batch_size x --seq_len prefills (and,
      with --decode, one-token steps after a full cache); print tables and write --output.
-Exits 1 when TensorRT is installed but the engine cannot be built (the rest still runs).
+ONNX Runtime on a CUDA --device without its CUDA provider runs on the CPU, and one line (also in
+the report) says why. Exits 1 when TensorRT is installed but the engine cannot be built, or is not
+a supported version (the rest still runs).
 """
 LATENCY_RUNNERS = ("pytorch", "onnxruntime", "tensorrt")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-LATENCY_COLUMNS = ("runner", "precision", "phase", "batch", "query", "cached", "mean_ms", "p50_ms",
-                   "p90_ms", "p95_ms", "p99_ms", "calls_per_s", "tokens_per_s")
+LATENCY_COLUMNS = ("runner", "device", "precision", "phase", "batch", "query", "cached", "mean_ms",
+                   "p50_ms", "p90_ms", "p95_ms", "p99_ms", "calls_per_s", "tokens_per_s")
 ACCURACY_COLUMNS = ("runner", "precision", "prefill_logits_abs", "prefill_logits_rel",
                     "decode_logits_abs", "eval_loss", "eval_loss_delta")
 CHECK_QUERY = 16  # prefill length of the logits comparison (capped by --seq_len)
@@ -71,7 +78,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     target.add_argument("--max_cache_len", type=int, default=None,
                         help="longest cache the TensorRT engine accepts (default: --seq_len)")
     target.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                        help="TensorRT engine precision, and the dtype PyTorch is timed in")
+                        help="TensorRT engine precision, and the dtype PyTorch is timed in "
+                             "(fp32 clears TF32)")
     target.add_argument("--device", default=None,
                         help="cuda, cuda:N or cpu (default: cuda when available); TensorRT needs "
                              "cuda, ONNX Runtime uses its CUDA provider when installed")
@@ -79,10 +87,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     checks = parser.add_argument_group("accuracy")
     checks.add_argument("--accuracy_batches", type=int, default=4,
                         help="eval-corpus batches for the eval-loss comparison (0: skip it)")
-    trt = parser.add_argument_group("TensorRT")
+    trt = parser.add_argument_group(
+        "TensorRT", f"TensorRT {SUPPORTED}: the NGC PyTorch container's, or "
+                    "pip install 'llama3-softplus[tensorrt]'")
     trt.add_argument("--no_tensorrt", action="store_true", help="skip the TensorRT engine")
     trt.add_argument("--trtexec", action="store_true",
-                     help="build the engine with the trtexec tool instead of the Python API")
+                     help="build the engine with the trtexec tool (of the same TensorRT as the "
+                          "Python module) instead of the Python API")
+    trt.add_argument("--strongly_typed", action="store_true",
+                     help="TensorRT 10: build a strongly typed network whose fp16/bf16 comes from "
+                          "an ONNX file exported in that dtype, instead of the deprecated builder "
+                          "flags; TensorRT 11 always does this")
     trt.add_argument("--workspace_gib", type=float, default=0.0,
                      help="TensorRT builder workspace limit in GiB (0: TensorRT's default)")
     timing = parser.add_argument_group("latency")
@@ -143,12 +158,12 @@ def run(args: argparse.Namespace) -> int:
                             "batch_size": args.batch_size, "seq_len": plan.seq_len,
                             "precision": args.precision, "versions": environment()}
     info["onnx"], onnx_path = export_step(model, plan, args.opset)
-    reference = TorchRunner(model.to(plan.device))
-    runners: dict[str, Runner] = {"onnxruntime": OnnxRuntimeRunner(onnx_path, plan.model_args,
-                                                                   plan.device)}
-    info["tensorrt"], trt_runner = tensorrt_step(args, plan, onnx_path)
+    info["onnxruntime"], ort_runner = onnxruntime_step(plan, onnx_path)
+    runners: dict[str, Runner] = {"onnxruntime": ort_runner}
+    info["tensorrt"], trt_runner = tensorrt_step(args, plan, onnx_path, model)
     if trt_runner is not None:
         runners["tensorrt"] = trt_runner
+    reference = TorchRunner(model.to(plan.device))
     timed = timed_pytorch(model, args.precision, reference)
     info["accuracy"] = accuracy_step(args, plan, reference, timed, runners)
     info["latency"] = latency_step(args, plan, [timed, *runners.values()])
@@ -157,19 +172,34 @@ def run(args: argparse.Namespace) -> int:
     return 1 if info["tensorrt"].get("error") else 0
 
 
-def export_step(model: torch.nn.Module, plan: Plan, opset: int) -> tuple[dict[str, Any], Path]:
-    path = plan.export_dir / "model.onnx"
-    print(f"ONNX: exporting to {path} (opset {opset}) ...", flush=True)
+def export_step(model: torch.nn.Module, plan: Plan, opset: int,
+                precision: str = "fp32") -> tuple[dict[str, Any], Path]:
+    """Export ``model`` in ``precision`` to EXPORT_DIR/model.onnx (fp32) or model_PRECISION.onnx."""
+    path = plan.export_dir / ("model.onnx" if precision == "fp32" else f"model_{precision}.onnx")
+    print(f"ONNX: exporting to {path} ({precision}, opset {opset}) ...", flush=True)
     start = time.perf_counter()
-    export_onnx(model, path, opset=opset)
+    export_onnx(model, path, opset=opset, dtype=None if precision == "fp32" else DTYPES[precision])
     seconds = time.perf_counter() - start
     print(f"ONNX: {path} written and passed onnx.checker in {seconds:.1f} s", flush=True)
-    return {"path": str(path), "opset": opset, "bytes": path.stat().st_size,
-            "export_s": seconds}, path
+    return {"path": str(path), "precision": precision, "opset": opset,
+            "bytes": path.stat().st_size, "export_s": seconds}, path
 
 
-def tensorrt_step(args: argparse.Namespace, plan: Plan,
-                  onnx_path: Path) -> tuple[dict[str, Any], TensorRTRunner | None]:
+def onnxruntime_step(plan: Plan, onnx_path: Path) -> tuple[dict[str, Any], OnnxRuntimeRunner]:
+    """The ONNX Runtime session, and one visible line when it cannot use the CUDA device."""
+    import onnxruntime as ort
+
+    runner = OnnxRuntimeRunner(onnx_path, plan.model_args, plan.device)
+    info = {"version": ort.__version__, "provider": runner.provider,
+            "available_providers": ort.get_available_providers(), "device": str(runner.device)}
+    if runner.warning:
+        print(runner.warning, flush=True)
+        info["warning"] = runner.warning
+    return info, runner
+
+
+def tensorrt_step(args: argparse.Namespace, plan: Plan, onnx_path: Path,
+                  model: torch.nn.Module) -> tuple[dict[str, Any], TensorRTRunner | None]:
     """Build and load the engine, or say in one line why not."""
     if args.no_tensorrt:
         return _skip("--no_tensorrt given")
@@ -178,24 +208,45 @@ def tensorrt_step(args: argparse.Namespace, plan: Plan,
         return _skip(missing_message(reason), reason=f"import tensorrt failed: {reason}")
     if plan.device.type != "cuda":
         return _skip(f"TensorRT: skipped (it needs a CUDA device; running on {plan.device})")
+    try:
+        mode = engine_typing(trt, args.precision, args.strongly_typed)
+    except RuntimeError as err:
+        print(f"TensorRT: failed: {err}", flush=True)
+        return {"error": str(err), "version": str(trt.__version__)}, None
+    info: dict[str, Any] = {"version": mode.version, "precision": args.precision,
+                            "typing": mode.describe(), "builder": "trtexec" if args.trtexec
+                            else "python", "onnx": str(onnx_path)}
+    if mode.graph_precision != "fp32":
+        info["onnx_export"], onnx_path = export_step(model, plan, args.opset, mode.graph_precision)
+        info["onnx"] = str(onnx_path)
     engine = plan.export_dir / f"model_{args.precision}.engine"
     shapes = profile_shapes(plan.model_args, args.batch_size, plan.seq_len, plan.max_cache)
-    print(f"TensorRT {trt.__version__}: building {engine} ({args.precision}) ...", flush=True)
+    print(f"TensorRT {mode.version}: building {engine} ({args.precision}, {mode.describe()}) ...",
+          flush=True)
     start = time.perf_counter()
     try:
-        if args.trtexec:
-            build_engine_trtexec(onnx_path, engine, shapes, args.precision, args.workspace_gib)
-        else:
-            build_engine(trt, onnx_path, engine, shapes, args.precision, args.workspace_gib)
+        _build(trt, args, plan, onnx_path, engine, shapes)
         runner = TensorRTRunner(trt, engine, plan.device, args.precision)
     except (RuntimeError, ValueError) as err:
         print(f"TensorRT: failed: {err}", flush=True)
-        return {"error": str(err)}, None
+        return {**info, "error": str(err)}, None
     seconds = time.perf_counter() - start
     print(f"TensorRT: {engine} built in {seconds:.1f} s", flush=True)
     profile = {name: vars(r) for name, r in shapes.items()}
-    return {"engine": str(engine), "precision": args.precision, "build_s": seconds,
-            "builder": "trtexec" if args.trtexec else "python", "profile": profile}, runner
+    return {**info, "engine": str(engine), "build_s": seconds, "profile": profile}, runner
+
+
+def _build(trt: ModuleType, args: argparse.Namespace, plan: Plan, onnx_path: Path, engine: Path,
+           shapes: dict[str, ShapeRange]) -> None:
+    """The engine build on the deployment device, through the Python API or trtexec."""
+    if args.trtexec:
+        build_engine_trtexec(trt, onnx_path, engine, shapes, args.precision, args.workspace_gib,
+                             strongly_typed=args.strongly_typed,
+                             device_index=plan.device.index or 0)
+        return
+    with torch.cuda.device(plan.device):
+        build_engine(trt, onnx_path, engine, shapes, args.precision, args.workspace_gib,
+                     strongly_typed=args.strongly_typed)
 
 
 def _skip(line: str, reason: str | None = None) -> tuple[dict[str, Any], None]:
@@ -209,10 +260,7 @@ def timed_pytorch(model: torch.nn.Module, precision: str, reference: TorchRunner
     """PyTorch at the deployment precision (the fp32 reference itself when that is fp32)."""
     if precision == "fp32":
         return reference
-    param = next(model.parameters())
-    copy = type(model).build(model.args, device=param.device, init=False)
-    copy.load_state_dict(model.state_dict())
-    return TorchRunner(copy.to(DTYPES[precision]))
+    return TorchRunner(cast_copy(model, DTYPES[precision], reference.device))
 
 
 def accuracy_step(args: argparse.Namespace, plan: Plan, reference: TorchRunner, timed: Runner,
@@ -273,14 +321,12 @@ def latency_step(args: argparse.Namespace, plan: Plan,
         shapes.append((args.batch_size, 1, max(min(plan.seq_len - 1, plan.max_cache), 1)))
     rows = []
     for runner in (r for r in runners if r.name in args.latency_runners):
-        if runner.name == "onnxruntime" and runner.device.type != plan.device.type:
-            print(f"ONNX Runtime: no {plan.device.type} provider in this onnxruntime build; it is "
-                  "timed on the CPU", flush=True)
         for batch, query, cached in shapes:
             reason = too_big_for_host(runner, plan.model_args, batch, query, cached)
             if reason:
                 print(f"latency: {runner.name} skipped: {reason}", flush=True)
-                rows.append({"runner": runner.name, "precision": runner.precision,
+                rows.append({"runner": runner.name, "device": str(runner.device),
+                             "precision": runner.precision,
                              "phase": "decode" if cached else "prefill", "batch": batch,
                              "query": query, "cached": cached, "skipped": reason})
                 continue
@@ -288,7 +334,8 @@ def latency_step(args: argparse.Namespace, plan: Plan,
             result = latency.measure(runner, plan.model_args, batch, query, cached,
                                      warmup=args.warmup, iterations=args.iterations,
                                      seed=args.seed)
-            rows.append({**result.to_dict(), "precision": runner.precision})
+            rows.append({**result.to_dict(), "device": str(runner.device),
+                         "precision": runner.precision})
     print("\nlatency (ms) and throughput:")
     print(format_table(rows, LATENCY_COLUMNS), flush=True)
     return rows

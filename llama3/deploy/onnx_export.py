@@ -8,6 +8,14 @@ as standard ONNX operators (MatMul, Softplus, Range-built causal mask, ReduceSum
 
 We use the dynamo exporter (``torch.export`` with ``dynamic_shapes``): it is the supported exporter
 of current PyTorch, and it records the three dimensions as symbols instead of tracing one shape.
+
+The graph carries the dtype the model is exported in. An fp32 file runs everywhere (ONNX Runtime,
+TensorRT 10 with its FP16/BF16 builder flags). Strongly typed TensorRT builds (always on TensorRT
+11) take their precision from the graph, so they need a file exported in fp16 or bf16
+(``export_onnx(..., dtype=torch.float16)``). The model computes its numerically delicate parts in
+fp32 whatever its dtype, and the export keeps them as Cast-to-fp32 subgraphs: RMSNorm statistics,
+RoPE angles, and the whole softplus score path (scores, softplus, the normaliser's sums over up to
+T keys, which would overflow fp16 beyond 65504), cast back only for the attention output.
 """
 
 from __future__ import annotations
@@ -72,14 +80,31 @@ def parameter_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def export_onnx(model: nn.Module, path: str | Path, *, opset: int = DEFAULT_OPSET) -> Path:
+def cast_copy(model: nn.Module, dtype: torch.dtype,
+              device: torch.device | str = "cpu") -> nn.Module:
+    """A copy of a :class:`llama3.Transformer` with its weights in ``dtype`` on ``device``.
+
+    Buffers keep their dtype: RoPE's fp32 frequencies rounded to fp16 would shift the angles of
+    distant positions by a sizeable fraction of a radian.
+    """
+    copy = type(model).build(model.args, device=device, init=False)
+    copy.load_state_dict(model.state_dict())
+    for param in copy.parameters():
+        param.data = param.data.to(dtype)
+    return copy.eval()
+
+
+def export_onnx(model: nn.Module, path: str | Path, *, opset: int = DEFAULT_OPSET,
+                dtype: torch.dtype | None = None) -> Path:
     """Export ``model``'s export form to ``path`` and check the file; returns the path.
 
-    The model is exported as it is (device and dtype); deployment exports an fp32 CPU copy so the
-    file runs everywhere and TensorRT chooses reduced precision itself.
+    The model is exported as it is (device and dtype), or as a CPU copy in ``dtype`` when given
+    (see the module docstring for what stays fp32).
     """
     if opset < MIN_OPSET:
         raise ValueError(f"--opset must be at least {MIN_OPSET}, got {opset}")
+    if dtype is not None:
+        model = cast_copy(model, dtype)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     param = next(model.parameters())
@@ -107,3 +132,16 @@ def check_onnx(path: str | Path) -> None:
     if inputs != INPUT_NAMES or outputs != OUTPUT_NAMES:
         raise ValueError(f"{path}: expected inputs {INPUT_NAMES} and outputs {OUTPUT_NAMES}, "
                          f"found {inputs} and {outputs}")
+
+
+_ONNX_PRECISIONS = {1: "fp32", 10: "fp16", 16: "bf16"}  # onnx.TensorProto FLOAT, FLOAT16, BFLOAT16
+
+
+def graph_precision(path: str | Path) -> str:
+    """fp32, fp16 or bf16: the dtype of the file's cache inputs, i.e. what it was exported in."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    cache = next(i for i in graph.input if i.name == INPUT_NAMES[1])
+    elem_type = cache.type.tensor_type.elem_type
+    return _ONNX_PRECISIONS.get(elem_type, f"ONNX type {elem_type}")

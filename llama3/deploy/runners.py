@@ -18,7 +18,11 @@ from llama3.model.transformer import cache_shape, cache_time_axis
 from llama3.model.args import ModelArgs
 
 Outputs = tuple[Tensor, Tensor, Tensor]
-PRECISION_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+PRECISION_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+CUDA_PROVIDER = "CUDAExecutionProvider"
+# onnxruntime-gpu wheels on PyPI: up to 1.26 built for CUDA 12, from 1.27 for CUDA 13.
+ORT_CUDA_HINT = "onnxruntime-gpu>=1.27 for CUDA 13, onnxruntime-gpu<=1.26 for CUDA 12"
 
 
 class Runner(Protocol):
@@ -59,21 +63,23 @@ def onnxruntime_providers(device: torch.device) -> list:
     """CUDA provider on a CUDA device when this onnxruntime build has it, else CPU."""
     import onnxruntime as ort
 
-    if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
-        return [("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"]
+    if device.type == "cuda" and CUDA_PROVIDER in ort.get_available_providers():
+        return [(CUDA_PROVIDER, {"device_id": device.index or 0}), "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
 
 
+_ORT_TYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16}
+
+
 class OnnxRuntimeRunner:
-    """An ONNX Runtime session over the exported file.
+    """An ONNX Runtime session over an exported file (fp32, or fp16 from a reduced export).
 
     On CUDA (onnxruntime-gpu) inputs and outputs are bound to torch tensors by address through
-    IOBinding, so nothing goes through host memory; on CPU, tensors are shared with NumPy.
+    IOBinding, so nothing goes through host memory; on CPU, tensors are shared with NumPy. When
+    the CUDA provider was wanted but is not what the session runs on, :attr:`warning` says why.
     """
 
     name = "onnxruntime"
-    precision = "fp32"  # the exported file is fp32
-    cache_dtype = torch.float32
 
     def __init__(self, path: str | Path, args: ModelArgs, device: torch.device, threads: int = 0):
         import onnxruntime as ort
@@ -85,8 +91,16 @@ class OnnxRuntimeRunner:
         providers = onnxruntime_providers(device)
         self.session = ort.InferenceSession(str(path), options, providers=providers)
         self.provider = self.session.get_providers()[0]
-        self.device = device if self.provider == "CUDAExecutionProvider" else torch.device("cpu")
+        self.device = device if self.provider == CUDA_PROVIDER else torch.device("cpu")
+        self.warning = provider_warning(self.provider, device)
         self.args = args
+        types = {i.name: i.type for i in self.session.get_inputs() + self.session.get_outputs()}
+        if types[INPUT_NAMES[1]] not in _ORT_TYPES or types[OUTPUT_NAMES[0]] not in _ORT_TYPES:
+            raise ValueError(f"{path}: the ONNX Runtime runner takes fp32 or fp16 files, this one "
+                             f"has {types[INPUT_NAMES[1]]} caches")
+        self.cache_dtype = _ORT_TYPES[types[INPUT_NAMES[1]]]
+        self.output_dtype = _ORT_TYPES[types[OUTPUT_NAMES[0]]]
+        self.precision = PRECISION_NAMES[self.cache_dtype]
 
     def __call__(self, tokens: Tensor, k_cache: Tensor, v_cache: Tensor) -> Outputs:
         if self.device.type == "cuda":
@@ -108,12 +122,30 @@ class OnnxRuntimeRunner:
                                    t.data_ptr())
         B, S = tokens.shape
         shapes = output_shapes(self.args, B, S, cached_length(self.args, k_cache))
-        outputs = [torch.empty(s, dtype=torch.float32, device=self.device) for s in shapes]
+        dtypes = (self.output_dtype, self.cache_dtype, self.cache_dtype)
+        outputs = [torch.empty(s, dtype=d, device=self.device) for s, d in zip(shapes, dtypes)]
         for name, t in zip(OUTPUT_NAMES, outputs):
-            binding.bind_output(name, "cuda", index, np.float32, tuple(t.shape), t.data_ptr())
+            binding.bind_output(name, "cuda", index, _numpy_dtype(t.dtype), tuple(t.shape),
+                                t.data_ptr())
         torch.cuda.current_stream(self.device).synchronize()  # inputs written on torch's stream
         self.session.run_with_iobinding(binding)
         return tuple(outputs)
+
+
+def provider_warning(provider: str, wanted: torch.device) -> str | None:
+    """One line saying why ONNX Runtime runs on ``provider`` instead of the CUDA device asked
+    for, or None when nothing was lost."""
+    if wanted.type != "cuda" or provider == CUDA_PROVIDER:
+        return None
+    import onnxruntime as ort
+
+    if CUDA_PROVIDER in ort.get_available_providers():
+        why = ("its CUDA provider is built in but did not load: the CUDA or cuDNN major version "
+               f"it was built for is missing here ({ORT_CUDA_HINT})")
+    else:
+        why = (f"this onnxruntime {ort.__version__} build has no CUDA provider "
+               f"(install {ORT_CUDA_HINT})")
+    return f"ONNX Runtime: runs on {provider}, not {wanted}: {why}"
 
 
 def _numpy_dtype(dtype: torch.dtype) -> type:
