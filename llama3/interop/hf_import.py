@@ -51,11 +51,11 @@ def run(args: argparse.Namespace) -> int:
     config = read_config(hf_dir)
     form = detect_format(config, hf_dir)
     model_args = model_args_from_config(config, form, hf_dir)
+    tokenizer, note = tokenizer_record(args.tokenizer, hf_dir, model_args)
     hf_state, source = read_weights(hf_dir)
     untied = untie(hf_state, config)
     state = to_our_names(hf_state, model_args, form, source)
     model = build_model(model_args, state, source, CONFIG_FILE)
-    tokenizer, note = tokenizer_record(args.tokenizer, hf_dir, model_args)
     path = save_model_checkpoint(args.to_checkpoint, model, tokenizer=tokenizer, step=0)
     n_params = sum(p.numel() for p in model.parameters())
     kind = f"{model_args.attention} attention, {model_args.mixer}"

@@ -212,6 +212,10 @@ class Llama3SoftplusPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
+        """N(0, 0.02) projections and embedding, unit norms; weights transformers has loaded (and
+        flagged) are left alone."""
+        if getattr(getattr(module, "weight", None), "_is_hf_initialized", False):
+            return
         if isinstance(module, (nn.Linear, nn.Embedding)):
             module.weight.normal_(mean=0.0, std=0.02)
         elif isinstance(module, Llama3SoftplusRMSNorm):

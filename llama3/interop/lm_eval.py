@@ -73,6 +73,10 @@ class Llama3LM(TemplateLM):
                                drop_empty_brackets=drop_empty_brackets)
         self._generator = None
 
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
     # ------------------------------------------------------------------------- tokens
 
     @property
