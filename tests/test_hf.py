@@ -11,6 +11,7 @@ transformers itself (sharded, tied embeddings) imports with its logits; bad inpu
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -241,8 +242,28 @@ def test_import_a_llama_saved_by_transformers(tmp_path):
     assert relative_error(ours(tokens), hf(tokens).logits) <= 1e-5
 
 
+def test_an_edited_directory_imports_as_its_config_reads(exported, tmp_path):
+    """The vocabulary grown by 8 after export: config.json and the weights disagree with the
+    ModelArgs export_hf recorded, and config.json wins."""
+    from safetensors.torch import load_file, save_file
+
+    directory = tmp_path / "resized"
+    shutil.copytree(exported["softplus"], directory)
+    tensors = load_file(directory / "model.safetensors")
+    for key in ("model.embed_tokens.weight", "lm_head.weight"):
+        tensors[key] = torch.cat([tensors[key], torch.zeros(8, tensors[key].shape[1])])
+    save_file(tensors, directory / "model.safetensors")
+    config = json.loads((directory / "config.json").read_text())
+    config["vocab_size"] += 8
+    (directory / "config.json").write_text(json.dumps(config))
+    assert main(["import_hf", "--hf_dir", str(directory), "--to_checkpoint",
+                 str(tmp_path / "ours")]) == 0
+    args = load_checkpoint(tmp_path / "ours").args
+    assert (args.vocab_size, args.attention, args.core_dim) == (config["vocab_size"], "softplus", 16)
+
+
 def test_llama_configs_of_transformers_4_and_5_read_alike(tmp_path):
-    from llama3.interop.hf_import import llama_fields
+    from llama3.interop.hf_import import stated_fields
 
     base = {"hidden_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2,
             "intermediate_size": 100, "vocab_size": 96, "max_position_embeddings": 256}
@@ -250,8 +271,8 @@ def test_llama_configs_of_transformers_4_and_5_read_alike(tmp_path):
                "original_max_position_embeddings": 8192}
     v4 = {**base, "rope_theta": 5e5, "rope_scaling": {"rope_type": "llama3", **scaling}}
     v5 = {**base, "rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, **scaling}}
-    fields = llama_fields(v4, tmp_path)
-    assert fields == llama_fields(v5, tmp_path)
+    fields = stated_fields(v4, "llama", tmp_path)
+    assert fields == stated_fields(v5, "llama", tmp_path)
     args = ModelArgs(**fields)  # intermediate_size below Meta's 8/3·dim needs the multiplier
     assert (args.rope_theta, args.use_scaled_rope, args.hidden_dim) == (5e5, True, 100)
 

@@ -95,15 +95,25 @@ def detect_format(config: dict[str, Any], hf_dir: Path) -> str:
                      f"reads {hf_format.LLAMA_ARCHITECTURE} directories and those export_hf writes")
 
 
+# What config.json states itself; the ModelArgs export_hf recorded are used when they agree on all.
+STATED = ("attention", "mixer", "dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size",
+          "hidden_dim", "core_dim", "softplus_scale", "norm_eps", "rope_theta", "use_scaled_rope",
+          "max_seq_len")
+
+
 def model_args_from_config(config: dict[str, Any], form: str, hf_dir: Path) -> ModelArgs:
-    """Our ModelArgs: as recorded by export_hf, else derived from a Llama config.json."""
+    """Our ModelArgs as config.json states them. The ModelArgs export_hf recorded beside them also
+    hold what config.json cannot say (--multiple_of, --ffn_dim_multiplier, --dropout); they are
+    taken when they agree, so a config edited since (a resized vocabulary) imports as it reads."""
     where = hf_dir / CONFIG_FILE
     try:
-        if hf_format.ARGS_KEY in config:
-            return ModelArgs.from_dict(config[hf_format.ARGS_KEY])
-        if form == "remote":
-            raise UsageError(f"{where}: lacks {hf_format.ARGS_KEY}, which export_hf writes")
-        return ModelArgs(**llama_fields(config, where))
+        stated = ModelArgs(**stated_fields(config, form, where))
+        recorded = config.get(hf_format.ARGS_KEY)
+        if isinstance(recorded, dict):
+            ours = ModelArgs.from_dict(recorded)
+            if all(getattr(ours, name) == getattr(stated, name) for name in STATED):
+                return ours
+        return stated
     except ConfigError as err:
         raise UsageError(f"{where}: {err}") from err
 
@@ -114,31 +124,34 @@ def _require(config: dict[str, Any], key: str, where: Path) -> Any:
     return config[key]
 
 
-def llama_fields(config: dict[str, Any], where: Path) -> dict[str, Any]:
-    """ModelArgs fields of a LlamaForCausalLM config; UsageError naming a setting we lack."""
-    for key, ours in (("attention_bias", False), ("mlp_bias", False), ("hidden_act", "silu")):
-        if config.get(key, ours) != ours:
-            raise UsageError(f"{where}: {key} {config[key]!r} cannot be imported (our model has "
-                             f"{key} {ours!r})")
+def stated_fields(config: dict[str, Any], form: str, where: Path) -> dict[str, Any]:
+    """ModelArgs fields from config.json's own keys; UsageError naming a setting we lack."""
     dim, heads = _require(config, "hidden_size", where), _require(config, "num_attention_heads", where)
-    if config.get("head_dim") not in (None, dim // heads):
-        raise UsageError(f"{where}: head_dim {config['head_dim']} cannot be imported (ours is "
-                         f"hidden_size / num_attention_heads = {dim // heads})")
     hidden = _require(config, "intermediate_size", where)
     meta_hidden = int(2 * 4 * dim / 3)  # SwiGLU width before Meta's multiplier and rounding
-    theta, scaled = rope_settings(config, where)
-    return {
-        "attention": "softmax", "mixer": "swiglu", "dim": dim, "n_heads": heads,
-        "n_layers": _require(config, "num_hidden_layers", where),
+    fields = {
+        "dim": dim, "n_heads": heads, "n_layers": _require(config, "num_hidden_layers", where),
         "n_kv_heads": config.get("num_key_value_heads") or heads,
         "vocab_size": _require(config, "vocab_size", where),
         # rounding up to a multiple of intermediate_size itself reproduces it exactly
         "multiple_of": hidden,
         "ffn_dim_multiplier": None if meta_hidden <= hidden else hidden / meta_hidden,
-        "norm_eps": config.get("rms_norm_eps", 1e-6), "rope_theta": theta,
-        "use_scaled_rope": scaled,
+        "norm_eps": config.get("rms_norm_eps", 1e-6),
         "max_seq_len": config.get("max_position_embeddings", 4096),
     }
+    if form == "remote":
+        return {**fields, **{key: _require(config, key, where) for key in (
+            "attention", "mixer", "core_dim", "softplus_scale", "rope_theta", "use_scaled_rope")}}
+    for key, ours in (("attention_bias", False), ("mlp_bias", False), ("hidden_act", "silu")):
+        if config.get(key, ours) != ours:
+            raise UsageError(f"{where}: {key} {config[key]!r} cannot be imported (our model has "
+                             f"{key} {ours!r})")
+    if config.get("head_dim") not in (None, dim // heads):
+        raise UsageError(f"{where}: head_dim {config['head_dim']} cannot be imported (ours is "
+                         f"hidden_size / num_attention_heads = {dim // heads})")
+    theta, scaled = rope_settings(config, where)
+    return {**fields, "attention": "softmax", "mixer": "swiglu", "rope_theta": theta,
+            "use_scaled_rope": scaled}
 
 
 def rope_settings(config: dict[str, Any], where: Path) -> tuple[float, bool]:
