@@ -8,11 +8,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from collections.abc import Callable
 
 from llama3.cli import HelpFormatter
 from llama3.errors import ConfigError, UsageError
 
-# name → (module defining add_arguments(parser) and run(args), one-line summary)
+# name → (module defining add_arguments(parser) and run(args), or main(argv) for a command that
+# hands its arguments to another program's command line; one-line summary)
 COMMANDS: dict[str, tuple[str, str]] = {
     "preprocess": ("llama3.data.preprocess", "clean and split .jsonl/.jsonl.zst corpora into train/eval shards"),
     "train_tokenizer": ("llama3.data.tokenizer", "train a SentencePiece BPE tokenizer"),
@@ -23,6 +25,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("llama3.generate", "sample text from a checkpoint"),
     "deploy": ("llama3.deploy.command", "export to ONNX and TensorRT, check accuracy, measure latency"),
     "import_meta": ("llama3.import_meta", "convert a Meta Llama 3 checkpoint into ours"),
+    "export_hf": ("llama3.interop.hf_export", "write a checkpoint as a Hugging Face model directory"),
+    "import_hf": ("llama3.interop.hf_import", "convert a Hugging Face Llama directory into ours"),
+    "lm_eval": ("llama3.interop.lm_eval_cli", "lm-evaluation-harness with our model as llama3"),
     "plot": ("llama3.plot", "draw the loss curves of one or more runs into a PNG"),
 }
 
@@ -47,12 +52,19 @@ def main(argv: list[str] | None = None) -> int:
     name, rest = argv[0], argv[1:]
     module_name, summary = COMMANDS[name]
     module = importlib.import_module(module_name)
+    if hasattr(module, "main"):
+        return _guarded(lambda: module.main(rest))
     parser = argparse.ArgumentParser(prog=f"python -m llama3 {name}", description=summary,
                                      formatter_class=HelpFormatter)
     module.add_arguments(parser)
     args = parser.parse_args(rest)
+    return _guarded(lambda: module.run(args))
+
+
+def _guarded(command: Callable[[], int | None]) -> int:
+    """Run a command: a usage error prints one line (exit 2), Ctrl-C exits with 130."""
     try:
-        return int(module.run(args) or 0)
+        return int(command() or 0)
     except (UsageError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

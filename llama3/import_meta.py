@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     params_path, shard_paths = find_files(meta_dir)
     model_args = read_params(params_path, shard_paths, args.max_seq_len)
     state = load_shards(shard_paths)
-    model = build_model(model_args, state, shard_paths)
+    model = build_model(model_args, state, ", ".join(p.name for p in shard_paths), PARAMS_FILE)
     tokenizer, note = tokenizer_record(meta_dir / TOKENIZER_FILE)
     path = save_model_checkpoint(args.to_checkpoint, model, tokenizer=tokenizer, step=0)
     n_params = sum(p.numel() for p in model.parameters())
@@ -81,10 +81,10 @@ def read_params(params_path: Path, shard_paths: list[Path], max_seq_len: int) ->
     if not isinstance(params, dict):
         raise UsageError(f"{params_path}: expected a JSON object")
     if params.get("vocab_size", 0) <= 0:
-        rows = embedding_rows(shard_paths[0])
+        rows = embedding_rows(shard_paths)
         raise UsageError(f"{params_path}: vocab_size is {params.get('vocab_size')}; set it to the "
-                         f"tokenizer's vocabulary size (the embedding in {shard_paths[0].name} "
-                         f"has {rows} rows)")
+                         f"tokenizer's vocabulary size (the embedding in "
+                         f"{', '.join(p.name for p in shard_paths)} has {rows} rows)")
     try:
         return model_args_from_params(params, max_seq_len=max_seq_len)
     except ConfigError as err:
@@ -111,9 +111,12 @@ def _first_line(err: Exception) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def embedding_rows(path: Path) -> int | str:
-    weight = load_shard(path).get("tok_embeddings.weight")
-    return weight.shape[0] if weight is not None else "no tok_embeddings.weight, so unknown"
+def embedding_rows(shard_paths: list[Path]) -> int | str:
+    """Rows of the whole embedding: Meta splits it by rows, evenly, over the shards."""
+    weight = load_shard(shard_paths[0]).get("tok_embeddings.weight")
+    if weight is None:
+        return "no tok_embeddings.weight, so unknown"
+    return weight.shape[0] * len(shard_paths)
 
 
 def load_shards(shard_paths: list[Path]) -> dict[str, torch.Tensor]:
@@ -130,27 +133,27 @@ def load_shards(shard_paths: list[Path]) -> dict[str, torch.Tensor]:
         raise UsageError(f"{', '.join(p.name for p in shard_paths)}: {err}") from err
 
 
-def build_model(model_args: ModelArgs, state: dict[str, torch.Tensor],
-                shard_paths: list[Path]) -> Transformer:
-    """Our model holding Meta's tensors (assigned, not copied); checks names and shapes first."""
+def build_model(model_args: ModelArgs, state: dict[str, torch.Tensor], source: str,
+                reference: str) -> Transformer:
+    """Our model holding ``state``'s tensors (assigned, not copied), after checking their names and
+    shapes; ``source`` names the files they came from, ``reference`` the file the shapes follow."""
     with torch.device("meta"):
         model = Transformer(model_args)
-    check_state(model, state, shard_paths)
+    check_state({k: tuple(v.shape) for k, v in model.state_dict().items()}, state, source, reference)
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
 
 
-def check_state(model: Transformer, state: dict[str, torch.Tensor], shard_paths: list[Path]) -> None:
-    """UsageError naming the shards and each missing, unexpected or misshapen parameter."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+def check_state(expected: dict[str, tuple[int, ...]], state: dict[str, torch.Tensor], source: str,
+                reference: str) -> None:
+    """UsageError naming ``source`` and each missing, unexpected or misshapen tensor."""
     problems = [f"missing {k}" for k in expected if k not in state]
     problems += [f"unexpected {k}" for k in state if k not in expected]
-    problems += [f"{k} has shape {tuple(state[k].shape)}, params.json implies {shape}"
+    problems += [f"{k} has shape {tuple(state[k].shape)}, {reference} implies {shape}"
                  for k, shape in expected.items() if k in state and tuple(state[k].shape) != shape]
     if problems:
         shown = "; ".join(problems[:5]) + (f"; … {len(problems) - 5} more" if len(problems) > 5 else "")
-        names = ", ".join(p.name for p in shard_paths)
-        raise UsageError(f"{names} do not match {PARAMS_FILE}: {shown}")
+        raise UsageError(f"{source} do not match {reference}: {shown}")
 
 
 def tokenizer_record(path: Path) -> tuple[dict[str, str] | None, str]:

@@ -99,6 +99,16 @@ def tiny_checkpoint(tiny_tokenizer, tmp_path_factory):
 
 
 @pytest.fixture
+def one_thread():
+    """One thread per process: the test machines have two cores, shared. Modules that train or
+    run many small forwards use it (``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def llama3_cli():
     """``llama3_cli(*args, stdin=None, env=None)`` → CompletedProcess of ``python -m llama3 ARGS`` run
     from the repository root (text mode, output captured)."""

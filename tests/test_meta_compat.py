@@ -5,13 +5,15 @@
 functions over a Meta-layout state dict, so our modules are checked against an independent path.
 """
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from llama3 import Transformer
-from llama3.model.meta import merge_shards, model_args_from_params, split_into_shards
+from llama3.model.meta import merge_shards, model_args_from_params
+from meta_layout import fairscale_shards
 
-PARAMS = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 97,
+PARAMS = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 96,
           "multiple_of": 32, "ffn_dim_multiplier": 1.3, "norm_eps": 1e-5, "rope_theta": 500000.0,
           "use_scaled_rope": True}
 
@@ -70,7 +72,7 @@ def meta_state_dict(seed=0):
 def test_params_json_maps_onto_model_args():
     args = model_args_from_params(PARAMS)
     assert (args.attention, args.mixer) == ("softmax", "swiglu")
-    assert (args.dim, args.n_heads, args.n_kv_heads, args.vocab_size) == (64, 4, 2, 97)
+    assert (args.dim, args.n_heads, args.n_kv_heads, args.vocab_size) == (64, 4, 2, 96)
     # Meta's FeedForward: int(2·4·dim/3) = 170, ×1.3 → 221, rounded up to 32 → 224
     assert args.hidden_dim == 224 and args.use_scaled_rope
 
@@ -79,17 +81,17 @@ def test_logits_equal_metas_formulation():
     sd = meta_state_dict()
     model = Transformer.build(model_args_from_params(PARAMS), init=False)
     model.load_state_dict(sd)
-    tokens = torch.randint(0, 97, (2, 19))
+    tokens = torch.randint(0, 96, (2, 19))
     expected = meta_forward(sd, PARAMS, tokens)
     torch.testing.assert_close(model.eval()(tokens), expected, atol=2e-5, rtol=2e-5)
 
 
-def test_model_parallel_shards_merge():
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_model_parallel_shards_merge(world_size):
+    """Shards cut as fairscale's layers cut them (the embedding along the vocabulary) merge back."""
     sd = meta_state_dict(seed=1)
-    shards = split_into_shards(sd, 2)
-    assert shards[0]["layers.0.attention.wq.weight"].shape[0] == 32
-    assert shards[0]["layers.0.attention.wo.weight"].shape[1] == 32
-    assert shards[0]["tok_embeddings.weight"].shape[1] == 32
+    shards = fairscale_shards(sd, world_size)
+    assert shards[0]["tok_embeddings.weight"].shape == (96 // world_size, 64)
     shards[0]["rope.freqs"] = torch.zeros(8)  # present in some releases, ignored
     merged = merge_shards(shards)
     assert merged.keys() == sd.keys()

@@ -36,6 +36,8 @@ from llama3 import load_checkpoint  # noqa: E402
 from llama3.__main__ import main  # noqa: E402
 from llama3.checkpoint import list_step_dirs, read_model_file, resolve_step_dir  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 TRAJECTORY = Path(__file__).parent / "data" / "training_trajectory.json"
 TINY = ["--dim", "32", "--n_layers", "2", "--n_heads", "4", "--core_dim", "16", "--max_seq_len",
         "32", "--batch_size", "8", "--base_lr", "3e-3", "--warmup_steps", "2", "--no-tensorboard"]
@@ -93,15 +95,6 @@ class TinyData:
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> TinyData:
     return TinyData(tmp_path_factory.mktemp("tiny_data"))
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread per process: the test machines have two cores, shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def train(data: TinyData, run_dir: Path, *flags: str, eval_corpus: bool = True) -> int:

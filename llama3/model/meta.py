@@ -2,9 +2,15 @@
 model-parallel shards of ``consolidated.*.pth``.
 
 Parameter names already match (``layers.N.attention.wq.weight`` …); what differs is the sharding.
-Meta's fairscale layers split column-parallel weights (wq, wk, wv, w1, w3, output) along the output
-rows, row-parallel weights (wo, w2) along the input columns, the embedding along its feature axis,
-and replicate the norms.
+Llama 3's ``llama/model.py`` builds its layers from fairscale's model-parallel modules, each of
+which keeps one slice of its weight per rank:
+
+* ``VocabParallelEmbedding`` (tok_embeddings): rows, i.e. the vocabulary (dim 0);
+* ``ColumnParallelLinear`` (wq, wk, wv, w1, w3, output): output rows (dim 0);
+* ``RowParallelLinear`` (wo, w2): input columns (dim 1);
+* RMSNorm weights are plain parameters, the same on every rank.
+
+(Llama 2 built the embedding with ``ParallelEmbedding``, split along its features instead.)
 """
 
 from __future__ import annotations
@@ -18,8 +24,9 @@ from llama3.model.args import ConfigError, ModelArgs
 PARAMS_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
                  "ffn_dim_multiplier", "norm_eps", "rope_theta", "use_scaled_rope")
 IGNORED_KEYS = ("rope.freqs",)  # a precomputed table in some releases; we compute RoPE ourselves
-_ROW_SPLIT = (".wq.weight", ".wk.weight", ".wv.weight", ".w1.weight", ".w3.weight", "output.weight")
-_COLUMN_SPLIT = (".wo.weight", ".w2.weight", "tok_embeddings.weight")
+_ROW_SPLIT = ("tok_embeddings.weight", ".wq.weight", ".wk.weight", ".wv.weight", ".w1.weight",
+              ".w3.weight", "output.weight")
+_COLUMN_SPLIT = (".wo.weight", ".w2.weight")
 
 
 def model_args_from_params(params: dict[str, Any], max_seq_len: int = 8192) -> ModelArgs:
@@ -56,14 +63,3 @@ def merge_shards(shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tenso
         parts = [shard[name] for shard in shards]
         merged[name] = parts[0] if axis is None or len(parts) == 1 else torch.cat(parts, dim=axis)
     return merged
-
-
-def split_into_shards(state: dict[str, torch.Tensor], n: int) -> list[dict[str, torch.Tensor]]:
-    """The inverse of :func:`merge_shards`: how Meta would shard ``state`` over ``n`` ranks."""
-    shards: list[dict[str, torch.Tensor]] = [{} for _ in range(n)]
-    for name, tensor in state.items():
-        axis = shard_axis(name)
-        pieces = [tensor] * n if axis is None else list(torch.chunk(tensor, n, dim=axis))
-        for shard, piece in zip(shards, pieces):
-            shard[name] = piece.clone()
-    return shards

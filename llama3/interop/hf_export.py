@@ -1,0 +1,185 @@
+"""``python -m llama3 export_hf``: a checkpoint → a Hugging Face model directory.
+
+Written under a temporary name and renamed when complete::
+
+    DIR/config.json                     model settings (and our ModelArgs, for import_hf)
+    DIR/generation_config.json          special token ids
+    DIR/model.safetensors               weights; or model-0000i-of-0000n.safetensors + index
+    DIR/modeling_llama3_softplus.py     softplus attention or the Combinator only (remote code)
+    DIR/tokenizer.json, tokenizer_config.json, sentencepiece.model    with --tokenizer
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from llama3.cli import UsageError, add_checkpoint_source_flags
+from llama3.data.clean import Cleaner, add_cleaning_flags
+from llama3.fileio import STAGING_SUFFIX, write_json
+from llama3.interop import hf_format, require
+from llama3.model.args import ModelArgs
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+START_TOKENS = ("eos", "bos", "none")
+_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+
+EXPORT_DESCRIPTION = """\
+Write a checkpoint as a Hugging Face model directory. Softmax attention with SwiGLU becomes a
+standard LlamaForCausalLM (AutoModelForCausalLM.from_pretrained(DIR)); softplus attention and the
+Combinator come with their modelling code (from_pretrained(DIR, trust_remote_code=True)). With
+--tokenizer, a tokenizer.json is written whose normalizer applies the training text's cleaning
+(the cleaning flags below, as given to preprocess), so raw text encodes to the ids our pipeline
+gives the cleaned text.
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = EXPORT_DESCRIPTION
+    source = parser.add_argument_group("checkpoint and output")
+    add_checkpoint_source_flags(source, tokenizer_required=False)
+    source.add_argument("--output", required=True, metavar="DIR",
+                        help="directory to write; must not exist, or be empty")
+    group = parser.add_argument_group("format")
+    group.add_argument("--format", choices=("auto", *hf_format.FORMATS), default="auto",
+                       help="llama: transformers' LlamaForCausalLM (softmax attention with SwiGLU "
+                            "only); remote: our modelling code, loaded with trust_remote_code=True; "
+                            "auto: llama when possible")
+    group.add_argument("--dtype", choices=tuple(DTYPES),
+                       help="weight dtype (default: the checkpoint's)")
+    group.add_argument("--max_shard_size", default="5GB",
+                       help="largest safetensors file, e.g. 500MB or 5GB; larger models are split "
+                            "into several files with an index")
+    group.add_argument("--start_token", choices=START_TOKENS, default="eos",
+                       help="token the tokenizer puts before each text: eos for models trained on "
+                            "packed windows, bos for --data_mode padded")
+    add_cleaning_flags(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    from llama3.checkpoint import read_model_file
+    from llama3.evaluate import load_tokenizer
+
+    require("hf", "safetensors", *(["tokenizers"] if args.tokenizer else []))
+    record = read_model_file(args.from_checkpoint)
+    model_args = ModelArgs.from_dict(record["model_args"])
+    form = choose_format(args.format, model_args)
+    shard_bytes = parse_size(args.max_shard_size)
+    tokenizer = load_tokenizer(args.tokenizer, record, model_args) if args.tokenizer else None
+    special = {} if tokenizer is None else {  # ids SentencePiece lacks are -1
+        kind: i for kind in ("bos", "eos", "pad") if (i := getattr(tokenizer, f"{kind}_id")) >= 0}
+    dtype = DTYPES[args.dtype] if args.dtype else next(iter(record["model"].values())).dtype
+    tensors = hf_format.to_hf_state({k: v.to(dtype) for k, v in record["model"].items()},
+                                    model_args, form)
+    output = Path(args.output)
+    staging = prepare_staging(output)
+    try:
+        n_files = write_weights(staging, tensors, shard_bytes)
+        write_json(staging / "config.json", hf_format.hf_config(model_args, form, special, dtype))
+        write_json(staging / "generation_config.json",
+                   {f"{kind}_token_id": token for kind, token in special.items()})
+        if form == "remote":
+            shutil.copyfile(hf_format.MODELING_SOURCE, staging / hf_format.REMOTE_FILE)
+        if tokenizer is not None:
+            write_tokenizer(staging, args, model_args)
+        publish(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    print_summary(output, form, tensors, dtype, n_files, tokenizer is not None)
+    return 0
+
+
+def choose_format(requested: str, model_args: ModelArgs) -> str:
+    """The format to write; UsageError naming the setting when ``llama`` cannot express the model."""
+    if requested == "auto":
+        return hf_format.format_for(model_args)
+    blocking = hf_format.blocking_setting(model_args)
+    if requested == "llama" and blocking is not None:
+        raise UsageError(f"--format llama: the checkpoint has {blocking}, which transformers' "
+                         f"LlamaForCausalLM cannot express; use --format remote (or auto)")
+    return requested
+
+
+def parse_size(text: str) -> int:
+    """``5GB``, ``500MB``, ``123`` (bytes) → bytes."""
+    value = text.strip().upper()
+    unit = next((u for u in _UNITS if value.endswith(u)), None)
+    try:
+        number = float(value[: -len(unit)] if unit else value)
+    except ValueError:
+        number = -1
+    if number <= 0:
+        raise UsageError(f"--max_shard_size {text}: expected a size such as 500MB or 5GB")
+    return int(number * _UNITS.get(unit, 1))
+
+
+def prepare_staging(output: Path) -> Path:
+    """A fresh staging directory beside ``output``, which must not exist or be empty."""
+    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+        raise UsageError(f"--output {output} already exists and is not an empty directory; "
+                         "choose a new one")
+    staging = output.with_name(output.name + STAGING_SUFFIX)
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    return staging
+
+
+def publish(staging: Path, output: Path) -> None:
+    if output.is_dir():
+        output.rmdir()
+    os.replace(staging, output)
+
+
+def write_weights(directory: Path, tensors: dict[str, torch.Tensor], shard_bytes: int) -> int:
+    """One safetensors file, or several of at most ``shard_bytes`` each plus their index (one
+    tensor larger than that gets a file of its own). Returns the number of files."""
+    from safetensors.torch import save_file
+
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(directory / hf_format.SAFETENSORS_FILE), metadata={"format": "pt"})
+        return 1
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(directory / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, file))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    write_json(directory / hf_format.INDEX_FILE,
+               {"metadata": {"total_size": total}, "weight_map": weight_map})
+    return len(shards)
+
+
+def write_tokenizer(directory: Path, args: argparse.Namespace, model_args: ModelArgs) -> None:
+    from llama3.interop.hf_tokenizer import save_tokenizer
+
+    start = None if args.start_token == "none" else args.start_token
+    save_tokenizer(directory, args.tokenizer, Cleaner.from_flags(args), start,
+                   model_args.max_seq_len)
+    shutil.copyfile(args.tokenizer, directory / hf_format.SENTENCEPIECE_FILE)
+
+
+def print_summary(output: Path, form: str, tensors: dict[str, torch.Tensor], dtype: torch.dtype,
+                  n_files: int, with_tokenizer: bool) -> None:
+    n_params = sum(t.numel() for t in tensors.values())
+    kind = "LlamaForCausalLM" if form == "llama" else "remote code (modeling_llama3_softplus.py)"
+    print(f"exported {n_params / 1e6:.2f} M parameters ({str(dtype).removeprefix('torch.')}, "
+          f"{n_files} safetensors file(s)) as {kind} → {output}")
+    remote = ", trust_remote_code=True" if form == "remote" else ""
+    print(f"load with: AutoModelForCausalLM.from_pretrained({json.dumps(str(output))}{remote})")
+    if not with_tokenizer:
+        print("note: no --tokenizer given, so no tokenizer files were written")

@@ -1,0 +1,233 @@
+"""``python -m llama3 import_hf``: a Hugging Face Llama directory → our checkpoint (weights only,
+step 0), for continued pretraining with ``train --from_checkpoint`` or for evaluate, generate and
+deploy.
+
+Reads ``LlamaForCausalLM`` directories (from export_hf or anywhere else) and the remote-code
+directories export_hf writes for softplus attention and the Combinator; weights in
+``model.safetensors`` or sharded with ``model.safetensors.index.json``. Tied embeddings are untied
+(our model has separate input and output matrices). A directory export_hf wrote carries our
+ModelArgs, so export → import → export gives identical files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llama3.cli import UsageError, add_tokenizer_flag
+from llama3.interop import hf_format, require
+from llama3.model.args import ConfigError, ModelArgs
+
+CONFIG_FILE = "config.json"
+IGNORED_KEYS = ("rotary_emb.inv_freq",)  # a precomputed table in some older directories
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Convert a Hugging Face Llama directory (safetensors, one file or sharded) into our\n"
+        "checkpoint: weights only, step 0, for 'train --from_checkpoint', evaluate, generate and\n"
+        "deploy. Directories written by export_hf (softplus attention and the Combinator too)\n"
+        "come back exactly. The tokenizer recorded in the checkpoint is --tokenizer, else the\n"
+        "SentencePiece model export_hf put in DIR, if any.")
+    group = parser.add_argument_group("conversion")
+    group.add_argument("--hf_dir", required=True, metavar="DIR",
+                       help="directory holding config.json and model.safetensors (or shards and "
+                            "model.safetensors.index.json)")
+    group.add_argument("--to_checkpoint", required=True, metavar="DIR",
+                       help="checkpoint directory to write (step_00000000 and latest)")
+    add_tokenizer_flag(group, required=False)
+
+
+def run(args: argparse.Namespace) -> int:
+    from llama3.checkpoint import save_model_checkpoint
+    from llama3.import_meta import build_model
+
+    require("hf", "safetensors")
+    hf_dir = Path(args.hf_dir)
+    config = read_config(hf_dir)
+    form = detect_format(config, hf_dir)
+    model_args = model_args_from_config(config, form, hf_dir)
+    tokenizer, note = tokenizer_record(args.tokenizer, hf_dir, model_args)
+    hf_state, source = read_weights(hf_dir)
+    untied = untie(hf_state, config)
+    state = to_our_names(hf_state, model_args, form, source)
+    model = build_model(model_args, state, source, CONFIG_FILE)
+    path = save_model_checkpoint(args.to_checkpoint, model, tokenizer=tokenizer, step=0)
+    n_params = sum(p.numel() for p in model.parameters())
+    kind = f"{model_args.attention} attention, {model_args.mixer}"
+    print(f"imported {n_params / 1e6:.2f} M parameters ({kind}) from {source} → {path}")
+    if untied:
+        print("note: the directory ties lm_head to the embedding; the checkpoint holds a copy")
+    print(note)
+    return 0
+
+
+def read_config(hf_dir: Path) -> dict[str, Any]:
+    if not hf_dir.is_dir():
+        raise UsageError(f"--hf_dir {hf_dir}: no such directory")
+    path = hf_dir / CONFIG_FILE
+    try:
+        config = json.loads(path.read_text())
+    except OSError as err:
+        raise UsageError(f"--hf_dir {hf_dir}: cannot read {CONFIG_FILE} "
+                         f"({err.strerror or err})") from err
+    except ValueError as err:
+        raise UsageError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(config, dict):
+        raise UsageError(f"{path}: expected a JSON object")
+    return config
+
+
+def detect_format(config: dict[str, Any], hf_dir: Path) -> str:
+    """``llama`` or ``remote``; UsageError naming any other architecture."""
+    architectures = config.get("architectures") or []
+    model_type = config.get("model_type")
+    if model_type == hf_format.REMOTE_MODEL_TYPE:
+        return "remote"
+    if model_type == "llama" and architectures in ([], [hf_format.LLAMA_ARCHITECTURE]):
+        return "llama"
+    name = ", ".join(architectures) or f"model_type {model_type!r}"
+    raise UsageError(f"--hf_dir {hf_dir}: {name} is not {hf_format.LLAMA_ARCHITECTURE}; import_hf "
+                     f"reads {hf_format.LLAMA_ARCHITECTURE} directories and those export_hf writes")
+
+
+# What config.json states itself; the ModelArgs export_hf recorded are used when they agree on all.
+STATED = ("attention", "mixer", "dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size",
+          "hidden_dim", "core_dim", "softplus_scale", "norm_eps", "rope_theta", "use_scaled_rope",
+          "max_seq_len")
+
+
+def model_args_from_config(config: dict[str, Any], form: str, hf_dir: Path) -> ModelArgs:
+    """Our ModelArgs as config.json states them. The ModelArgs export_hf recorded beside them also
+    hold what config.json cannot say (--multiple_of, --ffn_dim_multiplier, --dropout); they are
+    taken when they agree, so a config edited since (a resized vocabulary) imports as it reads."""
+    where = hf_dir / CONFIG_FILE
+    try:
+        stated = ModelArgs(**stated_fields(config, form, where))
+        recorded = config.get(hf_format.ARGS_KEY)
+        if isinstance(recorded, dict):
+            ours = ModelArgs.from_dict(recorded)
+            if all(getattr(ours, name) == getattr(stated, name) for name in STATED):
+                return ours
+        return stated
+    except ConfigError as err:
+        raise UsageError(f"{where}: {err}") from err
+
+
+def _require(config: dict[str, Any], key: str, where: Path) -> Any:
+    if key not in config:
+        raise UsageError(f"{where}: lacks {key}")
+    return config[key]
+
+
+def stated_fields(config: dict[str, Any], form: str, where: Path) -> dict[str, Any]:
+    """ModelArgs fields from config.json's own keys; UsageError naming a setting we lack."""
+    dim, heads = _require(config, "hidden_size", where), _require(config, "num_attention_heads", where)
+    hidden = _require(config, "intermediate_size", where)
+    meta_hidden = int(2 * 4 * dim / 3)  # SwiGLU width before Meta's multiplier and rounding
+    fields = {
+        "dim": dim, "n_heads": heads, "n_layers": _require(config, "num_hidden_layers", where),
+        "n_kv_heads": config.get("num_key_value_heads") or heads,
+        "vocab_size": _require(config, "vocab_size", where),
+        # rounding up to a multiple of intermediate_size itself reproduces it exactly
+        "multiple_of": hidden,
+        "ffn_dim_multiplier": None if meta_hidden <= hidden else hidden / meta_hidden,
+        "norm_eps": config.get("rms_norm_eps", 1e-6),
+        "max_seq_len": config.get("max_position_embeddings", 4096),
+    }
+    if form == "remote":
+        return {**fields, **{key: _require(config, key, where) for key in (
+            "attention", "mixer", "core_dim", "softplus_scale", "rope_theta", "use_scaled_rope")}}
+    for key, ours in (("attention_bias", False), ("mlp_bias", False), ("hidden_act", "silu")):
+        if config.get(key, ours) != ours:
+            raise UsageError(f"{where}: {key} {config[key]!r} cannot be imported (our model has "
+                             f"{key} {ours!r})")
+    if config.get("head_dim") not in (None, dim // heads):
+        raise UsageError(f"{where}: head_dim {config['head_dim']} cannot be imported (ours is "
+                         f"hidden_size / num_attention_heads = {dim // heads})")
+    theta, scaled = rope_settings(config, where)
+    return {**fields, "attention": "softmax", "mixer": "swiglu", "rope_theta": theta,
+            "use_scaled_rope": scaled}
+
+
+def rope_settings(config: dict[str, Any], where: Path) -> tuple[float, bool]:
+    """(rope_theta, use_scaled_rope) from transformers 5's rope_parameters or 4's keys."""
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    theta = float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind == "default":
+        return theta, False
+    expected = {k: v for k, v in hf_format.LLAMA3_ROPE.items() if k != "rope_type"}
+    differs = [f"{k} {rope.get(k)} (ours: {v})" for k, v in expected.items() if rope.get(k) != v]
+    if kind != "llama3" or differs:
+        detail = f"rope_type {kind!r}" if kind != "llama3" else ", ".join(differs)
+        raise UsageError(f"{where}: RoPE scaling {detail} cannot be imported (ours: none, or "
+                         "Llama 3.1's rule)")
+    return theta, True
+
+
+def read_weights(hf_dir: Path) -> tuple[dict[str, torch.Tensor], str]:
+    """Every tensor of the directory, and the file names they came from."""
+    from safetensors.torch import load_file
+
+    index = hf_dir / hf_format.INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise UsageError(f"{index}: not a safetensors index ({err})") from err
+        files = sorted(set(weight_map.values()))
+    elif (hf_dir / hf_format.SAFETENSORS_FILE).is_file():
+        files = [hf_format.SAFETENSORS_FILE]
+    else:
+        found = ", ".join(sorted(p.name for p in hf_dir.glob("*.bin"))) or "none"
+        raise UsageError(f"--hf_dir {hf_dir}: no {hf_format.SAFETENSORS_FILE} or "
+                         f"{hf_format.INDEX_FILE} (PyTorch .bin files: {found}; save the model "
+                         "with safe_serialization=True)")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        try:
+            state.update(load_file(str(hf_dir / file)))
+        except Exception as err:  # noqa: BLE001 - missing, truncated or not safetensors
+            raise UsageError(f"cannot read {hf_dir / file}: {err}") from err
+    return state, ", ".join(files)
+
+
+def untie(hf_state: dict[str, torch.Tensor], config: dict[str, Any]) -> bool:
+    """Give a tied model its own lm_head (a copy of the embedding); True if it was tied."""
+    if "lm_head.weight" in hf_state or not config.get("tie_word_embeddings", False):
+        return False
+    if "model.embed_tokens.weight" in hf_state:
+        hf_state["lm_head.weight"] = hf_state["model.embed_tokens.weight"].clone()
+    return True
+
+
+def to_our_names(hf_state: dict[str, torch.Tensor], model_args: ModelArgs, form: str,
+                 source: str) -> dict[str, torch.Tensor]:
+    """Our state dict, after checking names and shapes against config.json."""
+    from llama3.import_meta import check_state
+
+    state = {k: v for k, v in hf_state.items() if not k.endswith(IGNORED_KEYS)}
+    check_state(hf_format.hf_shapes(model_args), state, source, CONFIG_FILE)
+    return hf_format.from_hf_state(state, model_args, form)
+
+
+def tokenizer_record(flag: str | None, hf_dir: Path,
+                     model_args: ModelArgs) -> tuple[dict[str, str] | None, str]:
+    """The tokenizer fingerprint to record, and a line for the user."""
+    from llama3.checkpoint import tokenizer_fingerprint
+    from llama3.data.tokenizer import Tokenizer
+    path = Path(flag) if flag else hf_dir / hf_format.SENTENCEPIECE_FILE
+    if flag is None and not path.is_file():
+        return None, (f"note: no tokenizer recorded ({hf_dir} has no "
+                      f"{hf_format.SENTENCEPIECE_FILE}); training needs --tokenizer with a "
+                      f"SentencePiece model of {model_args.vocab_size} tokens")
+    tokenizer = Tokenizer(path)
+    if tokenizer.vocab_size > model_args.vocab_size:
+        raise UsageError(f"--tokenizer {path} has {tokenizer.vocab_size} tokens but the model only "
+                         f"{model_args.vocab_size}")
+    return tokenizer_fingerprint(path), f"tokenizer: recorded {path}"

@@ -1,0 +1,169 @@
+"""The lm-evaluation-harness model ``llama3``, with requests built here (no task downloads):
+loglikelihood equals a direct computation, loglikelihood_rolling equals the loss evaluate
+measures on the same text, generate_until stops at its strings, and ``python -m llama3 lm_eval``
+runs a task from a local file."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("lm_eval")
+
+from lm_eval.api.instance import Instance  # noqa: E402
+
+from llama3 import load_checkpoint  # noqa: E402
+from llama3.__main__ import main  # noqa: E402
+from llama3.data.clean import Cleaner  # noqa: E402
+from llama3.data.tokenizer import Tokenizer  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+WINDOW = 8  # tokens per window of the rolling log-likelihood
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def harness_model(checkpoint: Path, tokenizer: Path, **settings):
+    from llama3.interop.lm_eval import Llama3LM
+
+    return Llama3LM(checkpoint=str(checkpoint), tokenizer=str(tokenizer), batch_size=3,
+                    device="cpu", **settings)
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_checkpoint, tiny_tokenizer):
+    """The harness model over the tiny softplus checkpoint (context 32)."""
+    return harness_model(tiny_checkpoint("softplus"), tiny_tokenizer)
+
+
+def requests(kind: str, *arguments: tuple) -> list[Instance]:
+    return [Instance(request_type=kind, doc={}, arguments=a, idx=i) for i, a in enumerate(arguments)]
+
+
+def test_registered_beside_the_built_in_models():
+    from lm_eval.api.registry import get_model, model_registry
+
+    from llama3.interop.lm_eval import Llama3LM
+
+    assert get_model("llama3") is Llama3LM and "hf" in model_registry
+
+
+@torch.no_grad()
+def test_loglikelihood_equals_direct_computation(lm, tiny_checkpoint, tiny_tokenizer):
+    pairs = [("The River", " flows"), ("A quiet Morning in the", " Garden by the old mill"),
+             ("", "Music"), ("Café", " au lait"), ("x y " * 20, " the end")]  # the last: truncated
+    results = lm.loglikelihood(requests("loglikelihood", *pairs), disable_tqdm=True)
+    model, sp, clean = load_checkpoint(tiny_checkpoint("softplus")), Tokenizer(tiny_tokenizer), Cleaner()
+    for (context, continuation), (logprob, greedy) in zip(pairs, results):
+        whole = [sp.eos_id, *sp.encode(clean(context + continuation))]
+        n = len(whole) - 1 - len(sp.encode(clean(context))) if context else len(whole) - 1
+        window = whole[-(lm.max_length + 1):]
+        logits = model(torch.tensor([window[:-1]]))[0, -n:]
+        target = torch.tensor(window[-n:])
+        expected = F.log_softmax(logits.float(), -1).gather(-1, target[:, None]).sum()
+        assert logprob == pytest.approx(float(expected), rel=1e-5, abs=1e-5)
+        assert greedy == bool((logits.argmax(-1) == target).all())
+    # scored tokens: the model's own greedy choice, and another one
+    ids = [sp.eos_id, *sp.encode(clean("The River"))]
+    best = int(model(torch.tensor([ids]))[0, -1].argmax())
+    scored = lm._loglikelihood_tokens([((None, None), ids, [best]),
+                                       ((None, None), ids, [(best + 1) % sp.vocab_size])])
+    assert [greedy for _, greedy in scored] == [True, False]
+
+
+def test_rolling_equals_evaluate_loss(tiny_checkpoint, tiny_tokenizer, tmp_path):
+    """evaluate (packed windows of WINDOW tokens) on [A] and on [A, B], where A has WINDOW tokens:
+    the windows over B are rolling's windows, EOS before B its prefix, so the difference of the
+    two totals is B's log-likelihood."""
+    sp, clean = Tokenizer(tiny_tokenizer), Cleaner()
+    words = [sp.piece(i)[1:] for i in range(sp.vocab_size) if sp.piece(i).startswith("\u2581")]
+    words = [w for w in words if clean(w) == w and len(sp.encode(w)) == 1]  # one token each
+    a_text = " ".join(words[i % len(words)] for i in range(WINDOW))
+    b_text = " ".join(words[(3 * i + 1) % len(words)] for i in range(2 * WINDOW))
+    assert len(sp.encode(a_text)) == WINDOW and len(sp.encode(b_text)) == 2 * WINDOW
+    totals = []
+    for name, texts in (("a", [a_text]), ("ab", [a_text, b_text])):
+        corpus = tmp_path / name
+        corpus.mkdir()
+        (corpus / "part.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+        assert main(["evaluate", "--from_checkpoint", str(tiny_checkpoint("softplus")),
+                     "--tokenizer", str(tiny_tokenizer), "--eval_corpus", str(corpus),
+                     "--max_seq_len", str(WINDOW), "--batch_size", "1", "--no-progress",
+                     "--output", str(tmp_path / f"{name}.json")]) == 0
+        result = json.loads((tmp_path / f"{name}.json").read_text())
+        totals.append(result["loss"] * result["tokens"])
+    lm = harness_model(tiny_checkpoint("softplus"), tiny_tokenizer, max_length=WINDOW)
+    rolling, = lm.loglikelihood_rolling(requests("loglikelihood_rolling", (b_text,)),
+                                        disable_tqdm=True)
+    assert -rolling == pytest.approx(totals[1] - totals[0], rel=1e-5)
+
+
+def test_generate_until_stops_at_the_strings(lm, tiny_checkpoint, tiny_tokenizer):
+    from llama3.generate import Generator, SamplingSettings, completion_text
+
+    sp = Tokenizer(tiny_tokenizer)
+    generator = Generator(load_checkpoint(tiny_checkpoint("softplus")), sp, eos_id=sp.eos_id)
+
+    def greedy(context: str, n: int) -> str:
+        """Our generator's greedy text after the cleaned context and the start token."""
+        ids = [sp.eos_id, *sp.encode(Cleaner()(context))]
+        result = generator.generate_ids([ids], SamplingSettings(max_new_tokens=n, temperature=0))
+        return completion_text(sp, ids, result.tokens[0])
+
+    context = "The River and the"
+    free, = lm.generate_until(requests("generate_until", (context, {"until": [], "max_gen_toks": 12})),
+                              disable_tqdm=True)
+    assert free == greedy(context, 12) and len(free) > 6
+    stop = free[3:5]
+    stopped, short = lm.generate_until(requests(
+        "generate_until", (context, {"until": [stop, "zzz"], "max_gen_toks": 12}),
+        ("The Garden", {"until": "\n", "max_gen_toks": 3, "do_sample": False})), disable_tqdm=True)
+    assert stopped == free[: free.find(stop)]
+    assert short == greedy("The Garden", 3)  # no newline ever: max_gen_toks ends it
+
+
+def test_the_lm_eval_command_runs_a_local_task(tiny_checkpoint, tiny_tokenizer, tmp_path, lm):
+    """``python -m llama3 lm_eval`` with a multiple-choice task read from a local JSON file; its
+    accuracy is the share of questions whose right answer our loglikelihood scores highest."""
+    questions = [("The River", [" flows", " music"], 0), ("The city", [" of", " garden"], 1),
+                 ("A quiet", [" morning", " the"], 0), ("Old stone", [" bridge", " window"], 1)]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"question": q, "choices": c, "label": label}) + "\n"
+                            for q, c, label in questions))
+    (tmp_path / "tiny_choice.yaml").write_text(f"""\
+task: tiny_choice
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: label
+metric_list:
+  - metric: acc
+""")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
+           "OMP_NUM_THREADS": "1", "HF_DATASETS_CACHE": str(tmp_path / "datasets")}
+    done = subprocess.run(
+        [sys.executable, "-m", "llama3", "lm_eval", "--model", "llama3", "--model_args",
+         f"checkpoint={tiny_checkpoint('softplus')},tokenizer={tiny_tokenizer}",
+         "--tasks", "tiny_choice", "--include_path", str(tmp_path), "--device", "cpu",
+         "--batch_size", "4", "--output_path", str(tmp_path / "out")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result, = (tmp_path / "out").rglob("results_*.json")
+    accuracy = json.loads(result.read_text())["results"]["tiny_choice"]["acc,none"]
+    right = 0
+    for question, choices, label in questions:
+        scores = lm.loglikelihood(requests("loglikelihood", *[(question, c) for c in choices]),
+                                  disable_tqdm=True)
+        right += max(range(len(choices)), key=lambda i: scores[i][0]) == label
+    assert accuracy == pytest.approx(right / len(questions))
