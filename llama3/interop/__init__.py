@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 
-from llama3.cli import UsageError
+from llama3.errors import UsageError
 
 
 def require(extra: str, *modules: str) -> None:

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from llama3.cli import UsageError, add_checkpoint_source_flags
+from llama3.cli import add_checkpoint_source_flags
+from llama3.errors import UsageError
 from llama3.data.clean import Cleaner, add_cleaning_flags
 from llama3.fileio import STAGING_SUFFIX, write_json
 from llama3.interop import hf_format, require
@@ -63,14 +64,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from llama3.checkpoint import read_model_file
-    from llama3.evaluate import load_tokenizer
+    from llama3.data.tokenizer import load_tokenizer
 
     require("hf", "safetensors", *(["tokenizers"] if args.tokenizer else []))
     record = read_model_file(args.from_checkpoint)
     model_args = ModelArgs.from_dict(record["model_args"])
     form = choose_format(args.format, model_args)
     shard_bytes = parse_size(args.max_shard_size)
-    tokenizer = load_tokenizer(args.tokenizer, record, model_args) if args.tokenizer else None
+    tokenizer = load_tokenizer(args.tokenizer, record.get("tokenizer"), model_args.vocab_size) if args.tokenizer else None
     special = {} if tokenizer is None else {  # ids SentencePiece lacks are -1
         kind: i for kind in ("bos", "eos", "pad") if (i := getattr(tokenizer, f"{kind}_id")) >= 0}
     dtype = DTYPES[args.dtype] if args.dtype else next(iter(record["model"].values())).dtype

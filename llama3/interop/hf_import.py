@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from llama3.cli import UsageError, add_tokenizer_flag
+from llama3.cli import add_tokenizer_flag
+from llama3.errors import UsageError
 from llama3.interop import hf_format, require
 from llama3.model.args import ConfigError, ModelArgs
 

@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from llama3.cli import UsageError
+from llama3.errors import UsageError
 from llama3.data.clean import Cleaner
 
 # SentencePiece piece types (sentencepiece_model.proto)

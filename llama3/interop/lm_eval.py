@@ -33,7 +33,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from llama3.cli import UsageError
+from llama3.errors import UsageError
 from llama3.data.clean import Cleaner
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -51,7 +51,7 @@ class Llama3LM(TemplateLM):
                  max_batch_size: int | None = None, **unknown: Any):
         super().__init__()
         from llama3.checkpoint import model_from_record, read_model_file
-        from llama3.evaluate import load_tokenizer
+        from llama3.data.tokenizer import load_tokenizer
         from llama3.model.args import ModelArgs
 
         if unknown:
@@ -62,7 +62,7 @@ class Llama3LM(TemplateLM):
                              f"start_token eos or bos (got {dtype}, {start_token})")
         record = read_model_file(checkpoint)
         model_args = ModelArgs.from_dict(record["model_args"])
-        self.tokenizer = load_tokenizer(tokenizer, record, model_args)
+        self.tokenizer = load_tokenizer(tokenizer, record.get("tokenizer"), model_args.vocab_size)
         self._device = _device(device)
         self.model = model_from_record(record, device=self._device, dtype=DTYPES[dtype])
         self.batch_size = _batch_size(batch_size)
@@ -125,7 +125,7 @@ class Llama3LM(TemplateLM):
                                  f"max_length {self.max_length}")
             rows.append((context + continuation)[-(self.max_length + 1):][:-1])
         width = max(len(r) for r in rows)
-        inputs = torch.full((len(rows), width), self.tokenizer.pad_id, dtype=torch.long)
+        inputs = torch.full((len(rows), width), self.tokenizer.padding_id, dtype=torch.long)
         for b, row in enumerate(rows):
             inputs[b, : len(row)] = torch.as_tensor(row)
         logits = self.model(inputs.to(self.device))
@@ -199,7 +199,7 @@ class Llama3LM(TemplateLM):
 
         if self._generator is None:
             self._generator = Generator(self.model, self.tokenizer, self.device,
-                                        eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id)
+                                        eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.padding_id)
         room = self.max_length - settings.max_new_tokens
         if room < 1:
             raise ValueError(f"max_gen_toks {settings.max_new_tokens} leaves no room for a context "
