@@ -20,7 +20,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse  # noqa: E402
 import functools  # noqa: E402
-import os  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
@@ -32,6 +31,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from benchmarks.common import environment, format_table, write_results  # noqa: E402
 from llama3.ops import softplus_attention, softplus_attention_reference  # noqa: E402
+from llama3.ops.softplus_attention import cpu_kernels  # noqa: E402
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "out" / "attention.json"
 COLUMNS = [
@@ -81,17 +81,12 @@ def peak_memory_gb(fn: Callable[[], Any], device: torch.device) -> float | None:
 
 @contextmanager
 def interpreted(enabled: bool):
-    """TRITON_INTERPRET=1 inside the block (the Triton rows on a CPU)."""
-    saved = os.environ.get("TRITON_INTERPRET")
-    if enabled:
-        os.environ["TRITON_INTERPRET"] = "1"
-    try:
+    """The Triton kernels in Triton's CPU interpreter inside the block (the Triton rows on a CPU)."""
+    if not enabled:
         yield
-    finally:
-        if saved is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = saved
+        return
+    with cpu_kernels():
+        yield
 
 
 def free_memory(device: torch.device) -> float:
@@ -258,7 +253,7 @@ def plan(tiny: bool) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true",
-                        help="tiny shapes that run on a CPU (Triton rows via TRITON_INTERPRET=1)")
+                        help="tiny shapes that run on a CPU (Triton rows in Triton's interpreter)")
     parser.add_argument("--output", default=str(DEFAULT_OUTPUT), help="JSON results file")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -336,7 +336,7 @@ def run_launchers(r: int, dtype_name: str, B: int, S: int, decode_B: int, decode
 
     dtype = getattr(torch, DTYPES[dtype_name])
     for role, table in (shapes or {}).items():
-        kernels.SHAPES[role][kernels.table_key(r, dtype)] = table
+        kernels.SHAPES[role][kernels.table_key(role, r, dtype)] = table
     groups: dict[str, list[Launch]] = {}
 
     def collect(group: str, call) -> None:

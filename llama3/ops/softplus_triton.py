@@ -6,46 +6,53 @@ context, so query row i sits at absolute position C_b + i and sees keys j ≤ C_
 
 Forward. A program owns BLOCK_M query rows and makes one pass over key tiles of BLOCK_N::
 
-    y_ij  = λ_i log2(e) ⟨q_i, k_j⟩               scores in base 2: exp2/log2 are the fast units
-    w_ij  = max(y_ij, 0) + log2(1 + 2^−|y_ij|)    = softplus(z_ij) / ln 2, finite for any score
+    y_ij  = λ_i log2(e) ⟨q_i, k_j⟩               scores in base 2 (λ_i log2(e): once per row)
+    e_ij  = 2^−|y_ij|                             the one special-function op of the pair
+    w_ij  = max(y_ij, 0) + e_ij P(e_ij)           = softplus(z_ij) / ln 2, finite for any score
     acc_i += Σ_j w_ij v_j ,   l_i += Σ_j w_ij       fp32; no running maximum, nothing to rescale
     o_i   = acc_i / l_i                           the common 1/ln 2 cancels
 
-and keeps l_i ln 2 = Σ_j softplus(z_ij) per row for the backward pass. Tiles left of the diagonal
-skip the causal mask; tiles right of it are never visited. The S×T matrix is never stored.
+where e P(e) is a degree-7 polynomial for log2(1 + e) on [0, 1] (eight FMAs; relative error below
+4e-7 in fp32), in place of a software log2 of about 25 instructions. l_i ln 2 = Σ_j softplus(z_ij)
+is kept per row for the backward pass. Tiles left of the diagonal skip the causal mask; tiles
+right of it are never visited. The S×T matrix is never stored.
 
 Width r. Tensor-core dots need power-of-two tiles, so the score product runs over r in chunks of
 BLOCK_DK with the tail masked (r = 424: 7 chunks of 64, not 512; unrolled up to r = 512, a loop
 beyond), and the output may be split into slices of BLOCK_DV columns, one slice per program, to
-keep the fp32 accumulator in registers when r is wide; each slice recomputes the scores, and the
-autotuner weighs that against smaller row blocks. When one chunk covers r, the operand that stays
-put (q in the forward) is loaded once.
+keep the fp32 accumulator in registers when r is wide; each slice recomputes the scores. When one
+chunk covers r, the operand that stays put (q in the forward) is loaded once.
 
 Decoding (S ≤ 16) has one row block per batch row, too few programs to fill the GPU: the key axis
-is split across programs (split-K), each writes its unnormalised (acc, l), and a small kernel sums
-them. Plain sums suffice because there is no running maximum to reconcile.
+is split across programs (split-K, as many splits as fill whole waves of the GPU), each writes its
+unnormalised (acc, l), and a small kernel sums them. Plain sums suffice: there is no running
+maximum to reconcile.
 
-Backward, given dO and D_i = ⟨dO_i, o_i⟩ from a pre-pass, with p_ij = w_ij / l_i and
-σ_ij = sigmoid(z_ij) = softplus'(z_ij)::
+Backward. A pre-pass computes, once per query row, D_i = ⟨dO_i, o_i⟩, y_i = λ_i log2(e) and
+c_i = ln 2 / l_i, and (except in fp16) dO_i scaled by c_i; with p_ij = c_i w_ij and
+σ_ij = sigmoid(z_ij) = 2^(y_ij − w_ij) (from the weight already computed: no division)::
 
     dv_j = Σ_i p_ij dO_i                                  a program per key tile (and r slice),
-    dk_j = Σ_i (λ_i / l_i) (⟨dO_i, v_j⟩ − D_i) σ_ij q_i    over the query tiles that see it
-    dq_i = (λ_i / l_i) Σ_j (⟨dO_i, v_j⟩ − D_i) σ_ij k_j    a program per query tile (and r slice)
+    dk_j = Σ_i λ_i c_i (⟨dO_i, v_j⟩ − D_i) σ_ij q_i / ln 2 over the query tiles that see it
+    dq_i = λ_i c_i Σ_j (⟨dO_i, v_j⟩ − D_i) σ_ij k_j / ln 2 a program per query tile (and r slice)
 
-Every gradient element is written by exactly one program: deterministic, no atomics.
+Up to r = 128 one program computes dk and dv; wider cores take a launch for each (two fp32
+accumulators of r columns do not fit in registers), and the dk and dq launches compute the sigmoid
+as 1 / (1 + 2^−y) with the hardware's approximate reciprocal. Every gradient element is written
+by exactly one program: deterministic, no atomics.
 
 Numerics. All arithmetic is fp32; only the weights w (forward) and the score gradients (backward)
 are rounded to the input dtype to feed the tensor cores, as FlashAttention rounds its
 probabilities. In fp16 a weight below 6e-8 (z < −16.6) becomes 0 there: a row whose every score is
-that low comes out 0 instead of the mean of its values. bf16 and fp32 keep fp32's range.
+that low comes out 0 instead of the mean of its values. bf16 and fp32 keep fp32's range. fp32
+inputs follow PyTorch's matmul precision (see _dot_precision).
 
 Strides are arbitrary. When every tensor has a unit-stride axis and its other strides are multiples
 of 8, the launcher says so (Q_LAYOUT, KV_LAYOUT) and the kernels pass it on to the compiler, which
 can then vectorise loads even when r is not a multiple of 16 (r = 424).
 
-``triton.jit`` fixes a kernel's mode (compiled, or interpreted on the CPU with TRITON_INTERPRET=1)
-when the kernel is defined; :func:`_kernels` returns this module's kernels in the mode asked for at
-call time, loading a second copy of this file for the other mode if needed.
+benchmarks/kernel_static.py reads this module's compiled Hopper code (registers, spills, shared
+memory, instructions per pair) on any machine; the shape tables below follow its report.
 """
 
 import functools
@@ -699,7 +706,9 @@ def _bwd_dq_kernel(
 #    16 × num_warps, so every warp owns its own rows (Triton lays a chained dot's warps along
 #    its rows; fewer rows would make warpgroups compute the same scores twice);
 #  * every shape fits in the 227 KB of shared memory a block may use, and none spills registers.
-# The first shape of each list is the one used without autotuning (LLAMA3_KERNEL_AUTOTUNE=0).
+# The first shape of each list is the one used without autotuning (LLAMA3_KERNEL_AUTOTUNE=0). A
+# table may hold an entry for one exact width (424, the original's default), tried before the
+# entry of its padded width.
 # Roles: "fwd"; "dkdv" (both key gradients in one launch, r ≤ 128), or "dv" and "dk" (one launch
 # each, wider r); "dq". ROLLED: the r-chunk loop is a loop, not unrolled; "dkNN": chunks of NN
 # columns of r (default: see chunk_width).
@@ -757,6 +766,7 @@ SHAPES = {
         ("16", 64): [(128, 64, 64, 8, 3), (64, 64, 64, 4, 3)],
         ("16", 128): [(128, 64, 128, 8, 2), (128, 32, 128, 8, 3), (64, 64, 128, 4, 3)],
         ("16", 256): [(128, 32, 256, 8, 2)],
+        ("16", 424): [(128, 32, 256, 8, 2, ROLLED), (128, 16, 256, 8, 2, ROLLED)],
         ("16", 512): [(128, 16, 256, 8, 2, ROLLED, "dk64")],
         ("16", 1024): [(128, 32, 256, 8, 2, ROLLED)],
         ("32", 64): [(64, 32, 64, 4, 2)],
@@ -803,16 +813,19 @@ def input_class(dtype: torch.dtype) -> str:
     return "32" if dtype == torch.float32 else "16"
 
 
-def table_key(r: int, dtype: torch.dtype) -> tuple[str, int]:
-    """Key of the shape tables for width r and inputs of ``dtype``."""
-    return input_class(dtype), min(max(padded_width(r), 64), 1024)
+def table_key(role: str, r: int, dtype: torch.dtype) -> tuple[str, int]:
+    """Key of ``role``'s shape table for width r and inputs of ``dtype``: r itself where the
+    table has an entry for it (the original's default width, 424), else r's padded width."""
+    exact = (input_class(dtype), r)
+    return exact if exact in SHAPES[role] else (input_class(dtype), min(max(padded_width(r), 64),
+                                                                         1024))
 
 
 def configs(role: str, r: int, dtype: torch.dtype) -> list[triton.Config]:
     """Autotune candidates of launch ``role`` at width r for inputs of ``dtype``."""
     width = padded_width(r)
     found = []
-    for m, n, dv, warps, stages, *flags in SHAPES[role][table_key(r, dtype)]:
+    for m, n, dv, warps, stages, *flags in SHAPES[role][table_key(role, r, dtype)]:
         dv = min(dv, width)
         chunk = next((int(f[2:]) for f in flags if f.startswith("dk")), chunk_width(r, dv))
         meta = dict(BLOCK_M=m, BLOCK_N=n, BLOCK_DV=dv, UNROLL=unrolled(r) and ROLLED not in flags,
@@ -954,7 +967,7 @@ def _decode_forward(
     if INTERPRETED:
         block_n, block_dv, warps, stages = 16, min(width, 512), 4, 1
     else:  # the first shape of the table: decoding is not autotuned (CUDA graphs capture it)
-        _, block_n, block_dv, warps, stages = SHAPES["decode"][table_key(r, q.dtype)][0]
+        _, block_n, block_dv, warps, stages = SHAPES["decode"][table_key("decode", r, q.dtype)][0]
         block_dv = min(block_dv, width)
     slices = triton.cdiv(r, block_dv)
     splits = num_splits or num_key_splits(B * slices, T, block_n, _sm_count(q.device))
