@@ -551,30 +551,21 @@ def _bwd_dkdv_kernel(
     m_whole = tl.maximum(S // BLOCK_M * BLOCK_M, m_full)
     dk = tl.full([BLOCK_N, BLOCK_DV], 0.0, tl.float32)
     dv = tl.full([BLOCK_N, BLOCK_DV], 0.0, tl.float32)
-    for m0 in range(m_lo, tl.minimum(m_full, S), BLOCK_M):
-        dk, dv = _dkdv_step(dk, dv, kt, vt, kt_ptrs, vt_ptrs, key_ok, keys,
-                            qt_ptrs + m0 * stride_qs, dot_ptrs + m0 * stride_dos,
-                            q_ptrs + m0 * stride_qs, do_ptrs + m0 * stride_dos, rows_ptrs + m0,
-                            plane, m0 + m, first, S, col_ok,
-                            stride_kr, stride_vr, stride_qr, stride_dor,
-                            R, True, PRECISION, BLOCK_DK, UNROLL, SCALE_DO,
-                            GRAD_K, GRAD_V, FAST)
-    for m0 in range(m_full, m_whole, BLOCK_M):
-        dk, dv = _dkdv_step(dk, dv, kt, vt, kt_ptrs, vt_ptrs, key_ok, keys,
-                            qt_ptrs + m0 * stride_qs, dot_ptrs + m0 * stride_dos,
-                            q_ptrs + m0 * stride_qs, do_ptrs + m0 * stride_dos, rows_ptrs + m0,
-                            plane, m0 + m, first, S, col_ok,
-                            stride_kr, stride_vr, stride_qr, stride_dor,
-                            R, False, PRECISION, BLOCK_DK, UNROLL, SCALE_DO,
-                            GRAD_K, GRAD_V, FAST)
-    for m0 in range(m_whole, S, BLOCK_M):  # the last rows, if S is not a multiple of BLOCK_M
-        dk, dv = _dkdv_step(dk, dv, kt, vt, kt_ptrs, vt_ptrs, key_ok, keys,
-                            qt_ptrs + m0 * stride_qs, dot_ptrs + m0 * stride_dos,
-                            q_ptrs + m0 * stride_qs, do_ptrs + m0 * stride_dos, rows_ptrs + m0,
-                            plane, m0 + m, first, S, col_ok,
-                            stride_kr, stride_vr, stride_qr, stride_dor,
-                            R, True, PRECISION, BLOCK_DK, UNROLL, SCALE_DO,
-                            GRAD_K, GRAD_V, FAST)
+    for phase in tl.static_range(3):  # diagonal tiles, whole tiles, then the last rows
+        if phase == 0:
+            lo, hi = m_lo, tl.minimum(m_full, S)
+        elif phase == 1:
+            lo, hi = m_full, m_whole
+        else:  # rows past the last whole tile, if S is not a multiple of BLOCK_M
+            lo, hi = m_whole, S
+        for m0 in range(lo, hi, BLOCK_M):
+            dk, dv = _dkdv_step(dk, dv, kt, vt, kt_ptrs, vt_ptrs, key_ok, keys,
+                                qt_ptrs + m0 * stride_qs, dot_ptrs + m0 * stride_dos,
+                                q_ptrs + m0 * stride_qs, do_ptrs + m0 * stride_dos,
+                                rows_ptrs + m0, plane, m0 + m, first, S, col_ok,
+                                stride_kr, stride_vr, stride_qr, stride_dor,
+                                R, phase != 1, PRECISION, BLOCK_DK, UNROLL, SCALE_DO,
+                                GRAD_K, GRAD_V, FAST)
 
     out_ok = (keys < T)[:, None] & col_ok[None, :]  # keys past kv_len get zero gradients
     dk_ptrs = (DK + b.to(tl.int64) * stride_dkb + keys[:, None] * stride_dkt
