@@ -18,7 +18,7 @@ from llama3.fileio import write_json
 from llama3.reporting import environment, format_table
 
 __all__ = ["BASE", "CONFIGS", "REPO", "RESULTS_DIR", "TINY_BASE", "TINY_CONFIGS",
-           "AUTOTUNE_VARIABLE", "Deadline", "DocsCorpus", "autotune_enabled", "child_env",
+           "AUTOTUNE_VARIABLE", "Deadline", "DocsCorpus", "Estimates", "autotune_enabled", "child_env",
            "copy_bandwidth_gb_per_s", "device_slug",
            "environment", "format_table", "matmul_tflops", "python_docs_corpus", "timed",
            "write_results"]
@@ -126,6 +126,20 @@ class Deadline:
     @staticmethod
     def skipped(flag: str = "--deadline_s") -> str:
         return f"not run: the {flag} budget did not leave time for it"
+
+
+class Estimates:
+    """Seconds a measurement of each kind is expected to take, for a :class:`Deadline`: an
+    assumption until one of the kind has run, then the longest seen."""
+
+    def __init__(self, assumed: dict[str, float] | None = None):
+        self.assumed, self.seen = dict(assumed or {}), {}
+
+    def __getitem__(self, kind: str) -> float:
+        return self.seen.get(kind, self.assumed.get(kind, 0.0))
+
+    def record(self, kind: str, seconds: float) -> None:
+        self.seen[kind] = max(self.seen.get(kind, 0.0), seconds)
 
 
 # --------------------------------------------------------------------------- offline corpus

@@ -11,8 +11,8 @@ step (llama3.training.step: AdamW, gradient clipping, accumulation) at a constan
 --warmup untimed steps first (compilation, autotuning, allocator; their time is reported as
 warmup_s), then timed steps for --seconds of wall time (or --steps steps). Configurations run in
 the order: compile mode, sequence length, model; with --deadline_s a configuration starts only if
-the time left covers its budget and the longest warm-up seen so far in its mode, else its row says
-so. Results are written after every row.
+the time left covers its budget and the longest warm-up seen so far in its mode (30 s assumed
+before the first compiled one), else its row says so. Results are written after every row.
 
 Data, the same windows in the same order for every model of a sequence length: packed windows of
 --train_corpus, or of the quick start's Python documentation corpus (--python_docs: built in DIR
@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import BASE as COMMON_BASE  # noqa: E402
 from benchmarks.common import TINY_BASE as COMMON_TINY_BASE  # noqa: E402
 from benchmarks.common import (CONFIGS, RESULTS_DIR, TINY_CONFIGS, Deadline,  # noqa: E402
-                               device_slug, environment, format_table, matmul_tflops,
+                               Estimates, device_slug, environment, format_table, matmul_tflops,
                                python_docs_corpus, write_results)
 
 import argparse  # noqa: E402
@@ -62,6 +62,7 @@ from llama3.training.step import TrainStep  # noqa: E402
 TINY_BASE = dict(**COMMON_TINY_BASE, multiple_of=16)
 ORIGINAL_STEPS = 80_000
 MODES = ("eager", "compile")
+FIRST_COMPILE_S = 30.0  # warm-up assumed for the first compiled configuration under --deadline_s
 COLUMNS = ("model", "seq_len", "mode", "batch", "steps", "tokens_per_s", "vs_softmax", "step_ms",
            "mfu", "peak_memory_gib", "loss", "warmup_s", "projected_80k_h", "data", "error")
 Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
@@ -176,10 +177,10 @@ class Runner:
         self.args, self.device, self.precision, self.data, self.peak = (args, device, precision,
                                                                         data, peak)
         self.batch_size = args.batch_size or (8 if args.tiny else 64)
-        self.longest_warmup = dict.fromkeys(MODES, 0.0)
+        self.warmups = Estimates({"compile": FIRST_COMPILE_S})
 
     def estimate_s(self, setting: Setting) -> float:
-        return (self.args.seconds or 0.0) + self.longest_warmup[setting.mode]
+        return (self.args.seconds or 0.0) + self.warmups[setting.mode]
 
     def measure(self, setting: Setting) -> dict[str, Any]:
         """Train one configuration for the budget; returns its row of the table."""
@@ -203,7 +204,7 @@ class Runner:
             curve = self.timed_steps(step, stream)
         finally:
             stream.close()
-        self.longest_warmup[setting.mode] = max(self.longest_warmup[setting.mode], warmup_s)
+        self.warmups.record(setting.mode, warmup_s)
         return self.row(setting, params, curve, warmup_s, first_s, data)
 
     def warm_up(self, step: TrainStep, stream: Batches) -> tuple[float, float]:
