@@ -139,6 +139,14 @@ def command(ctx: Context, stage: str) -> list[str]:
                     "softmax", "softplus-16"] if ctx.tiny else [])
 
 
+def stage_env(ctx: Context, stage: str) -> dict[str, str]:
+    """The stage's environment: on a CPU, the kernel stages run Triton's interpreter, which the
+    kernels need set when their process starts."""
+    if ctx.device == "cpu" and stage in ("kernel_tests", "kernel_bench"):
+        return {**ctx.env, "TRITON_INTERPRET": "1", "LLAMA3_GPU_TESTS_ON_CPU": "1"}
+    return ctx.env
+
+
 # --------------------------------------------------------------------------- stage results
 
 
@@ -313,7 +321,7 @@ class Runner:
         self.say(f"{stage}: started (budget {budget:.0f} s)")
         log_path = ctx.work / "logs" / f"{stage}.log"
         begin = time.monotonic()
-        code = run_process(command(ctx, stage), ctx.env, budget, log_path)
+        code = run_process(command(ctx, stage), stage_env(ctx, stage), budget, log_path)
         seconds = time.monotonic() - begin
         log = log_path.read_text(errors="replace")
         record = {"stage": stage, "seconds": round(seconds, 1), "budget_s": budget,
@@ -422,8 +430,6 @@ def main(argv: list[str] | None = None) -> int:
     env = child_env(PYTHONUNBUFFERED="1")
     if not args.autotune:
         env[AUTOTUNE_VARIABLE] = "0"
-    if args.device == "cpu":
-        env["LLAMA3_GPU_TESTS_ON_CPU"] = "1"  # the GPU tests' tiny cases, in the interpreter
     args.out.mkdir(parents=True, exist_ok=True)
     ctx = Context(args.device, args.tiny, args.out, args.work_dir, label, device_name(args.device),
                   args.budget_scale, env)

@@ -42,14 +42,6 @@ def write_jsonl(path: Path, n_documents: int, seed: int) -> Path:
     return path
 
 
-@pytest.fixture
-def seed() -> int:
-    """A fresh random seed for this test, given to torch; tests put it in failure messages."""
-    value = random.randrange(2**31)
-    torch.manual_seed(value)
-    return value
-
-
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory) -> dict[str, Path]:
     """``{"train": DIR, "eval": DIR}``, each holding one .jsonl file of generated English-like text."""
