@@ -7,9 +7,10 @@ must do on a GPU, and records every stage.
 
 Stages (--stages takes names or the sets check, tables, all):
   corpus           the quick start's Python documentation corpus and tokenizer (stages 3, 4, 6)
-  1 kernel_tests   pytest -m gpu: the kernels in bf16 and fp16 against the fp32 reference, with
-                   FlashAttention's tolerances (tests/test_softplus_kernel_gpu.py), and the CUDA
-                   tests of tests/test_softplus_kernel.py
+  1 kernel_tests   pytest: the kernels in bf16 and fp16 against the fp32 reference with
+                   FlashAttention's tolerances (tests/test_softplus_kernel_gpu.py, marked gpu),
+                   and the CUDA tests of tests/test_softplus_kernel.py; in parallel processes
+                   (pytest-xdist) where installed, since compiling the kernels dominates
   2 decode         CUDA-graph decoding = eager decoding; static cache = full recomputation
   3 training       train (softmax, softplus) with --amp_bf16 --allow_tf32, again with --compile,
                    and multitrain over NCCL with --bf16: exit 0, finite, the loss falls
