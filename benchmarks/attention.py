@@ -1,16 +1,19 @@
 """Attention kernel benchmark: softplus (Triton, reference) against softmax SDPA, side by side.
 
     python benchmarks/attention.py                 # GPU: B=16, S=4096 at r=128..512, S sweep, decoding
+    python benchmarks/attention.py --main          # GPU: only r=128 and 424 at B=16, S=4096, decoding
     python benchmarks/attention.py --tiny          # CPU: tiny shapes, Triton rows interpreted
 
 Training shapes report forward, backward and forward+backward time, TFLOP/s and peak memory. FLOPs
 count the score and value products over the visible (causal) pairs only: forward 4·r per pair,
 backward 10·r (five products), the usual FlashAttention convention, the same for every row.
-Softmax runs through scaled_dot_product_attention with one head of head_dim r, on the flash and
-memory-efficient backends (a row says so when a backend rejects the shape). Decoding (S = 1) reports
-GB/s of keys and values read, beside a measured device copy bandwidth; a bf16 matmul gives the
-TFLOP/s ceiling. Rows that would not fit in memory are skipped with a note. Inputs are fresh random
-draws; times are medians over repeats, with CUDA events on the GPU.
+Softmax runs through scaled_dot_product_attention with one head of head_dim r, on the flash, cuDNN
+and memory-efficient backends (a row says so when a backend rejects the shape). Decoding (S = 1)
+reports GB/s of keys and values read, beside a measured device copy bandwidth; a bf16 matmul gives
+the TFLOP/s ceiling. Rows that would not fit in memory are skipped with a note. Inputs are fresh
+random draws; times are medians over repeats, with CUDA events on the GPU. The first call of each
+row is timed apart (first_s: compilation and autotuning included, forward and backward); with
+LLAMA3_KERNEL_AUTOTUNE=0 in the environment the kernels skip autotuning, which the JSON records.
 """
 
 import sys
@@ -20,7 +23,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse  # noqa: E402
 import functools  # noqa: E402
-import statistics  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
@@ -29,41 +31,23 @@ from typing import Any  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from benchmarks.common import environment, format_table, write_results  # noqa: E402
+from benchmarks.common import (copy_bandwidth_gb_per_s, environment, format_table,  # noqa: E402
+                               matmul_tflops, timed, write_results)
 from llama3.ops import softplus_attention, softplus_attention_reference  # noqa: E402
 from llama3.ops.softplus_attention import cpu_kernels  # noqa: E402
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "out" / "attention.json"
 COLUMNS = [
-    "impl", "B", "S", "T", "r", "fwd_ms", "bwd_ms", "fwdbwd_ms", "fwd_tflops", "bwd_tflops",
-    "fwdbwd_tflops", "fwd_vs_sdpa", "fwdbwd_vs_sdpa", "fwd_of_peak", "peak_mem_gb", "note",
+    "impl", "B", "S", "T", "r", "first_s", "fwd_ms", "bwd_ms", "fwdbwd_ms", "fwd_tflops",
+    "bwd_tflops", "fwdbwd_tflops", "fwd_vs_sdpa", "fwdbwd_vs_sdpa", "fwd_vs_fastest",
+    "fwdbwd_vs_fastest", "fwd_of_peak", "peak_mem_gb", "note",
 ]
-DECODE_COLUMNS = ["impl", "B", "T", "r", "ms", "kv_gb_per_s", "of_copy_bw", "note"]
+DECODE_COLUMNS = ["impl", "B", "T", "r", "first_s", "ms", "kv_gb_per_s", "of_copy_bw", "note"]
 
 
 # ---------------------------------------------------------------------------------------------
 # Timing and memory
 # ---------------------------------------------------------------------------------------------
-
-
-def timed(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int = 2) -> float:
-    """Median milliseconds of ``fn()``."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            begin = time.perf_counter()
-            fn()
-            times.append(1e3 * (time.perf_counter() - begin))
-    return statistics.median(times)
 
 
 def peak_memory_gb(fn: Callable[[], Any], device: torch.device) -> float | None:
@@ -77,6 +61,17 @@ def peak_memory_gb(fn: Callable[[], Any], device: torch.device) -> float | None:
     fn()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - before) / 1e9
+
+
+def first_call(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
+    """Seconds of a first call (compilation and autotuning included) and its result."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    begin = time.perf_counter()
+    result = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - begin, result
 
 
 @contextmanager
@@ -115,7 +110,8 @@ def sdpa_inputs(B, S, T, r, dtype, device):
     return tuple(torch.randn(B, 1, n, r, device=device, dtype=dtype) for n in (S, T, T))
 
 
-SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "mem_efficient": "EFFICIENT_ATTENTION", "math": "MATH"}
+SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION",
+                 "mem_efficient": "EFFICIENT_ATTENTION", "math": "MATH"}
 
 
 def make_call(impl: str, q, k, v, causal: bool = True) -> Callable[[], torch.Tensor]:
@@ -169,10 +165,11 @@ def measure_training(impl, B, S, r, dtype, device, repeats) -> dict[str, Any]:
     call = make_call(impl, q, k, v)
     try:
         with interpreted(impl == "softplus_triton" and device.type == "cpu"):
-            out = call()
+            first_fwd, out = first_call(call, device)
             do = torch.randn_like(out)
-            fwd = timed(call, device, repeats)
             backward = functools.partial(torch.autograd.grad, out, (q, k, v), do, retain_graph=True)
+            first_bwd, _ = first_call(backward, device)
+            fwd = timed(call, device, repeats)
             bwd = timed(backward, device, repeats)
             fwdbwd = timed(lambda: torch.autograd.grad(call(), (q, k, v), do), device, repeats)
             del backward, out  # free the retained graph before measuring peak memory
@@ -182,7 +179,8 @@ def measure_training(impl, B, S, r, dtype, device, repeats) -> dict[str, Any]:
             torch.cuda.empty_cache()
         return {**row, "note": f"skipped: {str(error).splitlines()[0][:80]}"}
     pairs = visible_pairs(B, S, S)
-    return {**row, "note": _note(impl, device), "fwd_ms": fwd, "bwd_ms": bwd, "fwdbwd_ms": fwdbwd,
+    return {**row, "note": _note(impl, device), "first_s": first_fwd + first_bwd, "fwd_ms": fwd,
+            "bwd_ms": bwd, "fwdbwd_ms": fwdbwd,
             "fwd_tflops": 4 * r * pairs / fwd / 1e9, "bwd_tflops": 10 * r * pairs / bwd / 1e9,
             "fwdbwd_tflops": 14 * r * pairs / fwdbwd / 1e9, "peak_mem_gb": peak}
 
@@ -193,31 +191,18 @@ def measure_decoding(impl, B, T, r, dtype, device, repeats, copy_gb_per_s) -> di
     call = make_call(impl, q, k, v, causal=False)  # one query sees every key
     try:
         with interpreted(impl == "softplus_triton" and device.type == "cpu"), torch.no_grad():
+            first, _ = first_call(call, device)
             ms = timed(call, device, repeats)
     except RuntimeError as error:
         return {**row, "note": f"skipped: {str(error).splitlines()[0][:80]}"}
     gb_per_s = 2 * k.numel() * k.element_size() / ms / 1e6
-    return {**row, "note": _note(impl, device), "ms": ms, "kv_gb_per_s": gb_per_s,
+    return {**row, "note": _note(impl, device), "first_s": first, "ms": ms, "kv_gb_per_s": gb_per_s,
             "of_copy_bw": gb_per_s / copy_gb_per_s if copy_gb_per_s else None}
-
-
-def copy_bandwidth_gb_per_s(device: torch.device, numel: int, repeats: int) -> float:
-    """Device copy bandwidth: bytes read plus bytes written per second."""
-    src = torch.empty(numel, device=device, dtype=torch.bfloat16)
-    dst = torch.empty_like(src)
-    ms = timed(lambda: dst.copy_(src), device, repeats)
-    return 2 * src.numel() * src.element_size() / ms / 1e6
-
-
-def matmul_tflops(device: torch.device, n: int, dtype: torch.dtype, repeats: int) -> float:
-    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    ms = timed(lambda: a @ b, device, repeats)
-    return 2 * n**3 / ms / 1e9
 
 
 def add_ratios(rows: list[dict[str, Any]], peak_tflops: float) -> None:
     """Softplus (Triton) against its softmax counterpart: SDPA flash up to r = 256, else
-    memory-efficient (or whichever of the two ran)."""
+    memory-efficient (or whichever of the two ran); and against the fastest SDPA backend."""
     for row in rows:
         if row["impl"] != "softplus_triton" or "fwd_ms" not in row:
             continue
@@ -230,6 +215,10 @@ def add_ratios(rows: list[dict[str, Any]], peak_tflops: float) -> None:
         if base is not None:
             row["fwd_vs_sdpa"] = base["fwd_ms"] / row["fwd_ms"]
             row["fwdbwd_vs_sdpa"] = base["fwdbwd_ms"] / row["fwdbwd_ms"]
+        sdpa = [x for name, x in same.items() if name.startswith("sdpa_")]
+        if sdpa:
+            row["fwd_vs_fastest"] = min(x["fwd_ms"] for x in sdpa) / row["fwd_ms"]
+            row["fwdbwd_vs_fastest"] = min(x["fwdbwd_ms"] for x in sdpa) / row["fwdbwd_ms"]
         row["fwd_of_peak"] = row["fwd_tflops"] / peak_tflops
 
 
@@ -238,28 +227,40 @@ def add_ratios(rows: list[dict[str, Any]], peak_tflops: float) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def plan(tiny: bool) -> dict[str, Any]:
+SDPA_IMPLS = ["sdpa_flash", "sdpa_cudnn", "sdpa_mem_efficient"]
+
+
+def plan(tiny: bool, main_rows: bool = False) -> dict[str, Any]:
+    """Shapes (B, S, r) and (B, T, r), implementations and sizes; ``main_rows``: only the rows
+    the performance goals name (r = 128 and 424), without the reference."""
     if tiny:
-        return dict(training=[(2, 64, 64), (1, 48, 136)], decoding=[(2, 128, 64)], repeats=2,
-                    impls=["softplus_triton", "softplus_reference", "sdpa_flash", "sdpa_math"],
+        impls = ["softplus_triton", "softplus_reference", "sdpa_flash", "sdpa_math"]
+        training = [(2, 64, 64), (1, 48, 136)]
+        if main_rows:
+            impls, training = ["softplus_triton", *SDPA_IMPLS], training[:1]
+        return dict(training=training, decoding=[(2, 128, 64)], repeats=2, impls=impls,
                     dtype=torch.float32, copy_numel=1 << 22, matmul_n=256)
     design = [(16, 4096, r) for r in (128, 256, 424, 512)]
     sweep = [(65536 // s, s, r) for r in (128, 424) for s in (1024, 2048, 8192, 16384)]
-    return dict(training=design + sweep, decoding=[(64, 4096, 128), (64, 4096, 424)], repeats=20,
-                impls=["softplus_triton", "softplus_reference", "sdpa_flash", "sdpa_mem_efficient"],
-                dtype=torch.bfloat16, copy_numel=1 << 30, matmul_n=8192)
+    training, impls = design + sweep, ["softplus_triton", "softplus_reference", *SDPA_IMPLS]
+    if main_rows:
+        training, impls = [(16, 4096, 128), (16, 4096, 424)], ["softplus_triton", *SDPA_IMPLS]
+    return dict(training=training, decoding=[(64, 4096, 128), (64, 4096, 424)], repeats=20,
+                impls=impls, dtype=torch.bfloat16, copy_numel=1 << 30, matmul_n=8192)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true",
                         help="tiny shapes that run on a CPU (Triton rows in Triton's interpreter)")
+    parser.add_argument("--main", action="store_true",
+                        help="only the main rows: r = 128 and 424 at B=16, S=4096, and decoding")
     parser.add_argument("--output", default=str(DEFAULT_OUTPUT), help="JSON results file")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu" and not args.tiny:
         parser.error("no CUDA GPU: the full benchmark needs one; use --tiny on a CPU")
-    p = plan(args.tiny)
+    p = plan(args.tiny, args.main)
     seed = torch.seed()  # fresh inputs every run; recorded with the results
 
     peak = matmul_tflops(device, p["matmul_n"], p["dtype"], p["repeats"])
@@ -280,7 +281,8 @@ def main(argv: list[str] | None = None) -> None:
     print("\nTraining shapes (causal, T = S):\n" + format_table(rows, COLUMNS))
     print("\nDecoding (S = 1):\n" + format_table(decoding, DECODE_COLUMNS))
     path = write_results(args.output, rows + decoding, dtype=str(p["dtype"]), seed=seed,
-                         matmul_tflops=peak, copy_gb_per_s=copy_bw, tiny=args.tiny)
+                         matmul_tflops=peak, copy_gb_per_s=copy_bw, tiny=args.tiny,
+                         main_rows=args.main)
     print(f"\nwrote {path}")
 
 

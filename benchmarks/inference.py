@@ -2,17 +2,26 @@
 torch.compile, ONNX Runtime and TensorRT, and generation (decode) tokens/s with the static cache.
 
     python benchmarks/inference.py                      # the original's configurations, on a GPU
-    python benchmarks/inference.py --tiny               # minutes on a CPU
+    python benchmarks/inference.py --tiny --device cpu  # seconds on a CPU
     python benchmarks/inference.py --from_checkpoint DIR --seq_lens 4096
 
 Models: a checkpoint, or freshly initialised models of the original's configuration (3 layers,
 dim 128, vocab 2048): softmax with 4 heads, softplus with core_dim 128 and 424. Prefill: a batch of
 --batch_size × seq_len tokens through the cached call form with an empty cache, the shape of the
-original's inference table; latency percentiles are over --iterations calls after --warmup.
-Decode: Generator with a pre-allocated cache (a CUDA graph per step on GPU, and eager for
-comparison), --decode_tokens new tokens after a --decode_prompt-token prompt, end-of-sequence
-ignored, at each of --decode_batches. A measurement that fails (out of memory, say) is recorded
-with its error and the run goes on.
+original's inference table; first_call_ms is the first call alone (compilation included), then
+latency percentiles over --iterations calls after --warmup. ONNX Runtime runs the fp32 export on
+its CUDA provider on a GPU; a build without that provider gets a row saying it is missing (the
+CPU is not a comparable runtime for these shapes). Decode: Generator with a pre-allocated cache,
+replaying a CUDA graph per step and eagerly (on a CPU eagerly only), --decode_tokens new tokens
+after a --decode_prompt-token prompt, end-of-sequence ignored, sampling with temperature 0.8 and
+top-k 50, at each of --decode_batches; a first generation (warm-up, graph capture) is untimed.
+
+Measurements run in this order, so that a --deadline_s budget cuts the least important last:
+eager prefill, decoding, ONNX Runtime, TensorRT, torch.compile. One that fails (out of memory,
+say) or does not fit the budget is recorded with its reason, and the run goes on; results are
+written after every row. A measurement starts only if the time left covers the longest one of its
+kind so far (before the first: 30 s for torch.compile, 60 s for TensorRT, nothing for the
+others).
 """
 
 from __future__ import annotations
@@ -22,13 +31,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import (BASE, CONFIGS, TINY_BASE, TINY_CONFIGS, environment,  # noqa: E402
-                               format_table, write_results)
+from benchmarks.common import (BASE, CONFIGS, RESULTS_DIR, TINY_BASE, TINY_CONFIGS,  # noqa: E402
+                               Deadline, Estimates, device_slug, format_table, write_results)
 
 import argparse  # noqa: E402
 import gc  # noqa: E402
 import tempfile  # noqa: E402
+import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
@@ -37,20 +48,25 @@ from llama3 import ModelArgs, Transformer  # noqa: E402
 from llama3.deploy import latency  # noqa: E402
 from llama3.deploy.onnx_export import export_onnx  # noqa: E402
 from llama3.deploy.runners import (OnnxRuntimeRunner, TorchRunner,  # noqa: E402
-                                   too_big_for_host)
+                                   onnxruntime_providers, too_big_for_host)
 from llama3.deploy.tensorrt import (TensorRTRunner, build_engine, import_tensorrt,  # noqa: E402
                                     missing_message, profile_shapes)
 from llama3.generate import Generator, SamplingSettings  # noqa: E402
 
 RUNNERS = ("eager", "compile", "onnxruntime", "tensorrt")
+ORDER = ("eager", "decode", "onnxruntime", "tensorrt", "compile")  # most important first
+# Seconds assumed for the first measurement of a kind under --deadline_s (then: the longest seen).
+FIRST_ESTIMATE_S = {"compile": 30.0, "tensorrt": 60.0}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DECODE_MODES = {"static cache, CUDA graph": True, "static cache, eager": False}
 PREFILL_COLUMNS = ("model", "runner", "device", "precision", "batch", "seq_len", "iterations",
-                   "mean_ms", "p50_ms", "p90_ms", "p99_ms", "calls_per_s", "tokens_per_s", "error")
+                   "first_call_ms", "p50_ms", "p90_ms", "p95_ms", "p99_ms", "calls_per_s",
+                   "tokens_per_s", "error")
 DECODE_COLUMNS = ("model", "runner", "precision", "batch", "prompt", "new_tokens",
                   "prefill_tokens_per_s", "decode_tokens_per_s", "error")
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--from_checkpoint", metavar="DIR",
@@ -70,13 +86,16 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--decode_batches", type=int, nargs="+", default=[1, 64],
                    help="generation batch sizes")
     p.add_argument("--decode_prompt", type=int, default=128, help="prompt tokens per row")
-    p.add_argument("--decode_tokens", type=int, default=256, help="new tokens per row")
+    p.add_argument("--decode_tokens", type=int, default=128, help="new tokens per row")
+    p.add_argument("--deadline_s", type=float, default=None,
+                   help="time budget of the whole run: measurements that would not fit are "
+                        "recorded as not run")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--tiny", action="store_true",
                    help="tiny models and shapes, for a CPU: checks the benchmark runs end to end")
-    p.add_argument("--output", default=str(Path(__file__).resolve().parent / "out" / "inference.json"),
-                   help="JSON results file")
-    args = p.parse_args()
+    p.add_argument("--output", type=Path, default=None,
+                   help="JSON results (default: benchmarks/results/inference_DEVICE.json)")
+    args = p.parse_args(argv)
     if args.tiny:
         args.batch_size, args.seq_lens, args.decode_batches = 2, [64], [1, 4]
         args.decode_prompt, args.decode_tokens = 8, 16
@@ -84,7 +103,7 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def models(args: argparse.Namespace, device: torch.device) -> dict[str, Transformer]:
+def models(args: argparse.Namespace) -> dict[str, Transformer]:
     if args.from_checkpoint:
         from llama3.checkpoint import load_model
 
@@ -102,13 +121,130 @@ def models(args: argparse.Namespace, device: torch.device) -> dict[str, Transfor
     return built
 
 
-def attempt(row: dict[str, Any], fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """Run one measurement; a failure (out of memory, say) becomes the row's error."""
+def onnxruntime_missing(device: torch.device) -> str | None:
+    """Why ONNX Runtime cannot run on ``device`` in this installation, or None."""
     try:
-        row.update(fn())
+        import onnxruntime
+    except ImportError as err:
+        return f"missing: onnxruntime is not installed ({err})"
+    if device.type == "cuda" and onnxruntime_providers(device)[0] == "CPUExecutionProvider":
+        return (f"missing: onnxruntime {onnxruntime.__version__} has no CUDAExecutionProvider "
+                "(a CPU-only build; onnxruntime-gpu has it)")
+    return None
+
+
+@dataclass
+class Measurement:
+    kind: str  # an entry of ORDER
+    row: dict[str, Any]
+    run: Callable[[], dict[str, Any]]
+    missing: str | None = None  # why it cannot run here; recorded without running
+
+
+class Plan:
+    """Every measurement of the run, built lazily from the models and the flags."""
+
+    def __init__(self, args: argparse.Namespace, device: torch.device, work: Path):
+        self.args, self.device, self.work = args, device, work
+        self.dtype = DTYPES[args.precision]
+        self.exported: dict[str, Path] = {}
+
+    def measurements(self, name: str, model: Transformer) -> list[Measurement]:
+        args, out = self.args, []
+        ort_missing = onnxruntime_missing(self.device)
+        trt_missing = None
+        if "tensorrt" in args.runners:
+            trt, reason = import_tensorrt()
+            trt_missing = missing_message(reason) if trt is None else None
+        for seq_len in args.seq_lens:
+            for runner in args.runners:
+                row = {"phase": "prefill", "model": name, "runner": runner,
+                       "precision": "fp32" if runner == "onnxruntime" else args.precision,
+                       "batch": args.batch_size, "seq_len": seq_len}
+                missing = {"onnxruntime": ort_missing, "tensorrt": trt_missing}.get(runner)
+                out.append(Measurement(runner, row, self.prefill(name, model, runner, seq_len),
+                                       missing))
+        for batch in args.decode_batches:
+            for mode, graph in DECODE_MODES.items():
+                if graph and self.device.type != "cuda":
+                    continue
+                row = {"phase": "decode", "model": name, "runner": mode,
+                       "precision": args.precision, "batch": batch, "prompt": args.decode_prompt,
+                       "new_tokens": args.decode_tokens}
+                out.append(Measurement("decode", row, self.decode(model, batch, graph)))
+        return out
+
+    def prefill(self, name: str, model: Transformer, runner: str,
+                seq_len: int) -> Callable[[], dict[str, Any]]:
+        def run() -> dict[str, Any]:
+            made = self.make_runner(name, model, runner, seq_len)
+            batch, args = self.args.batch_size, self.args
+            too_big = too_big_for_host(made, model.args, batch, seq_len, 0)
+            if too_big:
+                raise MemoryError(f"skipped: {too_big}")
+            first = latency.measure(made, model.args, batch, seq_len, warmup=0, iterations=1)
+            result = latency.measure(made, model.args, batch, seq_len, warmup=args.warmup,
+                                     iterations=args.iterations)
+            measured = {k: v for k, v in result.to_dict().items()
+                        if k.endswith(("_ms", "_per_s")) or k == "iterations"}
+            return {**measured, "first_call_ms": first.mean_ms, "device": str(made.device)}
+
+        return run
+
+    def make_runner(self, name: str, model: Transformer, runner: str, seq_len: int) -> Any:
+        if runner == "eager":
+            return TorchRunner(model.to(self.device, self.dtype))
+        if runner == "compile":
+            torch._dynamo.reset()  # first_call_ms: this model and shape compiled from scratch
+            made = TorchRunner(model.to(self.device, self.dtype))
+            made.name, made.model = "compile", torch.compile(model, dynamic=False)
+            return made
+        path = self.onnx(name, model)
+        if runner == "onnxruntime":
+            return OnnxRuntimeRunner(path, model.args, self.device)
+        trt, _ = import_tensorrt()
+        engine = path.with_name(f"{path.stem}_{seq_len}_{self.args.precision}.engine")
+        shapes = profile_shapes(model.args, self.args.batch_size, seq_len, seq_len)
+        build_engine(trt, path, engine, shapes, self.args.precision)
+        return TensorRTRunner(trt, engine, self.device, self.args.precision)
+
+    def onnx(self, name: str, model: Transformer) -> Path:
+        """The model's fp32 ONNX export, made once."""
+        if name not in self.exported:
+            print(f"{name}: exporting ONNX ...", flush=True)
+            path = self.work / f"{name}.onnx"
+            export_onnx(model.to("cpu", torch.float32), path)
+            self.exported[name] = path
+        return self.exported[name]
+
+    def decode(self, model: Transformer, batch: int, graph: bool) -> Callable[[], dict[str, Any]]:
+        def run() -> dict[str, Any]:
+            args = self.args
+            generator = Generator(model.to(self.device, self.dtype), device=self.device,
+                                  cuda_graph=graph)
+            g = torch.Generator().manual_seed(0)
+            prompts = torch.randint(0, model.args.vocab_size, (batch, args.decode_prompt),
+                                    generator=g).tolist()
+            settings = SamplingSettings(max_new_tokens=args.decode_tokens, temperature=0.8,
+                                        top_k=50, top_p=1.0)
+            generator.generate_ids(prompts, settings, stop_at_eos=False)  # warm-up, capture
+            result = generator.generate_ids(prompts, settings, stop_at_eos=False)
+            return {"prefill_tokens_per_s": result.prefill_tokens_per_s,
+                    "decode_tokens_per_s": result.decode_tokens_per_s}
+
+        return run
+
+
+def run_one(measurement: Measurement) -> dict[str, Any]:
+    """Run one measurement; a failure (out of memory, say) becomes the row's error."""
+    row = dict(measurement.row)
+    label = f"{row['model']} {row['phase']} {row['runner']} batch {row['batch']}"
+    print(f"{label} ...", flush=True)
+    try:
+        row.update(measurement.run())
     except Exception as err:  # noqa: BLE001 - every failure is reported, the run goes on
         row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
-        print(f"  {row['model']} {row['runner']}: {row['error']}", flush=True)
+        print(f"  {label}: {row['error']}", flush=True)
     finally:
         gc.collect()
         if torch.cuda.is_available():
@@ -116,131 +252,35 @@ def attempt(row: dict[str, Any], fn: Callable[[], dict[str, Any]]) -> dict[str, 
     return row
 
 
-def prefill_runners(name: str, model: Transformer, args: argparse.Namespace, device: torch.device,
-                    dtype: torch.dtype, work: Path, seq_len: int) -> dict[str, Callable[[], Any]]:
-    """Factories for the requested runners of one model (built lazily, so one failing build does
-    not stop the others)."""
-    factories: dict[str, Callable[[], Any]] = {}
-    if "eager" in args.runners:
-        factories["eager"] = lambda: TorchRunner(model.to(device, dtype))
-    if "compile" in args.runners:
-        factories["compile"] = lambda: _compiled(model.to(device, dtype))
-    onnx_path = work / f"{name}.onnx"
-    if "onnxruntime" in args.runners:
-        factories["onnxruntime"] = lambda: OnnxRuntimeRunner(onnx_path, model.args, device)
-    if "tensorrt" in args.runners:
-        factories["tensorrt"] = lambda: _tensorrt(onnx_path, model.args, args, device, seq_len)
-    return factories
-
-
-def _compiled(model: Transformer) -> TorchRunner:
-    runner = TorchRunner(model)
-    runner.name, runner.model = "compile", torch.compile(model, dynamic=False)
-    return runner
-
-
-def _tensorrt(onnx_path: Path, model_args: ModelArgs, args: argparse.Namespace,
-              device: torch.device, seq_len: int) -> TensorRTRunner:
-    trt, reason = import_tensorrt()
-    if trt is None:
-        raise RuntimeError(missing_message(reason))
-    if device.type != "cuda":
-        raise RuntimeError("TensorRT needs a CUDA device")
-    engine = onnx_path.with_name(f"{onnx_path.stem}_{seq_len}_{args.precision}.engine")
-    shapes = profile_shapes(model_args, args.batch_size, seq_len, seq_len)
-    build_engine(trt, onnx_path, engine, shapes, args.precision)
-    return TensorRTRunner(trt, engine, device, args.precision)
-
-
-def run_prefill(name: str, model: Transformer, args: argparse.Namespace, device: torch.device,
-                work: Path) -> list[dict[str, Any]]:
-    dtype = DTYPES[args.precision]
-    if {"onnxruntime", "tensorrt"} & set(args.runners):
-        print(f"{name}: exporting ONNX ...", flush=True)
-        export_onnx(model.to("cpu", torch.float32), work / f"{name}.onnx")
-    rows = []
-    for seq_len in args.seq_lens:
-        for runner_name, make in prefill_runners(name, model, args, device, dtype, work,
-                                                 seq_len).items():
-            precision = "fp32" if runner_name == "onnxruntime" else args.precision
-            row = {"model": name, "runner": runner_name, "precision": precision,
-                   "batch": args.batch_size, "seq_len": seq_len}
-            print(f"{name}: prefill {runner_name} {args.batch_size}×{seq_len} ...", flush=True)
-
-            def measure(make=make, seq_len=seq_len) -> dict[str, Any]:
-                runner = make()
-                too_big = too_big_for_host(runner, model.args, args.batch_size, seq_len, 0)
-                if too_big:
-                    raise MemoryError(f"skipped: {too_big}")
-                warmup, iterations = args.warmup, args.iterations
-                if runner.device.type != device.type:  # ONNX Runtime without CUDA: be brief
-                    warmup, iterations = min(warmup, 1), min(iterations, 3)
-                result = latency.measure(runner, model.args, args.batch_size, seq_len,
-                                         warmup=warmup, iterations=iterations)
-                measured = {k: v for k, v in result.to_dict().items()
-                            if k.endswith(("_ms", "_per_s")) or k == "iterations"}
-                return {**measured, "device": str(runner.device)}
-
-            rows.append(attempt(row, measure))
-    return rows
-
-
-def run_decode(name: str, model: Transformer, args: argparse.Namespace,
-               device: torch.device) -> list[dict[str, Any]]:
-    dtype = DTYPES[args.precision]
-    modes = [("generate+graph", True), ("generate", False)] if device.type == "cuda" else [
-        ("generate", False)]
-    rows = []
-    for batch in args.decode_batches:
-        for runner_name, graph in modes:
-            row = {"model": name, "runner": runner_name, "precision": args.precision,
-                   "batch": batch, "prompt": args.decode_prompt, "new_tokens": args.decode_tokens}
-            print(f"{name}: decode {runner_name} batch {batch} ...", flush=True)
-
-            def measure(batch=batch, graph=graph) -> dict[str, Any]:
-                generator = Generator(model.to(device, dtype), device=device, cuda_graph=graph)
-                g = torch.Generator().manual_seed(0)
-                prompts = torch.randint(0, model.args.vocab_size, (batch, args.decode_prompt),
-                                        generator=g).tolist()
-                settings = SamplingSettings(max_new_tokens=args.decode_tokens, temperature=0.8,
-                                            top_k=50, top_p=1.0)
-                generator.generate_ids(prompts, settings, stop_at_eos=False)  # warm-up, capture
-                result = generator.generate_ids(prompts, settings, stop_at_eos=False)
-                return {"prefill_tokens_per_s": result.prefill_tokens_per_s,
-                        "decode_tokens_per_s": result.decode_tokens_per_s}
-
-            rows.append(attempt(row, measure))
-    return rows
-
-
-def main() -> int:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started, deadline = time.monotonic(), Deadline(args.deadline_s)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
-    if "onnxruntime" in args.runners and device.type == "cuda":
-        import onnxruntime
-
-        if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
-            print("ONNX Runtime: no CUDA provider in this build; it runs on the CPU, with at most "
-                  "3 timed calls")
-    if "tensorrt" in args.runners:
-        trt, reason = import_tensorrt()
-        if trt is None:
-            print(missing_message(reason))
-            args.runners = [r for r in args.runners if r != "tensorrt"]
-    prefill, decode = [], []
+    output = args.output or RESULTS_DIR / f"inference_{device_slug(device)}.json"
+    settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    rows: list[dict[str, Any]] = []
+    estimates = Estimates(FIRST_ESTIMATE_S)
     with tempfile.TemporaryDirectory(prefix="llama3-inference-") as tmp:
-        for name, model in models(args, device).items():
-            prefill += run_prefill(name, model, args, device, Path(tmp))
-            decode += run_decode(name, model, args, device)
+        plan = Plan(args, device, Path(tmp))
+        todo = [m for name, model in models(args).items() for m in plan.measurements(name, model)]
+        todo.sort(key=lambda m: ORDER.index(m.kind))  # stable: model order kept within a kind
+        for measurement in todo:
+            begin = time.monotonic()
+            if measurement.missing:
+                rows.append({**measurement.row, "error": measurement.missing})
+            elif not deadline.allows(estimates[measurement.kind]):
+                rows.append({**measurement.row, "error": Deadline.skipped()})
+            else:
+                rows.append(run_one(measurement))
+                estimates.record(measurement.kind, time.monotonic() - begin)
+            write_results(output, rows, benchmark="inference", settings=settings,
+                          elapsed_s=time.monotonic() - started)
     print("\nprefill (empty cache):")
-    print(format_table(prefill, PREFILL_COLUMNS))
+    print(format_table([r for r in rows if r["phase"] == "prefill"], PREFILL_COLUMNS))
     print("\ndecode (static cache):")
-    print(format_table(decode, DECODE_COLUMNS))
-    path = write_results(args.output, prefill + decode, benchmark="inference",
-                         settings={k: v for k, v in vars(args).items() if k != "output"},
-                         device_name=environment()["gpu"] or "cpu")
-    print(f"\nresults: {path}")
+    print(format_table([r for r in rows if r["phase"] == "decode"], DECODE_COLUMNS))
+    print(f"\nresults: {output}")
     return 0
 
 
