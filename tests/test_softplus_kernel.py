@@ -324,6 +324,7 @@ def test_model_trains_the_same_through_the_kernels(seed):
     torch.testing.assert_close(kernels, dense, rtol=1e-5, atol=0, msg=f"seed {seed}")
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("B, S, r, C", [(2, 300, 424, 37), (64, 1, 128, 1000), (1, 1000, 128, 0)])
@@ -334,6 +335,7 @@ def test_cuda_kernels_match_reference(seed, dtype, B, S, r, C):
     assert_close(flat(*run(q, k, v, do)), flat(*reference(q, k, v, do)), dtype, seed)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_graph_captures_a_decoding_step(seed):
     """kv_len is read on the device: one captured step serves every cache length."""
