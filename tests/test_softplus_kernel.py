@@ -415,3 +415,26 @@ def test_softplus_and_sigmoid_from_one_exp2(interpret, monkeypatch):
 
 def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def test_decoding_splits_fill_whole_waves():
+    """The split-K factor makes batch × splits programs (at most two waves) fill the GPU's last
+    wave as closely as the keys allow (each split at least two key tiles), preferring fewer splits
+    on a near tie."""
+    pytest.importorskip("triton")
+    from llama3.ops.softplus_triton import num_key_splits
+
+    def fill(programs: int) -> float:
+        return programs / (-(-programs // 132) * 132)
+
+    assert num_key_splits(64, 4096, 32, 132) == 2  # 128 programs: 97% of one wave
+    assert num_key_splits(132, 4096, 32, 132) == 1  # a full wave already
+    assert num_key_splits(3, 4096, 32, 132) == 44  # exactly one wave
+    assert num_key_splits(1, 4096, 32, 132) == 64  # as many as the keys allow
+    assert num_key_splits(1, 100, 32, 132) == 1  # 4 tiles: two per split at least, no gain
+    for batch in (5, 16, 50, 100, 200, 300):
+        splits = num_key_splits(batch, 4096, 32, 132)
+        assert batch * splits <= max(batch, 264)
+        better = [s for s in range(1, 65) if batch * s <= 264 and
+                  fill(batch * s) > fill(batch * splits) + 0.02]
+        assert not better, (batch, splits, better)

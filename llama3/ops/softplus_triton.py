@@ -857,16 +857,17 @@ def _sm_count(device: torch.device) -> int:
 
 
 def num_key_splits(programs: int, keys: int, block_n: int, sm_count: int) -> int:
-    """Split-K factor for decoding: ``programs`` × splits programs fill whole waves of
-    ``sm_count`` as closely as possible (ties to fewer splits), each split at least two key tiles."""
-    most = max(1, min(triton.cdiv(keys, 2 * block_n), 64))
+    """Split-K factor for decoding: ``programs`` × splits programs, at most two waves of
+    ``sm_count``, fill the last wave as closely as possible (ties to fewer splits); each split
+    covers at least two key tiles."""
+    most = max(1, min(triton.cdiv(keys, 2 * block_n), 64, 2 * sm_count // max(programs, 1)))
 
     def fill(splits: int) -> float:  # share of the last wave's SMs that have work
         total = programs * splits
         return total / (triton.cdiv(total, sm_count) * sm_count)
 
     best = 1
-    for splits in range(1, most + 1):
+    for splits in range(2, most + 1):
         if fill(splits) > fill(best) + 0.02:
             best = splits
     return best
