@@ -398,7 +398,7 @@ def restore_training_checkpoint(step_dir: Path, record: dict[str, Any], state: T
         raise UsageError(f"{step_dir} was written by {record['world_size']} process(es); continue "
                          f"it with as many (not {group.world_size}) so the data order continues")
     own: dict[str, Any] = {}
-    error = _attempt(lambda: own.update(read_rank_record(step_dir, group)))
+    error = _attempt(lambda: own.update(read_rank_record(step_dir, group.rank)))
     if group.any_failed(error is not None):
         raise error or UsageError(f"{step_dir}: another process could not read its state")
     for name, piece in state.per_process.items():
@@ -470,11 +470,12 @@ def read_trainer_record(path: str | os.PathLike) -> tuple[Path, dict[str, Any] |
     return step_dir, _read_record(file, TRAINER_FORMAT, "training record", TRAINER_VERSION)
 
 
-def read_rank_record(step_dir: Path, group: ProcessGroup) -> dict[str, Any]:
-    """This process's record of ``step_dir``: data position and random-number generators."""
-    rank_file = step_dir / rank_file_name(group.rank)
+def read_rank_record(step_dir: Path, rank: int) -> dict[str, Any]:
+    """The record of process ``rank`` in ``step_dir``: data position and random-number
+    generators."""
+    rank_file = step_dir / rank_file_name(rank)
     if not rank_file.is_file():
-        raise UsageError(f"{step_dir} has no state for process {group.rank} ({rank_file.name}): "
+        raise UsageError(f"{step_dir} has no state for process {rank} ({rank_file.name}): "
                          "resume with the number of processes that wrote it")
     try:
         record = torch.load(rank_file, map_location="cpu", weights_only=True)

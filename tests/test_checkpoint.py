@@ -75,7 +75,7 @@ def test_training_state_round_trip(tmp_path):
     assert step_dir == path and record["step"] == 7 and record["world_size"] == 1
     assert ModelArgs.from_dict(record["model_args"]) == model.args
     group = Distributed.single("cpu")
-    assert ckpt.read_rank_record(step_dir, group)["data"] == {"position": 7}
+    assert ckpt.read_rank_record(step_dir, group.rank)["data"] == {"position": 7}
     ckpt.load_training_state(step_dir, fresh, fresh_opt, group)
     for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
         assert torch.equal(a, b), name

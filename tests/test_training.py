@@ -265,9 +265,9 @@ def test_resume_from_a_version_1_training_record(data, straight_run, tmp_path):
                  "scaler": record["scaler"] or None, **record["settings"], "train_args": {},
                  "corpus": "fingerprint"}
     torch.save(version_1, old / "trainer.pt")
-    resumed = tmp_path / "resumed"
-    assert train(data, resumed, "--dropout", "0.1", "--total_steps", "6", "--save_steps", "3",
-                 "--eval_steps", "3", "--eval_batches", "2", "--from_checkpoint", str(old)) == 0
+    resumed = tmp_path / "resumed"  # batch, seed and schedule from the checkpoint, not repeated
+    assert main(["train", *data.flags(resumed), "--from_checkpoint", str(old), "--no-tensorboard",
+                 "--save_steps", "3", "--eval_steps", "3", "--eval_batches", "2"]) == 0
     for kind in ("train", "eval"):
         assert losses(resumed, kind) == losses(straight_run, kind)
 

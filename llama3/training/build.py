@@ -8,7 +8,7 @@ contents train), and the mutable :class:`~llama3.training.state.Progress`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from llama3.checkpoint import (TrainingState, check_model_flags, list_step_dirs, read_model_file,
-                               read_trainer_record, restore_training_checkpoint, step_of,
-                               tokenizer_fingerprint)
+                               read_rank_record, read_trainer_record, restore_training_checkpoint,
+                               step_of, tokenizer_fingerprint)
 from llama3.errors import UsageError
 from llama3.model import ModelArgs, Transformer, model_summary, training_flops_per_token
 from llama3.runtime import seed_everything
@@ -67,18 +67,20 @@ class Source:
 
     path: Path | None = None
     record: dict[str, Any] | None = None
+    flags: dict[str, Any] = field(default_factory=dict)  # the flag values it recorded
 
     @classmethod
     def read(cls, from_checkpoint: str | None) -> Source:
         if from_checkpoint is None:
             return cls()
         path, record = read_trainer_record(from_checkpoint)
-        return cls(path, None if record is None else upgrade_record(record))
-
-    @property
-    def flags(self) -> dict[str, Any]:
-        """The flag values the checkpoint recorded (none for a new run or weights only)."""
-        return recorded_flags(self.record)
+        if record is None:
+            return cls(path)
+        record = upgrade_record(record)
+        data = None
+        if "flags" not in record["settings"]:  # written before the flags were: the data order
+            data = read_rank_record(path, 0).get("data")
+        return cls(path, record, recorded_flags(record, data))
 
 
 @dataclass(frozen=True)

@@ -65,18 +65,23 @@ class RecordedSettings:
         """Nothing to restore: the run was configured from these values before it was built."""
 
 
-def recorded_flags(record: dict[str, Any] | None) -> dict[str, Any]:
+def recorded_flags(record: dict[str, Any] | None,
+                   data: dict[str, Any] | None = None) -> dict[str, Any]:
     """The flag values a training record holds (upgraded by :func:`upgrade_record`): all of them
-    since they were recorded, else those the schedule and precision give."""
+    since they were recorded, else those the schedule, the precision and ``data`` (the first
+    process's data position, which records the data order) give."""
     if record is None:
         return {}
     settings = record["settings"]
     if "flags" in settings:
         return dict(settings["flags"])
     schedule = settings["schedule"]
-    return {"base_lr": schedule["base_lr"], "warmup_steps": schedule["warmup_steps"],
-            "total_steps": schedule["total_steps"], "lr_schedule": schedule["kind"],
-            "min_lr_ratio": schedule["min_ratio"], "precision": settings["precision"]}
+    flags = {"base_lr": schedule["base_lr"], "warmup_steps": schedule["warmup_steps"],
+             "total_steps": schedule["total_steps"], "lr_schedule": schedule["kind"],
+             "min_lr_ratio": schedule["min_ratio"], "precision": settings["precision"]}
+    if data is not None:
+        flags.update(seed=data["seed"], batch_size=data["batch_size"], data_mode=data["mode"])
+    return flags
 
 
 class GradScaler(torch.amp.GradScaler):
