@@ -10,7 +10,7 @@ import importlib
 import sys
 from collections.abc import Callable
 
-from llama3.cli import HelpFormatter
+from llama3.cli import ArgumentParser, HelpFormatter
 from llama3.errors import ConfigError, UsageError
 
 # name → (module defining add_arguments(parser) and run(args), or main(argv) for a command that
@@ -54,15 +54,16 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(module_name)
     if hasattr(module, "main"):
         return _guarded(lambda: module.main(rest))
-    parser = argparse.ArgumentParser(prog=f"python -m llama3 {name}", description=summary,
-                                     formatter_class=HelpFormatter)
+    parser = ArgumentParser(prog=f"python -m llama3 {name}", description=summary,
+                            formatter_class=HelpFormatter)
     module.add_arguments(parser)
     args = parser.parse_args(rest)
     return _guarded(lambda: module.run(args))
 
 
 def _guarded(command: Callable[[], int | None]) -> int:
-    """Run a command: a usage error prints one line (exit 2), Ctrl-C exits with 130."""
+    """Run a command: a usage error prints one line (exit 2), Ctrl-C exits with 130. A file that
+    could not be read or written where no command expected it still gets one line (exit 1)."""
     try:
         return int(command() or 0)
     except (UsageError, ConfigError) as err:
@@ -71,6 +72,10 @@ def _guarded(command: Callable[[], int | None]) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as err:
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"error: {where}{err.strerror or err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -9,10 +9,25 @@ it.
 from __future__ import annotations
 
 import argparse
+import re
 from typing import Any
 
 from llama3.errors import UsageError  # also importable from here, as code written before expects
 from llama3.model.args import ATTENTIONS, MIXERS, SOFTPLUS_SCALES, ModelArgs
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors and negative numbers in every notation as values
+    (``--base_lr -1e-3`` is a value to check, not an unknown option)."""
+
+    _NEGATIVE = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|nan)$", re.IGNORECASE)
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = self._NEGATIVE
+
+    def error(self, message: str):  # noqa: ANN201 - argparse's signature
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -88,21 +103,38 @@ def model_flag_values(args: argparse.Namespace) -> dict[str, Any]:
     return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
 
+class Spelled(argparse.Action):
+    """Stores the value like ``store`` and remembers which of the flag's spellings was given
+    (``DEST_flag``), so that a message names the flag the user typed."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, values)
+        setattr(namespace, f"{self.dest}_flag", option_string)
+
+
+def spelling(args: argparse.Namespace, dest: str) -> str:
+    """The spelling of flag ``dest`` given on the command line (its first one if none was)."""
+    return getattr(args, f"{dest}_flag", None) or f"--{dest}"
+
+
 def add_seq_len_flag(group: argparse._ActionsContainer, what: str) -> None:
     """``--seq_len`` of the commands that run a trained model: tokens per sequence, ``what`` they
     are for. ``--max_seq_len`` is accepted as the same flag, for scripts written before."""
     group.add_argument("--seq_len", "--max_seq_len", dest="seq_len", type=int, default=None,
-                       metavar="N", help=f"tokens per sequence: {what} (default: the checkpoint's "
-                                         "context, --max_seq_len of training); --max_seq_len is "
-                                         "accepted as an older spelling of this flag")
+                       action=Spelled, metavar="N",
+                       help=f"tokens per sequence: {what} (default: the checkpoint's context, "
+                            "--max_seq_len of training); --max_seq_len is accepted as an older "
+                            "spelling of this flag")
 
 
 def seq_len_from_flags(args: argparse.Namespace, model_args: ModelArgs) -> int:
-    """``--seq_len``, or the checkpoint's context when not given."""
-    seq_len = args.seq_len or model_args.max_seq_len
-    if seq_len <= 0:
-        raise UsageError(f"--seq_len must be positive, got {seq_len}")
-    return seq_len
+    """``--seq_len``, or the checkpoint's context when not given (0 is refused, not a default)."""
+    if args.seq_len is None:
+        return model_args.max_seq_len
+    if args.seq_len <= 0:
+        raise UsageError(f"{spelling(args, 'seq_len')} must be positive, got {args.seq_len}")
+    return args.seq_len
 
 
 def add_precision_flags(parser: argparse.ArgumentParser) -> None:
@@ -110,9 +142,11 @@ def add_precision_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("device and precision")
     group.add_argument("--device", default=None,
                        help="cuda, cuda:N or cpu (default: cuda when available, else cpu)")
-    group.add_argument("--allow_tf32", action="store_true",
+    group.add_argument("--allow_tf32", action=argparse.BooleanOptionalAction, default=False,
                        help="allow TF32 matmuls and convolutions on Ampere and newer GPUs")
     mode = group.add_mutually_exclusive_group()
+    mode.add_argument("--fp32", action="store_true",
+                      help="fp32 parameters and arithmetic (the default when no other mode is given)")
     mode.add_argument("--amp_fp16", action="store_true",
                       help="autocast to float16 with fp32 master weights and a gradient scaler")
     mode.add_argument("--amp_bf16", action="store_true",
@@ -150,6 +184,17 @@ def add_token_cache_flags(group: argparse._ActionsContainer, *, data_mode: bool 
                             "CORPUS/.tokens/, or the user cache when the corpus folder is read-only)")
 
 
+def seed_value(text: str) -> int:
+    """argparse type of ``--seed``: an integer from 0 to 2**63 − 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 2**63 - 1, got {value}")
+    return value
+
+
 def add_seed_flag(parser: argparse.ArgumentParser, default: int = 0) -> None:
-    parser.add_argument("--seed", type=int, default=default,
+    parser.add_argument("--seed", type=seed_value, default=default,
                         help="random seed (data order, initialisation, sampling)")

@@ -14,11 +14,11 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from llama3.cli import (add_checkpoint_source_flags, add_model_flags, add_precision_flags,
-                        add_seq_len_flag, add_token_cache_flags, model_flag_values,
-                        seq_len_from_flags)
+from llama3.cli import (Spelled, add_checkpoint_source_flags, add_model_flags,
+                        add_precision_flags, add_seq_len_flag, add_token_cache_flags,
+                        model_flag_values, seq_len_from_flags, spelling)
 from llama3.errors import UsageError
-from llama3.fileio import write_json
+from llama3.fileio import check_output_file, write_json
 from llama3.loss import IGNORE_INDEX, evaluate_loss
 from llama3.runtime import Precision, configure_matmul, select_device
 
@@ -66,7 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_seq_len_flag(group, "the length of each eval window")
     group.add_argument("--batch_size", type=int, default=8, help="windows per batch")
     group.add_argument("--eval_batches", "--total_steps", dest="eval_batches", type=int, default=0,
-                       metavar="N", help="batches to evaluate, 0 = the whole eval set; "
+                       action=Spelled, metavar="N", help="batches to evaluate, 0 = the whole eval set; "
                                          "--total_steps is accepted as an older spelling")
     group.add_argument("--output", metavar="FILE", help="also write the results as JSON")
     group.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
@@ -75,14 +75,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from llama3.checkpoint import model_from_record, read_checked_record, resolve_step_dir
+    from llama3.checkpoint import model_from_record, read_checked_record, resolve_model_file
     from llama3.data.dataset import open_eval_windows
     from llama3.data.tokenizer import load_tokenizer
 
+    if args.output:
+        check_output_file(args.output, "--output")
     record, model_args = read_checked_record(args.from_checkpoint, model_flag_values(args))
     seq_len = seq_len_from_flags(args, model_args)
-    if args.batch_size <= 0 or args.eval_batches < 0:
-        raise UsageError("--batch_size must be positive and --eval_batches ≥ 0")
+    if args.batch_size <= 0:
+        raise UsageError(f"--batch_size must be positive, got {args.batch_size}")
+    if args.eval_batches < 0:
+        raise UsageError(f"{spelling(args, 'eval_batches')} must be 0 (all) or more, got "
+                         f"{args.eval_batches}")
     device = select_device(args.device)
     configure_matmul(args.allow_tf32)
     precision = Precision.from_flags(args)
@@ -98,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     result = evaluate_loss(model, counter.count(batches), device, precision)
     seconds = time.perf_counter() - start
     summary = {
-        "checkpoint": str(resolve_step_dir(args.from_checkpoint)), "step": record.get("step"),
+        "checkpoint": str(resolve_model_file(args.from_checkpoint)), "step": record.get("step"),
         "eval_corpus": str(args.eval_corpus), "tokenizer": str(args.tokenizer),
         "seq_len": seq_len, "batch_size": args.batch_size, "mode": args.data_mode,
         "precision": precision.name, "batches": result.batches, "tokens": result.tokens,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -43,8 +44,8 @@ class SamplingSettings:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise UsageError(f"--max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise UsageError(f"--temperature must be ≥ 0, got {self.temperature}")
+        if not 0 <= self.temperature < math.inf:
+            raise UsageError(f"--temperature must be a number ≥ 0, got {self.temperature}")
         if self.top_k < 0:
             raise UsageError(f"--top_k must be ≥ 0 (0: off), got {self.top_k}")
         if not 0 < self.top_p <= 1:
@@ -241,8 +242,9 @@ class Generator:
         self._step: _DecodeStep | None = None
 
     def encode(self, prompt: str) -> list[int]:
-        """A text prompt as the ids :meth:`generate` feeds: the start token, then the text."""
-        return self.start_ids + self.tokenizer.encode(prompt)
+        """A text prompt as the ids :meth:`generate` feeds: the start token, then the text cleaned
+        as the tokenizer's training text was."""
+        return self.start_ids + self.tokenizer.encode(self.tokenizer.clean(prompt))
 
     def generate(self, prompts: Sequence[str], settings: SamplingSettings = SamplingSettings(),
                  on_step: Callable[[Tensor], None] | None = None) -> GenerationResult:
@@ -380,7 +382,9 @@ class TextStream:
 
 
 GENERATE_DESCRIPTION = """\
-Sample continuations of prompts from a checkpoint. One prompt streams its completion as it is
+Sample continuations of prompts from a checkpoint. Each prompt is cleaned as the tokenizer's
+training text was (the cleaning recorded with the tokenizer) and printed as cleaned; a prompt with
+many characters the tokenizer never saw gets a warning. One prompt streams its completion as it is
 generated; several run as one batch (right-padded, each row decoding from its own length) and
 print in order, each after a "--- [i]" line, when all are done. A row stops at the end-of-sequence
 token. Timings (prefill and decode tokens/s) go to stderr. On CUDA each decode step replays a
@@ -432,6 +436,10 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
                 prompts += [line.rstrip("\n") for line in f if line.strip()]
         except OSError as err:
             raise UsageError(f"--prompt_file {args.prompt_file}: {err.strerror or err}") from err
+        except UnicodeDecodeError as err:
+            raise UsageError(f"--prompt_file {args.prompt_file}: not UTF-8 text (byte "
+                             f"{err.start} is {err.object[err.start:err.start + 1]!r}); give a "
+                             "text file of prompts, one per line") from err
     if not args.prompt and not args.prompt_file:
         if sys.stdin.isatty():
             raise UsageError("no prompts: give --prompt TEXT, --prompt_file FILE, or pipe prompts "
@@ -455,6 +463,7 @@ def run(args: argparse.Namespace) -> int:
     record, model_args = read_checked_record(args.from_checkpoint, model_flag_values(args))
     seq_len = seq_len_from_flags(args, model_args)
     tokenizer = load_tokenizer(args.tokenizer, record.get("tokenizer"), model_args.vocab_size)
+    tokenizer.note_cleaning()
     device = select_device(args.device)
     configure_matmul(args.allow_tf32)
     precision = Precision.from_flags(args)
@@ -472,11 +481,19 @@ def run(args: argparse.Namespace) -> int:
 
 def check_prompts(generator: Generator, prompts: list[str], settings: SamplingSettings,
                   context: int) -> None:
-    """Refuse empty prompts; warn when a prompt and its completion exceed ``context`` tokens (the
-    model's context, or ``--seq_len``)."""
-    lengths = [len(generator.encode(p)) for p in prompts]
+    """Refuse empty prompts; warn when a prompt has many unknown tokens, and when a prompt and its
+    completion exceed ``context`` tokens (the model's context, or ``--seq_len``)."""
+    from llama3.data.tokenizer import unknown_share_warning
+
+    encoded = [generator.encode(p) for p in prompts]
+    lengths = [len(ids) for ids in encoded]
     if min(lengths) == 0:
         raise UsageError("an empty prompt with --start_token none has no token to continue from")
+    unk, start = generator.tokenizer.unk_id, len(generator.start_ids)
+    for i, ids in enumerate(encoded):
+        warning = unknown_share_warning(f"prompt {i}", ids[start:].count(unk), len(ids) - start)
+        if warning:
+            print(warning, file=sys.stderr)
     if max(lengths) + settings.max_new_tokens > context:
         print(f"warning: prompt ({max(lengths)} tokens) + --max_new_tokens "
               f"{settings.max_new_tokens} exceeds the context of {context} tokens",
@@ -485,14 +502,15 @@ def check_prompts(generator: Generator, prompts: list[str], settings: SamplingSe
 
 def generate_and_print(generator: Generator, tokenizer: object, prompts: list[str],
                        settings: SamplingSettings, first_index: int = 0) -> GenerationResult:
-    """One prompt: print it, then stream the completion. Several: print each when all are done."""
+    """One prompt: print it, then stream the completion. Several: print each when all are done.
+    Each prompt is printed as the model reads it: cleaned as the training text was."""
     if len(prompts) == 1:
-        print(prompts[0], end="", flush=True)
+        print(tokenizer.clean(prompts[0]), end="", flush=True)
         stream = TextStream(tokenizer, generator.encode(prompts[0]), generator.eos_id)
         result = generator.generate(prompts, settings, on_step=stream)
         print(flush=True)
         return result
     result = generator.generate(prompts, settings)
     for i, (prompt, text) in enumerate(zip(prompts, result.texts), start=first_index):
-        print(f"--- [{i}]\n{prompt}{text}")
+        print(f"--- [{i}]\n{tokenizer.clean(prompt)}{text}")
     return result

@@ -3,16 +3,20 @@
 Each RUN is a run directory (``--to_checkpoint`` of train/multitrain) or its ``metrics.jsonl``.
 The left panel shows the training loss of every step, the right one the held-out loss of every
 evaluation; the x axis is the optimizer step, the tokens trained on, or the wall-clock time.
+A last line cut short (a run killed while writing it) is skipped with a warning. The image type
+follows the extension of ``--output`` (PNG without one); the file is replaced only once complete.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 from llama3.errors import UsageError
+from llama3.fileio import check_output_file, staged_file
 from llama3.training.metrics import METRICS_FILE
 
 X_AXES = {"step": ("step", "optimizer step"), "tokens": ("tokens", "tokens trained on"),
@@ -22,7 +26,9 @@ X_AXES = {"step": ("step", "optimizer step"), "tokens": ("tokens", "tokens train
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("runs", nargs="+", metavar="RUN",
                         help="run directories (or their metrics.jsonl files)")
-    parser.add_argument("--output", required=True, metavar="PNG", help="image file to write")
+    parser.add_argument("--output", required=True, metavar="PNG",
+                        help="image file to write; its extension gives the type (.png, .pdf, "
+                             ".svg, ...; .png is added when there is none)")
     parser.add_argument("--x", choices=tuple(X_AXES), default="step",
                         help="x axis: optimizer step, tokens trained on, or wall-clock time")
     parser.add_argument("--labels", nargs="+", metavar="LABEL",
@@ -41,11 +47,15 @@ def read_metrics(run: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise UsageError(f"{run}: no {METRICS_FILE} there (give a train/multitrain run directory)")
     records = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for n, line in enumerate(lines, 1):
         if line.strip():
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as err:
+                if n == len(lines):  # the line a killed run was writing
+                    print(f"warning: {path}, line {n}: cut short, skipped", file=sys.stderr)
+                    break
                 raise UsageError(f"{path}, line {n}: not JSON ({err})") from err
     return records
 
@@ -72,16 +82,15 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--labels gives {len(args.labels)} names for {len(args.runs)} runs")
     if not 0 <= args.smooth < 1:
         raise UsageError(f"--smooth must be in [0, 1), got {args.smooth}")
+    output = check_output_file(image_path(args.output), "--output")
     labels = args.labels or [_label(r) for r in args.runs]
     curves = [(label, read_metrics(r)) for label, r in zip(labels, args.runs)]
-    path = draw(curves, args.output, x=args.x, smooth=args.smooth, title=args.title)
+    path = draw(curves, output, x=args.x, smooth=args.smooth, title=args.title)
     print(f"wrote {path}")
     return 0
 
 
-def draw(curves: list[tuple[str, list[dict[str, Any]]]], output: str | Path, *, x: str = "step",
-         smooth: float = 0.0, title: str | None = None) -> Path:
-    """Write the figure; returns its path."""
+def _pyplot() -> Any:
     try:
         import matplotlib
 
@@ -89,6 +98,32 @@ def draw(curves: list[tuple[str, list[dict[str, Any]]]], output: str | Path, *, 
         import matplotlib.pyplot as plt
     except ImportError as err:
         raise UsageError("plot needs matplotlib: pip install matplotlib") from err
+    return plt
+
+
+def image_path(output: str | Path) -> Path:
+    """``--output`` with ".png" added when it has no extension; UsageError for a type matplotlib
+    cannot write."""
+    output = Path(output)
+    if output.is_dir():
+        raise UsageError(f"--output {output} is a directory: give a file name such as "
+                         f"{output / 'curves.png'}")
+    if not output.suffix:
+        return output.with_name(output.name + ".png")
+    _pyplot()  # matplotlib is there
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    types = FigureCanvasBase.get_supported_filetypes()
+    if output.suffix[1:].lower() not in types:
+        raise UsageError(f"--output {output}: matplotlib cannot write {output.suffix} images; use "
+                         + ", ".join(f".{t}" for t in sorted(types)))
+    return output
+
+
+def draw(curves: list[tuple[str, list[dict[str, Any]]]], output: str | Path, *, x: str = "step",
+         smooth: float = 0.0, title: str | None = None) -> Path:
+    """Write the figure (its type from the extension of ``output``); returns its path."""
+    plt = _pyplot()
     fig, (train_ax, eval_ax) = plt.subplots(1, 2, figsize=(12, 4.5), sharex=True)
     for i, (label, records) in enumerate(curves):
         color = f"C{i % 10}"
@@ -106,9 +141,11 @@ def draw(curves: list[tuple[str, list[dict[str, Any]]]], output: str | Path, *, 
         fig.suptitle(title)
     fig.tight_layout()
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(output, dpi=120)
-    plt.close(fig)
+    try:
+        with staged_file(output, what="the figure ") as staging:
+            fig.savefig(staging, dpi=120, format=output.suffix[1:].lower() or "png")
+    finally:
+        plt.close(fig)
     return output
 
 

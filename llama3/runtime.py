@@ -37,13 +37,17 @@ class Precision:
 
     @classmethod
     def from_flags(cls, args: argparse.Namespace) -> "Precision":
-        if getattr(args, "bf16", False):
-            return cls(param_dtype=torch.bfloat16)
-        if getattr(args, "amp_bf16", False):
-            return cls(autocast_dtype=torch.bfloat16)
-        if getattr(args, "amp_fp16", False):
-            return cls(autocast_dtype=torch.float16)
-        return cls()
+        """The mode of the precision flag given; fp32 when none is."""
+        return cls.named(precision_flag(args) or "fp32")
+
+    @classmethod
+    def named(cls, name: str) -> "Precision":
+        """fp32, amp_bf16, amp_fp16 or bf16 (pure bfloat16 parameters)."""
+        modes = {"fp32": cls(), "amp_bf16": cls(autocast_dtype=torch.bfloat16),
+                 "amp_fp16": cls(autocast_dtype=torch.float16), "bf16": cls(param_dtype=torch.bfloat16)}
+        if name not in modes:
+            raise UsageError(f"unknown precision {name!r} (one of {', '.join(modes)})")
+        return modes[name]
 
     @property
     def needs_scaler(self) -> bool:
@@ -61,10 +65,17 @@ class Precision:
         return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
 
 
+def precision_flag(args: argparse.Namespace) -> str | None:
+    """The precision mode named on the command line (--fp32, --amp_bf16, --amp_fp16, --bf16),
+    None when no flag was given."""
+    return next((name for name in ("fp32", "amp_bf16", "amp_fp16", "bf16")
+                 if getattr(args, name, False)), None)
+
+
 def configure_matmul(allow_tf32: bool) -> None:
     """TF32 for fp32 matmuls and convolutions on GPUs that have it."""
-    torch.backends.cuda.matmul.allow_tf32 = allow_tf32
-    torch.backends.cudnn.allow_tf32 = allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = bool(allow_tf32)
+    torch.backends.cudnn.allow_tf32 = bool(allow_tf32)
 
 
 def seed_everything(seed: int) -> None:

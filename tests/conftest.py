@@ -1,5 +1,6 @@
-"""Shared fixtures: a tiny text corpus, a SentencePiece tokenizer trained on it, and tiny
-checkpoints of both attentions. Built once per pytest run, in temporary directories."""
+"""Shared fixtures: a tiny text corpus (cleaned by preprocess, as a real one is), a SentencePiece
+tokenizer trained on it (so it records preprocess's default cleaning), and tiny checkpoints of
+both attentions. Built once per pytest run, in temporary directories."""
 
 from __future__ import annotations
 
@@ -51,11 +52,18 @@ def fixed_torch_seed():
 
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory) -> dict[str, Path]:
-    """``{"train": DIR, "eval": DIR}``, each holding one .jsonl file of generated English-like text."""
+    """``{"train": DIR, "eval": DIR}``: 300 and 60 documents of generated English-like text, each
+    set preprocessed (default cleaning) into a split directory of its own."""
+    from llama3.__main__ import main
+
     root = tmp_path_factory.mktemp("corpus")
-    write_jsonl(root / "train" / "part.jsonl", 300, seed=0)
-    write_jsonl(root / "eval" / "part.jsonl", 60, seed=1)
-    return {"train": root / "train", "eval": root / "eval"}
+    splits = {}
+    for split, n, seed, ratio in (("train", 300, 0, "1"), ("eval", 60, 1, "0")):
+        raw = write_jsonl(root / "raw" / f"{split}.jsonl", n, seed=seed)
+        assert main(["preprocess", "--input", str(raw), "--output", str(root / split),
+                     "--split_ratio", ratio, "--no-progress"]) == 0
+        splits[split] = root / split / split
+    return splits
 
 
 @pytest.fixture(scope="session")

@@ -75,7 +75,7 @@ def test_training_state_round_trip(tmp_path):
     assert step_dir == path and record["step"] == 7 and record["world_size"] == 1
     assert ModelArgs.from_dict(record["model_args"]) == model.args
     group = Distributed.single("cpu")
-    assert ckpt.read_rank_record(step_dir, group)["data"] == {"position": 7}
+    assert ckpt.read_rank_record(step_dir, group.rank)["data"] == {"position": 7}
     ckpt.load_training_state(step_dir, fresh, fresh_opt, group)
     for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
         assert torch.equal(a, b), name
@@ -118,23 +118,31 @@ def test_save_failing_before_publish_keeps_previous(tmp_path, monkeypatch):
     opt = trained(model)
     save(tmp_path, 1, model, opt)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    trained(model)  # change the weights, then crash between staging and publishing step 2
+    trained(model)  # change the weights, then fail between staging and publishing step 2
 
     def crash(*args, **kwargs):
-        raise OSError("disk vanished")
+        raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(ckpt, "publish_step_dir", crash)
-    with pytest.raises(OSError):
+    with pytest.raises(ckpt.UsageError, match="step_00000002: No space left on device.*still "
+                                              "step_00000001"):
         save(tmp_path, 2, model, opt)
     monkeypatch.undo()
-    assert (tmp_path / "step_00000002.tmp").is_dir()  # the half-written staging directory
+    assert not (tmp_path / "step_00000002.tmp").exists()  # removed, not left filling the disk
     assert [p.name for p in ckpt.list_step_dirs(tmp_path)] == ["step_00000001"]
     assert ckpt.read_trainer_record(tmp_path)[1]["step"] == 1
     for name, weight in load_checkpoint(tmp_path).state_dict().items():
         assert torch.equal(weight, before[name]), name
-    save(tmp_path, 3, model, opt)  # the next save removes the leftover staging directory
-    assert not (tmp_path / "step_00000002.tmp").exists()
+    save(tmp_path, 3, model, opt)
     assert ckpt.read_trainer_record(tmp_path)[1]["step"] == 3
+
+
+def test_a_failure_that_is_not_a_write_is_raised_as_it_is(tmp_path, monkeypatch):
+    model = tiny_model()
+    monkeypatch.setattr(ckpt, "write_model_file", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        save(tmp_path, 1, model, trained(model))
+    assert not list(tmp_path.iterdir())
 
 
 KILLED_SAVE = textwrap.dedent("""
@@ -171,12 +179,15 @@ def test_killed_mid_save_keeps_previous(tmp_path):
     assert ckpt.read_trainer_record(tmp_path)[1]["step"] == 1
 
 
-def test_keep_last_prunes_oldest(tmp_path):
+def test_keep_last_prunes_oldest_and_never_the_step_just_saved(tmp_path):
     model = tiny_model()
     opt = trained(model)
     for step in (1, 2, 3, 4):
         save(tmp_path, step, model, opt, keep_last=2)
     assert [p.name for p in ckpt.list_step_dirs(tmp_path)] == ["step_00000003", "step_00000004"]
+    save(tmp_path, 2, model, opt, keep_last=1)  # an older step saved last stays
+    assert [p.name for p in ckpt.list_step_dirs(tmp_path)] == ["step_00000002"]
+    assert ckpt.resolve_step_dir(tmp_path).name == "step_00000002"
 
 
 def test_model_only_checkpoint_has_no_training_record(tmp_path):

@@ -117,3 +117,18 @@ def test_scripts_and_readme_use_flags_that_exist(source):
     for command, flags in commands:
         known = parser_of(command)._option_string_actions
         assert [f for f in flags if f not in known] == [], f"{source}: {command}"
+
+
+def test_project_metadata_reads_without_deprecation_warnings():
+    """setuptools reads pyproject.toml as an installation does, every warning an error (the
+    license as a TOML table is deprecated: an SPDX string is the current form)."""
+    setuptools = pytest.importorskip("setuptools")
+    if int(setuptools.__version__.split(".")[0]) < 77:
+        pytest.skip(f"setuptools {setuptools.__version__} predates SPDX license strings (77)")
+    code = ("import warnings; warnings.simplefilter('error'); "
+            "from setuptools.config.pyprojecttoml import apply_configuration; "
+            "from setuptools.dist import Distribution; "
+            "apply_configuration(Distribution(), 'pyproject.toml')")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import runpy
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
-from test_data_support import ROOT, jsonl_bytes, make_texts, run_cli, write_jsonl, write_zst
+from test_data_support import (ROOT, jsonl_bytes, make_texts, run_cli, train_tiny_tokenizer,
+                               write_jsonl, write_zst)
 
 from llama3.__main__ import main
 
@@ -71,9 +75,61 @@ def test_preprocess_the_pile_wrapper_uses_the_original_defaults(tmp_path, monkey
     assert wrapper["main"]([]) == 2
     assert "run ./download_the_pile.sh first" in capsys.readouterr().err
     write_jsonl(tmp_path / "the-pile-pubmed-central-refine-result.jsonl", make_texts(50, seed=42))
+    write_jsonl(tmp_path / "other.jsonl", make_texts(7, seed=44))  # not read: the default is here
     assert wrapper["main"](["--no-progress"]) == 0
     assert (tmp_path / "pretrain_data" / "train" / "part-00000.jsonl").is_file()
-    assert (tmp_path / "pretrain_data" / "preprocess.json").is_file()
+    manifest = json.loads((tmp_path / "pretrain_data" / "preprocess.json").read_text())
+    assert manifest["inputs"] == ["the-pile-pubmed-central-refine-result.jsonl"]
+
+
+def test_preprocess_the_pile_wrapper_takes_the_folders_shards(tmp_path, monkeypatch, capsys):
+    """Shards of a mirror fetched with download_the_pile.sh URL... (no default subset file)."""
+    wrapper = runpy.run_path(str(SCRIPTS / "preprocess_the_pile.py"))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.chdir(tmp_path)
+    write_zst(tmp_path / "00.jsonl.zst", jsonl_bytes(make_texts(40, seed=45)))
+    write_jsonl(tmp_path / "01.jsonl", make_texts(30, seed=46))
+    (tmp_path / "02.jsonl.zst.part").write_bytes(b"an interrupted download")
+    assert wrapper["main"](["--no-progress"]) == 0
+    assert "preprocessing the 2 .jsonl/.jsonl.zst file(s) of this folder" in capsys.readouterr().err
+    manifest = json.loads((tmp_path / "pretrain_data" / "preprocess.json").read_text())
+    assert manifest["inputs"] == ["00.jsonl.zst", "01.jsonl"]
+    assert sum(s["documents"] for s in manifest["splits"].values()) == 70
+
+
+def test_pretokenize_refuses_the_output_of_a_killed_preprocess(tmp_path):
+    """preprocess is killed (SIGKILL) after writing a first shard of each split; the shards it
+    left are refused as a corpus until a run completes."""
+    fifo = tmp_path / "input.jsonl"
+    os.mkfifo(fifo)
+    out = tmp_path / "data"
+    child = subprocess.Popen([sys.executable, "-m", "llama3", "preprocess", "--input", str(fifo),
+                              "--output", str(out), "--shard_size_mb", "0.01", "--no-progress"],
+                             cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        with open(fifo, "wb") as writer:  # held open: preprocess waits for more input
+            writer.write(jsonl_bytes(make_texts(600, seed=47)))
+            writer.flush()
+            wait_for(lambda: all(list((out / s).glob("part-*.jsonl")) for s in ("train", "eval")))
+            child.send_signal(signal.SIGKILL)
+            child.wait(timeout=60)
+    finally:
+        child.kill()
+    tokenizer = train_tiny_tokenizer(tmp_path / "tok")
+    for split in ("train", "eval"):
+        done = run_cli("pretokenize", "--corpus", str(out / split), "--tokenizer", str(tokenizer))
+        assert done.returncode == 2, done.stderr
+        assert f"preprocess did not finish writing {out / split}" in done.stderr
+    assert not list(out.rglob(".tokens"))
+
+
+def wait_for(condition, timeout: float = 120.0) -> None:
+    """Poll the file system until ``condition()`` holds (what a child process writes)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
 
 
 # ----------------------------------------------------------------------------- download script

@@ -78,9 +78,33 @@ def test_file_without_read_permission_is_unreadable(tmp_path):
     assert log.counts == {"unreadable": 1} and "Permission denied" in str(log.first[0])
 
 
-def test_reports_stop_after_max_reports(bad_corpus, tmp_path, capsys):
-    preprocess_run([bad_corpus], tmp_path / "out", "--max_reports", "2")
-    assert capsys.readouterr().err.count("warning:") == 2
+def test_file_faults_are_always_named_and_every_problem_is_in_the_report(bad_corpus, tmp_path,
+                                                                          capsys):
+    """Past --max_reports bad lines, a truncated stream, an empty and an unreadable file are still
+    named; every problem is listed in a report beside the output, which the summary names, and a
+    later run without bad input removes it."""
+    out = tmp_path / "out"
+    assert main(["preprocess", "--input", str(bad_corpus), "--output", str(out), "--max_reports",
+                 "2", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 5
+    for name in ("g_empty.jsonl", "h_truncated.jsonl.zst", "i_unreadable.jsonl"):
+        assert sum(name in line for line in warnings) == 1, name
+    report = out / "preprocess.bad_input.tsv"
+    assert f"all listed in {report}" in err
+    header, *rows = [line.split("\t") for line in report.read_text().splitlines()]
+    assert header == ["file", "line", "reason", "detail"]
+    manifest = json.loads((out / "preprocess.json").read_text())
+    assert Counter(row[2] for row in rows) == manifest["bad_input"]
+    assert [str(bad_corpus / "a_malformed.jsonl"), "3", "malformed_json"] == rows[0][:3]
+    assert main(["preprocess", "--input", str(bad_corpus / "a_malformed.jsonl"), "--output",
+                 str(out), "--no-progress"]) == 0
+    assert "bad input skipped" in capsys.readouterr().err and report.is_file()
+    write_jsonl(tmp_path / "good.jsonl", make_texts(20))
+    assert main(["preprocess", "--input", str(tmp_path / "good.jsonl"), "--output", str(out),
+                 "--no-progress"]) == 0
+    assert not report.exists()
 
 
 def test_strict_exits_nonzero_at_first_bad_input(bad_corpus, tmp_path, capsys):

@@ -180,3 +180,27 @@ def test_deploy_command_end_to_end(deployed):
     assert prefill["p50_ms"] <= prefill["p99_ms"] and prefill["iterations"] == 3
     assert timed[("pytorch", "decode")]["cached"] == 15
     assert {r["device"] for r in report["latency"]} == {"cpu"}
+
+
+def test_a_failed_export_keeps_the_previous_model(deployed, tmp_path, capsys):
+    """An export that cannot be written in full (a disk too full for it) ends in one line and
+    leaves the model.onnx of the run before as it was, with no temporary file."""
+    import shutil
+
+    from test_bad_input import file_size_limit
+
+    from llama3.__main__ import main
+
+    _, out, checkpoint = deployed
+    export_dir = tmp_path / "deployed"
+    shutil.copytree(out, export_dir)
+    before = (export_dir / "model.onnx").read_bytes()
+    with file_size_limit(len(before) // 2):
+        code = main(["deploy", "--from_checkpoint", str(checkpoint), "--export_dir",
+                     str(export_dir), "--device", "cpu", "--no_tensorrt", "--iterations", "0",
+                     "--batch_size", "2", "--seq_len", "16"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert code == 2 and len(errors) == 1, errors
+    assert f"cannot write the ONNX file {export_dir / 'model.onnx'}" in errors[0]
+    assert (export_dir / "model.onnx").read_bytes() == before
+    assert sorted(p.name for p in export_dir.iterdir()) == sorted(p.name for p in out.iterdir())

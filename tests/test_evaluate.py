@@ -90,3 +90,68 @@ def test_evaluate_refuses_disagreeing_flags_and_tokenizers(tiny_checkpoint, tiny
                             n_most_frequent_words=5, progress=False)
     assert main(base + ["--tokenizer", str(other)]) == 2
     assert "is not the tokenizer this checkpoint was trained with" in capsys.readouterr().err
+
+
+def test_a_raw_eval_corpus_is_cleaned_as_the_training_text(tiny_checkpoint, tiny_tokenizer,
+                                                           tiny_corpus, tmp_path, capsys):
+    """The eval documents before preprocess (capitals) evaluate exactly as the preprocessed ones:
+    the tokenizer's recorded cleaning is applied while encoding; a tokenizer trained on text as
+    given records no cleaning, and then a high share of <unk> tokens is said."""
+    from llama3.__main__ import main
+    from llama3.data.tokenizer import cleaning_record_path, train_tokenizer
+
+    raw = tiny_corpus["eval"].parent.parent / "raw" / "eval.jsonl"
+    assert any(c.isupper() for c in raw.read_text())
+    results = []
+    for corpus in (raw, tiny_corpus["eval"]):
+        output = tmp_path / f"{corpus.name}.json"
+        assert main(["evaluate", "--from_checkpoint", str(tiny_checkpoint("softplus")),
+                     "--tokenizer", str(tiny_tokenizer), "--eval_corpus", str(corpus),
+                     "--device", "cpu", "--no-progress", "--output", str(output)]) == 0
+        results.append(json.loads(output.read_text()))
+    err = capsys.readouterr().err
+    assert f"--eval_corpus {raw} is encoded with the cleaning" in err and "<unk>" not in err
+    for key in ("loss", "tokens", "bytes", "bits_per_byte"):
+        assert results[0][key] == results[1][key], key
+    as_given = train_tokenizer(tiny_corpus["train"].parent.parent / "raw" / "train.jsonl",
+                               tmp_path / "as_given.model", 128, n_most_frequent_words=5,
+                               progress=False)
+    assert json.loads(cleaning_record_path(as_given).read_text())["cleaning"]["lowercase"] is False
+    uppercase = tmp_path / "upper" / "part.jsonl"
+    uppercase.parent.mkdir()
+    uppercase.write_text(json.dumps({"text": raw.read_text().upper()[:3000]}) + "\n")
+    from llama3.data.tokenizer import Tokenizer
+    from llama3.data.tokens import open_token_corpus
+
+    corpus = open_token_corpus(uppercase.parent, Tokenizer(as_given), progress=False)
+    assert corpus.n_unknown > 0.01 * corpus.n_tokens
+    assert "are <unk>" in capsys.readouterr().err
+
+
+def test_a_model_file_under_another_name_is_the_model_loaded(tiny_checkpoint, tiny_tokenizer,
+                                                             tiny_corpus, tmp_path):
+    """--from_checkpoint DIR/step_N/other.pt loads other.pt, not the model.pt beside it."""
+    import shutil
+
+    from llama3 import ModelArgs, Transformer
+    from llama3.__main__ import main
+    from llama3.checkpoint import resolve_step_dir, save_model_checkpoint, tokenizer_fingerprint
+    from conftest import TINY_MODELS
+
+    torch.manual_seed(7)
+    other = Transformer.build(ModelArgs(vocab_size=Tokenizer(tiny_tokenizer).vocab_size,
+                                        **TINY_MODELS["softplus"]))
+    other_dir = save_model_checkpoint(tmp_path / "other", other,
+                                      tokenizer=tokenizer_fingerprint(tiny_tokenizer))
+    mixed = tmp_path / "mixed"
+    shutil.copytree(resolve_step_dir(tiny_checkpoint("softplus")), mixed)
+    shutil.copyfile(other_dir / "model.pt", mixed / "other.pt")
+    results = {}
+    for name, source in (("other", other_dir), ("file", mixed / "other.pt"), ("beside", mixed)):
+        output = tmp_path / f"{name}.json"
+        assert main(["evaluate", "--from_checkpoint", str(source), "--tokenizer",
+                     str(tiny_tokenizer), "--eval_corpus", str(tiny_corpus["eval"]), "--device",
+                     "cpu", "--eval_batches", "2", "--no-progress", "--output", str(output)]) == 0
+        results[name] = json.loads(output.read_text())
+    assert results["file"]["loss"] == results["other"]["loss"] != results["beside"]["loss"]
+    assert results["file"]["checkpoint"] == str(mixed / "other.pt")

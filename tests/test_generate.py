@@ -105,11 +105,11 @@ def test_generate_command(tiny_checkpoint, tiny_tokenizer, llama3_cli, capsys, m
               str(tiny_tokenizer), "--max_new_tokens", "12", "--temperature", "0", "--device", "cpu"]
     one = llama3_cli(*common, "--prompt", "The river was")  # the real entry point, streaming
     assert one.returncode == 0, one.stderr[-2000:]
-    assert one.stdout.startswith("The river was")
+    assert one.stdout.startswith("the river was")  # cleaned as the training text was
     assert "prefill:" in one.stderr and "decode:" in one.stderr and "tokens/s" in one.stderr
     assert main(common + ["--prompt", "The river was", "--prompt", "A quiet morning"]) == 0
     batch = capsys.readouterr().out
-    assert "--- [0]\nThe river was" in batch and "--- [1]\nA quiet morning" in batch
+    assert "--- [0]\nthe river was" in batch and "--- [1]\na quiet morning" in batch
     first = batch.split("--- [1]")[0].split("\n", 1)[1]
     assert first.rstrip("\n") == one.stdout.rstrip("\n")  # greedy: batching changes nothing
     monkeypatch.setattr("sys.stdin", io.StringIO("The river was\n\nA quiet morning\n"))
@@ -117,3 +117,32 @@ def test_generate_command(tiny_checkpoint, tiny_tokenizer, llama3_cli, capsys, m
     assert capsys.readouterr().out == batch
     assert main(common + ["--prompt", "x", "--dim", "64"]) == 2
     assert "--dim 64" in capsys.readouterr().err
+
+
+def test_prompts_are_cleaned_as_the_training_text_and_unknown_tokens_said(
+        tiny_checkpoint, tiny_tokenizer, tmp_path, capsys):
+    """The tiny tokenizer learnt preprocessed (lowercased, ASCII) text and records it: a prompt in
+    capitals with accents is read, and echoed, cleaned; characters it never saw get a warning; a
+    tokenizer without the record (older) is assumed to want preprocess's default cleaning."""
+    import json
+    import shutil
+
+    from llama3.__main__ import main
+    from llama3.data.tokenizer import cleaning_record_path
+
+    record = json.loads(cleaning_record_path(tiny_tokenizer).read_text())
+    assert record["cleaning"] == {"nfkd": True, "ascii": True, "lowercase": True,
+                                  "drop_empty_brackets": True}
+    common = ["generate", "--from_checkpoint", str(tiny_checkpoint("softmax")), "--max_new_tokens",
+              "4", "--temperature", "0", "--device", "cpu"]
+    assert main(common + ["--tokenizer", str(tiny_tokenizer), "--prompt", "THE RIVER Café ()"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("the river cafe ") and "<unk>" not in err
+    assert main(common + ["--tokenizer", str(tiny_tokenizer), "--prompt", "the river 1234 %%% ###"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: prompt 0: " in err and "are <unk>" in err
+    older = tmp_path / "older.model"
+    shutil.copyfile(tiny_tokenizer, older)
+    assert main(common + ["--tokenizer", str(older), "--prompt", "THE RIVER"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("the river") and "has no cleaning record" in err

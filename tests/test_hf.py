@@ -105,6 +105,7 @@ def test_tokenizer_json_equals_sentencepiece_on_cleaned_text(exported, tiny_toke
         assert hf(text).input_ids == [sp.eos_id, *expected]  # the start token of packed training
         assert hf.decode(expected) == sp.decode(expected)
     assert (directory / "sentencepiece.model").read_bytes() == Path(tiny_tokenizer).read_bytes()
+    assert Tokenizer(directory / "sentencepiece.model").cleaner == sp.cleaner == cleaner
 
 
 def test_tokenizer_follows_the_cleaning_flags_and_byte_fallback(tiny_corpus, tmp_path):

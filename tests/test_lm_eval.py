@@ -54,6 +54,15 @@ def test_registered_beside_the_built_in_models():
     assert get_model("llama3") is Llama3LM and "hf" in model_registry
 
 
+def test_cleaning_is_the_tokenizers_unless_a_step_is_given(lm, tiny_checkpoint, tiny_tokenizer):
+    import dataclasses
+
+    recorded = Tokenizer(tiny_tokenizer).cleaner
+    assert lm.cleaner == recorded == Cleaner()  # the tiny corpus went through preprocess
+    kept_case = harness_model(tiny_checkpoint("softplus"), tiny_tokenizer, lowercase=False)
+    assert kept_case.cleaner == dataclasses.replace(recorded, lowercase=False)
+
+
 @torch.no_grad()
 def test_loglikelihood_equals_direct_computation(lm, tiny_checkpoint, tiny_tokenizer):
     pairs = [("The River", " flows"), ("A quiet Morning in the", " Garden by the old mill"),

@@ -170,6 +170,23 @@ def test_plot_writes_png(finished_run, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
+def test_plot_skips_a_torn_last_line_and_names_the_file_it_wrote(finished_run, tmp_path, capsys):
+    """A run killed while writing metrics.jsonl leaves a torn last line: skipped with a warning
+    (a bad line before the last stays an error). Without an extension the image is a PNG, and
+    the line says where it went."""
+    metrics = tmp_path / "metrics.jsonl"
+    text = (finished_run / "metrics.jsonl").read_text()
+    metrics.write_text(text + '{"kind": "train", "step": 41, "lo')
+    assert main(["plot", str(metrics), "--output", str(tmp_path / "curves")]) == 0
+    out, err = capsys.readouterr()
+    assert f"{metrics}, line {text.count(chr(10)) + 1}: cut short, skipped" in err
+    assert out.strip() == f"wrote {tmp_path / 'curves.png'}"
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    metrics.write_text('{"kind": "train", "st\n' + text)
+    assert main(["plot", str(metrics), "--output", str(tmp_path / "again.png")]) == 2
+    assert "line 1: not JSON" in capsys.readouterr().err
+
+
 def test_plot_refuses_a_directory_without_metrics(tmp_path, capsys):
     assert main(["plot", str(tmp_path), "--output", str(tmp_path / "x.png")]) == 2
     assert "metrics.jsonl" in capsys.readouterr().err
@@ -248,9 +265,9 @@ def test_resume_from_a_version_1_training_record(data, straight_run, tmp_path):
                  "scaler": record["scaler"] or None, **record["settings"], "train_args": {},
                  "corpus": "fingerprint"}
     torch.save(version_1, old / "trainer.pt")
-    resumed = tmp_path / "resumed"
-    assert train(data, resumed, "--dropout", "0.1", "--total_steps", "6", "--save_steps", "3",
-                 "--eval_steps", "3", "--eval_batches", "2", "--from_checkpoint", str(old)) == 0
+    resumed = tmp_path / "resumed"  # batch, seed and schedule from the checkpoint, not repeated
+    assert main(["train", *data.flags(resumed), "--from_checkpoint", str(old), "--no-tensorboard",
+                 "--save_steps", "3", "--eval_steps", "3", "--eval_batches", "2"]) == 0
     for kind in ("train", "eval"):
         assert losses(resumed, kind) == losses(straight_run, kind)
 
@@ -265,23 +282,103 @@ def test_resume_refuses_changed_flags(data, straight_run, tmp_path, capsys):
     assert "already holds a run" in capsys.readouterr().err
 
 
-def wait_for_step(child: subprocess.Popen, total_steps: int, step: int) -> None:
-    """Read the child's progress bar (stdout) until it shows ``step`` or more steps done."""
-    shown, seen = re.compile(rf"(\d+)/{total_steps}\b"), ""
-    while not any(int(n) >= step for n in shown.findall(seen[-200:])):
-        chunk = os.read(child.stdout.fileno(), 4096).decode(errors="replace")
-        assert chunk, f"training ended before reaching step {step}"
-        seen += chunk
+def test_resume_takes_its_training_flags_from_the_checkpoint(data, straight_run, tmp_path, capsys):
+    """Resumed with only the data flags, a run continues with the batch, schedule, evaluation and
+    precision it was saved with, exactly; an autocast mode given is followed, and said to be no
+    longer exact; flags given win and are listed."""
+    step_3 = str(straight_run / "step_00000003")
+    resumed = tmp_path / "resumed"
+    assert main(["train", *data.flags(resumed), "--from_checkpoint", step_3, "--no-tensorboard"]) == 0
+    for kind in ("train", "eval"):
+        assert records(resumed, kind) and losses(resumed, kind) == losses(straight_run, kind)
+    assert "changed since the checkpoint" not in capsys.readouterr().out
+    autocast = tmp_path / "autocast"
+    assert main(["train", *data.flags(autocast), "--from_checkpoint", step_3, "--no-tensorboard",
+                 "--amp_bf16", "--base_lr", "1e-3"]) == 0
+    out = capsys.readouterr().out
+    assert "precision amp_bf16 (checkpoint: fp32): the arithmetic changes, so the continuation " \
+           "is no longer exact" in out
+    assert "--base_lr 0.001 (checkpoint: 0.003)" in out
+    assert [r["step"] for r in records(autocast)] == list(range(1, 7))
+    assert all(w.dtype == torch.float32 for w in read_model_file(autocast)["model"].values())
+    saved = torch.load(autocast / "step_00000006" / "trainer.pt", weights_only=True)
+    assert saved["settings"]["flags"]["precision"] == "amp_bf16"
+    assert saved["settings"]["flags"]["batch_size"] == 8
+
+
+def test_resuming_a_finished_run_changes_nothing(data, straight_run, tmp_path, capsys):
+    run_dir = tmp_path / "finished"
+    shutil.copytree(straight_run, run_dir)
+    before = {name: (run_dir / name).read_bytes() for name in ("summary.json", "metrics.jsonl")}
+    assert train(data, run_dir, "--dropout", "0.1", "--total_steps", "6", "--from_checkpoint",
+                 str(run_dir)) == 0
+    assert "the run is complete: the checkpoint is at step 6" in capsys.readouterr().out
+    assert {name: (run_dir / name).read_bytes() for name in before} == before
+
+
+def test_resuming_an_older_step_never_mixes_it_with_newer_ones(data, tmp_path, capsys):
+    """Continuing step 2 of a run that has step 4 into the same directory is refused (pruning
+    would keep step 4 and delete the new step 3, and latest would name a deleted directory);
+    into a new directory it continues, and --keep_last keeps the step just saved."""
+    run_dir = tmp_path / "run"
+    assert train(data, run_dir, "--total_steps", "4", "--save_steps", "2", eval_corpus=False) == 0
+    older = str(run_dir / "step_00000002")
+    assert train(data, run_dir, "--from_checkpoint", older, "--keep_last", "1", "--total_steps",
+                 "3", eval_corpus=False) == 2
+    assert "holds step_00000004, newer than step_00000002" in capsys.readouterr().err
+    assert [p.name for p in list_step_dirs(run_dir)] == ["step_00000002", "step_00000004"]
+    assert resolve_step_dir(run_dir).name == "step_00000004"
+    branch = tmp_path / "branch"
+    assert train(data, branch, "--from_checkpoint", older, "--keep_last", "1", "--total_steps",
+                 "3", eval_corpus=False) == 0
+    assert [p.name for p in list_step_dirs(branch)] == ["step_00000003"]
+    assert resolve_step_dir(branch).name == "step_00000003"
+
+
+def test_one_writer_per_run_directory(data, tmp_path, capsys):
+    """A second run into a directory another one is writing is refused with one line; once that
+    process is killed, its lock is gone and the directory can be used."""
+    run_dir = tmp_path / "shared"
+    child = endless_run(data, run_dir, first_steps=1, stderr=subprocess.DEVNULL)
+    try:
+        assert train(data, run_dir, "--total_steps", "3", eval_corpus=False) == 2
+        err = capsys.readouterr().err
+        assert f"--to_checkpoint {run_dir} is in use by another training process (pid " \
+               f"{child.pid})" in err
+        assert len(err.strip().splitlines()) == 1
+    finally:
+        child.kill()
+        child.wait(timeout=60)
+    assert train(data, run_dir, "--total_steps", "3", eval_corpus=False) == 0
+    assert [r["step"] for r in records(run_dir)] == [1, 2, 3]
+
+
+ENDLESS = 100000  # steps of a run that a test stops
+
+
+def endless_run(data: TinyData, run_dir: Path, first_steps: int,
+                stderr: int = subprocess.PIPE) -> subprocess.Popen:
+    """A training run in a child process, returned once it has done ``first_steps`` steps; it
+    would go on for ENDLESS steps, saving nothing on the way."""
+    command = [sys.executable, "-m", "llama3", "train", *data.flags(run_dir, eval_corpus=False),
+               *TINY, "--total_steps", str(ENDLESS), "--save_steps", str(ENDLESS)]
+    child = subprocess.Popen(command, env=ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=stderr)
+    shown, seen = re.compile(rf"(\d+)/{ENDLESS}\b"), ""
+    try:  # its progress bar on stdout shows the steps done
+        while not any(int(n) >= first_steps for n in shown.findall(seen[-200:])):
+            chunk = os.read(child.stdout.fileno(), 4096).decode(errors="replace")
+            assert chunk, f"training ended before reaching step {first_steps}"
+            seen += chunk
+    except BaseException:
+        child.kill()
+        raise
+    return child
 
 
 def test_ctrl_c_saves_then_resumes(data, tmp_path):
     run_dir = tmp_path / "interrupted"
-    command = [sys.executable, "-m", "llama3", "train", *data.flags(run_dir, eval_corpus=False),
-               *TINY, "--total_steps", "100000", "--save_steps", "100000"]
-    child = subprocess.Popen(command, env=ENV, cwd=REPO, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE)
+    child = endless_run(data, run_dir, first_steps=3)
     try:
-        wait_for_step(child, 100000, 3)
         child.send_signal(signal.SIGINT)
         _, err = child.communicate(timeout=300)
         err = err.decode()

@@ -3,14 +3,21 @@
 Order: Unicode NFKD normalisation → ASCII (characters without an ASCII form are dropped; after NFKD
 accents split off, so "é" becomes "e") → lowercase → drop empty bracket pairs such as "()", "[ ]"
 and "{}" (left behind where citations or formulas were removed from the source text).
+
+``preprocess`` records the steps it applied in its ``preprocess.json``; ``train_tokenizer`` records
+the steps its training text went through beside the model (:mod:`llama3.data.tokenizer`), and
+every command that encodes text for a trained model applies them from there.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
 import unicodedata
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
+from typing import Any
 
 _EMPTY_BRACKETS = re.compile(r"\(\s*\)|\[\s*\]|\{\s*\}")
 
@@ -38,20 +45,53 @@ class Cleaner:
         return asdict(self)
 
     @classmethod
-    def from_flags(cls, args: argparse.Namespace) -> Cleaner:
-        return cls(nfkd=args.nfkd, ascii=args.ascii, lowercase=args.lowercase,
-                   drop_empty_brackets=args.drop_empty_brackets)
+    def from_dict(cls, steps: Mapping[str, Any]) -> Cleaner:
+        """A cleaner from :meth:`to_dict`'s form; ValueError for unknown or non-boolean steps."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        if set(steps) != names or not all(isinstance(v, bool) for v in steps.values()):
+            raise ValueError(f"expected true or false for each of {', '.join(sorted(names))}")
+        return cls(**steps)
+
+    @classmethod
+    def none(cls) -> Cleaner:
+        """The cleaner that changes nothing (text used as given)."""
+        return cls(nfkd=False, ascii=False, lowercase=False, drop_empty_brackets=False)
+
+    @property
+    def is_identity(self) -> bool:
+        return not any(asdict(self).values())
+
+    def describe(self) -> str:
+        steps = {"nfkd": "NFKD", "ascii": "ASCII", "lowercase": "lowercase",
+                 "drop_empty_brackets": "empty brackets dropped"}
+        done = [text for name, text in steps.items() if getattr(self, name)]
+        return ", ".join(done) or "none (text used as given)"
+
+    @classmethod
+    def from_flags(cls, args: argparse.Namespace, base: Cleaner | None = None) -> Cleaner:
+        """The cleaning flags; those left unset (None) take ``base``'s steps."""
+        base = base or cls()
+        return cls(**{name: getattr(base, name) if getattr(args, name) is None
+                      else getattr(args, name) for name in asdict(base)})
 
 
-def add_cleaning_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("cleaning (each step on by default, as in the original)")
+def add_cleaning_flags(parser: argparse.ArgumentParser, *, recorded: bool = False) -> None:
+    """The cleaning steps, each on by default; ``recorded``: unset flags take the steps the
+    tokenizer's cleaning record holds (commands that encode text for a trained model)."""
+    if recorded:
+        group = parser.add_argument_group(
+            "cleaning (default: the steps recorded with the tokenizer, i.e. those the training "
+            "text went through; a flag overrides its step)")
+    else:
+        group = parser.add_argument_group("cleaning (each step on by default, as in the original)")
     flag = argparse.BooleanOptionalAction
-    group.add_argument("--nfkd", action=flag, default=True,
+    default = None if recorded else True
+    group.add_argument("--nfkd", action=flag, default=default,
                        help="Unicode NFKD normalisation (splits accents from letters, expands "
                             "ligatures)")
-    group.add_argument("--ascii", action=flag, default=True,
+    group.add_argument("--ascii", action=flag, default=default,
                        help="keep only ASCII characters (after NFKD, accented letters keep their "
                             "base letter)")
-    group.add_argument("--lowercase", action=flag, default=True, help="lowercase the text")
-    group.add_argument("--drop_empty_brackets", action=flag, default=True,
+    group.add_argument("--lowercase", action=flag, default=default, help="lowercase the text")
+    group.add_argument("--drop_empty_brackets", action=flag, default=default,
                        help='remove empty bracket pairs: "()", "[]", "{}" (also with spaces inside)')

@@ -10,12 +10,17 @@ Output layout::
     OUTPUT/train/part-00000.jsonl[.zst]   one {"text": ...} object per line, as the input
     OUTPUT/train/part-00001.jsonl[.zst]   a shard closes at the first line end past --shard_size_mb
     OUTPUT/eval/part-00000.jsonl[.zst]
-    OUTPUT/preprocess.json                settings, inputs, per-shard documents/bytes/sha256 and
-                                          bad-input counts; written last, so it marks a complete run
+    OUTPUT/preprocess.json                settings (the cleaning steps among them), inputs,
+                                          per-shard documents/bytes/sha256 and bad-input counts;
+                                          written last, so it marks a complete run
+    OUTPUT/preprocess.bad_input.tsv       every bad input: file, line, reason, detail (if any)
 
 Shards are written under a hidden temporary name and renamed once complete; shards of an earlier
 run that this run did not produce are removed at the end. The same input and settings therefore
 give byte-identical output, and an interrupted run leaves no partial shard under a final name.
+While a run writes a split, the split holds a marker (``.preprocess-incomplete``) that every
+command reading corpora refuses, so the shards of a run that was stopped are never taken for a
+complete corpus. A run in which no document survives fails.
 """
 
 from __future__ import annotations
@@ -32,17 +37,34 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, NamedTuple
 
-from llama3.fileio import atomic_write_bytes
+from llama3.fileio import atomic_write_bytes, check_output_dir, write_error
 from llama3.errors import UsageError
 from llama3.data.clean import Cleaner, add_cleaning_flags
 from llama3.data.parallel import WorkerPool
-from llama3.data.sources import (Chunk, Problem, ProblemLog, add_bad_input_flags, chunk_size_for,
-                                 corpus_chunks, find_corpus_files, parse_lines,
-                                 problem_log_from_flags, total_size, zstandard_module)
+from llama3.data.sources import (INCOMPLETE, REPORT_SUFFIX, Chunk, Problem, ProblemLog,
+                                 add_bad_input_flags, chunk_size_for, corpus_chunks,
+                                 find_corpus_files, parse_lines, problem_log_from_flags, total_size,
+                                 zstandard_module)
 
 SPLITS = ("train", "eval")
 MANIFEST = "preprocess.json"
 _SHARD_NAME = re.compile(r"part-\d{5}\.jsonl(\.zst)?")
+
+
+def corpus_cleaning(corpus: str | os.PathLike) -> Cleaner | None:
+    """The cleaning ``preprocess`` applied to ``corpus`` (its output directory, a split of it or a
+    shard), from the run's ``preprocess.json``; None when no such record describes it."""
+    path = Path(corpus)
+    directory = path if path.is_dir() else path.parent
+    manifest = next((d / MANIFEST for d in (directory, directory.parent)
+                     if (d / MANIFEST).is_file()), None)
+    if manifest is None:
+        return None
+    try:
+        return Cleaner.from_dict(json.loads(manifest.read_text(encoding="utf-8"))["cleaning"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UsageError(f"{manifest}: cannot read its cleaning steps ({err}); run preprocess "
+                         "again") from err
 
 
 # ----------------------------------------------------------------------------------- splitting
@@ -242,28 +264,46 @@ class _Totals:
 
 def run(args: argparse.Namespace) -> int:
     _check_flags(args)
-    output = Path(args.output)
+    output = check_output_dir(args.output, "--output")
     files = [f for f in find_corpus_files(args.input, "--input")  # never read our own output
              if not f.resolve().is_relative_to(output.resolve())]
     if not files:
         raise UsageError(f"--input {' '.join(args.input)}: only files inside --output {output}")
-    log = problem_log_from_flags(args)
+    log = problem_log_from_flags(args, report=output / f"preprocess{REPORT_SUFFIX}")
     cleaner, splitter = Cleaner.from_flags(args), Splitter(args.split_ratio, args.seed)
-    output.mkdir(parents=True, exist_ok=True)
     (output / MANIFEST).unlink(missing_ok=True)  # present again only once this run completes
     writers = {s: ShardWriter(output / s, int(args.shard_size_mb * 2**20), args.compress)
                for s in SPLITS}
+    for split in SPLITS:
+        (output / split / INCOMPLETE).touch()
     start = time.perf_counter()
     try:
         totals = _process(files, writers, log, cleaner, splitter, args.workers, args.progress)
-    except BaseException:
+        _require_documents(args.input, totals, log)
+        shards = {s: w.close() for s, w in writers.items()}
+        log.close()
+        _write_manifest(output, files, cleaner, splitter, shards, log)
+    except BaseException as err:
         for writer in writers.values():
             writer.abort()
+        log.abort()
+        if isinstance(err, OSError):
+            raise write_error(output, err, "--output ") from err
         raise
-    shards = {s: w.close() for s, w in writers.items()}
-    _write_manifest(output, files, cleaner, splitter, shards, log)
+    for split in SPLITS:
+        (output / split / INCOMPLETE).unlink()
     _print_summary(files, output, shards, totals, log, time.perf_counter() - start)
     return 0
+
+
+def _require_documents(inputs: list[str], totals: _Totals, log: ProblemLog) -> None:
+    """Fail a run that kept no document (its report of bad input is kept)."""
+    if sum(totals.documents.values()):
+        return
+    log.close()
+    why = (f"every line was bad input ({log.breakdown}), each listed in {log.report}"
+           if log.total else "every document was empty after cleaning")
+    raise UsageError(f"--input {' '.join(inputs)}: no documents to write: {why}")
 
 
 def _process(files: list[Path], writers: dict[str, ShardWriter], log: ProblemLog, cleaner: Cleaner,

@@ -4,8 +4,12 @@ with a string ``"text"`` per line, as The Pile ships them.
 Everything streams in constant memory. Files are read in blocks of whole lines (:class:`Chunk`) so
 that parsing can run in worker processes; :func:`parse_lines` turns a chunk into texts. Bad input
 never crashes a run and never passes silently: each case is a :class:`Problem` with a reason, file
-and line, collected by a :class:`ProblemLog` that counts them, reports the first few and, when
-strict, stops at the first.
+and line, collected by a :class:`ProblemLog` that counts them, shows the first few bad lines and
+every file-level fault (a truncated stream, an unreadable or empty file), lists them all in a
+report file beside the command's output and, when strict, stops at the first.
+
+A directory that ``preprocess`` is writing, or stopped writing before the end, holds a marker file
+(:data:`INCOMPLETE`); it is refused as a corpus until a run of ``preprocess`` completes.
 
 ``zstandard`` is imported only when a ``.zst`` file is actually read.
 """
@@ -13,6 +17,7 @@ strict, stops at the first.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -22,9 +27,12 @@ from pathlib import Path
 from typing import IO, NamedTuple
 
 from llama3.errors import UsageError
+from llama3.fileio import remove, staged_file, staging_path
 
 SUFFIXES = (".jsonl", ".jsonl.zst")
 DEFAULT_CHUNK_BYTES = 4 << 20
+INCOMPLETE = ".preprocess-incomplete"  # in a split directory until preprocess has finished it
+REPORT_SUFFIX = ".bad_input.tsv"  # every bad input of a run, one per line, beside its output
 
 # reason → what it means (shown in summaries)
 REASONS: dict[str, str] = {
@@ -57,21 +65,35 @@ class Problem(NamedTuple):
         return f"{where}: {REASONS[self.reason]}{detail}"
 
 
-class ProblemLog:
-    """Counts bad input by reason, reports the first ``max_reports``, raises at the first if strict."""
+FILE_LEVEL = frozenset({"unreadable", "empty_file", "truncated_zst", "corrupt_zst"})
 
-    def __init__(self, strict: bool = False, max_reports: int = 5, stream: IO[str] | None = None):
+
+class ProblemLog:
+    """Counts bad input by reason, shows the first ``max_reports`` bad lines and every file-level
+    fault, raises at the first if strict, and lists every problem (file, line, reason, detail;
+    tab-separated) in ``report``, which :meth:`close` publishes (or removes when there were none,
+    so it never describes an earlier run) and :meth:`abort` drops."""
+
+    def __init__(self, strict: bool = False, max_reports: int = 5, stream: IO[str] | None = None,
+                 report: str | os.PathLike | None = None):
         self.strict = strict
         self.max_reports = max_reports
         self.stream = stream
+        self.report = Path(report) if report is not None else None
         self.counts: Counter[str] = Counter()
-        self.first: list[Problem] = []
+        self.first: list[Problem] = []  # the problems shown
+        self._lines_shown = 0
+        self._writing: contextlib.ExitStack | None = None
+        self._file: IO[str] | None = None
 
     def add(self, problem: Problem) -> None:
         self.counts[problem.reason] += 1
         if self.strict:
             raise BadInputError(f"{problem} [--strict stops at the first bad input]")
-        if len(self.first) < self.max_reports:
+        self._record(problem)
+        file_level = problem.reason in FILE_LEVEL
+        if file_level or self._lines_shown < self.max_reports:
+            self._lines_shown += not file_level
             self.first.append(problem)
             _write_line(f"warning: {problem}", self.stream)
 
@@ -79,16 +101,48 @@ class ProblemLog:
         for problem in problems:
             self.add(problem)
 
+    def _record(self, problem: Problem) -> None:
+        if self.report is None:
+            return
+        if self._file is None:
+            self._writing = contextlib.ExitStack()
+            tmp = self._writing.enter_context(staged_file(self.report, what="the report "))
+            self._file = self._writing.enter_context(open(tmp, "w", encoding="utf-8"))
+            self._file.write("file\tline\treason\tdetail\n")
+        detail = problem.detail.replace("\t", " ").replace("\n", " ")
+        self._file.write(f"{problem.path}\t{problem.line}\t{problem.reason}\t{detail}\n")
+
+    def close(self) -> None:
+        """Publish the report (a run that found no bad input removes an older one)."""
+        if self._writing is not None:
+            self._writing.close()
+        elif self.report is not None:
+            self.report.unlink(missing_ok=True)
+        self._writing = self._file = None
+
+    def abort(self) -> None:
+        """Drop the report being written (the run failed)."""
+        if self._file is not None:
+            self._file.close()
+            remove(staging_path(self.report))
+        self._writing = self._file = None
+
     @property
     def total(self) -> int:
         return sum(self.counts.values())
 
+    @property
+    def breakdown(self) -> str:
+        """Counts by reason, e.g. "2 malformed_json, 1 truncated_zst"."""
+        return ", ".join(f"{n} {reason}" for reason, n in sorted(self.counts.items()))
+
     def summary(self) -> str:
         if not self.total:
             return "bad input: none"
-        parts = ", ".join(f"{n} {reason}" for reason, n in sorted(self.counts.items()))
-        shown = len(self.first)
-        return f"bad input skipped: {parts} (first {shown} reported above; --strict stops at the first)"
+        parts = self.breakdown
+        listed = f"; all listed in {self.report}" if self.report is not None else ""
+        return (f"bad input skipped: {parts} (the first {self.max_reports} bad lines and every "
+                f"file-level fault reported above{listed}; --strict stops at the first)")
 
 
 def _write_line(text: str, stream: IO[str] | None) -> None:
@@ -109,8 +163,9 @@ def add_bad_input_flags(parser: argparse.ArgumentParser) -> None:
                             "counting them")
 
 
-def problem_log_from_flags(args: argparse.Namespace) -> ProblemLog:
-    return ProblemLog(strict=args.strict, max_reports=args.max_reports)
+def problem_log_from_flags(args: argparse.Namespace,
+                           report: str | os.PathLike | None = None) -> ProblemLog:
+    return ProblemLog(strict=args.strict, max_reports=args.max_reports, report=report)
 
 
 # --------------------------------------------------------------------------------------- files
@@ -132,8 +187,9 @@ def find_corpus_files(paths: str | os.PathLike | Sequence[str | os.PathLike],
         paths = [paths]
     files: list[Path] = []
     for path in map(Path, paths):
+        _check_complete(path.parent if path.is_file() else path, flag, path)
         if path.is_dir():
-            found = _files_under(path)
+            found = _files_under(path, flag)
             if not found:
                 raise UsageError(f"{flag} {path}: no .jsonl or .jsonl.zst files in this directory")
             files += found
@@ -144,9 +200,16 @@ def find_corpus_files(paths: str | os.PathLike | Sequence[str | os.PathLike],
     return files
 
 
-def _files_under(root: Path) -> list[Path]:
+def _check_complete(directory: Path, flag: str, path: Path) -> None:
+    if (directory / INCOMPLETE).exists():
+        raise UsageError(f"{flag} {path}: preprocess did not finish writing {directory} (it was "
+                         f"stopped or failed, see {INCOMPLETE} there): run it again")
+
+
+def _files_under(root: Path, flag: str) -> list[Path]:
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
+        _check_complete(Path(dirpath), flag, root)
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         found += [Path(dirpath, name) for name in filenames if _is_corpus_name(name)]
         # a dangling link or a directory with a corpus name is reported when read, not hidden

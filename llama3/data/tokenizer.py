@@ -9,6 +9,14 @@ Training is deterministic: sentences (the non-empty lines of each document, line
 ``max_sentence_length`` bytes split at spaces) are drawn by reservoir sampling with a seeded
 generator — SentencePiece's own sampling is not reproducible — and SentencePiece runs on one
 thread, so the same corpus, flags and seed give a byte-identical ``.model`` on any machine.
+
+Beside ``NAME.model``, training writes ``NAME.cleaning.json``: the cleaning steps its training text
+went through (from the corpus's ``preprocess.json``; none when the corpus was not written by
+``preprocess``), bound to the model by its sha256. :class:`Tokenizer` reads it, and every command
+that encodes text for a trained model — prompts, evaluation corpora, the Hugging Face tokenizer,
+lm-eval's requests — cleans that text the same way (:meth:`Tokenizer.clean`). A model without the
+record (written before it existed) is assumed to have seen ``preprocess``'s default cleaning, and
+a note says so.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
+import json
 import os
 import random
 import re
@@ -27,14 +36,64 @@ from pathlib import Path
 
 import numpy as np
 
+from llama3.data.clean import Cleaner
+from llama3.data.sources import (REPORT_SUFFIX, ProblemLog, add_bad_input_flags, file_chunks,
+                                 find_corpus_files, parse_lines, problem_log_from_flags,
+                                 total_size)
 from llama3.errors import UsageError
-from llama3.fileio import atomic_write_bytes
-from llama3.data.sources import (ProblemLog, add_bad_input_flags, file_chunks, find_corpus_files,
-                                 parse_lines, problem_log_from_flags, total_size)
+from llama3.fileio import atomic_write_bytes, check_output_file, write_json
 
 UNK_ID, PAD_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 WORD_BOUNDARY = "\u2581"  # "▁", SentencePiece's marker for a preceding space
 _WORD = re.compile(r"[^\W\d_]{2,}")
+CLEANING_SUFFIX = ".cleaning.json"
+CLEANING_FORMAT = "llama3-tokenizer-cleaning"
+UNKNOWN_WARNING_SHARE = 0.01  # above this share of <unk> ids, text is said to be mostly unseen
+
+
+def cleaning_record_path(model_file: str | os.PathLike) -> Path:
+    """``NAME.cleaning.json`` beside ``NAME.model``."""
+    return Path(model_file).with_suffix(CLEANING_SUFFIX)
+
+
+def write_cleaning_record(model_file: str | os.PathLike, cleaner: Cleaner, source: str) -> Path:
+    """Record the cleaning the tokenizer's training text went through (``source`` says where
+    that is known from), bound to the model file by its sha256."""
+    from llama3.fileio import file_sha256
+
+    return write_json(cleaning_record_path(model_file), {
+        "format": CLEANING_FORMAT, "version": 1, "tokenizer_sha256": file_sha256(model_file),
+        "cleaning": cleaner.to_dict(), "source": source})
+
+
+def read_cleaning_record(model_file: Path, sha256: str) -> tuple[Cleaner, str | None]:
+    """The cleaning recorded beside ``model_file`` (whose content hash is ``sha256``), and a note
+    when there is no record and preprocess's default cleaning is assumed."""
+    path = cleaning_record_path(model_file)
+    if not path.exists():
+        return Cleaner(), (f"{model_file} has no cleaning record ({path.name}, written by "
+                           "train_tokenizer): assuming its training text was cleaned as preprocess "
+                           f"does by default ({Cleaner().describe()}), and cleaning text so")
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        cleaner = Cleaner.from_dict(record["cleaning"])
+        recorded_sha = record["tokenizer_sha256"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UsageError(f"{path}: not a readable cleaning record ({err}); delete it to assume "
+                         "preprocess's default cleaning") from err
+    if record.get("format") != CLEANING_FORMAT or recorded_sha != sha256:
+        raise UsageError(f"{path} does not belong to {model_file} (it describes another "
+                         "tokenizer): delete it, or put the right one beside the model")
+    return cleaner, None
+
+
+def unknown_share_warning(what: str, unknown: int, total: int) -> str | None:
+    """A warning when more than UNKNOWN_WARNING_SHARE of ``total`` ids are <unk>."""
+    if total == 0 or unknown / total <= UNKNOWN_WARNING_SHARE:
+        return None
+    return (f"warning: {what}: {unknown:,} of {total:,} tokens ({unknown / total:.1%}) are <unk>, "
+            "characters the tokenizer never saw in training; the model reads them as one unknown "
+            "symbol (is this text cleaned as the training text was?)")
 
 
 def _sentencepiece():
@@ -56,12 +115,19 @@ class Tokenizer:
             raise UsageError(f"{flag} {self.path}: cannot read the tokenizer "
                              f"({err.strerror or err}); train one with "
                              "'python -m llama3 train_tokenizer'") from err
+        if not data:
+            raise UsageError(f"{flag} {self.path}: the file is empty, not a SentencePiece model; "
+                             "train one with 'python -m llama3 train_tokenizer'")
         try:
             self._sp = _sentencepiece().SentencePieceProcessor(model_proto=data)
         except Exception as err:  # sentencepiece raises RuntimeError or OSError on a bad proto
             raise UsageError(f"{flag} {self.path}: not a SentencePiece model ({err})") from err
+        if self._sp.vocab_size() == 0:
+            raise UsageError(f"{flag} {self.path}: not a SentencePiece model (no pieces)")
         self._sha256 = hashlib.sha256(data).hexdigest()
         self.flag = flag  # the flag that named the file, for error messages
+        # the cleaning of the training text, and a note when it is assumed (no record)
+        self.cleaner, self.cleaning_note = read_cleaning_record(self.path, self._sha256)
         self.vocab_size: int = self._sp.vocab_size()
         self.unk_id: int = self._sp.unk_id()
         self.pad_id: int = self._sp.pad_id()
@@ -90,6 +156,16 @@ class Tokenizer:
     def padding_id(self) -> int:
         """The id padded positions hold: the pad id, or end-of-sequence if the model has none."""
         return self.pad_id if self.pad_id >= 0 else self.eos_id
+
+    def clean(self, text: str) -> str:
+        """``text`` cleaned as the training text was (see the module docstring)."""
+        return self.cleaner(text)
+
+    def note_cleaning(self) -> None:
+        """Say, once, that the cleaning is assumed (a tokenizer without a cleaning record)."""
+        if self.cleaning_note:
+            print(f"note: {self.cleaning_note}", file=sys.stderr)
+            self.cleaning_note = None
 
     def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
         return self._sp.encode(text, add_bos=bos, add_eos=eos)
@@ -232,13 +308,22 @@ def train_tokenizer(corpus: str | os.PathLike | Sequence[str | os.PathLike],
                     log: ProblemLog | None = None, progress: bool = True, verbose: bool = False,
                     flag: str = "--train_corpus") -> Path:
     """Train a BPE model on ``corpus`` (files or directories) and write it atomically to
-    ``model_file`` (plus a readable ``.vocab`` beside it). Returns the model path."""
+    ``model_file``, with a readable ``.vocab`` and the cleaning record beside it. Returns the
+    model path."""
     _check_training_flags(vocab_size, n_most_frequent_words, max_sentence_length)
+    model_file = check_output_file(model_file, "--model_file")
     files = find_corpus_files(corpus, flag)
+    cleaner, source = _training_text_cleaning(corpus, flag)
     log = log or ProblemLog()
-    reservoir, words = _read_corpus(
-        files, input_sentence_size=input_sentence_size, max_sentence_length=max_sentence_length,
-        seed=seed, word_sample_bytes=int(word_sample_mb * 2**20), log=log, progress=progress)
+    try:
+        reservoir, words = _read_corpus(
+            files, input_sentence_size=input_sentence_size,
+            max_sentence_length=max_sentence_length, seed=seed,
+            word_sample_bytes=int(word_sample_mb * 2**20), log=log, progress=progress)
+    except BaseException:
+        log.abort()
+        raise
+    log.close()
     if not reservoir.items:
         raise UsageError(f"{flag} {corpus}: no text to train on ({log.summary()})")
     symbols = [WORD_BOUNDARY + w for w in most_frequent(words, n_most_frequent_words)]
@@ -249,13 +334,33 @@ def train_tokenizer(corpus: str | os.PathLike | Sequence[str | os.PathLike],
     proto = _train_proto(reservoir.items, vocab_size=vocab_size, symbols=symbols,
                          byte_fallback=byte_fallback, character_coverage=character_coverage,
                          max_sentence_length=max_sentence_length, verbose=verbose, corpus=corpus)
-    model_file = Path(model_file)
-    model_file.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(model_file, proto)
     _write_vocab(model_file)
+    write_cleaning_record(model_file, cleaner, source)
     if progress:
         print(f"trained in {time.perf_counter() - start:.1f} s → {model_file}", file=sys.stderr)
     return model_file
+
+
+def _training_text_cleaning(corpus: str | os.PathLike | Sequence[str | os.PathLike],
+                            flag: str) -> tuple[Cleaner, str]:
+    """The cleaning the corpus went through, from the ``preprocess.json`` of each path, and where
+    that comes from; no cleaning when none of them was written by preprocess. Paths cleaned
+    differently are refused: a tokenizer records one cleaning."""
+    from llama3.data.preprocess import MANIFEST, corpus_cleaning
+
+    paths = [corpus] if isinstance(corpus, (str, os.PathLike)) else list(corpus)
+    found = {str(path): corpus_cleaning(path) for path in paths}
+    kinds = set(found.values())
+    if len(kinds) > 1:
+        described = "; ".join(f"{path}: {c.describe() if c else 'not written by preprocess'}"
+                              for path, c in found.items())
+        raise UsageError(f"{flag}: these corpora were cleaned differently ({described}); train "
+                         "on corpora cleaned alike")
+    cleaner = kinds.pop()
+    if cleaner is None:
+        return Cleaner.none(), f"no {MANIFEST} describes the corpus: its text as given"
+    return cleaner, f"the {MANIFEST} of the corpus"
 
 
 def _check_training_flags(vocab_size: int, n_words: int, max_sentence_length: int) -> None:
@@ -302,7 +407,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--train_corpus", nargs="+", required=True, metavar="PATH",
                        help=".jsonl/.jsonl.zst files or directories (e.g. pretrain_data/train)")
     group.add_argument("--model_file", default="tokenizer.model",
-                       help="where to write the SentencePiece model (a .vocab is written beside it)")
+                       help="where to write the SentencePiece model (beside it: NAME.vocab, the "
+                            "vocabulary; NAME.cleaning.json, the cleaning its training text went "
+                            "through; NAME.bad_input.tsv, any bad input)")
     group = parser.add_argument_group("vocabulary")
     group.add_argument("--vocab_size", type=int, default=2048, help="tokens in the vocabulary")
     group.add_argument("--n_most_frequent_words", type=int, default=100,
@@ -332,7 +439,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    log = problem_log_from_flags(args)
+    model_file = check_output_file(args.model_file, "--model_file")
+    log = problem_log_from_flags(args, report=model_file.with_suffix(REPORT_SUFFIX))
     path = train_tokenizer(
         args.train_corpus, args.model_file, args.vocab_size,
         input_sentence_size=args.input_sentence_size,
@@ -341,6 +449,7 @@ def run(args: argparse.Namespace) -> int:
         byte_fallback=args.byte_fallback, character_coverage=args.character_coverage,
         word_sample_mb=args.word_sample_mb, log=log, progress=args.progress, verbose=args.verbose)
     tokenizer = Tokenizer(path, flag="--model_file")
-    print(f"tokenizer: {path} (vocab {tokenizer.vocab_size}, sha256 {tokenizer.sha256[:12]})")
+    print(f"tokenizer: {path} (vocab {tokenizer.vocab_size}, sha256 {tokenizer.sha256[:12]}; "
+          f"cleaning of its training text: {tokenizer.cleaner.describe()})")
     print(log.summary(), file=sys.stderr if log.total else sys.stdout)
     return 0

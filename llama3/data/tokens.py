@@ -7,23 +7,29 @@ directory, ``DIR/.tokens/FILE_NAME-TOKENIZER16/`` for a single file; ``--cache_d
 read-only corpus folder falls back to ``$XDG_CACHE_HOME/llama3/tokens/``)::
 
     meta.json        format, version, tokenizer (path, sha256, vocab size, special ids), token dtype,
-                     and per source file: relative path, size, mtime_ns, sha256, shard name,
-                     documents, tokens, UTF-8 bytes, bad input counts
+                     the cleaning applied while encoding (or null), and per source file: relative
+                     path, size, mtime_ns, sha256, shard name, documents, tokens, <unk> tokens,
+                     UTF-8 bytes, bad input counts
+    tokens.bad_input.tsv  every bad input of the last build (file, line, reason, detail)
     NAME.tokens      the file's documents in order, each followed by EOS: raw little-endian
                      uint16 (vocabulary ≤ 65536) or uint32
     NAME.docs        int64 document offsets into NAME.tokens: 0, end of document 1, ..., n_tokens
     .lock            held while building, so concurrent processes (ranks) build only once
 
 A shard is reused while its source file keeps its size and either its mtime or its sha256, and the
-tokenizer keeps its sha256; otherwise that shard alone is rebuilt. Shards are written under
-temporary names and renamed, and ``meta.json`` is replaced last, so an interrupted build leaves the
-previous cache intact. Empty documents are skipped; bad input is counted as in preprocessing.
+tokenizer keeps its sha256 and its cleaning; otherwise that shard alone is rebuilt. Shards are
+written under temporary names and renamed, and ``meta.json`` is replaced last, so an interrupted or
+failed build (a full disk) leaves the previous cache intact. Empty documents are skipped; bad input
+is counted as in preprocessing.
+
+Text is encoded as the tokenizer's training text was cleaned (:meth:`Tokenizer.clean`), unless the
+corpus is ``preprocess`` output already cleaned that way (its ``preprocess.json`` says so), which
+is then encoded as it is. Opening a corpus warns when a high share of its tokens are <unk>.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import itertools
 import json
@@ -33,19 +39,20 @@ import sys
 import time
 from bisect import bisect_right
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
+from llama3.data.clean import Cleaner
 from llama3.data.parallel import WorkerPool, available_cpus
-from llama3.data.sources import (Chunk, Problem, ProblemLog, add_bad_input_flags, chunk_size_for,
-                                 file_chunks, find_corpus_files, parse_lines,
+from llama3.data.preprocess import corpus_cleaning
+from llama3.data.sources import (REPORT_SUFFIX, Chunk, Problem, ProblemLog, add_bad_input_flags,
+                                 chunk_size_for, file_chunks, find_corpus_files, parse_lines,
                                  problem_log_from_flags, total_size)
-from llama3.data.tokenizer import Tokenizer
+from llama3.data.tokenizer import Tokenizer, unknown_share_warning
 from llama3.errors import UsageError
-from llama3.fileio import atomic_write_bytes, file_sha256
+from llama3.fileio import atomic_write_bytes, file_sha256, locked, write_error
 
 FORMAT = "llama3-tokens"
 VERSION = 1
@@ -80,6 +87,7 @@ class TokenCorpus:
         self.n_tokens = sum(f["tokens"] for f in self.files)
         self.n_documents = sum(f["documents"] for f in self.files)
         self.n_bytes = sum(f["bytes"] for f in self.files)
+        self.n_unknown = sum(f.get("unknown", 0) for f in self.files)  # caches before: unknown
         self.fingerprint: str = corpus_fingerprint(meta)
         used = [f for f in self.files if f["tokens"]]
         self._tokens = [np.memmap(cache_dir / f"{f['shard']}.tokens", self.dtype, "r") for f in used]
@@ -127,7 +135,18 @@ class TokenCorpus:
 def corpus_fingerprint(meta: dict) -> str:
     content = [meta["tokenizer"]["sha256"], meta["dtype"],
                [(f["source"], f["sha256"]) for f in meta["files"]]]
+    if meta.get("cleaning"):  # text cleaned while encoding gives other tokens
+        content.append(meta["cleaning"])
     return hashlib.sha256(json.dumps(content).encode()).hexdigest()[:16]
+
+
+def encoding_cleaning(corpus: Path, tokenizer: Tokenizer) -> Cleaner | None:
+    """The cleaning to apply while encoding ``corpus``: the tokenizer's, unless it changes nothing
+    or preprocess already applied it to this corpus."""
+    wanted = tokenizer.cleaner
+    if wanted.is_identity or corpus_cleaning(corpus) == wanted:
+        return None
+    return wanted
 
 
 # ---------------------------------------------------------------------------- cache location
@@ -206,11 +225,12 @@ def _entry_is_current(entry: dict | None, source: _Source, cache: Path, dtype: n
     return True
 
 
-def _stale(meta: dict | None, sources: list[_Source], cache: Path,
-           tokenizer: Tokenizer) -> list[_Source] | None:
+def _stale(meta: dict | None, sources: list[_Source], cache: Path, tokenizer: Tokenizer,
+           cleaning: Cleaner | None) -> list[_Source] | None:
     """Sources whose shards must be (re)built; None when the whole cache must be rebuilt."""
     dtype = token_dtype(tokenizer.vocab_size)
-    if meta is None or meta["tokenizer"]["sha256"] != tokenizer.sha256 or meta["dtype"] != dtype.name:
+    if (meta is None or meta["tokenizer"]["sha256"] != tokenizer.sha256
+            or meta["dtype"] != dtype.name or meta.get("cleaning") != _cleaning_record(cleaning)):
         return None
     entries = {f["source"]: f for f in meta["files"]}
     return [s for s in sources if not _entry_is_current(entries.get(s.name), s, cache, dtype)]
@@ -224,11 +244,16 @@ def _is_current(meta: dict | None, stale: list[_Source] | None, sources: list[_S
 # ---------------------------------------------------------------------------------- encoding
 
 
+def _cleaning_record(cleaning: Cleaner | None) -> dict | None:
+    return None if cleaning is None else cleaning.to_dict()
+
+
 class EncodedChunk(NamedTuple):
     source: int  # index into the list of sources being built
     tokens: np.ndarray  # documents, each followed by EOS
     lengths: np.ndarray  # int64 tokens per document (EOS included)
     n_bytes: int
+    n_unknown: int  # <unk> tokens
     problems: list[Problem]
     raw_bytes: int
 
@@ -236,20 +261,24 @@ class EncodedChunk(NamedTuple):
 _ENCODER: dict = {}
 
 
-def _init_encoder(tokenizer: Tokenizer) -> None:
-    _ENCODER.update(tokenizer=tokenizer, dtype=token_dtype(tokenizer.vocab_size))
+def _init_encoder(tokenizer: Tokenizer, cleaning: Cleaner | None) -> None:
+    _ENCODER.update(tokenizer=tokenizer, dtype=token_dtype(tokenizer.vocab_size),
+                    cleaning=cleaning)
 
 
 def _encode_chunk(item: tuple[int, Chunk]) -> EncodedChunk:
     source, chunk = item
-    tokenizer, dtype = _ENCODER["tokenizer"], _ENCODER["dtype"]
+    tokenizer, dtype, cleaning = _ENCODER["tokenizer"], _ENCODER["dtype"], _ENCODER["cleaning"]
     texts, problems = parse_lines(chunk)
+    if cleaning is not None:
+        texts = [cleaning(t) for t in texts]
     texts = [t for t in texts if t]
     ids = tokenizer.encode_batch(texts, eos=True)
     lengths = np.fromiter(map(len, ids), np.int64, len(ids))
     tokens = np.fromiter(itertools.chain.from_iterable(ids), dtype, int(lengths.sum()))
     n_bytes = sum(len(t) if t.isascii() else len(t.encode("utf-8")) for t in texts)
-    return EncodedChunk(source, tokens, lengths, n_bytes, problems, chunk.raw_bytes)
+    n_unknown = int(np.count_nonzero(tokens == tokenizer.unk_id)) if tokenizer.unk_id >= 0 else 0
+    return EncodedChunk(source, tokens, lengths, n_bytes, n_unknown, problems, chunk.raw_bytes)
 
 
 class _ShardWriter:
@@ -265,7 +294,7 @@ class _ShardWriter:
                       "sha256": _sha256_or_empty(source.path), "shard": self.shard}
         self._file = open(self._tmp(".tokens"), "wb")
         self._lengths: list[np.ndarray] = []
-        self._bytes = 0
+        self._bytes = self._unknown = 0
         self.problems: Counter[str] = Counter()
 
     def _tmp(self, suffix: str) -> Path:
@@ -275,6 +304,7 @@ class _ShardWriter:
         chunk.tokens.tofile(self._file)
         self._lengths.append(chunk.lengths)
         self._bytes += chunk.n_bytes
+        self._unknown += chunk.n_unknown
         self.problems.update(p.reason for p in chunk.problems)
 
     def finish(self) -> dict:
@@ -287,7 +317,8 @@ class _ShardWriter:
         for suffix in (".tokens", ".docs"):
             os.replace(self._tmp(suffix), self.cache / f"{self.shard}{suffix}")
         return {**self.entry, "documents": len(lengths), "tokens": int(offsets[-1]),
-                "bytes": self._bytes, "bad_input": dict(sorted(self.problems.items()))}
+                "unknown": self._unknown, "bytes": self._bytes,
+                "bad_input": dict(sorted(self.problems.items()))}
 
     def abort(self) -> None:
         self._file.close()
@@ -335,8 +366,10 @@ class _Builder:
 
 
 def _build(cache: Path, meta: dict | None, stale: list[_Source] | None, sources: list[_Source],
-           tokenizer: Tokenizer, *, workers: int, log: ProblemLog, progress: bool) -> dict:
-    """Encode the stale sources (all when ``stale`` is None) and write a new meta.json."""
+           tokenizer: Tokenizer, cleaning: Cleaner | None, *, workers: int, log: ProblemLog,
+           progress: bool) -> dict:
+    """Encode the stale sources (all when ``stale`` is None) and write a new meta.json; a write
+    that fails (a full disk) leaves the previous cache as it was."""
     from tqdm import tqdm
 
     todo = sources if stale is None else stale
@@ -346,7 +379,7 @@ def _build(cache: Path, meta: dict | None, stale: list[_Source] | None, sources:
     items = ((i, chunk) for i, s in enumerate(todo) for chunk in file_chunks(s.path, log, chunk_bytes))
     builder, start = _Builder(cache, todo), time.perf_counter()
     try:
-        with WorkerPool(workers if todo else 1, _init_encoder, (tokenizer,)) as pool, \
+        with WorkerPool(workers if todo else 1, _init_encoder, (tokenizer, cleaning)) as pool, \
                 tqdm(total=size, unit="B", unit_scale=True, desc="pretokenize", disable=not progress,
                      dynamic_ncols=True) as bar:
             for chunk in pool.map(_encode_chunk, items):
@@ -356,13 +389,18 @@ def _build(cache: Path, meta: dict | None, stale: list[_Source] | None, sources:
                 rate = builder.tokens / max(bar.format_dict["elapsed"], 1e-9)
                 bar.set_postfix_str(f"{rate:,.0f} tokens/s", refresh=False)
         builder.finish()
-    except BaseException:
+        files = [builder.built.get(s.name) or kept[s.name] for s in sources]
+        meta = {"format": FORMAT, "version": VERSION, "tokenizer": _tokenizer_record(tokenizer),
+                "dtype": token_dtype(tokenizer.vocab_size).name,
+                "cleaning": _cleaning_record(cleaning), "files": files}
+        log.close()
+        _write_meta(cache, meta)
+    except BaseException as err:
         builder.abort()
+        log.abort()
+        if isinstance(err, OSError):
+            raise write_error(cache, err, "the token cache ") from err
         raise
-    files = [builder.built.get(s.name) or kept[s.name] for s in sources]
-    meta = {"format": FORMAT, "version": VERSION, "tokenizer": _tokenizer_record(tokenizer),
-            "dtype": token_dtype(tokenizer.vocab_size).name, "files": files}
-    _write_meta(cache, meta)
     _remove_unused_shards(cache, files)
     if progress:
         _report_build(todo, builder.built, cache, time.perf_counter() - start)
@@ -396,27 +434,12 @@ def _report_build(todo: list[_Source], built: dict[str, dict], cache: Path, seco
 # ------------------------------------------------------------------------------------ opening
 
 
-@contextlib.contextmanager
-def _locked(cache: Path) -> Iterator[None]:
-    """An exclusive lock on the cache folder (where fcntl exists)."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: one process at a time is the user's job
-        yield
-        return
-    with open(cache / LOCK, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _current(cache: Path, sources: list[_Source], tokenizer: Tokenizer) -> dict | None:
+def _current(cache: Path, sources: list[_Source], tokenizer: Tokenizer,
+             cleaning: Cleaner | None) -> dict | None:
     """The cache's meta if it is current (its recorded mtimes refreshed where only they changed)."""
     meta = _read_meta(cache)
     before = json.dumps(meta)
-    if not _is_current(meta, _stale(meta, sources, cache, tokenizer), sources):
+    if not _is_current(meta, _stale(meta, sources, cache, tokenizer, cleaning), sources):
         return None
     if json.dumps(meta) != before and _writable(cache):
         _write_meta(cache, meta)
@@ -431,13 +454,14 @@ def open_token_corpus(corpus: str | os.PathLike, tokenizer: Tokenizer, *,
     ``.jsonl``/``.jsonl.zst`` file or directory), built or refreshed as needed."""
     corpus = Path(corpus)
     sources = _sources(find_corpus_files(corpus, flag), corpus)
+    cleaning = encoding_cleaning(corpus, tokenizer)
     if cache_dir is not None:
         candidates = [_keyed_cache_dir(Path(cache_dir), corpus, tokenizer.sha256)]
     else:
         candidates = [default_cache_dir(corpus, tokenizer.sha256),
                       _keyed_cache_dir(user_cache_root(), corpus, tokenizer.sha256)]
     for cache in candidates if not rebuild else []:  # a current cache serves even if read-only
-        meta = _current(cache, sources, tokenizer)
+        meta = _current(cache, sources, tokenizer, cleaning)
         if meta is not None:
             return _checked(TokenCorpus(cache, meta, corpus), flag)
     cache = next((c for c in candidates if _writable(c)), None)
@@ -447,11 +471,16 @@ def open_token_corpus(corpus: str | os.PathLike, tokenizer: Tokenizer, *,
     if cache != candidates[0]:
         print(f"note: {candidates[0].parent} is not writable; caching tokens in {cache}", file=sys.stderr)
     log = log or ProblemLog(strict=strict)
-    with _locked(cache):
+    log.report = cache / f"tokens{REPORT_SUFFIX}"
+    with locked(cache / LOCK):
         meta = _read_meta(cache)
-        stale = None if rebuild else _stale(meta, sources, cache, tokenizer)
+        stale = None if rebuild else _stale(meta, sources, cache, tokenizer, cleaning)
         if rebuild or not _is_current(meta, stale, sources):
-            meta = _build(cache, meta, stale, sources, tokenizer,
+            if cleaning is not None:
+                tokenizer.note_cleaning()
+                print(f"note: {flag} {corpus} is encoded with the cleaning of the tokenizer's "
+                      f"training text ({cleaning.describe()})", file=sys.stderr)
+            meta = _build(cache, meta, stale, sources, tokenizer, cleaning,
                           workers=workers or _auto_workers(sources if stale is None else stale),
                           log=log, progress=progress)
             if log.total:
@@ -468,6 +497,9 @@ def _auto_workers(todo: list[_Source]) -> int:
 def _checked(corpus: TokenCorpus, flag: str) -> TokenCorpus:
     if corpus.n_documents == 0:
         raise UsageError(f"{flag} {corpus.path}: no documents with text")
+    warning = unknown_share_warning(f"{flag} {corpus.path}", corpus.n_unknown, corpus.n_tokens)
+    if warning:
+        print(warning, file=sys.stderr)
     return corpus
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from llama3.checkpoint import model_from_record, read_checked_record, resolve_step_dir
+from llama3.checkpoint import model_from_record, read_checked_record, resolve_model_file
 from llama3.cli import (add_checkpoint_source_flags, add_model_flags, add_seq_len_flag,
                         add_token_cache_flags, model_flag_values, seq_len_from_flags)
 from llama3.errors import UsageError
@@ -24,7 +24,7 @@ from llama3.deploy.runners import (DTYPES, OnnxRuntimeRunner, Runner, TorchRunne
 from llama3.deploy.tensorrt import (PRECISIONS, SUPPORTED, ShapeRange, TensorRTRunner,
                                     build_engine, build_engine_trtexec, engine_typing,
                                     import_tensorrt, missing_message, profile_shapes)
-from llama3.fileio import write_json
+from llama3.fileio import check_output_dir, check_output_file, write_json
 from llama3.model.args import ModelArgs
 from llama3.reporting import environment, format_table
 from llama3.runtime import select_device
@@ -107,7 +107,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     timing.add_argument("--decode", action="store_true",
                         help="also time one-token decode steps after a cache of --seq_len − 1")
     timing.add_argument("--latency_runners", nargs="+", choices=LATENCY_RUNNERS,
-                        default=list(LATENCY_RUNNERS), help="runners to time")
+                        help="runners to time (default: every one that runs)")
     out = parser.add_argument_group("output")
     out.add_argument("--output", metavar="FILE",
                      help="JSON report (default: EXPORT_DIR/deploy_report.json)")
@@ -128,25 +128,35 @@ class Plan:
     tokenizer: Any = None  # checked against the checkpoint, when --eval_corpus needs one
 
 
-def make_plan(args: argparse.Namespace) -> Plan:
-    record, model_args = read_checked_record(args.from_checkpoint, model_flag_values(args))
-    seq_len = seq_len_from_flags(args, model_args)
-    if args.batch_size <= 0:
-        raise UsageError(f"--batch_size must be positive, got {args.batch_size}")
+def check_flags(args: argparse.Namespace) -> None:
+    """Refuse counts no run can use and runners the flags exclude, before any work."""
+    for flag, value, least in (("batch_size", args.batch_size, 1), ("opset", args.opset, MIN_OPSET),
+                               ("accuracy_batches", args.accuracy_batches, 0),
+                               ("warmup", args.warmup, 0), ("iterations", args.iterations, 0)):
+        if value < least:
+            raise UsageError(f"--{flag} must be at least {least}, got {value}")
+    if args.max_cache_len is not None and args.max_cache_len < 1:
+        raise UsageError(f"--max_cache_len must be positive, got {args.max_cache_len}")
+    if args.no_tensorrt and "tensorrt" in (args.latency_runners or ()):
+        raise UsageError("--latency_runners tensorrt cannot run with --no_tensorrt: drop one of them")
     if args.eval_corpus and not args.tokenizer:
         raise UsageError("--eval_corpus needs --tokenizer (the checkpoint's SentencePiece model)")
+
+
+def make_plan(args: argparse.Namespace) -> Plan:
+    check_flags(args)
+    record, model_args = read_checked_record(args.from_checkpoint, model_flag_values(args))
+    seq_len = seq_len_from_flags(args, model_args)
     tokenizer = None
-    if args.eval_corpus and args.accuracy_batches > 0:
+    if args.tokenizer:  # checked whenever given, used for the eval loss
         from llama3.data.tokenizer import load_tokenizer
 
         tokenizer = load_tokenizer(args.tokenizer, record.get("tokenizer"), model_args.vocab_size)
-    if args.opset < MIN_OPSET:
-        raise UsageError(f"--opset must be at least {MIN_OPSET}, got {args.opset}")
-    export_dir = Path(args.export_dir)
-    return Plan(checkpoint=resolve_step_dir(args.from_checkpoint), model_args=model_args,
+    export_dir = check_output_dir(args.export_dir, "--export_dir")
+    output = check_output_file(args.output or export_dir / "deploy_report.json", "--output")
+    return Plan(checkpoint=resolve_model_file(args.from_checkpoint), model_args=model_args,
                 device=select_device(args.device), seq_len=seq_len,
-                max_cache=args.max_cache_len or seq_len, export_dir=export_dir,
-                output=Path(args.output) if args.output else export_dir / "deploy_report.json",
+                max_cache=args.max_cache_len or seq_len, export_dir=export_dir, output=output,
                 record=record, tokenizer=tokenizer)
 
 
@@ -303,7 +313,7 @@ def eval_loss(runner: Runner, model_args: ModelArgs,
 
 def eval_batches(args: argparse.Namespace, plan: Plan) -> list[tuple[Tensor, Tensor]]:
     """The first ``--accuracy_batches`` eval windows, kept in memory to feed every runner alike."""
-    if plan.tokenizer is None:
+    if not args.eval_corpus or args.accuracy_batches == 0:
         return []
     from llama3.data.dataset import open_eval_windows
 
@@ -314,13 +324,19 @@ def eval_batches(args: argparse.Namespace, plan: Plan) -> list[tuple[Tensor, Ten
 
 def latency_step(args: argparse.Namespace, plan: Plan,
                  runners: list[Runner]) -> list[dict[str, Any]]:
-    if args.iterations <= 0:
+    if args.iterations == 0:
+        print("latency: skipped (--iterations 0)", flush=True)
         return []
+    wanted = args.latency_runners or LATENCY_RUNNERS
+    present = {r.name for r in runners}
+    for name in args.latency_runners or ():
+        if name not in present:
+            print(f"latency: {name} not timed (it is not available: see its line above)", flush=True)
     shapes = [(args.batch_size, plan.seq_len, 0)]
     if args.decode:
         shapes.append((args.batch_size, 1, max(min(plan.seq_len - 1, plan.max_cache), 1)))
     rows = []
-    for runner in (r for r in runners if r.name in args.latency_runners):
+    for runner in (r for r in runners if r.name in wanted):
         for batch, query, cached in shapes:
             reason = too_big_for_host(runner, plan.model_args, batch, query, cached)
             if reason:
@@ -336,6 +352,7 @@ def latency_step(args: argparse.Namespace, plan: Plan,
                                      seed=args.seed)
             rows.append({**result.to_dict(), "device": str(runner.device),
                          "precision": runner.precision})
-    print("\nlatency (ms) and throughput:")
-    print(format_table(rows, LATENCY_COLUMNS), flush=True)
+    if rows:
+        print("\nlatency (ms) and throughput:")
+        print(format_table(rows, LATENCY_COLUMNS), flush=True)
     return rows

@@ -9,6 +9,10 @@ as standard ONNX operators (MatMul, Softplus, Range-built causal mask, ReduceSum
 We use the dynamo exporter (``torch.export`` with ``dynamic_shapes``): it is the supported exporter
 of current PyTorch, and it records the three dimensions as symbols instead of tracing one shape.
 
+The file (and its external weights, ``NAME.data``, for models over 1 GiB) is written into a
+temporary directory and moved into place once onnx.checker has passed it, so a failed export (a
+full disk, an interruption) leaves the previous file as it was.
+
 The graph carries the dtype the model is exported in. An fp32 file runs everywhere (ONNX Runtime,
 TensorRT 10 with its FP16/BF16 builder flags). Strongly typed TensorRT builds (always on TensorRT
 11) take their precision from the graph, so they need a file exported in fp16 or bf16
@@ -29,6 +33,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from llama3.fileio import staged_file
 from llama3.model.args import ModelArgs
 from llama3.model.transformer import cache_shape, cache_time_axis
 
@@ -106,7 +111,6 @@ def export_onnx(model: nn.Module, path: str | Path, *, opset: int = DEFAULT_OPSE
     if dtype is not None:
         model = cast_copy(model, dtype)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     param = next(model.parameters())
     inputs = example_inputs(model.args, param.device, param.dtype)
     with _quiet_exporter(), torch.no_grad():
@@ -115,9 +119,15 @@ def export_onnx(model: nn.Module, path: str | Path, *, opset: int = DEFAULT_OPSE
             input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES),
             dynamic_shapes=dynamic_shapes(model.args),
         )
-        program.save(str(path), external_data=parameter_bytes(model) > EXTERNAL_DATA_BYTES)
-    check_onnx(path)
+        with staged_file(path, external_data_name(path), what="the ONNX file ") as staging:
+            program.save(str(staging), external_data=parameter_bytes(model) > EXTERNAL_DATA_BYTES)
+            check_onnx(staging)
     return path
+
+
+def external_data_name(path: str | Path) -> str:
+    """The file the exporter writes a large model's weights to, beside the graph."""
+    return Path(path).name + ".data"
 
 
 def check_onnx(path: str | Path) -> None:

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from llama3.deploy.onnx_export import INPUT_NAMES, OUTPUT_NAMES, graph_precision
 from llama3.deploy.runners import DTYPES, Outputs
-from llama3.fileio import atomic_write_bytes
+from llama3.fileio import atomic_write_bytes, staged_file
 from llama3.model.args import ModelArgs
 from llama3.model.transformer import cache_shape
 
@@ -207,12 +207,13 @@ def build_engine_trtexec(trt: ModuleType, onnx_path: str | Path, engine_path: st
     if trtexec is None:
         raise RuntimeError("--trtexec: no trtexec on PATH (it is in the NGC containers under "
                            "/usr/src/tensorrt/bin)")
-    command = trtexec_command(trtexec, onnx_path, engine_path, shapes, mode, workspace_gib,
-                              device_index)
-    done = subprocess.run(command, capture_output=True, text=True)
-    if done.returncode != 0:
-        tail = "\n".join(done.stdout.splitlines()[-20:] + done.stderr.splitlines()[-20:])
-        raise RuntimeError(f"trtexec failed ({done.returncode}):\n{tail}")
+    with staged_file(engine_path, what="the engine ") as staging:
+        command = trtexec_command(trtexec, onnx_path, staging, shapes, mode, workspace_gib,
+                                  device_index)
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            tail = "\n".join(done.stdout.splitlines()[-20:] + done.stderr.splitlines()[-20:])
+            raise RuntimeError(f"trtexec failed ({done.returncode}):\n{tail}")
     return Path(engine_path)
 
 

@@ -7,24 +7,28 @@ Written under a temporary name and renamed when complete::
     DIR/model.safetensors               weights; or model-0000i-of-0000n.safetensors + index
     DIR/modeling_llama3_softplus.py     softplus attention or the Combinator only (remote code)
     DIR/tokenizer.json, tokenizer_config.json, sentencepiece.model    with --tokenizer
+    DIR/sentencepiece.cleaning.json     the cleaning its text needs (read by import_hf's users)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from llama3.cli import add_checkpoint_source_flags
 from llama3.errors import UsageError
 from llama3.data.clean import Cleaner, add_cleaning_flags
-from llama3.fileio import STAGING_SUFFIX, write_json
+from llama3.fileio import staged_directory, write_json
 from llama3.interop import hf_format, require
 from llama3.model.args import ModelArgs
+
+if TYPE_CHECKING:
+    from llama3.data.tokenizer import Tokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 START_TOKENS = ("eos", "bos", "none")
@@ -35,8 +39,8 @@ Write a checkpoint as a Hugging Face model directory. Softmax attention with Swi
 standard LlamaForCausalLM (AutoModelForCausalLM.from_pretrained(DIR)); softplus attention and the
 Combinator come with their modelling code (from_pretrained(DIR, trust_remote_code=True)). With
 --tokenizer, a tokenizer.json is written whose normalizer applies the training text's cleaning
-(the cleaning flags below, as given to preprocess), so raw text encodes to the ids our pipeline
-gives the cleaned text.
+(recorded with the tokenizer; the cleaning flags below override a step), so raw text encodes to
+the ids our pipeline gives the cleaned text.
 """
 
 
@@ -59,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--start_token", choices=START_TOKENS, default="eos",
                        help="token the tokenizer puts before each text: eos for models trained on "
                             "packed windows, bos for --data_mode padded")
-    add_cleaning_flags(parser)
+    add_cleaning_flags(parser, recorded=True)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -77,9 +81,8 @@ def run(args: argparse.Namespace) -> int:
     dtype = DTYPES[args.dtype] if args.dtype else next(iter(record["model"].values())).dtype
     tensors = hf_format.to_hf_state({k: v.to(dtype) for k, v in record["model"].items()},
                                     model_args, form)
-    output = Path(args.output)
-    staging = prepare_staging(output)
-    try:
+    output = check_empty_output(Path(args.output))
+    with staged_directory(output, what="--output ") as staging:
         n_files = write_weights(staging, tensors, shard_bytes)
         write_json(staging / "config.json", hf_format.hf_config(model_args, form, special, dtype))
         write_json(staging / "generation_config.json",
@@ -87,11 +90,7 @@ def run(args: argparse.Namespace) -> int:
         if form == "remote":
             shutil.copyfile(hf_format.MODELING_SOURCE, staging / hf_format.REMOTE_FILE)
         if tokenizer is not None:
-            write_tokenizer(staging, args, model_args)
-        publish(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+            write_tokenizer(staging, args, tokenizer, model_args)
     print_summary(output, form, tensors, dtype, n_files, tokenizer is not None)
     return 0
 
@@ -120,21 +119,12 @@ def parse_size(text: str) -> int:
     return int(number * _UNITS.get(unit, 1))
 
 
-def prepare_staging(output: Path) -> Path:
-    """A fresh staging directory beside ``output``, which must not exist or be empty."""
+def check_empty_output(output: Path) -> Path:
+    """``output``, which must not exist or be an empty directory."""
     if output.exists() and (not output.is_dir() or any(output.iterdir())):
         raise UsageError(f"--output {output} already exists and is not an empty directory; "
                          "choose a new one")
-    staging = output.with_name(output.name + STAGING_SUFFIX)
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    return staging
-
-
-def publish(staging: Path, output: Path) -> None:
-    if output.is_dir():
-        output.rmdir()
-    os.replace(staging, output)
+    return output
 
 
 def write_weights(directory: Path, tensors: dict[str, torch.Tensor], shard_bytes: int) -> int:
@@ -165,13 +155,21 @@ def write_weights(directory: Path, tensors: dict[str, torch.Tensor], shard_bytes
     return len(shards)
 
 
-def write_tokenizer(directory: Path, args: argparse.Namespace, model_args: ModelArgs) -> None:
+def write_tokenizer(directory: Path, args: argparse.Namespace, tokenizer: Tokenizer,
+                    model_args: ModelArgs) -> None:
+    """tokenizer.json with the cleaning recorded with ``tokenizer`` (a cleaning flag given
+    overrides its step), and our SentencePiece model with that cleaning recorded beside it."""
+    from llama3.data.tokenizer import write_cleaning_record
     from llama3.interop.hf_tokenizer import save_tokenizer
 
+    cleaner = Cleaner.from_flags(args, base=tokenizer.cleaner)
+    tokenizer.note_cleaning()
     start = None if args.start_token == "none" else args.start_token
-    save_tokenizer(directory, args.tokenizer, Cleaner.from_flags(args), start,
-                   model_args.max_seq_len)
-    shutil.copyfile(args.tokenizer, directory / hf_format.SENTENCEPIECE_FILE)
+    save_tokenizer(directory, args.tokenizer, cleaner, start, model_args.max_seq_len)
+    model_file = directory / hf_format.SENTENCEPIECE_FILE
+    shutil.copyfile(args.tokenizer, model_file)
+    write_cleaning_record(model_file, cleaner, "export_hf: the tokenizer's record and the "
+                                               "cleaning flags given")
 
 
 def print_summary(output: Path, form: str, tensors: dict[str, torch.Tensor], dtype: torch.dtype,

@@ -8,9 +8,10 @@ is lm-eval's command line with the module imported::
 Model arguments: ``checkpoint`` and ``tokenizer`` (as for evaluate), ``device``, ``dtype`` (fp32,
 bf16 or fp16), ``max_length`` (default: the checkpoint's context), ``max_gen_toks`` (default 256),
 ``start_token`` (eos for packed training, bos for padded), and the cleaning steps ``nfkd``,
-``ascii``, ``lowercase``, ``drop_empty_brackets`` (default true, as preprocess); lm-eval's
-``--batch_size`` (a number) sets the batch. Text — contexts, continuations, stop strings — goes
-through that cleaning, and every context follows the start token, as the training documents did.
+``ascii``, ``lowercase``, ``drop_empty_brackets`` (default: the steps recorded with the
+tokenizer, those its training text went through); lm-eval's ``--batch_size`` (a number) sets the
+batch. Text — contexts, continuations, stop strings — goes through that cleaning, and every
+context follows the start token, as the training documents did.
 Scoring runs the plain forward on right-padded batches sorted by length; ``generate_until`` runs
 our batched generator (static cache, CUDA graphs on GPUs) for ``max_gen_toks`` tokens or until
 end-of-sequence, then cuts the text at the first stop string. A model trained on cleaned text
@@ -19,6 +20,7 @@ never writes a newline, so a newline as stop string only ends generation at ``ma
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from collections import defaultdict
@@ -46,9 +48,10 @@ class Llama3LM(TemplateLM):
 
     def __init__(self, checkpoint: str, tokenizer: str, batch_size: int | str = 16,
                  device: str | None = None, dtype: str = "fp32", max_length: int | None = None,
-                 max_gen_toks: int = 256, start_token: str = "eos", nfkd: bool = True,
-                 ascii: bool = True, lowercase: bool = True, drop_empty_brackets: bool = True,
-                 max_batch_size: int | None = None, **unknown: Any):
+                 max_gen_toks: int = 256, start_token: str = "eos", nfkd: bool | None = None,
+                 ascii: bool | None = None, lowercase: bool | None = None,
+                 drop_empty_brackets: bool | None = None, max_batch_size: int | None = None,
+                 **unknown: Any):
         super().__init__()
         from llama3.checkpoint import model_from_record, read_model_file
         from llama3.data.tokenizer import load_tokenizer
@@ -69,8 +72,10 @@ class Llama3LM(TemplateLM):
         self.max_length = int(max_length or model_args.max_seq_len)
         self.max_gen_toks = int(max_gen_toks)
         self.start_id = getattr(self.tokenizer, f"{start_token}_id")
-        self.cleaner = Cleaner(nfkd=nfkd, ascii=ascii, lowercase=lowercase,
-                               drop_empty_brackets=drop_empty_brackets)
+        steps = argparse.Namespace(nfkd=nfkd, ascii=ascii, lowercase=lowercase,
+                                   drop_empty_brackets=drop_empty_brackets)
+        self.cleaner = Cleaner.from_flags(steps, base=self.tokenizer.cleaner)
+        self.tokenizer.note_cleaning()
         self._generator = None
 
     @property

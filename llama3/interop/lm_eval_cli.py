@@ -14,7 +14,8 @@ python -m llama3 lm_eval --model llama3 --model_args checkpoint=RUN,tokenizer=MO
     --tasks TASKS [lm_eval's other flags]
 
 llama3 model arguments: checkpoint, tokenizer, device, dtype (fp32|bf16|fp16), max_length,
-max_gen_toks (256), start_token (eos|bos), nfkd, ascii, lowercase, drop_empty_brackets (true);
+max_gen_toks (256), start_token (eos|bos), nfkd, ascii, lowercase, drop_empty_brackets (default:
+the cleaning recorded with the tokenizer);
 lm_eval's --batch_size sets the batch. lm_eval's own help follows.
 """
 

@@ -8,7 +8,7 @@ contents train), and the mutable :class:`~llama3.training.state.Progress`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from llama3.checkpoint import (TrainingState, check_model_flags, list_step_dirs, read_model_file,
-                               read_trainer_record, restore_training_checkpoint,
-                               tokenizer_fingerprint)
+                               read_rank_record, read_trainer_record, restore_training_checkpoint,
+                               step_of, tokenizer_fingerprint)
 from llama3.errors import UsageError
 from llama3.model import ModelArgs, Transformer, model_summary, training_flops_per_token
 from llama3.runtime import seed_everything
@@ -26,8 +26,8 @@ from llama3.training.flags import TrainingConfig
 from llama3.training.metrics import Throughput, peak_tflops
 from llama3.training.optim import LRSchedule, apply_settings, build_optimizer
 from llama3.training.parallel import ParallelPlan, parallelize
-from llama3.training.state import (GradScaler, Progress, RecordedSettings, training_state,
-                                   upgrade_record)
+from llama3.training.state import (GradScaler, Progress, RecordedSettings, recorded_flags,
+                                   training_state, upgrade_record)
 from llama3.training.step import TrainStep
 
 if TYPE_CHECKING:
@@ -61,6 +61,29 @@ class Components:
 
 
 @dataclass(frozen=True)
+class Source:
+    """Where a run starts: nothing (a new run), a model's weights (``record`` None), or a training
+    checkpoint and its record (upgraded to the current layout)."""
+
+    path: Path | None = None
+    record: dict[str, Any] | None = None
+    flags: dict[str, Any] = field(default_factory=dict)  # the flag values it recorded
+
+    @classmethod
+    def read(cls, from_checkpoint: str | None) -> Source:
+        if from_checkpoint is None:
+            return cls()
+        path, record = read_trainer_record(from_checkpoint)
+        if record is None:
+            return cls(path)
+        record = upgrade_record(record)
+        data = None
+        if "flags" not in record["settings"]:  # written before the flags were: the data order
+            data = read_rank_record(path, 0).get("data")
+        return cls(path, record, recorded_flags(record, data))
+
+
+@dataclass(frozen=True)
 class Run:
     config: TrainingConfig
     parts: Components
@@ -73,12 +96,15 @@ class Run:
         return self.config.checkpoints.run_dir
 
 
-def build_run(config: TrainingConfig, dist: Distributed) -> Run:
+def build_run(config: TrainingConfig, dist: Distributed, source: Source) -> Run:
+    """Everything a run needs; ``config`` was resolved with ``source.flags``. Call it holding
+    the run directory (:func:`llama3.checkpoint.run_directory_lock`)."""
     from llama3.data.tokenizer import Tokenizer
 
+    _check_run_directory(config, source)
     precision = config.device.precision
     tokenizer = Tokenizer(config.data.tokenizer)
-    step_dir, record = _resume_source(config)
+    step_dir, record = source.path, source.record
     model_args = _model_args(config, tokenizer, step_dir, record)
     model, notes = _build_model(config, model_args, dist, step_dir, record)
     optimizer = build_optimizer(model, config.optim.optimizer_settings(), dist.device)
@@ -93,29 +119,40 @@ def build_run(config: TrainingConfig, dist: Distributed) -> Run:
                        train_windows=train_windows, eval_windows=eval_windows,
                        eval_batches=eval_batches, throughput=throughput, peak_source=peak_source,
                        tokenizer_fingerprint=tokenizer_fingerprint(config.data.tokenizer))
-    progress, settings = Progress(), RecordedSettings(parts.schedule, precision)
+    progress = Progress()
+    settings = RecordedSettings(parts.schedule, precision, dict(config.flags))
     state = training_state(model, optimizer, progress=progress, scaler=scaler, settings=settings,
                            data=train_windows, device=dist.device)
     notes += data_notes
     if record is not None:
-        restore_training_checkpoint(step_dir, upgrade_record(record), state, dist)
+        restore_training_checkpoint(step_dir, record, state, dist)
         apply_settings(optimizer, config.optim.optimizer_settings())  # the flags win
-        notes += settings.changes() + [f"resumed from {step_dir} at step {progress.step}"]
+        notes += [*config.changes, f"resumed from {step_dir} at step {progress.step}"]
     return Run(config=config, parts=parts, progress=progress, checkpointed=state,
                notes=tuple(notes))
 
 
-def _resume_source(config: TrainingConfig) -> tuple[Path | None, dict[str, Any] | None]:
-    """The checkpoint to start from, if any, and its training record (None: weights only)."""
-    checkpoints = config.checkpoints
-    if checkpoints.from_checkpoint is None:
-        existing = list_step_dirs(checkpoints.to_checkpoint)
-        if existing:
-            raise UsageError(f"--to_checkpoint {checkpoints.to_checkpoint} already holds a run (up "
-                             f"to {existing[-1].name}): continue it with --from_checkpoint "
-                             f"{checkpoints.to_checkpoint}, or choose a new directory")
-        return None, None
-    return read_trainer_record(checkpoints.from_checkpoint)
+def _check_run_directory(config: TrainingConfig, source: Source) -> None:
+    """Refuse to write into a run directory whose steps this run would mix with its own: another
+    run's, or steps of this run newer than the one it resumes from (pruning, ``latest`` and the
+    next resume would then pick between two histories)."""
+    run_dir = config.checkpoints.to_checkpoint
+    existing = list_step_dirs(run_dir)
+    if not existing:
+        return
+    if source.record is None:
+        raise UsageError(f"--to_checkpoint {run_dir} already holds a run (up to "
+                         f"{existing[-1].name}): continue it with --from_checkpoint {run_dir}, or "
+                         "choose a new directory")
+    resumed = source.path
+    newer = [p for p in existing if step_of(p) > step_of(resumed)]
+    if newer:
+        raise UsageError(f"--to_checkpoint {run_dir} holds {newer[-1].name}, newer than "
+                         f"{resumed.name} you resume from: continue into a new --to_checkpoint, "
+                         f"or move the newer step directories out of {run_dir} first")
+    if Path(run_dir).resolve() != resumed.parent.resolve():
+        raise UsageError(f"--to_checkpoint {run_dir} already holds another run (up to "
+                         f"{existing[-1].name}): choose a new directory")
 
 
 def _model_args(config: TrainingConfig, tokenizer: Tokenizer, step_dir: Path | None,
@@ -192,11 +229,9 @@ def _open_corpus(path: str, flag: str, tokenizer: Tokenizer, config: TrainingCon
                                        flag=flag)
         except UsageError as err:
             error = err
-    failed = dist.all_reduce_max(torch.tensor(int(error is not None), device=dist.device))
-    if error is not None:
-        raise error
-    if failed.item():
-        raise UsageError(f"{flag} {path}: the first process could not open it (see its message)")
+    if dist.any_failed(error is not None):
+        raise error or UsageError(f"{flag} {path}: the first process could not open it (see its "
+                                  "message)")
     if corpus is None:
         corpus = open_token_corpus(path, tokenizer, cache_dir=cache_dir, progress=False, flag=flag)
     return corpus

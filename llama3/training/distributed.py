@@ -76,6 +76,14 @@ class Distributed:
             dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
         return tensor
 
+    def any_failed(self, failed: bool) -> bool:
+        """Whether this or any other process failed (collective): each calls it with its own
+        outcome, so all stop together instead of waiting for one that raised."""
+        if not self.active:
+            return failed
+        flag = torch.tensor(int(failed), device=self.device)
+        return bool(self.all_reduce_max(flag).item())
+
     def barrier(self) -> None:
         if self.active:
             dist.barrier()

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -17,12 +19,18 @@ from typing import Any, TypeVar
 from llama3.cli import (add_model_flags, add_precision_flags, add_seed_flag, add_token_cache_flags,
                         add_tokenizer_flag, model_flag_values)
 from llama3.errors import UsageError
-from llama3.runtime import Precision
+from llama3.runtime import Precision, precision_flag
 from llama3.training.optim import SCHEDULES, LRSchedule, OptimizerSettings
 
 EPILOG = """\
 --batch_size windows of --max_seq_len tokens make one optimizer step per process, split into
 --accumulation_steps micro-batches; the loss is the mean over every target token of the step.
+
+A resumed run (--from_checkpoint with training state) takes the model flags, the precision and the
+flags marked "resumed: the checkpoint's" from its checkpoint. Flags given win, and a line lists
+them; refused are those that would change the order of the training data (--batch_size, --seed,
+--data_mode) and a precision that would change the parameters' dtype (--bf16 to or from another
+mode). Another autocast mode is allowed, but the continuation is then no longer exact.
 
 Exit status: 0 done, 2 usage error, 3 non-finite loss or gradient (nothing saved after the last good
 checkpoint), 130 interrupted (Ctrl-C or SIGTERM: a checkpoint was saved first; press Ctrl-C twice to
@@ -30,6 +38,12 @@ quit without saving).
 """
 
 Config = TypeVar("Config")
+
+# Flags that decide how a run continues: a resumed run takes them from its checkpoint unless given.
+RESUMABLE = ("data_mode", "seed", "batch_size", "accumulation_steps", "total_steps", "eval_steps",
+             "eval_batches", "base_lr", "wd_rate", "max_norm", "beta1", "beta2", "adam_eps",
+             "lr_schedule", "warmup_steps", "min_lr_ratio", "save_steps", "keep_last", "allow_tf32")
+DATA_ORDER = ("data_mode", "seed", "batch_size")  # changing one would change the windows of a step
 
 
 def add_training_flags(parser: argparse.ArgumentParser, *, multiprocess: bool) -> None:
@@ -44,6 +58,59 @@ def add_training_flags(parser: argparse.ArgumentParser, *, multiprocess: bool) -
     add_performance_flags(parser, multiprocess=multiprocess)
     add_logging_flags(parser)
     add_seed_flag(parser)
+    _take_from_checkpoint(parser)
+
+
+def _take_from_checkpoint(parser: argparse.ArgumentParser) -> None:
+    """The RESUMABLE flags default to None (not given); their declared defaults become what a new
+    run uses (``args.new_run``), and their help says so."""
+    new_run = {}
+    for action in parser._actions:
+        if action.dest in RESUMABLE:
+            new_run[action.dest] = action.default
+            shown = "" if action.default is None else f"new run: {action.default}; "
+            action.help = f"{action.help} ({shown}resumed: the checkpoint's)"
+            action.default = None
+    parser.set_defaults(new_run=new_run)
+
+
+def _resolve(args: argparse.Namespace,
+             recorded: Mapping[str, Any]) -> tuple[argparse.Namespace, list[str]]:
+    """The flags with RESUMABLE ones filled in (given, else the checkpoint's ``recorded`` value,
+    else a new run's default), and a line per flag given that differs from the checkpoint."""
+    values, changed = {}, []
+    for name in RESUMABLE:
+        given = getattr(args, name, None)
+        if given is None:
+            values[name] = recorded[name] if name in recorded else args.new_run.get(name)
+            continue
+        values[name] = given
+        if name in recorded and given != recorded[name]:
+            if name in DATA_ORDER:
+                raise UsageError(f"--{name} {given} (checkpoint: {recorded[name]}) would change the "
+                                 "order of the training data: resume without it, or start a new "
+                                 "run")
+            changed.append(f"--{name} {given} (checkpoint: {recorded[name]})")
+    if changed:
+        changed = ["changed since the checkpoint, following the flags: " + ", ".join(changed)]
+    return argparse.Namespace(**{**vars(args), **values}), changed
+
+
+def _precision(given: str | None, saved: str | None) -> tuple[Precision, list[str]]:
+    """The run's precision: the flag given, else the checkpoint's, else fp32. A change of the
+    parameters' dtype is refused; another autocast mode is noted as no longer exact."""
+    precision = Precision.named(given or saved or "fp32")
+    if given is None or saved is None or given == saved:
+        return precision, []
+    before = Precision.named(saved)
+    if before.param_dtype != precision.param_dtype:
+        dtypes = {name: str(p.param_dtype).removeprefix("torch.")
+                  for name, p in ((given, precision), (saved, before))}
+        raise UsageError(f"--{given} would keep the parameters in {dtypes[given]}, but the "
+                         f"checkpoint (precision {saved}) keeps them in {dtypes[saved]}: resume "
+                         f"with --{saved} (or no precision flag)")
+    return precision, [f"precision {given} (checkpoint: {saved}): the arithmetic changes, so the "
+                       "continuation is no longer exact"]
 
 
 def _from_flags(cls: type[Config], args: argparse.Namespace, **values: Any) -> Config:
@@ -55,6 +122,13 @@ def _from_flags(cls: type[Config], args: argparse.Namespace, **values: Any) -> C
 def _refuse(condition: bool, flag: str, value: Any, rule: str) -> None:
     if condition:
         raise UsageError(f"--{flag} {rule}, got {value}")
+
+
+def _refuse_non_finite(config: Any) -> None:
+    """Every float field of a flag group is a finite number (nan and inf are refused)."""
+    for name, value in dataclasses.asdict(config).items():
+        if isinstance(value, float):
+            _refuse(not math.isfinite(value), name, value, "must be a finite number")
 
 
 # ------------------------------------------------------------------------------------ data
@@ -89,7 +163,7 @@ def add_batch_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--accumulation_steps", type=int, default=1,
                        help="micro-batches --batch_size is split into (must divide it)")
     group.add_argument("--total_steps", type=int, default=20000,
-                       help="optimizer steps of the whole run (a resumed run continues to it)")
+                       help="optimizer steps of the whole run, the steps before a resume included")
     group.add_argument("--eval_steps", type=int, default=500,
                        help="evaluate every this many steps, and at the end")
     group.add_argument("--eval_batches", type=int, default=20,
@@ -151,9 +225,14 @@ class OptimConfig:
     min_lr_ratio: float
 
     def __post_init__(self) -> None:
+        _refuse_non_finite(self)
         for name in ("base_lr", "wd_rate", "max_norm", "min_lr_ratio"):
             _refuse(getattr(self, name) < 0, name, getattr(self, name), "must not be negative")
         _refuse(self.min_lr_ratio > 1, "min_lr_ratio", self.min_lr_ratio, "must be at most 1")
+        for name in ("beta1", "beta2"):
+            _refuse(not 0 <= getattr(self, name) < 1, name, getattr(self, name),
+                    "must be in [0, 1)")
+        _refuse(self.adam_eps <= 0, "adam_eps", self.adam_eps, "must be positive")
 
     def optimizer_settings(self) -> OptimizerSettings:
         return OptimizerSettings(lr=self.base_lr, weight_decay=self.wd_rate,
@@ -249,8 +328,8 @@ class MetricsConfig:
     tensorboard: bool
 
     def __post_init__(self) -> None:
-        _refuse(self.peak_tflops is not None and self.peak_tflops <= 0, "peak_tflops",
-                self.peak_tflops, "must be positive")
+        _refuse(self.peak_tflops is not None and not 0 < self.peak_tflops < math.inf,
+                "peak_tflops", self.peak_tflops, "must be a positive number")
 
 
 # --------------------------------------------------------------------------- all together
@@ -259,7 +338,9 @@ class MetricsConfig:
 @dataclass(frozen=True)
 class TrainingConfig:
     """Every setting of a run, by flag group. ``model`` holds only the model flags given: a new
-    run fills the rest from ModelArgs' defaults, a resumed one from its checkpoint."""
+    run fills the rest from ModelArgs' defaults, a resumed one from its checkpoint. ``flags`` are
+    the resolved RESUMABLE flags and the precision, as a checkpoint records them; ``changes`` say
+    which of them a resumed run was given differently."""
 
     data: DataConfig
     model: dict[str, Any]
@@ -270,24 +351,36 @@ class TrainingConfig:
     performance: PerformanceConfig
     metrics: MetricsConfig
     seed: int
+    flags: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    changes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        _refuse(not 0 <= self.seed < 2**63, "seed", self.seed, "must be between 0 and 2**63 - 1")
         if not 0 <= self.optim.warmup_steps < self.batch.total_steps:
             raise UsageError(f"--warmup_steps {self.optim.warmup_steps} must be below "
                              f"--total_steps {self.batch.total_steps}")
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> TrainingConfig:
-        """The configuration the parsed flags give; UsageError names a flag no run can use."""
-        batch = _from_flags(BatchConfig, args)
-        warmup = args.warmup_steps if args.warmup_steps is not None else batch.total_steps // 20
-        return cls(data=_from_flags(DataConfig, args), model=model_flag_values(args), batch=batch,
-                   optim=_from_flags(OptimConfig, args, warmup_steps=warmup),
-                   checkpoints=_from_flags(CheckpointConfig, args),
-                   device=_from_flags(DeviceConfig, args, precision=Precision.from_flags(args)),
-                   performance=_from_flags(PerformanceConfig, args,
+    def from_args(cls, args: argparse.Namespace,
+                  recorded: Mapping[str, Any] | None = None) -> TrainingConfig:
+        """The configuration the parsed flags give, the values a checkpoint ``recorded`` filling
+        in those not given; UsageError names a flag no run can use."""
+        recorded = recorded or {}
+        resolved, changes = _resolve(args, recorded)
+        precision, precision_change = _precision(precision_flag(args), recorded.get("precision"))
+        batch = _from_flags(BatchConfig, resolved)
+        warmup = resolved.warmup_steps
+        warmup = warmup if warmup is not None else batch.total_steps // 20
+        flags = {**{name: getattr(resolved, name) for name in RESUMABLE}, "warmup_steps": warmup,
+                 "precision": precision.name}
+        return cls(data=_from_flags(DataConfig, resolved), model=model_flag_values(args),
+                   batch=batch, optim=_from_flags(OptimConfig, resolved, warmup_steps=warmup),
+                   checkpoints=_from_flags(CheckpointConfig, resolved),
+                   device=_from_flags(DeviceConfig, resolved, precision=precision),
+                   performance=_from_flags(PerformanceConfig, resolved,
                                            prefetching=getattr(args, "prefetching", 0)),
-                   metrics=_from_flags(MetricsConfig, args), seed=args.seed)
+                   metrics=_from_flags(MetricsConfig, resolved), seed=resolved.seed, flags=flags,
+                   changes=tuple(changes + precision_change))
 
     @property
     def schedule(self) -> LRSchedule:

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from llama3.fileio import atomic_write_bytes, write_json
+from llama3.fileio import atomic_write_bytes, write_error, write_json
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -121,8 +121,11 @@ class MetricsLog:
         self.history.append(record)
         if not self.main:
             return
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
+        except OSError as err:
+            raise write_error(self.run_dir / METRICS_FILE, err) from err
         if self._tb is not None:
             for key, value in record.items():
                 if key not in ("kind", "step") and isinstance(value, (int, float)):

@@ -51,30 +51,37 @@ class Progress:
 
 
 class RecordedSettings:
-    """Settings a resumed run may change, the flags winning: recorded so that a change is said."""
+    """The flags a run was resolved with (:attr:`TrainingConfig.flags`), schedule and precision,
+    saved so that a resumed run takes them unless given (see :func:`recorded_flags`)."""
 
-    def __init__(self, schedule: LRSchedule, precision: Precision):
-        self.schedule, self.precision = schedule, precision
-        self.saved: dict[str, Any] | None = None  # as the checkpoint recorded them, once resumed
+    def __init__(self, schedule: LRSchedule, precision: Precision, flags: dict[str, Any]):
+        self.schedule, self.precision, self.flags = schedule, precision, flags
 
     def state_dict(self) -> dict[str, Any]:
-        return {"schedule": dataclasses.asdict(self.schedule), "precision": self.precision.name}
+        return {"schedule": dataclasses.asdict(self.schedule), "precision": self.precision.name,
+                "flags": dict(self.flags)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.saved = state
+        """Nothing to restore: the run was configured from these values before it was built."""
 
-    def changes(self) -> list[str]:
-        """One line per setting that differs from the checkpoint's."""
-        if self.saved is None:
-            return []
-        lines = []
-        if self.saved["schedule"] != dataclasses.asdict(self.schedule):
-            lines.append(f"learning-rate schedule differs from the checkpoint's "
-                         f"({self.saved['schedule']}); following the flags")
-        if self.saved["precision"] != self.precision.name:
-            lines.append(f"precision differs from the checkpoint's ({self.saved['precision']}); "
-                         f"continuing in {self.precision.name}")
-        return lines
+
+def recorded_flags(record: dict[str, Any] | None,
+                   data: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The flag values a training record holds (upgraded by :func:`upgrade_record`): all of them
+    since they were recorded, else those the schedule, the precision and ``data`` (the first
+    process's data position, which records the data order) give."""
+    if record is None:
+        return {}
+    settings = record["settings"]
+    if "flags" in settings:
+        return dict(settings["flags"])
+    schedule = settings["schedule"]
+    flags = {"base_lr": schedule["base_lr"], "warmup_steps": schedule["warmup_steps"],
+             "total_steps": schedule["total_steps"], "lr_schedule": schedule["kind"],
+             "min_lr_ratio": schedule["min_ratio"], "precision": settings["precision"]}
+    if data is not None:
+        flags.update(seed=data["seed"], batch_size=data["batch_size"], data_mode=data["mode"])
+    return flags
 
 
 class GradScaler(torch.amp.GradScaler):

@@ -16,11 +16,12 @@ from typing import Any
 
 import torch
 
-from llama3.checkpoint import save_training_checkpoint
+from llama3.checkpoint import run_directory_lock, save_training_checkpoint
 from llama3.loss import evaluate_loss
 from llama3.model import ModelArgs, Transformer, parameter_counts
 from llama3.runtime import configure_matmul
-from llama3.training.build import Run, build_run
+from llama3.errors import UsageError
+from llama3.training.build import Run, Source, build_run
 from llama3.training.distributed import Distributed
 from llama3.training.flags import TrainingConfig
 from llama3.training.guard import NonFiniteError
@@ -34,10 +35,33 @@ EXIT_INTERRUPTED = 130
 
 
 def run_training(args: argparse.Namespace, dist: Distributed) -> int:
-    """Build the run from the flags, train to ``--total_steps``, return the exit status."""
-    config = TrainingConfig.from_args(args)
+    """Build the run from the flags (and the checkpoint it resumes), train to ``--total_steps``
+    holding the run directory, return the exit status."""
+    source = Source.read(args.from_checkpoint)
+    config = TrainingConfig.from_args(args, source.flags)
     configure_matmul(config.device.allow_tf32)
-    run = build_run(config, dist)
+    with run_directory_lock(config.checkpoints.run_dir, dist):
+        run = build_run(config, dist, source)
+        if _finished(run):
+            return 0
+        return _train(run)
+
+
+def _finished(run: Run) -> bool:
+    """A resumed run already at --total_steps has nothing to do (and leaves its files as they
+    are); one past it is refused."""
+    step, total = run.progress.step, run.config.batch.total_steps
+    if step > total:
+        raise UsageError(f"--total_steps {total} is below step {step} of the checkpoint: give a "
+                         "larger one to continue")
+    if step == total and run.parts.dist.is_main:
+        print(f"the run is complete: the checkpoint is at step {step} of --total_steps {total}; "
+              "give a larger --total_steps to continue it")
+    return step == total
+
+
+def _train(run: Run) -> int:
+    config, dist = run.config, run.parts.dist
     reset_peak_memory(dist.device)
     if dist.is_main:
         print("\n".join(_header(run) + list(run.notes)), flush=True)
