@@ -65,6 +65,15 @@ def test_gpu_check_records_a_stage_over_its_budget_and_goes_on(tmp_path):
                                                           ("kernel_bench", "over budget")]
 
 
+def corpus_tokens(tiny_corpus, tiny_tokenizer) -> int:
+    """Tokens in the tiny training corpus under the tiny tokenizer (the benchmark's data label)."""
+    from llama3.data.tokenizer import Tokenizer
+    from llama3.data.tokens import open_token_corpus
+
+    corpus = open_token_corpus(tiny_corpus["train"], Tokenizer(tiny_tokenizer), progress=False)
+    return corpus.n_tokens
+
+
 def test_train_benchmark_tiny(tmp_path, tiny_corpus, tiny_tokenizer):
     """Three models at two lengths on a real corpus, side by side."""
     output = tmp_path / "train.json"
@@ -74,6 +83,7 @@ def test_train_benchmark_tiny(tmp_path, tiny_corpus, tiny_tokenizer):
     assert done.returncode == 0, done.stderr[-3000:]
     data = json.loads(output.read_text())
     rows = data["rows"]
+    tokens = corpus_tokens(tiny_corpus, tiny_tokenizer)
     assert [(r["model"], r["seq_len"]) for r in rows] == [
         (m, s) for s in (32, 16) for m in ("softmax", "softplus-16", "softplus-40")]
     for row in rows:
@@ -83,7 +93,7 @@ def test_train_benchmark_tiny(tmp_path, tiny_corpus, tiny_tokenizer):
         assert row["vs_softmax"] == pytest.approx(
             row["tokens_per_s"] / next(r["tokens_per_s"] for r in rows if r["model"] == "softmax"
                                        and r["seq_len"] == row["seq_len"]))
-        assert row["data"] == "train (23,897 tokens)"
+        assert row["data"] == f"train ({tokens:,} tokens)"
     assert data["kernel_autotune"] is True and data["peak_tflops"] is None
 
 
@@ -98,10 +108,13 @@ def test_train_benchmark_falls_back_to_random_tokens_when_the_corpus_is_too_smal
     data = train.Data(corpus, "tiny", 256)
     setting = train.Setting("softmax", ModelArgs(dim=32, n_layers=1, vocab_size=256,
                                                  max_seq_len=64), "eager")
+    tokens = corpus_tokens(tiny_corpus, tiny_tokenizer)
     stream, label = train.batches(data, setting, batch_size=4, seed=0)
-    assert label == "tiny (23,897 tokens)" and next(stream)[0].shape == (4, 64)
+    assert label == f"tiny ({tokens:,} tokens)" and next(stream)[0].shape == (4, 64)
     stream, label = train.batches(data, setting, batch_size=1000, seed=0)
-    assert label == "synthetic (tiny gives 373 windows of 64, fewer than a batch of 1000)"
+    windows = (tokens - 1) // 64  # windows of 64 inputs and their next-token targets
+    assert label == (f"synthetic (tiny gives {windows} windows of 64, fewer than a batch of "
+                     "1000)")
     inputs, targets = next(stream)
     assert inputs.shape == targets.shape == (1000, 64) and int(inputs.max()) < 256
 
