@@ -155,3 +155,44 @@ def test_a_model_file_under_another_name_is_the_model_loaded(tiny_checkpoint, ti
         results[name] = json.loads(output.read_text())
     assert results["file"]["loss"] == results["other"]["loss"] != results["beside"]["loss"]
     assert results["file"]["checkpoint"] == str(mixed / "other.pt")
+
+
+@pytest.mark.parametrize("attention", ["softplus", "softmax"])
+def test_several_lengths_equal_separate_evaluations(attention, tiny_checkpoint, tiny_tokenizer,
+                                                    tiny_corpus, tmp_path):
+    """--seq_lens gives, per length, what --seq_len gives alone (lengths past the context of 32
+    included); the position buckets' token-weighted mean is the window loss, and a bucket is the
+    mean loss at its positions."""
+    from llama3.__main__ import main
+
+    checkpoint = tiny_checkpoint(attention)
+    base = ["evaluate", "--from_checkpoint", str(checkpoint), "--tokenizer", str(tiny_tokenizer),
+            "--eval_corpus", str(tiny_corpus["eval"]), "--batch_size", "2", "--eval_batches", "3",
+            "--position_buckets", "4", "--device", "cpu", "--no-progress"]
+    assert main([*base, "--seq_lens", "16,72", "--output", str(tmp_path / "all.json")]) == 0
+    together = json.loads((tmp_path / "all.json").read_text())
+    assert [r["seq_len"] for r in together["lengths"]] == [16, 72]
+    assert together["max_seq_len"] == 32
+    for result in together["lengths"]:
+        alone = tmp_path / f"{result['seq_len']}.json"
+        assert main([*base, "--seq_len", str(result["seq_len"]), "--output", str(alone)]) == 0
+        single = json.loads(alone.read_text())
+        for key in ("seq_len", "batches", "tokens", "bytes", "positions"):
+            assert result[key] == single[key], key
+        assert result["loss"] == pytest.approx(single["loss"], rel=1e-12)
+        buckets = result["positions"]
+        assert [(b["start"], b["end"]) for b in buckets] == [
+            (i * result["seq_len"] // 4, (i + 1) * result["seq_len"] // 4) for i in range(4)]
+        weighted = sum(b["loss"] * b["tokens"] for b in buckets) / sum(b["tokens"] for b in buckets)
+        assert weighted == pytest.approx(result["loss"], rel=1e-9)
+    last = together["lengths"][1]["positions"][-1]  # positions 54..71, past the context
+    tokenizer = Tokenizer(tiny_tokenizer)
+    windows = EvalWindows(open_token_corpus(tiny_corpus["eval"], tokenizer, progress=False), 72, 2)
+    model, losses = load_checkpoint(checkpoint), []
+    with torch.no_grad():
+        for inputs, targets in windows.batches(3):
+            logits = model(inputs)[:, last["start"]:last["end"]]
+            losses.append(F.cross_entropy(logits.flatten(0, 1),
+                                          targets[:, last["start"]:last["end"]].flatten(),
+                                          reduction="none"))
+    assert last["loss"] == pytest.approx(torch.cat(losses).double().mean().item(), rel=1e-5)
