@@ -29,6 +29,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "import_hf": ("llama3.interop.hf_import", "convert a Hugging Face Llama directory into ours"),
     "lm_eval": ("llama3.interop.lm_eval_cli", "lm-evaluation-harness with our model as llama3"),
     "plot": ("llama3.plot", "draw the loss curves of one or more runs into a PNG"),
+    "plot_lengths": ("llama3.plot_lengths", "draw eval loss by window length and by position "
+                                            "(evaluate's JSON) into a PNG"),
 }
 
 

@@ -90,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
+    """matplotlib's pyplot on the file-only backend; a clear error when matplotlib is missing."""
     try:
         import matplotlib
 
@@ -110,7 +111,7 @@ def image_path(output: str | Path) -> Path:
                          f"{output / 'curves.png'}")
     if not output.suffix:
         return output.with_name(output.name + ".png")
-    _pyplot()  # matplotlib is there
+    pyplot()  # matplotlib is there
     from matplotlib.backend_bases import FigureCanvasBase
 
     types = FigureCanvasBase.get_supported_filetypes()
@@ -123,7 +124,7 @@ def image_path(output: str | Path) -> Path:
 def draw(curves: list[tuple[str, list[dict[str, Any]]]], output: str | Path, *, x: str = "step",
          smooth: float = 0.0, title: str | None = None) -> Path:
     """Write the figure (its type from the extension of ``output``); returns its path."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (train_ax, eval_ax) = plt.subplots(1, 2, figsize=(12, 4.5), sharex=True)
     for i, (label, records) in enumerate(curves):
         color = f"C{i % 10}"
@@ -137,6 +138,12 @@ def draw(curves: list[tuple[str, list[dict[str, Any]]]], output: str | Path, *, 
         ax.set_ylabel("cross entropy (nats/token)")
         ax.grid(alpha=0.3)
         ax.legend()
+    return save_figure(fig, output, title)
+
+
+def save_figure(fig: Any, output: str | Path, title: str | None = None) -> Path:
+    """Title, lay out, write (its type from the extension of ``output``) and close ``fig``;
+    returns the path written."""
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -145,7 +152,7 @@ def draw(curves: list[tuple[str, list[dict[str, Any]]]], output: str | Path, *, 
         with staged_file(output, what="the figure ") as staging:
             fig.savefig(staging, dpi=120, format=output.suffix[1:].lower() or "png")
     finally:
-        plt.close(fig)
+        pyplot().close(fig)
     return output
 
 

@@ -1,0 +1,101 @@
+"""``python -m llama3 plot_lengths EVAL.json... --output PNG``: length extrapolation of several
+models in one figure, from the JSON files of ``evaluate --output`` (with ``--seq_lens`` or
+``--seq_len``).
+
+The left panel shows the mean eval loss at each window length, the right one the mean loss by
+position within one window length (the longest each file holds, or ``--seq_len``). A dotted line
+marks each model's training context: what lies right of it, the model never saw in training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from llama3.errors import UsageError
+from llama3.fileio import check_output_file
+from llama3.plot import image_path, pyplot, save_figure
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("evaluations", nargs="+", metavar="EVAL_JSON",
+                        help="files written by evaluate --output, one per model")
+    parser.add_argument("--output", required=True, metavar="PNG", help="image file to write")
+    parser.add_argument("--labels", nargs="+", metavar="LABEL",
+                        help="legend entries, one per file (default: the file names)")
+    parser.add_argument("--seq_len", type=int, default=None, metavar="N",
+                        help="window length whose loss by position is drawn (default: the "
+                             "longest in each file)")
+    parser.add_argument("--title", default=None, help="figure title")
+
+
+def read_evaluation(path: str | Path) -> dict[str, Any]:
+    """One evaluate result: the model's context and its lengths, each with its position buckets."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise UsageError(f"{path}: cannot read evaluate's JSON ({err})") from err
+    lengths = data.get("lengths", [data]) if isinstance(data, dict) else []
+    if not lengths or not all({"seq_len", "loss", "positions"} <= set(r) for r in lengths):
+        raise UsageError(f"{path}: not a file of evaluate --output with losses by position "
+                         "(write it again with this version's evaluate)")
+    return {"max_seq_len": data.get("max_seq_len"),
+            "lengths": sorted(lengths, key=lambda r: r["seq_len"])}
+
+
+def pick_length(evaluation: dict[str, Any], seq_len: int | None, path: str) -> dict[str, Any]:
+    """The result at ``seq_len`` (default: the longest window)."""
+    if seq_len is None:
+        return evaluation["lengths"][-1]
+    for result in evaluation["lengths"]:
+        if result["seq_len"] == seq_len:
+            return result
+    held = ", ".join(str(r["seq_len"]) for r in evaluation["lengths"])
+    raise UsageError(f"{path} holds no window of --seq_len {seq_len} (it holds {held})")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.labels and len(args.labels) != len(args.evaluations):
+        raise UsageError(f"--labels gives {len(args.labels)} names for "
+                         f"{len(args.evaluations)} files")
+    output = check_output_file(image_path(args.output), "--output")
+    labels = args.labels or [Path(p).stem for p in args.evaluations]
+    evaluations = [read_evaluation(p) for p in args.evaluations]
+    chosen = [pick_length(e, args.seq_len, p) for e, p in zip(evaluations, args.evaluations)]
+    path = draw(list(zip(labels, evaluations, chosen)), output, title=args.title)
+    print(f"wrote {path}")
+    return 0
+
+
+def draw(models: list[tuple[str, dict[str, Any], dict[str, Any]]], output: str | Path, *,
+         title: str | None = None) -> Path:
+    """``models``: (label, evaluation, the length drawn by position) each. Returns the path."""
+    plt = pyplot()
+    fig, (by_length, by_position) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for i, (label, evaluation, chosen) in enumerate(models):
+        color = f"C{i % 10}"
+        lengths = evaluation["lengths"]
+        by_length.plot([r["seq_len"] for r in lengths], [r["loss"] for r in lengths], color=color,
+                       marker="o", markersize=4, label=label)
+        buckets = [b for b in chosen["positions"] if b["loss"] is not None]
+        by_position.plot([(b["start"] + b["end"] - 1) / 2 for b in buckets],
+                         [b["loss"] for b in buckets], color=color, marker="o", markersize=3,
+                         label=f"{label} ({chosen['seq_len']} tokens)")
+    contexts = sorted({e["max_seq_len"] for _, e, _ in models if e["max_seq_len"]})
+    for ax in (by_length, by_position):
+        for context in contexts:
+            ax.axvline(context, color="grey", linestyle=":", linewidth=1)
+        ax.set_ylabel("cross entropy (nats/token)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    by_length.set_xscale("log", base=2)
+    ticks = sorted({r["seq_len"] for _, e, _ in models for r in e["lengths"]})
+    by_length.set_xticks(ticks, labels=[str(t) for t in ticks])
+    by_length.minorticks_off()
+    by_length.set_title("eval loss by window length (dotted: training context)")
+    by_length.set_xlabel("window length (tokens)")
+    by_position.set_title("eval loss by position in the window")
+    by_position.set_xlabel("position (middle of each bucket)")
+    return save_figure(fig, output, title)
