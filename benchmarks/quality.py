@@ -11,7 +11,8 @@ with the same settings and seed, so on the same windows in the same order: conte
 AdamW at 3e-3, 10% warm-up then linear decay, evaluated every 50 steps on the whole eval split.
 Then ``python -m llama3 evaluate --seq_lens`` measures each at the four window lengths, one window
 per batch (every length covers the eval split up to less than one window), with the mean loss by
-position within the window.
+position within the window; the table also splits the longest windows' loss into the positions
+inside the training context and those past it.
 
 Without a corpus: the documentation shipped with Python, split and tokenized as the quick start
 does (it depends on the Python installation, which the results name). Everything runs on the CPU
@@ -52,7 +53,7 @@ from llama3.training.metrics import SUMMARY_FILE  # noqa: E402
 
 MULTIPLES = (1, 2, 4, 8)  # evaluation windows, in training contexts
 COLUMNS = ("model", "params", "train_tokens", "train_minutes", "final_eval_loss", "loss_1x",
-           "loss_2x", "loss_4x", "loss_8x", "bits_per_byte_1x")
+           "loss_2x", "loss_4x", "loss_8x", "loss_8x_inside", "loss_8x_past", "bits_per_byte_1x")
 
 
 @dataclass(frozen=True)
@@ -97,7 +98,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=torch.get_num_threads(),
                    help="CPU threads (the numbers are reproducible for a fixed count)")
     p.add_argument("--position_buckets", type=int, default=16,
-                   help="ranges of positions for the loss by position")
+                   help=f"ranges of positions for the loss by position (a multiple of "
+                        f"{MULTIPLES[-1]})")
     p.add_argument("--work_dir", type=Path, default=None,
                    help="checkpoints, evaluations, the built corpus (default: "
                         "benchmarks/out/quality, or quality_tiny)")
@@ -155,15 +157,25 @@ def evaluate(name: str, run: Path, args: argparse.Namespace, scale: Scale, data:
     return output
 
 
-def model_row(name: str, run: Path, lengths: list[dict[str, Any]]) -> dict[str, Any]:
-    """One line of the table, from the run's summary and the evaluation at each length."""
+def model_row(name: str, run: Path, lengths: list[dict[str, Any]], context: int) -> dict[str, Any]:
+    """One line of the table, from the run's summary and the evaluation at each length; in the
+    longest windows, the loss at the positions inside the training context and past it."""
     summary = json.loads((run / SUMMARY_FILE).read_text())
     row = {"model": name, "params": summary["parameters"], "train_tokens": summary["tokens"],
            "train_minutes": summary["elapsed_s"] / 60,
            "final_eval_loss": summary["final_eval_loss"],
            "bits_per_byte_1x": lengths[0]["bits_per_byte"]}
     row.update({f"loss_{m}x": r["loss"] for m, r in zip(MULTIPLES, lengths)})
+    buckets = lengths[-1]["positions"]
+    row["loss_8x_inside"] = mean_loss([b for b in buckets if b["end"] <= context])
+    row["loss_8x_past"] = mean_loss([b for b in buckets if b["start"] >= context])
     return row
+
+
+def mean_loss(buckets: list[dict[str, Any]]) -> float:
+    """Token-weighted mean loss of position buckets."""
+    tokens = sum(b["tokens"] for b in buckets)
+    return sum(b["loss"] * b["tokens"] for b in buckets if b["tokens"]) / max(tokens, 1)
 
 
 def eval_curve(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -179,6 +191,8 @@ def label(name: str) -> str:
 def main() -> int:
     args = parse_args()
     scale = TINY if args.tiny else FULL
+    if args.position_buckets % MULTIPLES[-1]:  # so that no bucket straddles the context
+        sys.exit(f"--position_buckets must be a multiple of {MULTIPLES[-1]}")
     torch.set_num_threads(args.threads)
     for folder in ("runs", "eval"):  # this script's own output there, from an earlier run
         shutil.rmtree(args.work_dir / folder, ignore_errors=True)
@@ -189,7 +203,7 @@ def main() -> int:
         run = train(name, args, scale, data)
         evaluations[name] = read_evaluation(evaluate(name, run, args, scale, data))
         curves[name] = read_metrics(run)
-        rows.append(model_row(name, run, evaluations[name]["lengths"]))
+        rows.append(model_row(name, run, evaluations[name]["lengths"], scale.context))
     minutes = (time.perf_counter() - start) / 60
     load_after = os.getloadavg()
     figures = write_figures(args.output, rows, curves, evaluations, scale, data.name)

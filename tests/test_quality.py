@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -39,6 +41,7 @@ def test_tiny_quality_benchmark_reruns_identically(tiny_corpus, tiny_tokenizer, 
         assert {k: v for k, v in a.items() if k != "train_minutes"} == \
                {k: v for k, v in b.items() if k != "train_minutes"}
         assert a["train_tokens"] == 6 * 4 * 32
+        assert a["loss_8x"] == pytest.approx((a["loss_8x_inside"] + 7 * a["loss_8x_past"]) / 8)
     assert untimed(first["models"]) == untimed(second["models"])  # curves, losses by position
     for figure in first["figures"]:
         assert (tmp_path / "a" / figure).stat().st_size > 10_000
