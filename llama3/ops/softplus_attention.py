@@ -18,7 +18,6 @@ reference instead, so the exported graph holds standard operators only.
 
 import contextlib
 import os
-import sys
 import warnings
 from collections.abc import Iterator
 from typing import Optional
@@ -130,8 +129,8 @@ def cpu_kernels(enabled: bool = True) -> Iterator[None]:
     the dense formulas, with ``enabled=False``): tests and the benchmarks' CPU rows compare both
     in one process.
 
-    Triton fixes a kernel's mode when it is defined, so the kernel module must be first imported
-    with TRITON_INTERPRET=1; this imports it so if nothing has yet.
+    Triton fixes a kernel's mode when it is defined: on a machine without a GPU the kernel module
+    defines them interpreted; with one, the process must start with TRITON_INTERPRET=1.
     """
     global _cpu_kernels
     if enabled:
@@ -144,21 +143,12 @@ def cpu_kernels(enabled: bool = True) -> Iterator[None]:
 
 
 def _interpreted_kernels():
-    name = "llama3.ops.softplus_triton"
-    if name not in sys.modules:
-        saved = os.environ.get("TRITON_INTERPRET")
-        os.environ["TRITON_INTERPRET"] = "1"
-        try:
-            from llama3.ops import softplus_triton  # noqa: F401
-        finally:
-            if saved is None:
-                del os.environ["TRITON_INTERPRET"]
-            else:
-                os.environ["TRITON_INTERPRET"] = saved
-    if not sys.modules[name].INTERPRETED:
+    from llama3.ops import softplus_triton
+
+    if not softplus_triton.INTERPRETED:
         raise RuntimeError("the softplus kernels were compiled for the GPU in this process; start "
                            "it with TRITON_INTERPRET=1 to run them on the CPU")
-    return sys.modules[name]
+    return softplus_triton
 
 
 # ---------------------------------------------------------------------------------------------

@@ -64,12 +64,33 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-# Decided once, when this module is imported (Triton fixes a kernel's mode when it is defined):
-# the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1) or compiled for the GPU;
-# LLAMA3_KERNEL_AUTOTUNE=0 skips autotuning (each kernel runs the first shape of its table, so
-# a first call compiles one configuration); LLAMA3_KERNEL_FP32=ieee|tf32x3|tf32 fixes the
-# precision of fp32 inputs' dots (see _dot_precision).
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
+
+
+def _interpreted() -> bool:
+    """Whether the kernels below run in Triton's CPU interpreter: asked for (TRITON_INTERPRET=1),
+    or the only way they can run (no GPU driver, nor a stand-in one such as
+    benchmarks/kernel_static.py installs to compile for the GPU on a CPU)."""
+    if os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on"):
+        return True
+    from triton.runtime import driver
+
+    try:
+        driver.active  # noqa: B018 - raises without a GPU driver
+    except RuntimeError:
+        return True
+    return False
+
+
+# Decided once, when this module is imported (Triton fixes a kernel's mode when it is defined,
+# from TRITON_INTERPRET, which is set while this module defines its kernels and restored at its
+# end): interpreted or compiled for the GPU; LLAMA3_KERNEL_AUTOTUNE=0 skips autotuning (each
+# kernel runs the first shape of its table, so a first call compiles one configuration);
+# LLAMA3_KERNEL_FP32=ieee|tf32x3|tf32 fixes the precision of fp32 inputs' dots (see
+# _dot_precision).
+INTERPRETED = _interpreted()
+_INTERPRET_SETTING = os.environ.get("TRITON_INTERPRET")
+if INTERPRETED:
+    os.environ["TRITON_INTERPRET"] = "1"
 AUTOTUNE = os.environ.get("LLAMA3_KERNEL_AUTOTUNE", "1") != "0"
 FP32_PRECISION = os.environ.get("LLAMA3_KERNEL_FP32") or None
 if FP32_PRECISION not in (None, "ieee", "tf32x3", "tf32"):
@@ -1019,3 +1040,10 @@ def backward(
     _launch("dq", lambda m: (triton.cdiv(S, m["BLOCK_M"]) * slices(m), B),
             (*inputs, dq, *in_strides, *dq.stride(), *tail), r, q.dtype, **meta)
     return dq, dk, dv
+
+
+# the kernels are defined: TRITON_INTERPRET as it was before this module set it
+if _INTERPRET_SETTING is None:
+    os.environ.pop("TRITON_INTERPRET", None)
+else:
+    os.environ["TRITON_INTERPRET"] = _INTERPRET_SETTING
