@@ -30,7 +30,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
 import subprocess  # noqa: E402
@@ -49,7 +48,6 @@ TENSOR_FLOP_PER_CLOCK = {"bf16": 4096, "fp16": 4096, "tf32": 2048}
 ISSUE_PER_CLOCK = 128  # 4 schedulers × one warp instruction (32 threads) each
 MUFU_PER_CLOCK = 16
 SHARED_LIMIT = 232448  # bytes of shared memory one block may use (227 KB)
-COPY_BYTES_PER_S = 4.3e12  # device copy on the H200, as measured (DESIGN.md §4)
 
 # Useful FLOPs per visible (query, key) pair, as benchmarks/attention.py counts them.
 USEFUL_FLOPS = {"fwd": 4, "bwd": 10}  # × r
@@ -254,7 +252,7 @@ def count_loop(code: list[Sass], loop: tuple[int, int], nested: list[tuple[int, 
                nested_trips: int, warps: int) -> dict[str, float]:
     """Per-iteration totals of the loop body (a thread's instructions; the block's FLOPs and
     bytes), nested loops weighted by ``nested_trips``."""
-    totals = dict(instructions=0.0, mufu=0.0, tensor_flops=0.0, global_bytes=0.0, spill_ops=0.0)
+    totals = dict(instructions=0.0, mufu=0.0, tensor_flops=0.0, global_bytes=0.0)
     dtype = ""
     for j in range(loop[0], loop[1] + 1):
         ins = code[j]
@@ -270,8 +268,6 @@ def count_loop(code: list[Sass], loop: tuple[int, int], nested: list[tuple[int, 
             dtype = kind
         if ins.opcode.startswith(("LDG", "LDGSTS")):
             totals["global_bytes"] += weight * _width(ins.opcode) * warps * 32
-        if ins.opcode.startswith(("LDL", "STL")):
-            totals["spill_ops"] += weight
     totals["tensor_type"] = dtype
     return totals
 
@@ -428,13 +424,6 @@ def _config_label(config: dict[str, Any]) -> str:
     return ",".join(parts)
 
 
-def _pairs_per_iteration(kernel: str, config: dict[str, Any]) -> int | None:
-    """(query, key) pairs one iteration of the tile loop handles, per output slice."""
-    if "BLOCK_M" not in config or "BLOCK_N" not in config:
-        return None
-    return config["BLOCK_M"] * config["BLOCK_N"]
-
-
 def _slices(config: dict[str, Any], r: int) -> int:
     dv = config.get("BLOCK_DV")
     return -(-r // dv) if dv else 1
@@ -454,7 +443,7 @@ def analyse(launch: Launch, r: int, dtype: str, workdir: str) -> Row:
            else "mma.sync" if any(i.opcode.startswith("HMMA") for i in code) else "-")
     per_pair = dict(inst=None, mufu=None, flops=None, bytes=None, clocks=None)
     loop, nested = tile_loop(code)
-    pairs = _pairs_per_iteration(launch.kernel, config)
+    pairs = config.get("BLOCK_M", 0) * config.get("BLOCK_N", 0)  # per tile-loop iteration
     if loop is not None and pairs:
         trips = -(-r // config.get("BLOCK_DK", r)) if nested else 1
         totals = count_loop(code, loop, nested, trips, warps)

@@ -148,6 +148,13 @@ def _sigmoid2(y, w):
 
 
 @triton.jit
+def _sigmoid_from_neg(t, FAST: tl.constexpr):
+    """sigmoid(z) for t = −z log2(e), where the weight is not needed: 1 / (1 + 2^t); 2^t = inf
+    gives 0."""
+    return _reciprocal(1.0 + tl.exp2(t), FAST)
+
+
+@triton.jit
 def _reciprocal(x, FAST: tl.constexpr):
     """1 / x: the hardware's approximate reciprocal (one op, ~1 ulp) when compiled, else exact."""
     if FAST:
@@ -406,18 +413,15 @@ def _bwd_rows_kernel(
     d = tl.arange(0, BLOCK_DK)
     o_ptrs = O + b.to(tl.int64) * stride_ob + rows[:, None] * stride_os + d[None, :] * stride_or
     do_ptrs = DO + b.to(tl.int64) * stride_dob + rows[:, None] * stride_dos + d[None, :] * stride_dor
+    scaled_ptrs = DO_SCALED + (b.to(tl.int64) * S + rows[:, None]) * R + d[None, :]
+    c = _LN2 / tl.load(L + b.to(tl.int64) * S + rows, mask=row_ok, other=1.0)
     delta = tl.full([BLOCK_M], 0.0, tl.float32)
-    for d0 in tl.static_range(0, R, BLOCK_DK):
+    for d0 in tl.static_range(0, R, BLOCK_DK):  # one pass over o and dO
         mask = row_ok[:, None] & (d0 + d < R)[None, :]
         o = tl.load(o_ptrs + d0 * stride_or, mask=mask, other=0.0).to(tl.float32)
         do = tl.load(do_ptrs + d0 * stride_dor, mask=mask, other=0.0).to(tl.float32)
         delta += _row_sum(o * do)
-    c = _LN2 / tl.load(L + b.to(tl.int64) * S + rows, mask=row_ok, other=1.0)
-    if SCALE_DO:
-        scaled_ptrs = DO_SCALED + (b.to(tl.int64) * S + rows[:, None]) * R + d[None, :]
-        for d0 in tl.static_range(0, R, BLOCK_DK):
-            mask = row_ok[:, None] & (d0 + d < R)[None, :]
-            do = tl.load(do_ptrs + d0 * stride_dor, mask=mask, other=0.0).to(tl.float32)
+        if SCALE_DO:
             tl.store(scaled_ptrs + d0, (do * c[:, None]).to(DO_SCALED.dtype.element_ty),
                      mask=mask)
     kv_len = _valid_keys(KV_LEN, stride_kvl, b, T, HAS_KV_LEN)
@@ -430,24 +434,17 @@ def _bwd_rows_kernel(
 
 
 @triton.jit
-def _load_rows(rows_ptrs, plane, ok, CHECK: tl.constexpr, SCALE_DO: tl.constexpr):
+def _load_rows(rows_ptrs, plane, ok, SCALE_DO: tl.constexpr):
     """Per-row constants (see _bwd_rows_kernel) for the rows at ``rows_ptrs``: y_i to scale the
-    scores, c_dp to scale ⟨dO_i, v_j⟩, c_sh = c_i D_i y_i, and c_p to scale the weights (1 when
-    dO comes scaled). With CHECK, rows past S get 0, so that they contribute nothing."""
-    if CHECK:
-        c_y = tl.load(rows_ptrs, mask=ok, other=0.0)
-        c_sh = tl.load(rows_ptrs + plane, mask=ok, other=0.0)
-    else:
-        c_y = tl.load(rows_ptrs)
-        c_sh = tl.load(rows_ptrs + plane)
+    scores, c_dp to scale ⟨dO_i, v_j⟩, c_sh = c_i D_i y_i, and c_p to scale the weights (unused
+    when dO comes scaled). Rows where ``ok`` is false get 0, so that they contribute nothing."""
+    c_y = tl.load(rows_ptrs, mask=ok, other=0.0)
+    c_sh = tl.load(rows_ptrs + plane, mask=ok, other=0.0)
     if SCALE_DO:
-        c_p = c_y  # unused
+        c_p = c_y
         c_dp = c_y
     else:
-        if CHECK:
-            c_p = tl.load(rows_ptrs + 2 * plane, mask=ok, other=0.0)
-        else:
-            c_p = tl.load(rows_ptrs + 2 * plane)
+        c_p = tl.load(rows_ptrs + 2 * plane, mask=ok, other=0.0)
         c_dp = c_y * c_p
     return c_y, c_dp, c_sh, c_p
 
@@ -470,7 +467,7 @@ def _dkdv_step(
         row_ok = rows < S
     else:  # an all-true constant keeps the loads unpredicated
         row_ok = tl.full(rows.shape, 1, tl.int1)
-    c_y, c_dp, c_sh, c_p = _load_rows(rows_ptrs, plane, row_ok, MASKED, SCALE_DO)
+    c_y, c_dp, c_sh, c_p = _load_rows(rows_ptrs, plane, row_ok, SCALE_DO)
     out_mask = row_ok[:, None] & col_ok[None, :]
     q = tl.load(q_ptrs, mask=out_mask, other=0.0)  # (BLOCK_M, BLOCK_DV)
     do = tl.load(do_ptrs, mask=out_mask, other=0.0)
@@ -491,8 +488,8 @@ def _dkdv_step(
         if not SCALE_DO:
             w = w * c_p[None, :]
         dv = tl.dot(w.to(do.dtype), do, dv, input_precision=PRECISION)  # Σ_i p_ij dO_i
-    elif GRAD_K:  # sigmoid(z) = 1 / (1 + 2^−y), softplus itself not needed
-        sig = _reciprocal(1.0 + tl.exp2(-yt), FAST)
+    elif GRAD_K:  # softplus itself not needed
+        sig = _sigmoid_from_neg(-yt, FAST)
     if GRAD_K:
         if BLOCK_DK >= R:
             dpt = tl.dot(vt, tl.trans(do), input_precision=PRECISION)
@@ -623,8 +620,7 @@ def _dq_step(
         dp = _dot_over_r(do_ptrs, row_ok[:, None], stride_dor, v_ptrs, key_ok[None, :], stride_vr,
                          R, BLOCK_DK, PRECISION, UNROLL)
         kt = tl.load(kt_ptrs, mask=key_ok[:, None] & col_ok[None, :], other=0.0)  # (N, BLOCK_DV)
-    # sigmoid(z) = 1 / (1 + 2^−y): softplus itself is not needed here; 2^−y = inf gives 0
-    sig = _reciprocal(1.0 + tl.exp2(z * neg_c_y[:, None]), FAST)
+    sig = _sigmoid_from_neg(z * neg_c_y[:, None], FAST)  # softplus itself not needed
     if MASKED:
         sig = tl.where(keys[None, :] <= pos[:, None], sig, 0.0)
     ds = (dp * c_dp[:, None] - c_sh[:, None]) * sig  # λ_i dz_ij
@@ -666,7 +662,7 @@ def _bwd_dq_kernel(
     row_ok = rows < S
     pos = first + rows
     c_y, c_dp, c_sh, _ = _load_rows(ROWS + b.to(tl.int64) * S + rows,
-                                    tl.num_programs(1).to(tl.int64) * S, row_ok, True, SCALE_DO)
+                                    tl.num_programs(1).to(tl.int64) * S, row_ok, SCALE_DO)
     neg_c_y = -c_y
     n = tl.arange(0, BLOCK_N)
     d = tl.arange(0, BLOCK_DK)
