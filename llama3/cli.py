@@ -162,6 +162,20 @@ def add_tokenizer_flag(parser: argparse._ActionsContainer, required: bool = True
 
 
 DATA_MODES = ("packed", "padded")
+START_TOKENS = ("eos", "bos", "none")
+
+
+def add_start_token_flag(group: argparse._ActionsContainer, what: str) -> None:
+    """``--start_token``: the token ``what`` follows (see :func:`start_token`)."""
+    group.add_argument("--start_token", choices=START_TOKENS, default="eos",
+                       help=f"token put before {what}: eos for models trained on packed windows "
+                            "(documents follow an end-of-sequence token), bos for --data_mode "
+                            "padded (documents start with beginning-of-sequence)")
+
+
+def start_token(args: argparse.Namespace) -> str | None:
+    """``--start_token`` as the tokenizer's special token name, or None for "none"."""
+    return None if args.start_token == "none" else args.start_token
 
 
 def add_checkpoint_source_flags(group: argparse._ActionsContainer, *,

@@ -22,7 +22,8 @@ import torch
 from torch import Tensor, nn
 
 from llama3.cli import (add_checkpoint_source_flags, add_model_flags, add_precision_flags,
-                        add_seq_len_flag, model_flag_values, seq_len_from_flags)
+                        add_seq_len_flag, add_start_token_flag, model_flag_values,
+                        seq_len_from_flags, start_token)
 from llama3.errors import UsageError
 from llama3.model.transformer import StaticKVCache
 
@@ -421,10 +422,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           help="prompts generated together; more run in successive batches")
     decoding.add_argument("--no_cuda_graph", action="store_true",
                           help="decode eagerly on CUDA instead of replaying a captured CUDA graph")
-    decoding.add_argument("--start_token", choices=("eos", "bos", "none"), default="eos",
-                          help="token put before each prompt: eos for models trained on packed "
-                               "windows (documents follow an end-of-sequence token), bos for "
-                               "--data_mode padded (documents start with beginning-of-sequence)")
+    add_start_token_flag(decoding, "each prompt")
     add_precision_flags(parser)
 
 
@@ -470,7 +468,7 @@ def run(args: argparse.Namespace) -> int:
     model = model_from_record(record, device=device, dtype=precision.param_dtype)
     generator = Generator(model, tokenizer, device, cuda_graph=not args.no_cuda_graph,
                           pad_id=tokenizer.padding_id, autocast_dtype=precision.autocast_dtype,
-                          start=None if args.start_token == "none" else args.start_token)
+                          start=start_token(args))
     check_prompts(generator, prompts, settings, seq_len)
     for start in range(0, len(prompts), args.max_batch_size):
         batch = prompts[start: start + args.max_batch_size]

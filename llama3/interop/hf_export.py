@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from llama3.cli import add_checkpoint_source_flags
+from llama3.cli import add_checkpoint_source_flags, add_start_token_flag, start_token
 from llama3.errors import UsageError
 from llama3.data.clean import Cleaner, add_cleaning_flags
 from llama3.fileio import staged_directory, write_json
@@ -31,7 +31,6 @@ if TYPE_CHECKING:
     from llama3.data.tokenizer import Tokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-START_TOKENS = ("eos", "bos", "none")
 _UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 
 EXPORT_DESCRIPTION = """\
@@ -60,9 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max_shard_size", default="5GB",
                        help="largest safetensors file, e.g. 500MB or 5GB; larger models are split "
                             "into several files with an index")
-    group.add_argument("--start_token", choices=START_TOKENS, default="eos",
-                       help="token the tokenizer puts before each text: eos for models trained on "
-                            "packed windows, bos for --data_mode padded")
+    add_start_token_flag(group, "each text by the exported tokenizer")
     add_cleaning_flags(parser, recorded=True)
 
 
@@ -164,8 +161,7 @@ def write_tokenizer(directory: Path, args: argparse.Namespace, tokenizer: Tokeni
 
     cleaner = Cleaner.from_flags(args, base=tokenizer.cleaner)
     tokenizer.note_cleaning()
-    start = None if args.start_token == "none" else args.start_token
-    save_tokenizer(directory, args.tokenizer, cleaner, start, model_args.max_seq_len)
+    save_tokenizer(directory, args.tokenizer, cleaner, start_token(args), model_args.max_seq_len)
     model_file = directory / hf_format.SENTENCEPIECE_FILE
     shutil.copyfile(args.tokenizer, model_file)
     write_cleaning_record(model_file, cleaner, "export_hf: the tokenizer's record and the "
