@@ -11,7 +11,9 @@ which compiles each exactly as it would on the GPU. For every compiled kernel th
 * registers, stack frame and spill bytes (``cuobjdump -res-usage``; STL/LDL in the SASS), shared
   memory against the 227 KB a block may use;
 * the tensor-core path (wgmma = ``HGMMA``, mma.sync = ``HMMA``) and, from the TTGIR, how many
-  times each ``dot`` is computed redundantly by warps whose tiles overlap ("dup");
+  times each ``dot`` is computed redundantly by warps whose tiles overlap ("dup"), and how many
+  tensor-core instructions ptxas emptied because it found their result unused ("dead": a
+  product the source needs that the compiled kernel skips, which makes it wrong);
 * in the tile loop (the innermost loop holding the score's exp2; for the forward and dQ the first,
   unmasked one): SASS instructions, special-function ops (``MUFU``), tensor FLOPs executed and
   global-memory bytes read, each per (query, key) pair of the tile;
@@ -236,8 +238,15 @@ def _width(opcode: str) -> int:
     return 4
 
 
+def dead_mma(ins: Sass) -> bool:
+    """A wgmma ptxas emptied (no operands, result discarded): ``HGMMA… RZ, gdesc[URZ], …``."""
+    return ins.opcode.startswith("HGMMA") and "gdesc[URZ]" in ins.operands
+
+
 def _tensor_flops(ins: Sass, warps: int) -> tuple[float, str]:
     """FLOPs one issue of ``ins`` performs in the whole block, and the operand type."""
+    if dead_mma(ins):
+        return 0.0, ""
     gmma = _GMMA.match(ins.opcode)
     if gmma:
         m, n, k = (int(g) for g in gmma.groups()[:3])
@@ -406,6 +415,7 @@ class Row:
     fits: bool
     mma: str
     dup: float
+    dead: int
     inst_per_pair: float | None
     mufu_per_pair: float | None
     tensor_flops_per_pair: float | None
@@ -464,7 +474,8 @@ def analyse(launch: Launch, r: int, dtype: str, workdir: str) -> Row:
         config=_config_label(config), registers=res.get("reg", 0), stack=res.get("stack", 0),
         spill_stores=stores, spill_loads=loads,
         shared_kb=round(compiled.metadata.shared / 1024, 1), fits=launch.fits, mma=mma,
-        dup=duplication(compiled.asm["ttgir"]), inst_per_pair=_round(per_pair["inst"]),
+        dup=duplication(compiled.asm["ttgir"]), dead=sum(map(dead_mma, code)),
+        inst_per_pair=_round(per_pair["inst"]),
         mufu_per_pair=_round(per_pair["mufu"]), tensor_flops_per_pair=_round(per_pair["flops"]),
         global_bytes_per_pair=_round(per_pair["bytes"]), clocks_per_pair=per_pair["clocks"],
         compile_s=round(launch.compile_s, 2), grid=list(launch.grid) if launch.grid else None,
@@ -494,7 +505,8 @@ def tflops(useful_per_pair: float, clocks_per_pair: float) -> float:
 
 
 def _usable(row: Row) -> bool:
-    return row.fits and row.spill_stores == 0 and row.clocks_per_pair is not None
+    return (row.fits and row.spill_stores == 0 and row.dead == 0
+            and row.clocks_per_pair is not None)
 
 
 def ceilings(rows: list[Row], r: int) -> dict[str, float | None]:
@@ -541,7 +553,7 @@ def report_width(r: int, dtype: str, B: int, S: int, decode_B: int, decode_T: in
 # Command line
 # ---------------------------------------------------------------------------------------------
 
-COLUMNS = ["r", "kernel", "config", "registers", "spill_stores", "shared_kb", "fits", "mma", "dup",
+COLUMNS = ["r", "kernel", "config", "registers", "spill_stores", "shared_kb", "fits", "mma", "dup", "dead",
            "inst_per_pair", "mufu_per_pair", "tensor_flops_per_pair", "global_bytes_per_pair",
            "compile_s"]
 

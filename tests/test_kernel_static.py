@@ -1,9 +1,9 @@
 """The kernels' compiled Hopper code, read on the CPU (benchmarks/kernel_static.py).
 
 Every autotune configuration of every kernel is compiled for sm_90 at the benchmark shapes (bf16,
-B = 16, S = 4096; decoding B = 64, T = 4096) for r = 128 and 424, and must fit in the shared memory
-a block may use, must not spill registers (every shape in the tables is one the launcher may pick)
-and must give every warp rows of its own. The instrument's own reading of SASS is checked on a
+B = 16, S = 4096; decoding B = 64, T = 4096) for r = 128, 424 and 512, and must fit in the shared
+memory a block may use, must not spill registers (every shape in the tables is one the launcher may
+pick), must give every warp rows of its own and must compute every product it is written to. The instrument's own reading of SASS is checked on a
 kernel written here.
 """
 
@@ -27,10 +27,10 @@ pytestmark = pytest.mark.skipif(not (BIN / "cuobjdump").exists() or not (BIN / "
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> dict:
-    """The static report for r = 128 and 424, compiled in two processes."""
+    """The static report for r = 128, 424 and 512, compiled in two processes."""
     out = tmp_path_factory.mktemp("static") / "report.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    subprocess.run([sys.executable, str(REPO / "benchmarks" / "kernel_static.py"), "--r", "128,424",
+    subprocess.run([sys.executable, str(REPO / "benchmarks" / "kernel_static.py"), "--r", "128,424,512",
                     "--jobs", "2", "--output", str(out)], check=True, env=env, cwd=REPO,
                    capture_output=True, text=True, timeout=600)
     return json.loads(out.read_text())
@@ -45,6 +45,7 @@ def test_every_configuration_fits_and_does_not_spill(report):
         assert row["fits"], f"{where}: {row['shared_kb']} KB of shared memory"
         assert row["spill_stores"] == 0 and row["spill_loads"] == 0, f"{where} spills"
         assert row["dup"] == 1, f"{where}: warps recompute each other's tiles ({row['dup']}×)"
+        assert row["dead"] == 0, f"{where}: {row['dead']} tensor-core products compiled away"
 
 
 def test_one_special_function_op_per_pair_in_the_forward(report):

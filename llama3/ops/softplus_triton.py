@@ -488,8 +488,9 @@ def _dkdv_step(
         if not SCALE_DO:
             w = w * c_p[None, :]
         dv = tl.dot(w.to(do.dtype), do, dv, input_precision=PRECISION)  # Σ_i p_ij dO_i
-    elif GRAD_K:  # softplus itself not needed
-        sig = _sigmoid_from_neg(-yt, FAST)
+    elif GRAD_K:  # softplus itself not needed. The row constant is negated, not the scores:
+        # ptxas (12.8) drops the score product when its result is negated as an integer xor
+        sig = _sigmoid_from_neg(zt * -c_y[None, :], FAST)
     if GRAD_K:
         if BLOCK_DK >= R:
             dpt = tl.dot(vt, tl.trans(do), input_precision=PRECISION)
@@ -762,7 +763,7 @@ SHAPES = {
         ("16", 64): [(16, 32, 64, 4, 3)],
         ("16", 128): [(16, 32, 128, 4, 3)],
         ("16", 256): [(16, 32, 256, 4, 3)],
-        ("16", 512): [(16, 32, 512, 4, 3)],
+        ("16", 512): [(16, 32, 512, 4, 3, "dk64")],
         ("16", 1024): [(16, 32, 256, 4, 2)],
         ("32", 64): [(16, 32, 64, 4, 2)],
         ("32", 128): [(16, 32, 128, 4, 2)],
@@ -830,7 +831,14 @@ def table_key(role: str, r: int, dtype: torch.dtype) -> tuple[str, int]:
 
 
 def configs(role: str, r: int, dtype: torch.dtype) -> list[triton.Config]:
-    """Autotune candidates of launch ``role`` at width r for inputs of ``dtype``."""
+    """Autotune candidates of launch ``role`` at width r for inputs of ``dtype`` (the first
+    alone without autotuning)."""
+    found = _configs(role, r, dtype)
+    return found if AUTOTUNE else found[:1]
+
+
+def _configs(role: str, r: int, dtype: torch.dtype) -> list[triton.Config]:
+    """Every shape of ``role``'s table for width r and ``dtype``, as Triton configurations."""
     width = padded_width(r)
     found = []
     for m, n, dv, warps, stages, *flags in SHAPES[role][table_key(role, r, dtype)]:
@@ -839,7 +847,7 @@ def configs(role: str, r: int, dtype: torch.dtype) -> list[triton.Config]:
         meta = dict(BLOCK_M=m, BLOCK_N=n, BLOCK_DV=dv, UNROLL=unrolled(r) and ROLLED not in flags,
                     BLOCK_DK=min(chunk, width))
         found.append(triton.Config(meta, num_warps=warps, num_stages=stages))
-    return found if AUTOTUNE else found[:1]
+    return found
 
 
 @functools.cache
@@ -974,12 +982,15 @@ def _decode_forward(
     T = k.shape[2]
     width = padded_width(r)
     if INTERPRETED:
-        block_n, block_dv, warps, stages = 16, min(width, 512), 4, 1
+        block_dv = min(width, 512)
+        shape = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_DV=block_dv, BLOCK_DK=chunk_width(r, block_dv),
+                     UNROLL=unrolled(r))
+        warps, stages = 4, 1
     else:  # the first shape of the table: decoding is not autotuned (CUDA graphs capture it)
-        _, block_n, block_dv, warps, stages = SHAPES["decode"][table_key("decode", r, q.dtype)][0]
-        block_dv = min(block_dv, width)
-    slices = triton.cdiv(r, block_dv)
-    splits = num_splits or num_key_splits(B * slices, T, block_n, _sm_count(q.device))
+        first = _configs("decode", r, q.dtype)[0]
+        shape, warps, stages = first.kwargs, first.num_warps, first.num_stages
+    slices = triton.cdiv(r, shape["BLOCK_DV"])
+    splits = num_splits or num_key_splits(B * slices, T, shape["BLOCK_N"], _sm_count(q.device))
     partial = splits > 1
     if partial:
         o_part = torch.empty(splits, B, S, r, device=q.device, dtype=torch.float32)
@@ -988,9 +999,8 @@ def _decode_forward(
         o_part, l_part = o, l
     _fwd_kernel[(slices, B, splits)](
         q, k, v, kv, o, l, o_part, l_part, *strides, S, T, splits, 1.0 / math.sqrt(r),
-        triton.next_power_of_2(S), **meta, PARTIAL=partial,
-        BLOCK_M=16, BLOCK_N=block_n, BLOCK_DK=chunk_width(r, block_dv), BLOCK_DV=block_dv,
-        UNROLL=unrolled(r), num_warps=warps, num_stages=stages)
+        triton.next_power_of_2(S), **meta, PARTIAL=partial, **shape, num_warps=warps,
+        num_stages=stages)
     if partial:
         _combine_kernel[(S, B)](o_part, l_part, o, l, *o.stride(), S, splits, R=r,
                                 BLOCK_R=width, num_warps=4)
