@@ -32,6 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import argparse  # noqa: E402
+import math  # noqa: E402
 import os  # noqa: E402
 import re  # noqa: E402
 import subprocess  # noqa: E402
@@ -257,10 +258,23 @@ def _tensor_flops(ins: Sass, warps: int) -> tuple[float, str]:
     return 0.0, ""
 
 
+_TMA_COPY = re.compile(r"async_tma_copy_global_to_local .*?!tt\.tensordesc<tensor<([0-9x]+)x(\w+?),")
+_BYTES = {"bf16": 2, "f16": 2, "f32": 4, "i8": 1}
+
+
+def tma_copy_bytes(ttgir: str, code: list[Sass]) -> float:
+    """Mean bytes one TMA load (``UTMALDG``, issued once per block) copies: the boxes of the
+    TTGIR's TMA copies over the SASS's TMA loads (ptxas may split a box into several)."""
+    boxes = [math.prod(int(d) for d in dims.split("x")) * _BYTES.get(kind, 4)
+             for dims, kind in _TMA_COPY.findall(ttgir)]
+    loads = sum(ins.opcode.startswith("UTMALDG") for ins in code)
+    return sum(boxes) / loads if loads else 0.0
+
+
 def count_loop(code: list[Sass], loop: tuple[int, int], nested: list[tuple[int, int]],
-               nested_trips: int, warps: int) -> dict[str, float]:
+               nested_trips: int, warps: int, tma_bytes: float = 0.0) -> dict[str, float]:
     """Per-iteration totals of the loop body (a thread's instructions; the block's FLOPs and
-    bytes), nested loops weighted by ``nested_trips``."""
+    bytes), nested loops weighted by ``nested_trips``; a TMA load copies ``tma_bytes``."""
     totals = dict(instructions=0.0, mufu=0.0, tensor_flops=0.0, global_bytes=0.0)
     dtype = ""
     for j in range(loop[0], loop[1] + 1):
@@ -277,6 +291,8 @@ def count_loop(code: list[Sass], loop: tuple[int, int], nested: list[tuple[int, 
             dtype = kind
         if ins.opcode.startswith(("LDG", "LDGSTS")):
             totals["global_bytes"] += weight * _width(ins.opcode) * warps * 32
+        elif ins.opcode.startswith("UTMALDG"):
+            totals["global_bytes"] += weight * tma_bytes
     totals["tensor_type"] = dtype
     return totals
 
@@ -456,7 +472,8 @@ def analyse(launch: Launch, r: int, dtype: str, workdir: str) -> Row:
     pairs = config.get("BLOCK_M", 0) * config.get("BLOCK_N", 0)  # per tile-loop iteration
     if loop is not None and pairs:
         trips = -(-r // config.get("BLOCK_DK", r)) if nested else 1
-        totals = count_loop(code, loop, nested, trips, warps)
+        totals = count_loop(code, loop, nested, trips, warps,
+                            tma_copy_bytes(compiled.asm["ttgir"], code))
         scale = _slices(config, r) / pairs  # every r slice recomputes the tile's pairs
         threads = warps * 32
         per_pair = dict(

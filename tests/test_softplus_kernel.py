@@ -131,6 +131,51 @@ def test_strided_inputs(interpret, seed, r):
     assert_close(flat(*run(q, k, v, do)), flat(*reference(q, k, v, do)), torch.float32, seed)
 
 
+@pytest.mark.parametrize("keys_along", ["r", "T"])
+def test_tensor_descriptor_path(interpret, seed, keys_along):
+    """fp16 at r = 424 with 16-byte-aligned layouts: the backward's r-wide products (and their
+    zero-filled tail chunk) come through TMA descriptors, in both orientations of k and v (the
+    model's, unit stride along r; a cache's, along T), with cached keys and kv_len < T whose
+    unwritten keys hold NaN."""
+    from llama3.ops.softplus_triton import configs, unit_axis
+
+    B, S, T, r = 2, 40, 56, 424
+    kv_len = torch.tensor([T, 49])
+    q = torch.randn(B, S, r, dtype=torch.float16)
+    if keys_along == "r":
+        k, v = (torch.randn(B, T, r, dtype=torch.float16).transpose(1, 2) for _ in range(2))
+    else:
+        k, v = (torch.randn(B, r, T, dtype=torch.float16) for _ in range(2))
+    assert unit_axis(q) == 2 and unit_axis(k, v) == (1 if keys_along == "r" else 2)
+    for role in ("dv", "dk", "dq"):
+        assert all(c.kwargs["TMA"] for c in configs(role, r, torch.float16, tma=True)), role
+    do = torch.randn(B, S, r, dtype=torch.float16)
+    tail = (torch.arange(T).view(1, 1, T) >= kv_len.view(B, 1, 1)).expand(B, r, T)
+    expected = reference(q, k.masked_fill(tail, 0.0), v.masked_fill(tail, 0.0), do, kv_len=kv_len)
+    o, (dq, dk, dv) = run(q, k.masked_fill(tail, float("nan")), v.masked_fill(tail, float("nan")),
+                          do, kv_len=kv_len)
+    assert_close((o, dq, dk, dv), flat(*expected), torch.float16, seed)
+    assert (dk[tail] == 0).all() and (dv[tail] == 0).all()
+
+
+def test_tensor_descriptor_shapes_replace_the_others():
+    """Where a table has TMA shapes they are the only candidates when the layouts allow
+    descriptors, and never otherwise; a TMA shape always loops over r."""
+    pytest.importorskip("triton")
+    from llama3.ops.softplus_triton import SHAPES, TMA, _configs
+
+    for role, tables in SHAPES.items():
+        for (kind, width), table in tables.items():
+            dtype = torch.float16 if kind == "16" else torch.float32
+            r = width if width != 1024 else 1000
+            with_tma = [c.kwargs["TMA"] for c in _configs(role, r, dtype, True)]
+            without = [c.kwargs["TMA"] for c in _configs(role, r, dtype, False)]
+            assert not any(without), (role, kind, width)
+            assert all(with_tma) == any(TMA in shape for shape in table), (role, kind, width)
+            for c in _configs(role, r, dtype, True):
+                assert not (c.kwargs["TMA"] and c.kwargs["UNROLL"]), (role, kind, width)
+
+
 @pytest.mark.parametrize("S, r", [(5, 64), (1, 64), (1, 136)])
 def test_kv_len_ignores_the_unwritten_tail(interpret, seed, S, r):
     """A cache of capacity T holding kv_len[b] keys per row; NaN garbage past kv_len is never read."""

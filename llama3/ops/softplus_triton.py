@@ -21,7 +21,9 @@ Width r. Tensor-core dots need power-of-two tiles, so the score product runs ove
 BLOCK_DK with the tail masked (r = 424: 7 chunks of 64, not 512; unrolled up to r = 512, a loop
 beyond), and the output may be split into slices of BLOCK_DV columns, one slice per program, to
 keep the fp32 accumulator in registers when r is wide; each slice recomputes the scores. When one
-chunk covers r, the operand that stays put (q in the forward) is loaded once.
+chunk covers r, the operand that stays put (q in the forward) is loaded once. Where the shape
+tables say so (the backward for r > 256) and the layouts allow, the chunks are copied by Hopper's
+TMA unit through tensor descriptors: a rolled loop with neither addresses nor masks per thread.
 
 Decoding (S ≤ 16) has one row block per batch row, too few programs to fill the GPU: the key axis
 is split across programs (split-K, as many splits as fill whole waves of the GPU), each writes its
@@ -244,6 +246,73 @@ def _dot_over_r(
     return acc
 
 
+@triton.jit
+def _r_desc(base, stride_b, stride_rows, stride_r, n_b, n_rows,
+            R: tl.constexpr, ROWS: tl.constexpr, BLOCK_DK: tl.constexpr, R_UNIT: tl.constexpr):
+    """TMA descriptor for (ROWS, BLOCK_DK) tiles of a 3-d tensor (n_b, n_rows, R) given by its
+    strides (the launcher checked them: one axis of stride 1, the others 16-byte multiples);
+    R_UNIT: the r axis has stride 1, else the rows axis has. Rows past n_rows read as zeros."""
+    stride_b = tl.maximum(stride_b, 8)  # a size-1 axis's stride may have been rounded to 0
+    if R_UNIT:
+        desc = tl.make_tensor_descriptor(base, [n_b, n_rows, R],
+                                         [stride_b, tl.maximum(stride_rows, 8), 1],
+                                         [1, ROWS, BLOCK_DK])
+    else:
+        desc = tl.make_tensor_descriptor(base, [n_b, R, n_rows],
+                                         [stride_b, tl.maximum(stride_r, 8), 1],
+                                         [1, BLOCK_DK, ROWS])
+    return desc
+
+
+@triton.jit
+def _r_tile(desc, b, row0, d0, ROWS: tl.constexpr, BLOCK_DK: tl.constexpr, R_UNIT: tl.constexpr):
+    """(ROWS, BLOCK_DK) tile at rows row0.., r columns d0.. (zeros outside the tensor)."""
+    if R_UNIT:
+        t = desc.load([b, row0, d0]).reshape(ROWS, BLOCK_DK)
+    else:
+        t = tl.trans(desc.load([b, d0, row0]).reshape(BLOCK_DK, ROWS))
+    return t
+
+
+@triton.jit
+def _dot_over_r_tma(a_desc, a_row0, b_desc, b_row0, b,
+                    M: tl.constexpr, N: tl.constexpr, R: tl.constexpr, BLOCK_DK: tl.constexpr,
+                    A_R_UNIT: tl.constexpr, B_R_UNIT: tl.constexpr, PRECISION: tl.constexpr):
+    """Σ_{d<R} a[i, d] b[j, d] (M, N) in fp32, r in chunks of BLOCK_DK that the TMA unit copies
+    (rows a_row0.. of batch row b from a_desc, rows b_row0.. from b_desc): no addresses, no
+    masks (the tail chunk reads zeros past R), one set of buffers whatever r."""
+    acc = tl.full([M, N], 0.0, tl.float32)
+    for d0 in range(0, R, BLOCK_DK):
+        a = _r_tile(a_desc, b, a_row0, d0, M, BLOCK_DK, A_R_UNIT)
+        bt = _r_tile(b_desc, b, b_row0, d0, N, BLOCK_DK, B_R_UNIT)
+        acc = tl.dot(a, tl.trans(bt), acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _descriptors(
+    Q, K, V, DO, stride_qb, stride_qs, stride_qr, stride_kb, stride_kr, stride_kt,
+    stride_vb, stride_vr, stride_vt, stride_dob, stride_dos, stride_dor, S, kv_len,
+    R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr,
+    Q_LAYOUT: tl.constexpr, KV_LAYOUT: tl.constexpr, TMA: tl.constexpr,
+):
+    """TMA descriptors (k, v, q, dO) of the r-wide products' chunks: key tiles (keys past kv_len
+    read as zeros) and query-row tiles; None where the launch takes r whole or has no TMA."""
+    if TMA and BLOCK_DK < R:
+        nb = tl.num_programs(1)
+        descs = (_r_desc(K, stride_kb, stride_kt, stride_kr, nb, kv_len, R, BLOCK_N, BLOCK_DK,
+                         KV_LAYOUT == 1),
+                 _r_desc(V, stride_vb, stride_vt, stride_vr, nb, kv_len, R, BLOCK_N, BLOCK_DK,
+                         KV_LAYOUT == 1),
+                 _r_desc(Q, stride_qb, stride_qs, stride_qr, nb, S, R, BLOCK_M, BLOCK_DK,
+                         Q_LAYOUT == 2),
+                 _r_desc(DO, stride_dob, stride_dos, stride_dor, nb, S, R, BLOCK_M, BLOCK_DK,
+                         Q_LAYOUT == 2))
+    else:
+        descs = None
+    return descs
+
+
 # ---------------------------------------------------------------------------------------------
 # Forward
 # ---------------------------------------------------------------------------------------------
@@ -252,9 +321,9 @@ def _dot_over_r(
 @triton.jit
 def _fwd_step(
     acc, l, q, q_ptrs, row_ok, k_ptrs, vt_ptrs, keys, pos, lam2, d_ok, col_ok, kv_len,
-    stride_qr, stride_kr,
+    stride_qr, stride_kr, descs, b, m0, n0,
     R: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr, BLOCK_DK: tl.constexpr,
-    UNROLL: tl.constexpr,
+    UNROLL: tl.constexpr, TMA: tl.constexpr, Q_LAYOUT: tl.constexpr, KV_LAYOUT: tl.constexpr,
 ):
     """Add one key tile (k_ptrs (BLOCK_DK, BLOCK_N), vt_ptrs (BLOCK_N, BLOCK_DV)) to acc and l."""
     if MASKED:
@@ -264,6 +333,9 @@ def _fwd_step(
     if BLOCK_DK >= R:
         k = tl.load(k_ptrs, mask=d_ok[:, None] & key_ok[None, :], other=0.0)
         z = tl.dot(q, k, input_precision=PRECISION)
+    elif TMA:
+        z = _dot_over_r_tma(descs[2], m0, descs[0], n0, b, pos.shape[0], keys.shape[0], R,
+                            BLOCK_DK, Q_LAYOUT == 2, KV_LAYOUT == 1, PRECISION)
     else:
         z = _dot_over_r(q_ptrs, row_ok[:, None], stride_qr, k_ptrs, key_ok[None, :], stride_kr,
                         R, BLOCK_DK, PRECISION, UNROLL)
@@ -287,7 +359,7 @@ def _fwd_kernel(
     S, T, num_splits, inv_sqrt_r, S_BUCKET,
     R: tl.constexpr, LENGTH_SCALE: tl.constexpr, HAS_KV_LEN: tl.constexpr,
     PARTIAL: tl.constexpr, PRECISION: tl.constexpr,
-    Q_LAYOUT: tl.constexpr, KV_LAYOUT: tl.constexpr,
+    Q_LAYOUT: tl.constexpr, KV_LAYOUT: tl.constexpr, TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     UNROLL: tl.constexpr,
 ):
@@ -322,6 +394,10 @@ def _fwd_kernel(
         q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     else:
         q = None
+    descs = _descriptors(Q, K, K, Q, stride_qb, stride_qs, stride_qr, stride_kb, stride_kr,
+                         stride_kt, stride_kb, stride_kr, stride_kt, stride_qb, stride_qs,
+                         stride_qr, S, kv_len, R, BLOCK_M, BLOCK_N, BLOCK_DK, Q_LAYOUT, KV_LAYOUT,
+                         TMA)  # the scores need the first and third
 
     # keys [0, end) are seen by some row of the block, keys [0, full) by all of them
     end = tl.minimum(first + m0 + BLOCK_M, kv_len)
@@ -341,11 +417,13 @@ def _fwd_kernel(
     for n0 in range(lo, mid, BLOCK_N):
         acc, l = _fwd_step(acc, l, q, q_ptrs, row_ok, k_ptrs + n0 * stride_kt,
                            vt_ptrs + n0 * stride_vt, n0 + n, pos, lam2, d_ok, col_ok, kv_len,
-                           stride_qr, stride_kr, R, False, PRECISION, BLOCK_DK, UNROLL)
+                           stride_qr, stride_kr, descs, b, m0, n0, R, False, PRECISION,
+                           BLOCK_DK, UNROLL, TMA, Q_LAYOUT, KV_LAYOUT)
     for n0 in range(mid, hi, BLOCK_N):
         acc, l = _fwd_step(acc, l, q, q_ptrs, row_ok, k_ptrs + n0 * stride_kt,
                            vt_ptrs + n0 * stride_vt, n0 + n, pos, lam2, d_ok, col_ok, kv_len,
-                           stride_qr, stride_kr, R, True, PRECISION, BLOCK_DK, UNROLL)
+                           stride_qr, stride_kr, descs, b, m0, n0, R, True, PRECISION,
+                           BLOCK_DK, UNROLL, TMA, Q_LAYOUT, KV_LAYOUT)
 
     out_ok = row_ok[:, None] & col_ok[None, :]
     if PARTIAL:  # unnormalised, into (num_splits, B, S, R) and (num_splits, B, S) fp32 buffers
@@ -453,10 +531,11 @@ def _load_rows(rows_ptrs, plane, ok, SCALE_DO: tl.constexpr):
 def _dkdv_step(
     dk, dv, kt, vt, kt_ptrs, vt_ptrs, key_ok, keys, qt_ptrs, dot_ptrs, q_ptrs, do_ptrs,
     rows_ptrs, plane, rows, first, S, col_ok,
-    stride_kr, stride_vr, stride_qr, stride_dor,
+    stride_kr, stride_vr, stride_qr, stride_dor, descs, b, n0, m0,
     R: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_DK: tl.constexpr, UNROLL: tl.constexpr, SCALE_DO: tl.constexpr,
     GRAD_K: tl.constexpr, GRAD_V: tl.constexpr, FAST: tl.constexpr,
+    TMA: tl.constexpr, Q_LAYOUT: tl.constexpr, KV_LAYOUT: tl.constexpr,
 ):
     """Add one query tile (rows) to the key tile's dk and/or dv; scores are kept transposed.
 
@@ -473,6 +552,9 @@ def _dkdv_step(
     do = tl.load(do_ptrs, mask=out_mask, other=0.0)
     if BLOCK_DK >= R:  # the slice is all of r
         zt = tl.dot(kt, tl.trans(q), input_precision=PRECISION)  # (BLOCK_N, BLOCK_M)
+    elif TMA:
+        zt = _dot_over_r_tma(descs[0], n0, descs[2], m0, b, keys.shape[0], rows.shape[0], R,
+                             BLOCK_DK, KV_LAYOUT == 1, Q_LAYOUT == 2, PRECISION)
     else:
         zt = _dot_over_r(kt_ptrs, key_ok[:, None], stride_kr, qt_ptrs, row_ok[None, :], stride_qr,
                          R, BLOCK_DK, PRECISION, UNROLL)
@@ -494,6 +576,9 @@ def _dkdv_step(
     if GRAD_K:
         if BLOCK_DK >= R:
             dpt = tl.dot(vt, tl.trans(do), input_precision=PRECISION)
+        elif TMA:
+            dpt = _dot_over_r_tma(descs[1], n0, descs[3], m0, b, keys.shape[0], rows.shape[0], R,
+                                  BLOCK_DK, KV_LAYOUT == 1, Q_LAYOUT == 2, PRECISION)
         else:
             dpt = _dot_over_r(vt_ptrs, key_ok[:, None], stride_vr, dot_ptrs, row_ok[None, :],
                               stride_dor, R, BLOCK_DK, PRECISION, UNROLL)
@@ -517,7 +602,7 @@ def _bwd_dkdv_kernel(
     S, T, S_BUCKET,
     R: tl.constexpr, HAS_KV_LEN: tl.constexpr, SCALE_DO: tl.constexpr,
     PRECISION: tl.constexpr, Q_LAYOUT: tl.constexpr, KV_LAYOUT: tl.constexpr,
-    GRAD_K: tl.constexpr, GRAD_V: tl.constexpr, FAST: tl.constexpr,
+    GRAD_K: tl.constexpr, GRAD_V: tl.constexpr, FAST: tl.constexpr, TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     UNROLL: tl.constexpr,
 ):
@@ -562,6 +647,10 @@ def _bwd_dkdv_kernel(
     else:
         kt = None
         vt = None
+    descs = _descriptors(Q, K, V, DO, stride_qb, stride_qs, stride_qr, stride_kb, stride_kr,
+                         stride_kt, stride_vb, stride_vr, stride_vt, stride_dob, stride_dos,
+                         stride_dor, S, kv_len, R, BLOCK_M, BLOCK_N, BLOCK_DK, Q_LAYOUT, KV_LAYOUT,
+                         TMA)
 
     # rows from n0 − first on see a key of the tile, rows from m_full on see all of them; the
     # tiles between m_full and the last whole tile need no check at all
@@ -582,9 +671,9 @@ def _bwd_dkdv_kernel(
                                 qt_ptrs + m0 * stride_qs, dot_ptrs + m0 * stride_dos,
                                 q_ptrs + m0 * stride_qs, do_ptrs + m0 * stride_dos,
                                 rows_ptrs + m0, plane, m0 + m, first, S, col_ok,
-                                stride_kr, stride_vr, stride_qr, stride_dor,
+                                stride_kr, stride_vr, stride_qr, stride_dor, descs, b, n0, m0,
                                 R, phase != 1, PRECISION, BLOCK_DK, UNROLL, SCALE_DO,
-                                GRAD_K, GRAD_V, FAST)
+                                GRAD_K, GRAD_V, FAST, TMA, Q_LAYOUT, KV_LAYOUT)
 
     out_ok = (keys < T)[:, None] & col_ok[None, :]  # keys past kv_len get zero gradients
     dk_ptrs = (DK + b.to(tl.int64) * stride_dkb + keys[:, None] * stride_dkt
@@ -600,9 +689,10 @@ def _bwd_dkdv_kernel(
 @triton.jit
 def _dq_step(
     dq, q, do, q_ptrs, do_ptrs, row_ok, k_ptrs, v_ptrs, kt_ptrs, keys, pos, c_dp, neg_c_y, c_sh,
-    d_ok, col_ok, kv_len, stride_qr, stride_dor, stride_kr, stride_vr,
+    d_ok, col_ok, kv_len, stride_qr, stride_dor, stride_kr, stride_vr, descs, b, m0, n0,
     R: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr, BLOCK_DK: tl.constexpr,
     UNROLL: tl.constexpr, FAST: tl.constexpr,
+    TMA: tl.constexpr, Q_LAYOUT: tl.constexpr, KV_LAYOUT: tl.constexpr,
 ):
     """Add one key tile to the row block's Σ_j λ_i dz_ij k_j."""
     if MASKED:
@@ -615,6 +705,12 @@ def _dq_step(
         z = tl.dot(q, k, input_precision=PRECISION)
         dp = tl.dot(do, v, input_precision=PRECISION)
         kt = tl.trans(k)
+    elif TMA:
+        z = _dot_over_r_tma(descs[2], m0, descs[0], n0, b, pos.shape[0], keys.shape[0], R,
+                            BLOCK_DK, Q_LAYOUT == 2, KV_LAYOUT == 1, PRECISION)
+        dp = _dot_over_r_tma(descs[3], m0, descs[1], n0, b, pos.shape[0], keys.shape[0], R,
+                             BLOCK_DK, Q_LAYOUT == 2, KV_LAYOUT == 1, PRECISION)
+        kt = tl.load(kt_ptrs, mask=key_ok[:, None] & col_ok[None, :], other=0.0)  # (N, BLOCK_DV)
     else:
         z = _dot_over_r(q_ptrs, row_ok[:, None], stride_qr, k_ptrs, key_ok[None, :], stride_kr,
                         R, BLOCK_DK, PRECISION, UNROLL)
@@ -642,7 +738,7 @@ def _bwd_dq_kernel(
     R: tl.constexpr, HAS_KV_LEN: tl.constexpr, SCALE_DO: tl.constexpr,
     PRECISION: tl.constexpr, Q_LAYOUT: tl.constexpr, KV_LAYOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    UNROLL: tl.constexpr, FAST: tl.constexpr,
+    UNROLL: tl.constexpr, FAST: tl.constexpr, TMA: tl.constexpr,
 ):
     """Grid (row blocks × r slices, B): dq of one query tile, over the keys it sees."""
     stride_qb, stride_qs, stride_qr = _hinted(stride_qb, stride_qs, stride_qr, Q_LAYOUT)
@@ -683,6 +779,10 @@ def _bwd_dq_kernel(
     else:
         q = None
         do = None
+    descs = _descriptors(Q, K, V, DO, stride_qb, stride_qs, stride_qr, stride_kb, stride_kr,
+                         stride_kt, stride_vb, stride_vr, stride_vt, stride_dob, stride_dos,
+                         stride_dor, S, kv_len, R, BLOCK_M, BLOCK_N, BLOCK_DK, Q_LAYOUT, KV_LAYOUT,
+                         TMA)
 
     end = tl.minimum(first + m0 + BLOCK_M, kv_len)
     full = (tl.maximum(first + m0 + 1, 0) // BLOCK_N) * BLOCK_N
@@ -691,12 +791,14 @@ def _bwd_dq_kernel(
         dq = _dq_step(dq, q, do, q_ptrs, do_ptrs, row_ok, k_ptrs + n0 * stride_kt,
                       v_ptrs + n0 * stride_vt, kt_ptrs + n0 * stride_kt, n0 + n, pos, c_dp,
                       neg_c_y, c_sh, d_ok, col_ok, kv_len, stride_qr, stride_dor, stride_kr,
-                      stride_vr, R, False, PRECISION, BLOCK_DK, UNROLL, FAST)
+                      stride_vr, descs, b, m0, n0, R, False, PRECISION, BLOCK_DK, UNROLL, FAST,
+                      TMA, Q_LAYOUT, KV_LAYOUT)
     for n0 in range(full, end, BLOCK_N):
         dq = _dq_step(dq, q, do, q_ptrs, do_ptrs, row_ok, k_ptrs + n0 * stride_kt,
                       v_ptrs + n0 * stride_vt, kt_ptrs + n0 * stride_kt, n0 + n, pos, c_dp,
                       neg_c_y, c_sh, d_ok, col_ok, kv_len, stride_qr, stride_dor, stride_kr,
-                      stride_vr, R, True, PRECISION, BLOCK_DK, UNROLL, FAST)
+                      stride_vr, descs, b, m0, n0, R, True, PRECISION, BLOCK_DK, UNROLL, FAST,
+                      TMA, Q_LAYOUT, KV_LAYOUT)
 
     dq_ptrs = (DQ + b.to(tl.int64) * stride_dqb + rows[:, None] * stride_dqs
                + cols[None, :] * stride_dqr)
@@ -720,15 +822,19 @@ def _bwd_dq_kernel(
 # entry of its padded width.
 # Roles: "fwd"; "dkdv" (both key gradients in one launch, r ≤ 128), or "dv" and "dk" (one launch
 # each, wider r); "dq". ROLLED: the r-chunk loop is a loop, not unrolled; "dkNN": chunks of NN
-# columns of r (default: see chunk_width).
+# columns of r (default: see chunk_width); TMA: the r chunks are copied by the TMA unit through
+# tensor descriptors (a rolled loop, no address arithmetic nor masks), a shape used only when
+# the launcher found every tensor's layout fit for descriptors (see unit_axis) and then in place
+# of the table's other shapes.
 ROLLED = "rolled"
+TMA = "tma"
 SHAPES = {
     "fwd": {
         ("16", 64): [(128, 64, 64, 8, 3), (64, 64, 64, 4, 3)],
         ("16", 128): [(128, 64, 128, 8, 3), (128, 128, 128, 8, 2), (64, 64, 128, 4, 3)],
         ("16", 256): [(128, 32, 256, 8, 2), (128, 32, 256, 8, 3)],
         ("16", 512): [(128, 32, 256, 8, 2)],
-        ("16", 1024): [(128, 32, 256, 8, 2, ROLLED)],
+        ("16", 1024): [(128, 64, 256, 8, 2, TMA, "dk128"), (128, 32, 256, 8, 2, ROLLED)],
         ("32", 64): [(64, 32, 64, 4, 2)],
         ("32", 128): [(64, 32, 128, 4, 2)],
         ("32", 256): [(64, 32, 128, 4, 2)],
@@ -744,16 +850,16 @@ SHAPES = {
     },
     "dv": {
         ("16", 256): [(32, 64, 256, 4, 2)],
-        ("16", 512): [(32, 128, 256, 8, 2, "dk64")],
-        ("16", 1024): [(32, 128, 256, 8, 2, ROLLED, "dk64")],
+        ("16", 512): [(64, 128, 256, 8, 2, TMA, "dk128"), (32, 128, 256, 8, 2, "dk64")],
+        ("16", 1024): [(64, 128, 256, 8, 2, TMA, "dk128"), (32, 128, 256, 8, 2, ROLLED, "dk64")],
         ("32", 256): [(32, 64, 64, 4, 2)],
         ("32", 512): [(32, 64, 64, 4, 2)],
         ("32", 1024): [(32, 64, 64, 4, 2, ROLLED)],
     },
     "dk": {
         ("16", 256): [(32, 128, 256, 8, 2)],
-        ("16", 512): [(16, 128, 256, 8, 2, ROLLED, "dk64")],
-        ("16", 1024): [(16, 128, 256, 8, 2, ROLLED, "dk64")],
+        ("16", 512): [(32, 128, 256, 8, 2, TMA, "dk128"), (16, 128, 256, 8, 2, ROLLED, "dk64")],
+        ("16", 1024): [(32, 128, 256, 8, 2, TMA, "dk128"), (16, 128, 256, 8, 2, ROLLED, "dk64")],
         ("32", 256): [(32, 64, 64, 4, 2)],
         ("32", 512): [(32, 64, 64, 4, 2)],
         ("32", 1024): [(32, 64, 64, 4, 2, ROLLED)],
@@ -775,9 +881,10 @@ SHAPES = {
         ("16", 64): [(128, 64, 64, 8, 3), (64, 64, 64, 4, 3)],
         ("16", 128): [(128, 64, 128, 8, 2), (128, 32, 128, 8, 3), (64, 64, 128, 4, 3)],
         ("16", 256): [(128, 32, 256, 8, 2)],
-        ("16", 424): [(128, 32, 256, 8, 2, ROLLED), (128, 16, 256, 8, 2, ROLLED)],
-        ("16", 512): [(128, 16, 256, 8, 2, ROLLED, "dk64")],
-        ("16", 1024): [(128, 32, 256, 8, 2, ROLLED)],
+        ("16", 424): [(128, 64, 256, 8, 2, TMA, "dk128"), (128, 32, 256, 8, 2, ROLLED),
+                      (128, 16, 256, 8, 2, ROLLED)],
+        ("16", 512): [(128, 64, 256, 8, 2, TMA, "dk128"), (128, 16, 256, 8, 2, ROLLED, "dk64")],
+        ("16", 1024): [(128, 64, 256, 8, 2, TMA, "dk128"), (128, 32, 256, 8, 2, ROLLED)],
         ("32", 64): [(64, 32, 64, 4, 2)],
         ("32", 128): [(64, 32, 128, 4, 2)],
         ("32", 256): [(64, 32, 128, 4, 2)],
@@ -830,44 +937,70 @@ def table_key(role: str, r: int, dtype: torch.dtype) -> tuple[str, int]:
                                                                          1024))
 
 
-def configs(role: str, r: int, dtype: torch.dtype) -> list[triton.Config]:
+def configs(role: str, r: int, dtype: torch.dtype, tma: bool = False) -> list[triton.Config]:
     """Autotune candidates of launch ``role`` at width r for inputs of ``dtype`` (the first
-    alone without autotuning)."""
-    found = _configs(role, r, dtype)
+    alone without autotuning); ``tma``: the layouts allow tensor descriptors."""
+    found = _configs(role, r, dtype, tma)
     return found if AUTOTUNE else found[:1]
 
 
-def _configs(role: str, r: int, dtype: torch.dtype) -> list[triton.Config]:
-    """Every shape of ``role``'s table for width r and ``dtype``, as Triton configurations."""
+def _configs(role: str, r: int, dtype: torch.dtype, tma: bool) -> list[triton.Config]:
+    """The shapes of ``role``'s table for width r and ``dtype`` as Triton configurations: its
+    TMA shapes where ``tma`` and it has some, else its others."""
     width = padded_width(r)
+    table = SHAPES[role][table_key(role, r, dtype)]
+    with_tma = [shape for shape in table if TMA in shape[5:]]
     found = []
-    for m, n, dv, warps, stages, *flags in SHAPES[role][table_key(role, r, dtype)]:
+    for m, n, dv, warps, stages, *flags in (with_tma if tma and with_tma else
+                                            [shape for shape in table if TMA not in shape[5:]]):
         dv = min(dv, width)
         chunk = next((int(f[2:]) for f in flags if f.startswith("dk")), chunk_width(r, dv))
-        meta = dict(BLOCK_M=m, BLOCK_N=n, BLOCK_DV=dv, UNROLL=unrolled(r) and ROLLED not in flags,
-                    BLOCK_DK=min(chunk, width))
+        rolled = ROLLED in flags or TMA in flags
+        meta = dict(BLOCK_M=m, BLOCK_N=n, BLOCK_DV=dv, BLOCK_DK=min(chunk, width),
+                    UNROLL=unrolled(r) and not rolled, TMA=TMA in flags)
         found.append(triton.Config(meta, num_warps=warps, num_stages=stages))
     return found
 
 
 @functools.cache
-def _autotuned(role: str, r: int, dtype: torch.dtype):
+def _autotuned(role: str, r: int, dtype: torch.dtype, tma: bool):
     """The kernel of launch ``role`` in an autotuner over its shapes for width r and ``dtype``."""
     key = ["R", "S_BUCKET", "Q_LAYOUT", "KV_LAYOUT", "PRECISION"]
-    return triton.autotune(configs=configs(role, r, dtype), key=key)(globals()[_KERNELS[role]])
+    return triton.autotune(configs=configs(role, r, dtype, tma), key=key)(
+        globals()[_KERNELS[role]])
 
 
 def _launch(role: str, grid, args: tuple, r: int, dtype: torch.dtype, **meta) -> None:
-    """Run launch ``role``: autotuned when compiled, with the one interpreter shape otherwise."""
+    """Run launch ``role``: autotuned when compiled, with the one interpreter shape otherwise
+    (through descriptors where the compiled launch would use them)."""
+    tma = bool(meta["Q_LAYOUT"] and meta["KV_LAYOUT"])
     if not INTERPRETED:
-        _autotuned(role, r, dtype)[grid](*args, **meta)
+        if tma:
+            _ensure_allocator()
+        _autotuned(role, r, dtype, tma)[grid](*args, **meta)
         return
     block_m, block_n, block_dv = _INTERPRETER_SHAPES[role]
     width = padded_width(r)
     dv = width if width <= 128 else min(block_dv, width)
+    tma = tma and _configs(role, r, dtype, tma)[0].kwargs["TMA"]
     globals()[_KERNELS[role]][grid](
         *args, **meta, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DK=chunk_width(r, dv),
-        BLOCK_DV=dv, UNROLL=unrolled(r))
+        BLOCK_DV=dv, UNROLL=unrolled(r) and not tma, TMA=tma)
+
+
+def _scratch(size: int, alignment: int, stream: int | None) -> Tensor:
+    """Global memory for the tensor descriptors kernels build on the GPU (128 bytes a program)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_allocator() -> None:
+    """Give Triton an allocator for descriptor memory unless the program set one of its own
+    (Triton keeps it per thread: autograd's backward runs in a thread of its own)."""
+    from triton.runtime import _allocation
+
+    current = getattr(_allocation, "_allocator", None)
+    if current is None or isinstance(current.get(), _allocation.NullAllocator):
+        triton.set_allocator(_scratch)
 
 
 def _sm_count(device: torch.device) -> int:
@@ -984,10 +1117,10 @@ def _decode_forward(
     if INTERPRETED:
         block_dv = min(width, 512)
         shape = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_DV=block_dv, BLOCK_DK=chunk_width(r, block_dv),
-                     UNROLL=unrolled(r))
+                     UNROLL=unrolled(r), TMA=False)
         warps, stages = 4, 1
     else:  # the first shape of the table: decoding is not autotuned (CUDA graphs capture it)
-        first = _configs("decode", r, q.dtype)[0]
+        first = _configs("decode", r, q.dtype, tma=False)[0]
         shape, warps, stages = first.kwargs, first.num_warps, first.num_stages
     slices = triton.cdiv(r, shape["BLOCK_DV"])
     splits = num_splits or num_key_splits(B * slices, T, shape["BLOCK_N"], _sm_count(q.device))
@@ -999,8 +1132,8 @@ def _decode_forward(
         o_part, l_part = o, l
     _fwd_kernel[(slices, B, splits)](
         q, k, v, kv, o, l, o_part, l_part, *strides, S, T, splits, 1.0 / math.sqrt(r),
-        triton.next_power_of_2(S), **meta, PARTIAL=partial, **shape, num_warps=warps,
-        num_stages=stages)
+        triton.next_power_of_2(S), **meta, PARTIAL=partial, **shape,
+        num_warps=warps, num_stages=stages)
     if partial:
         _combine_kernel[(S, B)](o_part, l_part, o, l, *o.stride(), S, splits, R=r,
                                 BLOCK_R=width, num_warps=4)
