@@ -39,7 +39,7 @@ RTOL = 2  # FlashAttention's factor over the low-precision PyTorch error
 if DEVICE == "cuda":
     R_VALUES = (64, 128, 424, 512)
     DTYPES = (torch.bfloat16, torch.float16)
-    SHAPES = {1: (8, 1000, "cache", True, "length"), 7: (3, 57, "strided", False, "constant"),
+    SHAPES = {1: (8, 1023, "cache", True, "length"), 7: (3, 57, "strided", False, "constant"),
               300: (2, 37, "model", True, "length"), 4096: (1, 0, "model", False, "length")}
 else:  # the interpreter: fp16 only (it cannot compute in bf16), tiny shapes
     R_VALUES = (16, 40)
@@ -60,8 +60,9 @@ def make_inputs(B: int, S: int, r: int, T: int, dtype: torch.dtype,
     def randn(*shape: int) -> Tensor:
         return torch.randn(*shape, device=DEVICE, dtype=dtype)
 
-    if layout == "cache":  # a pre-allocated cache with spare capacity
-        return randn(B, S, r), randn(B, r, T + 64)[..., :T], randn(B, r, T + 64)[..., :T], \
+    if layout == "cache":  # a cache with spare capacity, rows 16-byte aligned as the model's are
+        capacity = (T + 64 + 7) // 8 * 8  # (so wide cores' backward reads k, v through TMA)
+        return randn(B, S, r), randn(B, r, capacity)[..., :T], randn(B, r, capacity)[..., :T], \
             randn(B, S, r)
     if layout == "model":  # k, v as the model makes them: transposed (B, T, r)
         return randn(B, S, r), randn(B, T, r).transpose(1, 2), randn(B, T, r).transpose(1, 2), \
