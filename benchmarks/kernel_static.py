@@ -227,7 +227,7 @@ def tile_loop(code: list[Sass]) -> tuple[tuple[int, int] | None, list[tuple[int,
     return loop, nested
 
 
-_GMMA = re.compile(r"^HGMMA\.(\d+)x(\d+)x(\d+)\.F32\.(\w+)")
+_GMMA = re.compile(r"^HGMMA\.(\d+)x(\d+)x(\d+)\.F32(?:\.(\w+))?")  # no type: fp16
 _MMA = re.compile(r"^HMMA\.168(\d+)\.F32(?:\.(\w+))?")
 _WIDTH = {"128": 16, "64": 8, "U16": 2, "S16": 2, "U8": 1, "S8": 1}
 
@@ -251,7 +251,7 @@ def _tensor_flops(ins: Sass, warps: int) -> tuple[float, str]:
     gmma = _GMMA.match(ins.opcode)
     if gmma:
         m, n, k = (int(g) for g in gmma.groups()[:3])
-        return 2.0 * m * n * k * (warps // 4), gmma.group(4)
+        return 2.0 * m * n * k * (warps // 4), gmma.group(4) or "F16"
     mma = _MMA.match(ins.opcode)
     if mma:  # m16 n8 k(8|16), one per warp
         return 2.0 * 16 * 8 * int(mma.group(1)) * warps, mma.group(2) or "F16"

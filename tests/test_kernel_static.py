@@ -1,9 +1,10 @@
 """The kernels' compiled Hopper code, read on the CPU (benchmarks/kernel_static.py).
 
 Every autotune configuration of every kernel is compiled for sm_90 at the benchmark shapes (bf16,
-B = 16, S = 4096; decoding B = 64, T = 4096) for r = 128, 424 and 512, and must fit in the shared
-memory a block may use, must not spill registers (every shape in the tables is one the launcher may
-pick), must give every warp rows of its own and must compute every product it is written to. The instrument's own reading of SASS is checked on a
+B = 16, S = 4096; decoding B = 64, T = 4096) for r = 128, 424 and 512 in bf16 and r = 256, 424 and
+512 in fp16 (which keeps dO unscaled: one more per-row constant), and must fit in the shared memory
+a block may use, must not spill registers (every shape in the tables is one the launcher may pick),
+must give every warp rows of its own and must compute every product it is written to. The instrument's own reading of SASS is checked on a
 kernel written here.
 """
 
@@ -25,23 +26,34 @@ pytestmark = pytest.mark.skipif(not (BIN / "cuobjdump").exists() or not (BIN / "
                                 reason="this Triton build has no CUDA tools (ptxas, cuobjdump)")
 
 
-@pytest.fixture(scope="module")
-def report(tmp_path_factory) -> dict:
-    """The static report for r = 128, 424 and 512, compiled in two processes."""
-    out = tmp_path_factory.mktemp("static") / "report.json"
+def static_report(folder: Path, dtype: str, widths: str) -> dict:
+    """The static report for ``widths`` in ``dtype``, compiled in two processes."""
+    out = folder / f"report_{dtype}.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    subprocess.run([sys.executable, str(REPO / "benchmarks" / "kernel_static.py"), "--r", "128,424,512",
-                    "--jobs", "2", "--output", str(out)], check=True, env=env, cwd=REPO,
-                   capture_output=True, text=True, timeout=600)
+    subprocess.run([sys.executable, str(REPO / "benchmarks" / "kernel_static.py"), "--r", widths,
+                    "--dtype", dtype, "--jobs", "2", "--output", str(out)], check=True, env=env,
+                   cwd=REPO, capture_output=True, text=True, timeout=600)
     return json.loads(out.read_text())
 
 
-def test_every_configuration_fits_and_does_not_spill(report):
-    rows = report["rows"]
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> dict:
+    """bf16 at r = 128, 424 and 512: the benchmark's dtype."""
+    return static_report(tmp_path_factory.mktemp("static"), "bf16", "128,424,512")
+
+
+@pytest.fixture(scope="module")
+def report_fp16(tmp_path_factory) -> dict:
+    """fp16 at r = 256, 424 and 512, where its extra per-row constant costs registers."""
+    return static_report(tmp_path_factory.mktemp("static"), "fp16", "256,424,512")
+
+
+def test_every_configuration_fits_and_does_not_spill(report, report_fp16):
+    rows = report["rows"] + report_fp16["rows"]
     kernels = {row["kernel"] for row in rows}
     assert {"fwd", "bwd_rows", "bwd_dkdv", "bwd_dk", "bwd_dv", "bwd_dq", "decode_fwd"} <= kernels
     for row in rows:
-        where = f"r={row['r']} {row['kernel']} {row['config']}"
+        where = f"r={row['r']} {row['dtype']} {row['kernel']} {row['config']}"
         assert row["fits"], f"{where}: {row['shared_kb']} KB of shared memory"
         assert row["spill_stores"] == 0 and row["spill_loads"] == 0, f"{where} spills"
         assert row["dup"] == 1, f"{where}: warps recompute each other's tiles ({row['dup']}×)"

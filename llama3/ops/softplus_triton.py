@@ -825,9 +825,11 @@ def _bwd_dq_kernel(
 # columns of r (default: see chunk_width); TMA: the r chunks are copied by the TMA unit through
 # tensor descriptors (a rolled loop, no address arithmetic nor masks), a shape used only when
 # the launcher found every tensor's layout fit for descriptors (see unit_axis) and then in place
-# of the table's other shapes.
+# of the table's other shapes; NOT_FP16: a shape for bf16 only (fp16 keeps dO unscaled, one more
+# per-row constant, and the shape spills there).
 ROLLED = "rolled"
 TMA = "tma"
+NOT_FP16 = "not_fp16"
 SHAPES = {
     "fwd": {
         ("16", 64): [(128, 64, 64, 8, 3), (64, 64, 64, 4, 3)],
@@ -849,9 +851,11 @@ SHAPES = {
         ("32", 128): [(32, 64, 64, 4, 2)],
     },
     "dv": {
-        ("16", 256): [(32, 64, 256, 4, 2)],
-        ("16", 512): [(64, 128, 256, 8, 2, TMA, "dk128"), (32, 128, 256, 8, 2, "dk64")],
-        ("16", 1024): [(64, 128, 256, 8, 2, TMA, "dk128"), (32, 128, 256, 8, 2, ROLLED, "dk64")],
+        ("16", 256): [(32, 64, 256, 4, 2, NOT_FP16), (32, 128, 256, 8, 2)],
+        ("16", 512): [(64, 128, 256, 8, 2, TMA, "dk128", NOT_FP16),
+                      (32, 128, 256, 8, 2, TMA, "dk128"), (32, 128, 256, 8, 2, "dk64")],
+        ("16", 1024): [(64, 128, 256, 8, 2, TMA, "dk128", NOT_FP16),
+                       (32, 128, 256, 8, 2, TMA, "dk128"), (32, 128, 256, 8, 2, ROLLED, "dk64")],
         ("32", 256): [(32, 64, 64, 4, 2)],
         ("32", 512): [(32, 64, 64, 4, 2)],
         ("32", 1024): [(32, 64, 64, 4, 2, ROLLED)],
@@ -948,7 +952,8 @@ def _configs(role: str, r: int, dtype: torch.dtype, tma: bool) -> list[triton.Co
     """The shapes of ``role``'s table for width r and ``dtype`` as Triton configurations: its
     TMA shapes where ``tma`` and it has some, else its others."""
     width = padded_width(r)
-    table = SHAPES[role][table_key(role, r, dtype)]
+    table = [shape for shape in SHAPES[role][table_key(role, r, dtype)]
+             if not (dtype == torch.float16 and NOT_FP16 in shape[5:])]
     with_tma = [shape for shape in table if TMA in shape[5:]]
     found = []
     for m, n, dv, warps, stages, *flags in (with_tma if tma and with_tma else
