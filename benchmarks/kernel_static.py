@@ -54,6 +54,9 @@ SHARED_LIMIT = 232448  # bytes of shared memory one block may use (227 KB)
 
 # Useful FLOPs per visible (query, key) pair, as benchmarks/attention.py counts them.
 USEFUL_FLOPS = {"fwd": 4, "bwd": 10}  # × r
+# Tensor FLOPs per pair each kernel needs at least (its products, × r): a reading below is one
+# that missed part of the tile loop, and is not used.
+LEAST_TENSOR_FLOPS = {"fwd": 4, "bwd_dkdv": 8, "bwd_dv": 4, "bwd_dk": 6, "bwd_dq": 6}
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -197,10 +200,15 @@ def parse_sass(text: str) -> list[Sass]:
 
 
 def loops(code: list[Sass]) -> list[tuple[int, int]]:
-    """(first, last) instruction indices of every loop: a branch back to an earlier address."""
+    """(first, last) instruction indices of every loop: a branch back to an earlier address.
+
+    Branches past the kernel's last EXIT are not loops: ptxas puts slow paths there (a barrier's
+    retry loop) that jump back into the main code."""
     index = {ins.address: i for i, ins in enumerate(code)}
+    end = max((i for i, ins in enumerate(code) if ins.opcode.startswith("EXIT")),
+              default=len(code))
     found = []
-    for i, ins in enumerate(code):
+    for i, ins in enumerate(code[:end]):
         if ins.opcode.startswith("BRA"):
             target = re.search(r"0x([0-9a-f]+)", ins.operands)
             if target and int(target.group(1), 16) < ins.address:
@@ -485,7 +493,12 @@ def analyse(launch: Launch, r: int, dtype: str, workdir: str) -> Row:
         rate = TENSOR_FLOP_PER_CLOCK.get(
             {"BF16": "bf16", "F16": "fp16", "TF32": "tf32"}.get(totals["tensor_type"], "bf16"))
         issue = max(per_pair["inst"] / ISSUE_PER_CLOCK, per_pair["mufu"] / MUFU_PER_CLOCK)
-        per_pair["clocks"] = per_pair["flops"] / rate + issue
+        least = LEAST_TENSOR_FLOPS.get(_kernel_label(launch.kernel, config), 0) * r
+        if per_pair["flops"] >= least:
+            per_pair["clocks"] = per_pair["flops"] / rate + issue
+        else:  # the reading is not to be trusted: no ceiling from it
+            print(f"r={r} {launch.kernel} {_config_label(config)}: the tile loop counted "
+                  f"{per_pair['flops']:.0f} tensor FLOPs per pair, under {least}", file=sys.stderr)
     return Row(
         r=r, dtype=dtype, kernel=_kernel_label(launch.kernel, config),
         config=_config_label(config), registers=res.get("reg", 0), stack=res.get("stack", 0),

@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 
 triton = pytest.importorskip("triton")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.kernel_static import LEAST_TENSOR_FLOPS  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
@@ -58,6 +60,9 @@ def test_every_configuration_fits_and_does_not_spill(report, report_fp16):
         assert row["spill_stores"] == 0 and row["spill_loads"] == 0, f"{where} spills"
         assert row["dup"] == 1, f"{where}: warps recompute each other's tiles ({row['dup']}×)"
         assert row["dead"] == 0, f"{where}: {row['dead']} tensor-core products compiled away"
+        least = LEAST_TENSOR_FLOPS.get(row["kernel"].removeprefix("decode_"))
+        if least:  # the reading found every product of the tile loop
+            assert row["tensor_flops_per_pair"] >= least * row["r"], f"{where}: loop misread"
 
 
 def test_one_special_function_op_per_pair_in_the_forward(report):
