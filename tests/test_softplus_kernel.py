@@ -176,6 +176,40 @@ def test_tensor_descriptor_shapes_replace_the_others():
                 assert not (c.kwargs["TMA"] and c.kwargs["UNROLL"]), (role, kind, width)
 
 
+def test_descriptor_memory_allocator_is_per_thread_and_defers_to_the_programs_own():
+    """Triton needs an allocator for descriptors built on the GPU; the launcher installs one in
+    each thread that lacks one (autograd's backward has a thread of its own) and keeps a
+    program's own."""
+    pytest.importorskip("triton")
+    import threading
+
+    from triton.runtime import _allocation
+
+    from llama3.ops.softplus_triton import _ensure_allocator, _scratch
+
+    def own(size, alignment, stream):
+        raise AssertionError("not called here")
+
+    seen = {}
+
+    def fresh():
+        _ensure_allocator()
+        seen["fresh"] = _allocation._allocator.get()
+
+    def programs():
+        import triton
+
+        triton.set_allocator(own)
+        _ensure_allocator()
+        seen["programs"] = _allocation._allocator.get()
+
+    for target in (fresh, programs):
+        thread = threading.Thread(target=target)
+        thread.start()
+        thread.join()
+    assert seen == {"fresh": _scratch, "programs": own}
+
+
 @pytest.mark.parametrize("S, r", [(5, 64), (1, 64), (1, 136)])
 def test_kv_len_ignores_the_unwritten_tail(interpret, seed, S, r):
     """A cache of capacity T holding kv_len[b] keys per row; NaN garbage past kv_len is never read."""
