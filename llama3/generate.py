@@ -5,7 +5,8 @@ pre-allocated :class:`~llama3.model.transformer.StaticKVCache`, then each row de
 length (``cache.lengths``). Decode steps have fixed shapes — tokens (B, 1), lengths (B,) — so on
 CUDA one step is captured once in a CUDA graph and replayed; on CPU it runs eagerly. Sampling
 (temperature, top-k, nucleus) happens outside the graph, from a seeded ``torch.Generator``, so a
-seed fixes the output. A row stops at its end-of-sequence token; the batch stops when all have.
+seed fixes the output. A row stops at its end-of-sequence token or when the caller's ``until``
+says so (stop strings); the batch stops when all rows have.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from llama3.errors import UsageError
 from llama3.model.transformer import StaticKVCache
 
 CAPACITY_ROUNDING = 128  # cache capacity is rounded up so graphs are reused across similar calls
+CHECK_EVERY = 8  # decode steps between looks at which rows are done (each look syncs the host)
 
 # ------------------------------------------------------------------------------------ sampling
 
@@ -106,7 +108,7 @@ class GenerationResult:
     """Generated ids per prompt (end-of-sequence excluded) and timings."""
 
     tokens: list[list[int]]
-    finished: list[bool]  # the row produced its end-of-sequence token
+    finished: list[bool]  # the row produced its end-of-sequence token, or ``until`` ended it
     prompt_tokens: int
     prefill_s: float  # prefill and the first sampled token
     decode_s: float
@@ -261,11 +263,14 @@ class Generator:
     def generate_ids(self, prompts: Sequence[Sequence[int]],
                      settings: SamplingSettings = SamplingSettings(), *,
                      on_step: Callable[[Tensor], None] | None = None,
-                     stop_at_eos: bool = True) -> GenerationResult:
+                     stop_at_eos: bool = True,
+                     until: Callable[[int, list[int]], bool] | None = None) -> GenerationResult:
         """Continue each prompt by up to ``settings.max_new_tokens`` tokens.
 
         ``on_step`` receives each step's sampled tokens (B,) on the CPU (rows already finished
         hold the pad id). With ``stop_at_eos=False`` every row runs the full length (benchmarks).
+        ``until(row, new_ids)`` is asked every CHECK_EVERY steps for each running row: True ends
+        that row there (a caller's stop strings), and the batch stops once every row has ended.
         """
         lengths = [len(p) for p in prompts]
         if not prompts or min(lengths) == 0:
@@ -279,10 +284,12 @@ class Generator:
         first = self._prefill(step, prompts, lengths, settings, generator)
         self._sync()
         prefill_s = time.perf_counter() - start
-        out, n_steps = self._decode(step, first, settings, generator, on_step)
+        out, n_steps, ended = self._decode(step, first, settings, generator, on_step, until)
         self._sync()
         decode_s = time.perf_counter() - start - prefill_s
         tokens, finished = _trim(out.tolist(), eos)
+        for row, length in ended.items():
+            tokens[row], finished[row] = tokens[row][:length], True
         return GenerationResult(tokens=tokens, finished=finished, prompt_tokens=sum(lengths),
                                 prefill_s=prefill_s, decode_s=decode_s, decode_steps=n_steps)
 
@@ -312,12 +319,15 @@ class Generator:
                       generator)
 
     def _decode(self, step: _DecodeStep, first: Tensor, settings: SamplingSettings,
-                generator: torch.Generator,
-                on_step: Callable[[Tensor], None] | None) -> tuple[Tensor, int]:
+                generator: torch.Generator, on_step: Callable[[Tensor], None] | None,
+                until: Callable[[int, list[int]], bool] | None,
+                ) -> tuple[Tensor, int, dict[int, int]]:
         """Decode until every row has finished or the budget is spent; returns the (B, n) ids
-        (end-of-sequence included, pad after it) and the number of decode steps."""
+        (end-of-sequence included, pad after it), the number of decode steps and the rows
+        ``until`` ended, with the number of ids each keeps."""
         out = torch.full((first.shape[0], settings.max_new_tokens), self.pad_id, dtype=torch.long,
                          device=self.device)
+        ended: dict[int, int] = {}
         step.start(first)
         for i in range(settings.max_new_tokens):
             token = first if i == 0 else step(generator)
@@ -325,9 +335,22 @@ class Generator:
             if on_step is not None:
                 on_step(token.cpu())
             # Looking at ``done`` costs a host synchronisation: every step only when streaming.
-            if step.eos is not None and (on_step is not None or i % 8 == 7) and bool(step.done.all()):
-                return out[:, : i + 1], i
-        return out, settings.max_new_tokens - 1
+            look = on_step is not None or i % CHECK_EVERY == CHECK_EVERY - 1
+            if look and until is not None:
+                self._end_rows(step, out[:, : i + 1], until, ended)
+            if look and (step.eos is not None or until is not None) and bool(step.done.all()):
+                return out[:, : i + 1], i, ended
+        return out, settings.max_new_tokens - 1, ended
+
+    @staticmethod
+    def _end_rows(step: _DecodeStep, out: Tensor, until: Callable[[int, list[int]], bool],
+                  ended: dict[int, int]) -> None:
+        """Ask ``until`` about every running row; a row it ends gets padding from here on."""
+        running = (~step.done).nonzero().flatten().tolist()
+        for row, ids in zip(running, out[running].tolist()):
+            if until(row, ids):
+                ended[row] = len(ids)
+                step.done[row] = True
 
     def _sync(self) -> None:
         if self.device.type == "cuda":

@@ -137,6 +137,30 @@ def test_generate_until_stops_at_the_strings(lm, tiny_checkpoint, tiny_tokenizer
     assert short == greedy("The Garden", 3)  # no newline ever: max_gen_toks ends it
 
 
+def test_generate_until_stops_decoding_once_a_string_is_written(lm, monkeypatch):
+    """A stop string ends its row's decoding at the next look (every CHECK_EVERY steps), not
+    after max_gen_toks, and the text is what running to the end and cutting gives."""
+    from llama3.generate import CHECK_EVERY, Generator
+
+    steps = []
+    original = Generator.generate_ids
+
+    def counting(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        steps.append(result.decode_steps)
+        return result
+
+    monkeypatch.setattr(Generator, "generate_ids", counting)
+    context = "The River and the"
+    free, = lm.generate_until(requests("generate_until", (context, {"until": [], "max_gen_toks": 24})),
+                              disable_tqdm=True)
+    stop = free[3:5]
+    stopped, = lm.generate_until(requests("generate_until", (context, {"until": [stop], "max_gen_toks": 24})),
+                                 disable_tqdm=True)
+    assert stopped == free[: free.find(stop)]
+    assert steps[1] == CHECK_EVERY - 1 < steps[0], steps
+
+
 def test_the_lm_eval_command_runs_a_local_task(tiny_checkpoint, tiny_tokenizer, tmp_path, lm):
     """``python -m llama3 lm_eval`` with a multiple-choice task read from a local JSON file; its
     accuracy is the share of questions whose right answer our loglikelihood scores highest."""

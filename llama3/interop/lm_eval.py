@@ -210,7 +210,12 @@ class Llama3LM(TemplateLM):
             raise ValueError(f"max_gen_toks {settings.max_new_tokens} leaves no room for a context "
                              f"in max_length {self.max_length}")
         prompts = [self.tok_encode(c)[-room:] for c in contexts]
-        result = self._generator.generate_ids(prompts, settings)
+
+        def until(row: int, ids: list[int]) -> bool:  # a stop string written: the row is done
+            text = completion_text(self.tokenizer, prompts[row], ids)
+            return any(stop in text for stop in stops)
+
+        result = self._generator.generate_ids(prompts, settings, until=until if stops else None)
         texts = [completion_text(self.tokenizer, p, t) for p, t in zip(prompts, result.tokens)]
         return [cut_at_stops(text, stops) for text in texts]
 
