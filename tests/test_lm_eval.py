@@ -161,6 +161,20 @@ def test_generate_until_stops_decoding_once_a_string_is_written(lm, monkeypatch)
     assert steps[1] == CHECK_EVERY - 1 < steps[0], steps
 
 
+def test_requests_mostly_unknown_to_the_tokenizer_are_said_once(tiny_checkpoint, tiny_tokenizer,
+                                                                 capsys):
+    lm = harness_model(tiny_checkpoint("softplus"), tiny_tokenizer, ascii=False, nfkd=False)
+    seen = ("The River", " and the")
+    lm.loglikelihood(requests("loglikelihood", seen), disable_tqdm=True)
+    assert "<unk>" not in capsys.readouterr().err
+    unseen = ("The River", " ЖЖЖ ЖЖЖ ЖЖЖ ЖЖЖ")  # letters the tiny corpus never had
+    lm.loglikelihood(requests("loglikelihood", unseen, unseen), disable_tqdm=True)
+    lm.generate_until(requests("generate_until", (unseen[1], {"max_gen_toks": 2})),
+                      disable_tqdm=True)
+    err = capsys.readouterr().err
+    assert err.count("are <unk>") == 1 and "lm-eval requests" in err, err
+
+
 def test_the_lm_eval_command_runs_a_local_task(tiny_checkpoint, tiny_tokenizer, tmp_path, lm):
     """``python -m llama3 lm_eval`` with a multiple-choice task read from a local JSON file; its
     accuracy is the share of questions whose right answer our loglikelihood scores highest."""
