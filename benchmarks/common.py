@@ -18,8 +18,8 @@ from llama3.fileio import write_json
 from llama3.reporting import environment, format_table
 
 __all__ = ["BASE", "CONFIGS", "REPO", "RESULTS_DIR", "TINY_BASE", "TINY_CONFIGS",
-           "AUTOTUNE_VARIABLE", "Deadline", "DocsCorpus", "Estimates", "autotune_enabled", "child_env",
-           "copy_bandwidth_gb_per_s", "device_slug",
+           "AUTOTUNE_VARIABLE", "TMA_VARIABLE", "Deadline", "DocsCorpus", "Estimates",
+           "autotune_enabled", "child_env", "copy_bandwidth_gb_per_s", "device_slug",
            "environment", "format_table", "matmul_tflops", "python_docs_corpus", "timed",
            "write_results"]
 
@@ -43,6 +43,8 @@ TINY_CONFIGS = {
 # "0": every softplus kernel runs the first configuration of its table instead of autotuning
 # (minutes of compilation saved; the timings are then those of the untuned kernels).
 AUTOTUNE_VARIABLE = "LLAMA3_KERNEL_AUTOTUNE"
+# "0": no TMA descriptors, pointer loads everywhere (recorded with every result)
+TMA_VARIABLE = "LLAMA3_KERNEL_TMA"
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,9 +62,10 @@ def autotune_enabled() -> bool:
 
 
 def write_results(path: str | Path, rows: Sequence[dict[str, Any]], **meta: Any) -> Path:
-    """Write ``{"environment": ..., "kernel_autotune": ..., **meta, "rows": rows}`` as JSON
-    (atomically, so a run stopped between rows leaves the rows written so far)."""
+    """Write ``{"environment": ..., "kernel_autotune": ..., "kernel_tma": ..., **meta, "rows":
+    rows}`` as JSON (atomically, so a run stopped between rows leaves the rows written so far)."""
     return write_json(path, {"environment": environment(), "kernel_autotune": autotune_enabled(),
+                             "kernel_tma": os.environ.get(TMA_VARIABLE, "1") != "0",
                              **meta, "rows": list(rows)})
 
 

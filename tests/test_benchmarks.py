@@ -94,7 +94,8 @@ def test_train_benchmark_tiny(tmp_path, tiny_corpus, tiny_tokenizer):
             row["tokens_per_s"] / next(r["tokens_per_s"] for r in rows if r["model"] == "softmax"
                                        and r["seq_len"] == row["seq_len"]))
         assert row["data"] == f"train ({tokens:,} tokens)"
-    assert data["kernel_autotune"] is True and data["peak_tflops"] is None
+    assert data["kernel_autotune"] is True and data["kernel_tma"] is True
+    assert data["peak_tflops"] is None
 
 
 def test_train_benchmark_falls_back_to_random_tokens_when_the_corpus_is_too_small(

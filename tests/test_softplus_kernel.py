@@ -158,6 +158,16 @@ def test_tensor_descriptor_path(interpret, seed, keys_along):
     assert (dk[tail] == 0).all() and (dv[tail] == 0).all()
 
 
+def test_tensor_descriptors_need_aligned_layouts_and_can_be_switched_off(monkeypatch):
+    pytest.importorskip("triton")
+    from llama3.ops import softplus_triton
+
+    allowed = softplus_triton.descriptors_allowed
+    assert allowed(2, 1) and allowed(2, 2) and not allowed(0, 1) and not allowed(2, 0)
+    monkeypatch.setattr(softplus_triton, "TMA_ALLOWED", False)  # LLAMA3_KERNEL_TMA=0
+    assert not allowed(2, 1)
+
+
 def test_tensor_descriptor_shapes_replace_the_others():
     """Where a table has TMA shapes they are the only candidates when the layouts allow
     descriptors, and never otherwise; a TMA shape always loops over r."""

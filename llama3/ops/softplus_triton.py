@@ -89,12 +89,13 @@ def _interpreted() -> bool:
 # end): interpreted or compiled for the GPU; LLAMA3_KERNEL_AUTOTUNE=0 skips autotuning (each
 # kernel runs the first shape of its table, so a first call compiles one configuration);
 # LLAMA3_KERNEL_FP32=ieee|tf32x3|tf32 fixes the precision of fp32 inputs' dots (see
-# _dot_precision).
+# _dot_precision); LLAMA3_KERNEL_TMA=0 keeps every launch on pointer loads (no TMA descriptors).
 INTERPRETED = _interpreted()
 _INTERPRET_SETTING = os.environ.get("TRITON_INTERPRET")
 if INTERPRETED:
     os.environ["TRITON_INTERPRET"] = "1"
 AUTOTUNE = os.environ.get("LLAMA3_KERNEL_AUTOTUNE", "1") != "0"
+TMA_ALLOWED = os.environ.get("LLAMA3_KERNEL_TMA", "1") != "0"
 FP32_PRECISION = os.environ.get("LLAMA3_KERNEL_FP32") or None
 if FP32_PRECISION not in (None, "ieee", "tf32x3", "tf32"):
     raise ValueError(f"LLAMA3_KERNEL_FP32 must be ieee, tf32x3 or tf32, got {FP32_PRECISION!r}")
@@ -979,7 +980,7 @@ def _autotuned(role: str, r: int, dtype: torch.dtype, tma: bool):
 def _launch(role: str, grid, args: tuple, r: int, dtype: torch.dtype, **meta) -> None:
     """Run launch ``role``: autotuned when compiled, with the one interpreter shape otherwise
     (through descriptors where the compiled launch would use them)."""
-    tma = bool(meta["Q_LAYOUT"] and meta["KV_LAYOUT"])
+    tma = descriptors_allowed(meta["Q_LAYOUT"], meta["KV_LAYOUT"])
     if not INTERPRETED:
         if tma:
             _ensure_allocator()
@@ -992,6 +993,12 @@ def _launch(role: str, grid, args: tuple, r: int, dtype: torch.dtype, **meta) ->
     globals()[_KERNELS[role]][grid](
         *args, **meta, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DK=chunk_width(r, dv),
         BLOCK_DV=dv, UNROLL=unrolled(r) and not tma, TMA=tma)
+
+
+def descriptors_allowed(q_layout: int, kv_layout: int) -> bool:
+    """Whether a launch may read through TMA descriptors: every tensor has a unit-stride axis
+    with 16-byte-aligned rows (see unit_axis), and LLAMA3_KERNEL_TMA is not 0."""
+    return TMA_ALLOWED and bool(q_layout and kv_layout)
 
 
 def _scratch(size: int, alignment: int, stream: int | None) -> Tensor:
