@@ -15,8 +15,9 @@ context follows the start token, as the training documents did.
 Scoring runs the plain forward on right-padded batches sorted by length; ``generate_until`` runs
 our batched generator (static cache, CUDA graphs on GPUs) for ``max_gen_toks`` tokens, until
 end-of-sequence, or until a row has written a stop string (looked for every 8 steps), and cuts the
-text at the first stop string. More than 1% of the requests' tokens <unk> is said once. A model trained on cleaned text
-never writes a newline, so a newline as stop string only ends generation at ``max_gen_toks``.
+text at the first stop string. A model trained on cleaned text never writes a newline, so a
+newline as stop string only ends generation at ``max_gen_toks``. When more than 1% of the
+requests' tokens are <unk>, the model says so once.
 """
 
 from __future__ import annotations
