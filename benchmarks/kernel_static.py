@@ -280,16 +280,23 @@ def tma_copy_bytes(ttgir: str, code: list[Sass]) -> float:
 
 
 def count_loop(code: list[Sass], loop: tuple[int, int], nested: list[tuple[int, int]],
-               nested_trips: int, warps: int, tma_bytes: float = 0.0) -> dict[str, float]:
+               nested_trips: int, warps: int, tma_bytes: float = 0.0,
+               stages: int = 1) -> dict[str, float]:
     """Per-iteration totals of the loop body (a thread's instructions; the block's FLOPs and
-    bytes), nested loops weighted by ``nested_trips``; a TMA load copies ``tma_bytes``."""
+    bytes), nested loops weighted by ``nested_trips``; a TMA load copies ``tma_bytes``.
+
+    A nested loop pipelined over ``stages`` buffers copies its first stages − 1 chunks before it
+    starts (those copies sit in the outer body) and issues its last stages − 1 trips' copies
+    predicated off: its asynchronous copies move bytes on nested_trips − (stages − 1) trips."""
     totals = dict(instructions=0.0, mufu=0.0, tensor_flops=0.0, global_bytes=0.0)
     dtype = ""
+    copying = max(nested_trips - (stages - 1), 0)
     for j in range(loop[0], loop[1] + 1):
         ins = code[j]
         if ins.opcode.startswith("NOP"):
             continue
-        weight = nested_trips if any(a <= j <= b for a, b in nested) else 1
+        inside = any(a <= j <= b for a, b in nested)
+        weight = nested_trips if inside else 1
         totals["instructions"] += weight
         if ins.opcode.startswith("MUFU"):
             totals["mufu"] += weight
@@ -297,10 +304,13 @@ def count_loop(code: list[Sass], loop: tuple[int, int], nested: list[tuple[int, 
         if flops:
             totals["tensor_flops"] += weight * flops
             dtype = kind
-        if ins.opcode.startswith(("LDG", "LDGSTS")):
+        copies = copying if inside else 1  # asynchronous copies (cp.async, TMA)
+        if ins.opcode.startswith("LDGSTS"):
+            totals["global_bytes"] += copies * _width(ins.opcode) * warps * 32
+        elif ins.opcode.startswith("LDG"):
             totals["global_bytes"] += weight * _width(ins.opcode) * warps * 32
         elif ins.opcode.startswith("UTMALDG"):
-            totals["global_bytes"] += weight * tma_bytes
+            totals["global_bytes"] += copies * tma_bytes
     totals["tensor_type"] = dtype
     return totals
 
@@ -481,7 +491,7 @@ def analyse(launch: Launch, r: int, dtype: str, workdir: str) -> Row:
     if loop is not None and pairs:
         trips = -(-r // config.get("BLOCK_DK", r)) if nested else 1
         totals = count_loop(code, loop, nested, trips, warps,
-                            tma_copy_bytes(compiled.asm["ttgir"], code))
+                            tma_copy_bytes(compiled.asm["ttgir"], code), config["num_stages"])
         scale = _slices(config, r) / pairs  # every r slice recomputes the tile's pairs
         threads = warps * 32
         per_pair = dict(
