@@ -956,10 +956,11 @@ def _configs(role: str, r: int, dtype: torch.dtype, tma: bool) -> list[triton.Co
     width = padded_width(r)
     table = [shape for shape in SHAPES[role][table_key(role, r, dtype)]
              if not (dtype == torch.float16 and NOT_FP16 in shape[5:])]
-    with_tma = [shape for shape in table if TMA in shape[5:]]
+    use_tma = tma and any(TMA in shape[5:] for shape in table)
     found = []
-    for m, n, dv, warps, stages, *flags in (with_tma if tma and with_tma else
-                                            [shape for shape in table if TMA not in shape[5:]]):
+    for m, n, dv, warps, stages, *flags in table:
+        if (TMA in flags) != use_tma:
+            continue
         dv = min(dv, width)
         chunk = next((int(f[2:]) for f in flags if f.startswith("dk")), chunk_width(r, dv))
         rolled = ROLLED in flags or TMA in flags
