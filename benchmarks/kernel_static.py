@@ -593,8 +593,8 @@ def report_width(r: int, dtype: str, B: int, S: int, decode_B: int, decode_T: in
 # Command line
 # ---------------------------------------------------------------------------------------------
 
-COLUMNS = ["r", "kernel", "config", "registers", "spill_stores", "shared_kb", "fits", "mma", "dup", "dead",
-           "inst_per_pair", "mufu_per_pair", "tensor_flops_per_pair", "global_bytes_per_pair",
+COLUMNS = ["r", "kernel", "config", "registers", "spill_stores", "shared_kb", "fits", "mma", "dup",
+           "dead", "inst_per_pair", "mufu_per_pair", "tensor_flops_per_pair", "global_bytes_per_pair",
            "compile_s"]
 
 

@@ -4,8 +4,8 @@ Every autotune configuration of every kernel is compiled for sm_90 at the benchm
 B = 16, S = 4096; decoding B = 64, T = 4096) for r = 128, 424 and 512 in bf16 and r = 256, 424 and
 512 in fp16 (which keeps dO unscaled: one more per-row constant), and must fit in the shared memory
 a block may use, must not spill registers (every shape in the tables is one the launcher may pick),
-must give every warp rows of its own and must compute every product it is written to. The instrument's own reading of SASS is checked on a
-kernel written here.
+must give every warp rows of its own and must compute every product it is written to. The
+instrument's own reading of SASS is checked on a kernel written here.
 """
 
 from __future__ import annotations
@@ -19,10 +19,11 @@ from pathlib import Path
 import pytest
 
 triton = pytest.importorskip("triton")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.kernel_static import LEAST_TENSOR_FLOPS  # noqa: E402
-
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from benchmarks.kernel_static import (  # noqa: E402
+    LEAST_TENSOR_FLOPS, count_loop, parse_sass, tile_loop)
+
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 pytestmark = pytest.mark.skipif(not (BIN / "cuobjdump").exists() or not (BIN / "ptxas").exists(),
                                 reason="this Triton build has no CUDA tools (ptxas, cuobjdump)")
@@ -78,9 +79,6 @@ def test_one_special_function_op_per_pair_in_the_forward(report):
 def test_sass_reading_counts_a_known_loop():
     """A loop of exactly one exp2 and one FMA per element: the reader finds that loop and counts
     its special-function op, and every instruction it counts belongs to the loop."""
-    sys.path.insert(0, str(REPO))
-    from benchmarks.kernel_static import count_loop, parse_sass, tile_loop
-
     text = "\n".join([
         "        /*0000*/                   MOV R1, c[0x0][0x28] ;",
         "        /*0010*/                   FMUL R2, R1, R1 ;",
