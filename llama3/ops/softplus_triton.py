@@ -399,7 +399,7 @@ def _fwd_kernel(
     descs = _descriptors(Q, K, K, Q, stride_qb, stride_qs, stride_qr, stride_kb, stride_kr,
                          stride_kt, stride_kb, stride_kr, stride_kt, stride_qb, stride_qs,
                          stride_qr, S, kv_len, R, BLOCK_M, BLOCK_N, BLOCK_DK, Q_LAYOUT, KV_LAYOUT,
-                         TMA)  # the scores need the first and third
+                         TMA)  # k and q: the scores need only those (the others compile away)
 
     # keys [0, end) are seen by some row of the block, keys [0, full) by all of them
     end = tl.minimum(first + m0 + BLOCK_M, kv_len)
