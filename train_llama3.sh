@@ -11,6 +11,8 @@
 #   N_LAYERS, DIM               model depth and width
 #   N_HEADS, N_KV_HEADS         softmax heads and key/value heads
 #   CORE_DIMS                   softplus core widths ("" = the heuristic, 424 for dim 128)
+#   CORE_OUTPUT_SCALE           softplus: width (core output × min(1, DIM/core width)) or none
+#                               (the original's model, without the scale)
 #   MAX_SEQ_LENS                context lengths
 #   BATCH_SIZE                  windows per optimizer step (per GPU), split into ACCUMULATION_STEPS
 #   TOTAL_STEPS, EVAL_STEPS, EVAL_BATCHES, SAVE_STEPS   step counts
@@ -28,6 +30,7 @@ DIM="${DIM:-128}"
 N_HEADS="${N_HEADS:-4}"
 N_KV_HEADS="${N_KV_HEADS:-4}"
 CORE_DIMS="${CORE_DIMS:-}"
+CORE_OUTPUT_SCALE="${CORE_OUTPUT_SCALE:-width}"
 MAX_SEQ_LENS="${MAX_SEQ_LENS:-4096}"
 BATCH_SIZE="${BATCH_SIZE:-64}"
 ACCUMULATION_STEPS="${ACCUMULATION_STEPS:-1}"
@@ -58,8 +61,8 @@ for seq in $MAX_SEQ_LENS; do
       model_flags=(--n_heads "$N_HEADS" --n_kv_heads "$N_KV_HEADS")
     else
       name="softplus_core${core}_seq${seq}"
-      model_flags=()
-      [[ "$core" == auto ]] || model_flags=(--core_dim "$core")
+      model_flags=(--core_output_scale "$CORE_OUTPUT_SCALE")
+      [[ "$core" == auto ]] || model_flags+=(--core_dim "$core")
     fi
     echo "=== run ${name} -> ${CHECKPOINT_ROOT}/${name}"
     # shellcheck disable=SC2086  # LAUNCHER and PRECISION_FLAGS are word lists

@@ -13,7 +13,7 @@ import re
 from typing import Any
 
 from llama3.errors import UsageError  # also importable from here, as code written before expects
-from llama3.model.args import ATTENTIONS, MIXERS, SOFTPLUS_SCALES, ModelArgs
+from llama3.model.args import ATTENTIONS, INITS, MIXERS, SOFTPLUS_SCALES, ModelArgs
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -52,6 +52,12 @@ _MODEL_FLAGS: list[tuple[str, Any, str]] = [
                       "to 5·dim − 216)"),
     ("softplus_scale", str, f"softplus score scale: {' | '.join(SOFTPLUS_SCALES)} "
                             "(log(n)/sqrt(r) or 1/sqrt(r))"),
+    ("core_output_scale", str, "softplus core output before wo: width (× min(1, dim/r), so a core "
+                               "wider than dim does not dominate the residual stream) | none (as "
+                               "checkpoints saved before this setting, which keep it) | a factor "
+                               "such as 0.3"),
+    ("init", str, f"initial weights: {' | '.join(INITS)} (N(0, 0.02) everywhere; 1/sqrt(fan_in); "
+                  "torchtitan's depth-scaled output projections)"),
     ("multiple_of", int, "SwiGLU hidden width is rounded up to a multiple of this"),
     ("ffn_dim_multiplier", float, "SwiGLU hidden width multiplier"),
     ("norm_eps", float, "RMSNorm epsilon"),
@@ -59,7 +65,8 @@ _MODEL_FLAGS: list[tuple[str, Any, str]] = [
     ("max_seq_len", int, "context length (tokens per training window)"),
     ("dropout", float, "dropout on embeddings and on the attention output"),
 ]
-_MODEL_CHOICES = {"attention": ATTENTIONS, "mixer": MIXERS, "softplus_scale": SOFTPLUS_SCALES}
+_MODEL_CHOICES = {"attention": ATTENTIONS, "mixer": MIXERS, "softplus_scale": SOFTPLUS_SCALES,
+                  "init": INITS}
 
 
 def add_model_flags(parser: argparse.ArgumentParser, *, from_checkpoint: bool = False,

@@ -194,6 +194,10 @@ def test_tiny_model_overfits_one_batch(attention):
     (dict(mixer="mlp"), "--mixer"),
     (dict(softplus_scale="log"), "--softplus_scale"),
     (dict(dropout=1.5), "--dropout"),
+    (dict(core_output_scale="wide"), "--core_output_scale"),
+    (dict(core_output_scale="-0.5"), "--core_output_scale"),
+    (dict(core_output_scale="inf"), "--core_output_scale"),
+    (dict(init="xavier"), "--init"),
 ])
 def test_bad_arguments_name_the_flag(overrides, flag):
     with pytest.raises(ConfigError, match=flag):
@@ -234,3 +238,82 @@ def test_accounting(attention):
     assert flops.dense == 6 * non_embedding
     width = a.n_heads * a.head_dim if attention == "softmax" else a.core_dim
     assert flops.attention == 3 * a.n_layers * 4 * width * (64 + 1) / 2
+
+
+def test_core_output_scale_multiplies_the_core_output_before_wo():
+    """width: × min(1, dim/r), so r = 48 at dim 32 is the "none" model with wo scaled by 2/3; no
+    change for r ≤ dim or softmax; a number is the factor itself."""
+    assert tiny_args("softplus", core_dim=48).core_output_multiplier == pytest.approx(32 / 48)
+    assert tiny_args("softplus", core_dim=32).core_output_multiplier == 1.0
+    assert tiny_args("softplus", core_dim=48, core_output_scale="none").core_output_multiplier == 1
+    assert tiny_args("softplus", core_output_scale="0.25").core_output_multiplier == 0.25
+    assert tiny_args("softmax", core_output_scale="0.25").core_output_multiplier == 1.0
+    width = tiny_model("softplus", core_dim=48)
+    none = tiny_model("softplus", core_dim=48, core_output_scale="none")
+    tokens = torch.randint(0, 61, (2, 9))
+    assert not torch.allclose(width(tokens), none(tokens))
+    with torch.no_grad():
+        for layer in none.layers:
+            layer.attention.wo.weight.mul_(32 / 48)
+    torch.testing.assert_close(width(tokens), none(tokens))
+
+
+def test_core_output_scale_keeps_decoding_equal_to_the_full_forward():
+    model = tiny_model("softplus", core_dim=48)
+    tokens = torch.randint(0, 61, (2, 7))
+    k, v = model.empty_export_cache(2, "cpu", torch.float32)
+    first, k, v = model(tokens[:, :4], k, v)
+    rest, _, _ = model(tokens[:, 4:], k, v)
+    torch.testing.assert_close(torch.cat([first, rest], 1), model(tokens), atol=1e-5, rtol=1e-5)
+
+
+def test_records_without_a_later_setting_rebuild_the_model_they_were_saved_from():
+    """A checkpoint written before core_output_scale existed holds no such key: the model it was
+    saved from had none."""
+    record = tiny_args("softplus", core_dim=48).to_dict()
+    assert record["core_output_scale"] == "width"
+    del record["core_output_scale"]
+    assert ModelArgs.from_dict(record).core_output_scale == "none"
+    given = ModelArgs.from_dict({**record, "core_output_scale": "width"})
+    assert given.core_output_scale == "width"
+
+
+def _stds(model: Transformer) -> dict[str, float]:
+    return {name: p.std().item() for name, p in model.named_parameters() if p.dim() == 2}
+
+
+def test_initialisation_schemes():
+    args = dict(dim=128, n_layers=3, core_dim=256, vocab_size=512, max_seq_len=64)
+    normal = _stds(Transformer.build(ModelArgs(**args)))
+    assert all(abs(s - 0.02) < 0.001 for s in normal.values())
+    fan_in = Transformer.build(ModelArgs(**args, init="fan_in"))
+    for name, m in fan_in.named_modules():
+        if isinstance(m, torch.nn.Linear):
+            assert m.weight.std().item() == pytest.approx(m.in_features ** -0.5, rel=0.05), name
+    assert fan_in.tok_embeddings.weight.std().item() == pytest.approx(1.0, rel=0.05)
+    for attention, writers in (("softplus", ("attention.wo", "feed_forward.wa")),
+                               ("softmax", ("attention.wo", "feed_forward.w2", "feed_forward.w3"))):
+        depth = Transformer.build(ModelArgs(**args, attention=attention, init="depth"))
+        stds = _stds(depth)
+        for name, std in stds.items():
+            if name.startswith("layers."):
+                block, role = int(name.split(".")[1]), name.split(".", 2)[2].removesuffix(".weight")
+                expected = 0.02 / math.sqrt(2 * (block + 1)) if role in writers else 0.02
+                # a normal truncated at 3 standard deviations has 0.986 of the deviation
+                assert std == pytest.approx(0.986 * expected, rel=0.06), name
+        assert stds["output.weight"] == pytest.approx(0.986 * 128 ** -0.5, rel=0.05)
+        assert stds["tok_embeddings.weight"] == pytest.approx(1.0, rel=0.05)
+        weights = [p for p in depth.parameters() if p.dim() == 2][1:]  # all but the embedding
+        assert all(p.abs().max() <= 3 * p.std() * 1.02 / 0.986 for p in weights)
+
+
+def test_normal_initialisation_draws_what_it_always_drew():
+    """The default scheme draws N(0, 0.02) module by module in the order it always did, so a seed
+    gives the weights it gave before the schemes existed."""
+    torch.manual_seed(3)
+    model = Transformer.build(tiny_args("softplus"))
+    torch.manual_seed(3)
+    drawn = [m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))]
+    expected = [torch.empty_like(m.weight).normal_(0.0, 0.02) for m in drawn]
+    got = [m.weight for m in drawn]
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))

@@ -154,4 +154,5 @@ def hf_config(args: ModelArgs, form: str, special_ids: dict[str, int],
                          "AutoModelForCausalLM": f"{module}.{REMOTE_ARCHITECTURE}"},
             **common, "attention": args.attention, "mixer": args.mixer,
             "core_dim": args.core_dim, "softplus_scale": args.softplus_scale,
-            "rope_theta": args.rope_theta, "use_scaled_rope": args.use_scaled_rope}
+            "core_output_scale": args.core_output_scale, "rope_theta": args.rope_theta,
+            "use_scaled_rope": args.use_scaled_rope}

@@ -47,13 +47,15 @@ class Llama3SoftplusConfig(PretrainedConfig):
     def __init__(self, vocab_size: int = 2048, hidden_size: int = 128, num_hidden_layers: int = 3,
                  attention: str = "softplus", mixer: str = "combinator",
                  num_attention_heads: int = 4, num_key_value_heads: int = 4, core_dim: int = 424,
-                 softplus_scale: str = "length", intermediate_size: int = 512,
+                 softplus_scale: str = "length", core_output_scale: str = "none",
+                 intermediate_size: int = 512,
                  rms_norm_eps: float = 1e-5, rope_theta: float = 500000.0,
                  use_scaled_rope: bool = False, max_position_embeddings: int = 4096,
                  use_cache: bool = True, **kwargs):
         self.vocab_size, self.hidden_size = vocab_size, hidden_size
         self.num_hidden_layers, self.attention, self.mixer = num_hidden_layers, attention, mixer
         self.core_dim, self.softplus_scale = core_dim, softplus_scale
+        self.core_output_scale = core_output_scale  # absent from directories written before it
         self.num_attention_heads, self.num_key_value_heads = num_attention_heads, num_key_value_heads
         self.intermediate_size, self.rms_norm_eps = intermediate_size, rms_norm_eps
         self.rope_theta, self.use_scaled_rope = rope_theta, use_scaled_rope
@@ -109,6 +111,15 @@ class Llama3SoftplusRMSNorm(nn.Module):
         return normed.type_as(x) * self.weight
 
 
+def output_multiplier(config: Llama3SoftplusConfig) -> float:
+    """Factor on the softplus core's output before o_proj: min(1, hidden_size / core_dim) for
+    "width", 1 for "none", else the number given."""
+    scale = config.core_output_scale
+    if scale == "width":
+        return min(1.0, config.hidden_size / config.core_dim)
+    return 1.0 if scale == "none" else float(scale)
+
+
 class Llama3SoftplusAttention(nn.Module):
     """Softplus attention (one core of width r, as one head) or grouped-query softmax attention."""
 
@@ -124,6 +135,7 @@ class Llama3SoftplusAttention(nn.Module):
         self.k_proj = nn.Linear(dim, self.kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(dim, self.kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.heads * self.head_dim, dim, bias=False)
+        self.output_multiplier = output_multiplier(config) if self.softplus else 1.0
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor,
                 visible: Tensor | None, cache: DynamicCache | None) -> Tensor:
@@ -138,7 +150,7 @@ class Llama3SoftplusAttention(nn.Module):
             out = self._softplus(q, k, v, positions, visible)
         else:
             out = self._softmax(q, k, v, visible)
-        return self.o_proj(out.transpose(1, 2).reshape(B, S, -1))
+        return self.o_proj(out.transpose(1, 2).reshape(B, S, -1) * self.output_multiplier)
 
     def _softplus(self, q: Tensor, k: Tensor, v: Tensor, positions: Tensor,
                   visible: Tensor | None) -> Tensor:

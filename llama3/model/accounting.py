@@ -77,11 +77,12 @@ def model_summary(model: nn.Module, seq_len: int) -> str:
     if a.attention == "softmax":
         attn = f"softmax, {a.n_heads} heads ({a.n_kv_heads} kv), head_dim {a.head_dim}"
     else:
-        attn = f"softplus, core_dim {a.core_dim}, scale {a.softplus_scale}"
+        attn = (f"softplus, core_dim {a.core_dim}, scale {a.softplus_scale}, output × "
+                f"{a.core_output_multiplier:.4g} ({a.core_output_scale})")
     parts = ", ".join(f"{c} {counts[c]:,}" for c in COMPONENTS)
     return "\n".join([
         f"Llama 3: {a.n_layers} layers, dim {a.dim}, vocab {a.vocab_size}; attention {attn}; "
-        f"mixer {a.mixer}",
+        f"mixer {a.mixer}; init {a.init}",
         f"parameters: {counts['total']:,} ({parts})",
         f"training FLOPs/token at seq {seq_len}: {flops.total / 1e6:.2f} M "
         f"(dense {flops.dense / 1e6:.2f} M, attention {flops.attention / 1e6:.2f} M)",

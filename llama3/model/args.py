@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,7 +12,12 @@ from llama3.errors import ConfigError
 ATTENTIONS = ("softmax", "softplus")
 MIXERS = ("swiglu", "combinator")
 SOFTPLUS_SCALES = ("length", "constant")
+CORE_OUTPUT_SCALES = ("width", "none")
+INITS = ("normal", "fan_in", "depth")
 DEFAULT_MIXER = {"softmax": "swiglu", "softplus": "combinator"}
+# Settings added after checkpoints were first written, with the value that reproduces a model
+# saved before each existed (a record without the key is such a model).
+LEGACY = {"core_output_scale": "none"}
 
 
 def heuristic_core_dim(dim: int) -> int:
@@ -39,6 +45,12 @@ class ModelArgs:
 
     ``mixer=None`` follows the attention (softmax → swiglu, softplus → combinator);
     ``core_dim=None`` takes :func:`heuristic_core_dim`; ``n_kv_heads=None`` means ``n_heads``.
+
+    ``core_output_scale`` (softplus): "width" multiplies the core's output by min(1, dim/core_dim)
+    before the output projection, so that no core drives the residual stream harder than one of
+    width ``dim`` (see :attr:`core_output_multiplier`); "none" leaves it as models saved before the
+    setting existed; a number (as a string, "0.3") is the factor itself. ``init`` names the
+    initialisation scheme (:meth:`Transformer.init_weights`).
     """
 
     dim: int = 128
@@ -56,6 +68,8 @@ class ModelArgs:
     mixer: str | None = None
     core_dim: int | None = None
     softplus_scale: str = "length"
+    core_output_scale: str = "width"
+    init: str = "normal"
     dropout: float = 0.0
     # Derived in __post_init__; not constructor arguments.
     head_dim: int = field(init=False)
@@ -67,6 +81,8 @@ class ModelArgs:
             self.mixer = DEFAULT_MIXER[self.attention]
         self._check_choice("mixer", self.mixer, MIXERS)
         self._check_choice("softplus_scale", self.softplus_scale, SOFTPLUS_SCALES)
+        self._check_core_output_scale()
+        self._check_choice("init", self.init, INITS)
         for name in ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "max_seq_len"):
             self._check_positive(name, getattr(self, name))
         if self.n_kv_heads is None:
@@ -104,6 +120,18 @@ class ModelArgs:
         if self.core_dim % 8:
             raise ConfigError(f"--core_dim must be a multiple of 8, got {self.core_dim}")
 
+    def _check_core_output_scale(self) -> None:
+        value = self.core_output_scale
+        if value in CORE_OUTPUT_SCALES:
+            return
+        try:
+            factor = float(value)
+        except (TypeError, ValueError):
+            factor = math.nan
+        if not 0 < factor < math.inf:
+            raise ConfigError(f"--core_output_scale must be one of {', '.join(CORE_OUTPUT_SCALES)} "
+                              f"or a positive number; got {value!r}")
+
     @staticmethod
     def _check_positive(name: str, value: int) -> None:
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -124,15 +152,31 @@ class ModelArgs:
         """Width of the features RoPE rotates: head_dim (softmax) or core_dim (softplus)."""
         return self.head_dim if self.attention == "softmax" else self.core_dim
 
+    @property
+    def core_output_multiplier(self) -> float:
+        """Factor on the softplus core's output before ``wo``: min(1, dim/core_dim) for "width".
+
+        Under AdamW each of ``wo``'s core_dim inputs (and each output of ``wv``) moves by about the
+        learning rate per step, so the attention branch's update grows with core_dim; the factor
+        holds it to that of a core of width ``dim`` (the width every softmax model has), and is 1
+        for cores no wider than that.
+        """
+        if self.attention != "softplus" or self.core_output_scale == "none":
+            return 1.0
+        if self.core_output_scale == "width":
+            return min(1.0, self.dim / self.core_dim)
+        return float(self.core_output_scale)
+
     def to_dict(self) -> dict[str, Any]:
         """Constructor arguments only (derived sizes are recomputed on load)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "ModelArgs":
-        """Rebuild from :meth:`to_dict`; unknown keys are an error that names them."""
+        """Rebuild from :meth:`to_dict`; unknown keys are an error that names them, and a setting
+        the record predates takes its :data:`LEGACY` value (the model it was saved from)."""
         names = {f.name for f in dataclasses.fields(cls) if f.init}
         unknown = sorted(set(values) - names)
         if unknown:
             raise ConfigError(f"unknown model arguments: {', '.join(unknown)}")
-        return cls(**values)
+        return cls(**{**LEGACY, **values})

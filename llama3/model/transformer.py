@@ -200,6 +200,7 @@ class SoftplusAttention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.core_dim, self.scale = args.core_dim, args.softplus_scale
+        self.output_multiplier = args.core_output_multiplier
         self.wq = nn.Linear(args.dim, args.core_dim, bias=False)
         self.wk = nn.Linear(args.dim, args.core_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.core_dim, bias=False)
@@ -217,7 +218,10 @@ class SoftplusAttention(nn.Module):
         return softplus_attention(q, k, v, scale=self.scale, kv_len=kv_len)
 
     def output(self, attn: Tensor) -> Tensor:
-        return self.wo(self.dropout(attn))
+        attn = self.dropout(attn)
+        if self.output_multiplier != 1.0:
+            attn = attn * self.output_multiplier
+        return self.wo(attn)
 
 
 def _with_cache(layer: nn.Module, k: Tensor, v: Tensor, kv: LayerKV) -> tuple[Tensor, Tensor]:
@@ -280,6 +284,10 @@ class TransformerBlock(nn.Module):
         return (out, k, v) if kv is not None else (out, None, None)
 
 
+# Projections whose output (alone or as a factor of a product) goes into the residual stream.
+RESIDUAL_WRITERS = ("wo", "w2", "w3", "wa")
+
+
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -309,14 +317,46 @@ class Transformer(nn.Module):
         return model
 
     @torch.no_grad()
-    def init_weights(self, std: float = 0.02) -> None:
-        """N(0, std) for every projection and the embedding, ones for norms; recompute RoPE."""
+    def init_weights(self) -> None:
+        """Initialise by the scheme ``args.init`` names; ones for norms; recompute RoPE.
+
+        Standard deviations of zero-mean normals, by scheme:
+
+        * normal: 0.02 for every projection and the embedding;
+        * fan_in: 1/sqrt(fan_in) for every projection (the output one included), 1 for the
+          embedding;
+        * depth: torchtitan's Llama scheme: 1 for the embedding; 0.02 for projections that read the
+          residual stream, 0.02/sqrt(2(l+1)) in block l (0-based) for those whose product is
+          written to it (``wo``; SwiGLU's ``w2``, ``w3``; the Combinator's ``wa``); 1/sqrt(dim) for
+          the output projection; every normal but the embedding's truncated at 3 deviations.
+        """
         for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-            elif isinstance(module, RMSNorm):
+            if isinstance(module, RMSNorm):
                 module.reset_parameters()
+        for std, weight in self._initial_stds():
+            if self.args.init == "depth" and weight is not self.tok_embeddings.weight:
+                nn.init.trunc_normal_(weight, std=std, a=-3 * std, b=3 * std)
+            else:
+                nn.init.normal_(weight, std=std)
         self.rope.reset_parameters()
+
+    def _initial_stds(self) -> list[tuple[float, Tensor]]:
+        """(standard deviation, weight) of every projection and the embedding under args.init."""
+        scheme, dim = self.args.init, self.args.dim
+        if scheme == "normal":
+            return [(0.02, m.weight) for m in self.modules()
+                    if isinstance(m, (nn.Linear, nn.Embedding))]
+        stds = [(1.0, self.tok_embeddings.weight), (dim ** -0.5, self.output.weight)]
+        for i, layer in enumerate(self.layers):
+            for name, m in layer.named_modules():
+                if not isinstance(m, nn.Linear):
+                    continue
+                if scheme == "fan_in":
+                    stds.append((m.in_features ** -0.5, m.weight))
+                else:
+                    writes = name.rsplit(".", 1)[-1] in RESIDUAL_WRITERS
+                    stds.append((0.02 / math.sqrt(2 * (i + 1)) if writes else 0.02, m.weight))
+        return stds
 
     def forward(
         self, tokens: Tensor, k_cache: Tensor | None = None, v_cache: Tensor | None = None, *,

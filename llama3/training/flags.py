@@ -42,7 +42,8 @@ Config = TypeVar("Config")
 # Flags that decide how a run continues: a resumed run takes them from its checkpoint unless given.
 RESUMABLE = ("data_mode", "seed", "batch_size", "accumulation_steps", "total_steps", "eval_steps",
              "eval_batches", "base_lr", "wd_rate", "max_norm", "beta1", "beta2", "adam_eps",
-             "lr_schedule", "warmup_steps", "min_lr_ratio", "save_steps", "keep_last", "allow_tf32")
+             "lr_schedule", "warmup_steps", "min_lr_ratio", "save_steps", "keep_last", "allow_tf32",
+             "diagnostics_steps")
 DATA_ORDER = ("data_mode", "seed", "batch_size")  # changing one would change the windows of a step
 
 
@@ -320,16 +321,24 @@ def add_logging_flags(parser: argparse.ArgumentParser) -> None:
                             "for known GPUs at the run's precision; none on the CPU)")
     group.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=True,
                        help="write TensorBoard event files to DIR/tensorboard (needs tensorboard)")
+    group.add_argument("--diagnostics_steps", type=int, default=0,
+                       help="every this many steps, record per layer the attention's sharpness "
+                            "(entropy, top and previous-key weight), the range of its scores and "
+                            "its branch's size against the residual stream, and each parameter "
+                            "role's gradient norm (kind \"diagnostics\" in metrics.jsonl; 0: off)")
 
 
 @dataclass(frozen=True)
 class MetricsConfig:
     peak_tflops: float | None
     tensorboard: bool
+    diagnostics_steps: int
 
     def __post_init__(self) -> None:
         _refuse(self.peak_tflops is not None and not 0 < self.peak_tflops < math.inf,
                 "peak_tflops", self.peak_tflops, "must be a positive number")
+        _refuse(self.diagnostics_steps < 0, "diagnostics_steps", self.diagnostics_steps,
+                "must not be negative")
 
 
 # --------------------------------------------------------------------------- all together

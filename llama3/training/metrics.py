@@ -127,8 +127,8 @@ class MetricsLog:
         except OSError as err:
             raise write_error(self.run_dir / METRICS_FILE, err) from err
         if self._tb is not None:
-            for key, value in record.items():
-                if key not in ("kind", "step") and isinstance(value, (int, float)):
+            for key, value in _scalars(record):
+                if key not in ("kind", "step"):
                     self._tb.add_scalar(f"{record['kind']}/{key}", value, record["step"])
 
     def progress(self, record: dict[str, Any]) -> None:
@@ -157,6 +157,16 @@ class MetricsLog:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def _scalars(value: Any, key: str = "") -> list[tuple[str, float]]:
+    """The numbers of a record by path: nested dicts and lists flattened (``layers/0/entropy``)."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return []
+    if isinstance(value, (int, float)):
+        return [(key, value)]
+    items = value.items() if isinstance(value, dict) else enumerate(value)
+    return [pair for k, v in items for pair in _scalars(v, f"{key}/{k}" if key else str(k))]
 
 
 def _tensorboard_writer(path: Path, start_step: int, note: Callable[[str], None]) -> Any:

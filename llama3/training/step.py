@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from llama3.loss import IGNORE_INDEX, lm_loss_sum
 from llama3.runtime import Precision
+from llama3.training.diagnostics import gradient_norms
 from llama3.training.distributed import Distributed
 from llama3.training.guard import check_finite
 from llama3.training.optim import clip_gradients, set_lr, total_grad_norm
@@ -29,6 +30,7 @@ class StepResult:
     grad_norm: float  # before clipping
     stop_requested: bool  # some process asked to stop after this step
     skipped: bool = False  # fp16 gradient overflow: the scaler skipped the update
+    grad_norms: dict[str, float] | None = None  # per parameter role, when asked (diagnostics)
 
 
 class TrainStep:
@@ -40,17 +42,19 @@ class TrainStep:
         self.accumulation_steps, self.max_norm = accumulation_steps, max_norm
 
     def __call__(self, inputs: Tensor, targets: Tensor, *, lr: float, step: int,
-                 stop_requested: bool = False) -> StepResult:
+                 stop_requested: bool = False, grad_norms: bool = False) -> StepResult:
         """Train on (inputs, targets) (B, S) at learning rate ``lr``; ``step`` (1-based) names the
-        step in errors. Raises NonFiniteError before updating if loss or gradients are not finite."""
+        step in errors; ``grad_norms`` adds each parameter role's gradient norm to the result.
+        Raises NonFiniteError before updating if loss or gradients are not finite."""
         loss, stop = self._forward_backward(inputs, targets, stop_requested)
         self.scaler.unscale_(self.optimizer)
+        roles = gradient_norms(self.model) if grad_norms else None
         norm = total_grad_norm(self.model.parameters())
         loss_value, stop_votes, grad_norm = torch.stack([loss, stop, norm.double()]).tolist()
         check_finite(step, loss_value, grad_norm, self.model, self.dist,
                      overflow_expected=self.scaler.is_enabled())
         skipped = self._update(norm, grad_norm, lr)
-        return StepResult(loss_value, grad_norm, stop_votes > 0, skipped)
+        return StepResult(loss_value, grad_norm, stop_votes > 0, skipped, roles)
 
     def _forward_backward(self, inputs: Tensor, targets: Tensor,
                           stop_requested: bool) -> tuple[Tensor, Tensor]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -22,6 +22,8 @@ from llama3.model import ModelArgs, Transformer, parameter_counts
 from llama3.runtime import configure_matmul
 from llama3.errors import UsageError
 from llama3.training.build import Run, Source, build_run
+from llama3.training.diagnostics import WINDOWS as DIAGNOSTIC_WINDOWS
+from llama3.training.diagnostics import attention_statistics
 from llama3.training.distributed import Distributed
 from llama3.training.flags import TrainingConfig
 from llama3.training.guard import NonFiniteError
@@ -34,9 +36,11 @@ EXIT_NON_FINITE = 3
 EXIT_INTERRUPTED = 130
 
 
-def run_training(args: argparse.Namespace, dist: Distributed) -> int:
+def run_training(args: argparse.Namespace, dist: Distributed,
+                 prepare: Callable[[Run], None] | None = None) -> int:
     """Build the run from the flags (and the checkpoint it resumes), train to ``--total_steps``
-    holding the run directory, return the exit status."""
+    holding the run directory, return the exit status. ``prepare`` (experiments) gets the built
+    run before its first step."""
     source = Source.read(args.from_checkpoint)
     config = TrainingConfig.from_args(args, source.flags)
     configure_matmul(config.device.allow_tf32)
@@ -44,6 +48,8 @@ def run_training(args: argparse.Namespace, dist: Distributed) -> int:
         run = build_run(config, dist, source)
         if _finished(run):
             return 0
+        if prepare is not None:
+            prepare(run)
         return _train(run)
 
 
@@ -85,11 +91,15 @@ def _loop(run: Run, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], metric
           stop: StopRequest) -> str:
     """Train until the last step, a stop request or a non-finite value; returns which."""
     batch, progress = run.config.batch, run.progress
+    every = run.config.metrics.diagnostics_steps
     status = "completed"
     while progress.step < batch.total_steps:
+        diagnose = every > 0 and (progress.step + 1) % every == 0
         try:
             begin = time.perf_counter()  # the step's time includes waiting for its data
-            record, stop_requested = train_step(run, next(batches), stop.requested, begin)
+            window = next(batches)
+            record, stop_requested, grad_norms = train_step(run, window, stop.requested, begin,
+                                                            diagnose)
         except NonFiniteError as err:
             metrics.write({"kind": "error", "step": progress.step + 1, "message": str(err),
                            "elapsed_s": progress.elapsed()})
@@ -98,6 +108,8 @@ def _loop(run: Run, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], metric
             return "non-finite"
         metrics.write(record)
         metrics.progress(record)
+        if diagnose:
+            metrics.write(diagnostics(run, window[0], grad_norms))
         final = progress.step == batch.total_steps
         if run.parts.eval_windows is not None and (progress.step % batch.eval_steps == 0 or final):
             metrics.write(evaluate(run))
@@ -113,12 +125,15 @@ def _loop(run: Run, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], metric
 
 
 def train_step(run: Run, batch: tuple[torch.Tensor, torch.Tensor], stop_requested: bool,
-               begin: float) -> tuple[dict[str, Any], bool]:
-    """One optimizer step on ``batch`` at the scheduled learning rate; returns its metric record
-    and whether any process asked to stop."""
+               begin: float, grad_norms: bool = False
+               ) -> tuple[dict[str, Any], bool, dict[str, float] | None]:
+    """One optimizer step on ``batch`` at the scheduled learning rate; returns its metric record,
+    whether any process asked to stop, and (if ``grad_norms``) each parameter role's gradient
+    norm."""
     parts, progress = run.parts, run.progress
     lr = parts.schedule(progress.step)
-    result = parts.step(*batch, lr=lr, step=progress.step + 1, stop_requested=stop_requested)
+    result = parts.step(*batch, lr=lr, step=progress.step + 1, stop_requested=stop_requested,
+                        grad_norms=grad_norms)
     progress.step += 1
     progress.tokens += parts.throughput.tokens_per_step
     tokens_per_s, mfu = parts.throughput.add(time.perf_counter() - begin)
@@ -129,7 +144,21 @@ def train_step(run: Run, batch: tuple[torch.Tensor, torch.Tensor], stop_requeste
               "elapsed_s": progress.elapsed()}
     if result.skipped:
         record["skipped"] = True
-    return record, result.stop_requested
+    return record, result.stop_requested, result.grad_norms
+
+
+def diagnostics(run: Run, inputs: torch.Tensor, grad_norms: dict[str, float] | None
+                ) -> dict[str, Any]:
+    """The diagnostics record of the step just taken (see :mod:`llama3.training.diagnostics`):
+    attention measured on the first windows of the first eval batch, else of ``inputs``."""
+    parts, progress = run.parts, run.progress
+    if parts.eval_windows is not None:
+        inputs = next(iter(parts.eval_windows.batches(max_batches=1)))[0]
+    tokens = inputs[:DIAGNOSTIC_WINDOWS].to(parts.dist.device)
+    with run.config.device.precision.autocast(parts.dist.device):
+        layers = attention_statistics(parts.model, tokens)
+    return {"kind": "diagnostics", "step": progress.step, "tokens": progress.tokens,
+            "layers": layers, "grad_norms": grad_norms}
 
 
 def evaluate(run: Run) -> dict[str, Any]:
