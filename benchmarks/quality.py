@@ -6,7 +6,8 @@ evaluated at 1×, 2×, 4× and 8× their training context.
     python benchmarks/quality.py --tiny     # tiny models, seconds
 
 Models (the original's comparison): 3 layers, dim 128, vocabulary 2048; softmax with 4 heads,
-softplus with core_dim 128 and with core_dim 424. Each is trained by ``python -m llama3 train``
+softplus with core_dim 128 and with core_dim 424, and core_dim 424 without the core output scale
+(``--core_output_scale none``, the original's model). Each is trained by ``python -m llama3 train``
 with the same settings and seed, so on the same windows in the same order: context 256, batch 16,
 AdamW at 3e-3, 10% warm-up then linear decay, evaluated every 50 steps on the whole eval split.
 Then ``python -m llama3 evaluate --seq_lens`` measures each at the four window lengths, one window
@@ -69,9 +70,17 @@ class Scale:
     model_flags: tuple[str, ...] = ()
 
 
-FULL = Scale(BASE, CONFIGS, context=256, batch_size=16, steps=500, eval_steps=50)
-TINY = Scale(TINY_BASE, TINY_CONFIGS, context=32, batch_size=4, steps=6, eval_steps=3,
-             model_flags=("--multiple_of", "16"))
+def with_unscaled(configs: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The configurations and, after them, the widest softplus one without the core output scale
+    (``-none``: the original's model)."""
+    widest = max((n for n, c in configs.items() if c["attention"] == "softplus"),
+                 key=lambda n: configs[n]["core_dim"])
+    return {**configs, f"{widest}-none": {**configs[widest], "core_output_scale": "none"}}
+
+
+FULL = Scale(BASE, with_unscaled(CONFIGS), context=256, batch_size=16, steps=500, eval_steps=50)
+TINY = Scale(TINY_BASE, with_unscaled(TINY_CONFIGS), context=32, batch_size=4, steps=6,
+             eval_steps=3, model_flags=("--multiple_of", "16"))
 
 
 @dataclass(frozen=True)
@@ -85,10 +94,7 @@ class Data:
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    data = p.add_argument_group("data (default: the quick start's Python documentation corpus)")
-    data.add_argument("--train_corpus", metavar="PATH", help="training split (from preprocess)")
-    data.add_argument("--eval_corpus", metavar="PATH", help="eval split")
-    data.add_argument("--tokenizer", metavar="MODEL_FILE", help="tokenizer of both splits")
+    add_corpus_flags(p)
     p.add_argument("--tiny", action="store_true",
                    help="tiny models (2 layers, dim 32, context 32, batch 4, 6 steps)")
     p.add_argument("--steps", type=int, default=None,
@@ -106,13 +112,28 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--output", type=Path, default=None,
                    help="JSON results, the figures beside it (default: "
                         "benchmarks/results/quality.json; with --tiny WORK_DIR/quality.json)")
-    args = p.parse_args()
+    return settle_paths(p, p.parse_args(), "quality")
+
+
+def add_corpus_flags(parser: argparse.ArgumentParser) -> None:
+    """The corpus flags of the quality benchmarks (all three, or none for the built-in one)."""
+    data = parser.add_argument_group("data (default: the quick start's Python documentation "
+                                     "corpus)")
+    data.add_argument("--train_corpus", metavar="PATH", help="training split (from preprocess)")
+    data.add_argument("--eval_corpus", metavar="PATH", help="eval split")
+    data.add_argument("--tokenizer", metavar="MODEL_FILE", help="tokenizer of both splits")
+
+
+def settle_paths(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                 name: str) -> argparse.Namespace:
+    """Check the corpus flags go together; default ``--work_dir`` to benchmarks/out/NAME (or
+    NAME_tiny) and ``--output`` to benchmarks/results/NAME.json (with --tiny: in the work dir)."""
     given = [args.train_corpus, args.eval_corpus, args.tokenizer]
     if any(given) and not all(given):
-        p.error("--train_corpus, --eval_corpus and --tokenizer go together")
+        parser.error("--train_corpus, --eval_corpus and --tokenizer go together")
     args.work_dir = args.work_dir or RESULTS_DIR.parent / "out" / (
-        "quality_tiny" if args.tiny else "quality")
-    args.output = args.output or (args.work_dir if args.tiny else RESULTS_DIR) / "quality.json"
+        f"{name}_tiny" if args.tiny else name)
+    args.output = args.output or (args.work_dir if args.tiny else RESULTS_DIR) / f"{name}.json"
     return args
 
 
@@ -185,7 +206,9 @@ def eval_curve(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def label(name: str) -> str:
-    return "softmax, 4 heads" if name == "softmax" else name.replace("-", ", core_dim ")
+    if name == "softmax":
+        return "softmax, 4 heads"
+    return name.replace("-none", ", no output scale").replace("softplus-", "softplus, core_dim ")
 
 
 def main() -> int:

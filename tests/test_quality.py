@@ -35,7 +35,8 @@ def test_tiny_quality_benchmark_reruns_identically(tiny_corpus, tiny_tokenizer, 
 
     first = quality(tiny_corpus, tiny_tokenizer, tmp_path / "a")
     second = quality(tiny_corpus, tiny_tokenizer, tmp_path / "b")
-    assert [r["model"] for r in first["rows"]] == ["softmax", "softplus-16", "softplus-40"]
+    assert [r["model"] for r in first["rows"]] == ["softmax", "softplus-16", "softplus-40",
+                                                   "softplus-40-none"]
     assert first["settings"]["eval_lengths"] == [32, 64, 128, 256]
     for a, b in zip(first["rows"], second["rows"]):
         assert {k: v for k, v in a.items() if k != "train_minutes"} == \

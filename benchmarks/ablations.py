@@ -1,0 +1,429 @@
+"""Ablations of the quality benchmark: why the original's default model (softplus attention at
+core_dim 424) learns worst at small scale, and the three models compared fairly.
+
+    python benchmarks/ablations.py          # every group, 2 trainings at a time, 1 thread each
+    python benchmarks/ablations.py --groups width lr --jobs 1 --threads 2
+    python benchmarks/ablations.py --tiny            # tiny models, a minute
+
+Every trial is ``python -m llama3 train`` on the quality benchmark's corpus and settings (3 layers,
+dim 128, vocabulary 2048, context 256, batch 16, 500 steps = 2.05 M tokens, AdamW at 3e-3 with 10%
+warm-up then linear decay, the whole eval split every 50 steps), with ``--diagnostics_steps 50``.
+The models: softmax (4 heads), softplus at core_dim 128, and softplus at core_dim 424 with the
+core's output scaled (``--core_output_scale width``, the default) and without (``none``, as before
+that setting). The groups vary one thing at a time:
+
+* width: core_dim 64, 128, 256, 424, 512, each with and without the output scale (the scale is 1
+  for core_dim ≤ dim, so those run once);
+* branch: the core's output multiplied by fixed factors (``--core_output_scale 0.5`` ...) at
+  core_dim 64, 128 and 424: how strong the attention branch should be, whatever the width;
+* init: ``--init normal`` (N(0, 0.02)), ``fan_in``, ``depth`` (torchtitan's), every model;
+* scale: ``--softplus_scale length`` against ``constant``, and mixer: Combinator against SwiGLU,
+  both at core_dim 424 with and without the output scale;
+* lr: four peak learning rates per model; seeds: each model at its best rate (lowest final eval
+  loss of seed 0) with seeds 0, 1, 2 (mean ± sample standard deviation);
+* context: context 2048 with batch 2 (the same tokens per step and in all) at 3e-3.
+
+Trials run as child processes, ``--jobs`` at a time with ``--threads`` threads each (fixed, so a
+rerun on the same machine gives the same numbers). A trial whose run directory holds a completed
+summary is not run again, so an interrupted benchmark continues where it stopped (``--fresh``
+starts over). Writes ``--output`` (JSON: settings, environment, every trial's eval curve, summary
+and diagnostics, the tables), the figures beside it (``*_curves.png``, ``*_lr.png``,
+``*_diagnostics.png``), and prints the tables.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import child_env, format_table, write_results  # noqa: E402
+from benchmarks.quality import add_corpus_flags, corpus, settle_paths  # noqa: E402
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from concurrent.futures import ThreadPoolExecutor  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from typing import Any  # noqa: E402
+
+from llama3.model.args import DEFAULT_MIXER  # noqa: E402
+from llama3.plot import read_metrics  # noqa: E402
+from llama3.training.metrics import SUMMARY_FILE  # noqa: E402
+
+GROUPS = ("width", "branch", "init", "scale", "mixer", "lr", "seeds", "context")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything the full and the tiny benchmark differ in."""
+
+    base: dict[str, int]
+    models: dict[str, dict[str, Any]]  # the main models, by name
+    wide: str  # the model whose core is wider than dim (with "-none": without the output scale)
+    widths: tuple[int, ...]
+    factors: dict[int, tuple[str, ...]]  # branch group: core_dim → output factors tried
+    rates: tuple[float, ...]
+    seeds: tuple[int, ...]
+    context: int
+    batch_size: int
+    long_context: int  # the context group's; its batch keeps the tokens per step
+    steps: int
+    every: int  # evaluation and diagnostics interval
+    lr: float  # the other groups' peak learning rate
+    model_flags: tuple[str, ...] = ()
+
+
+def _softplus(r: int, scale: str) -> dict[str, Any]:
+    return {"attention": "softplus", "core_dim": r, "core_output_scale": scale}
+
+
+FULL = Plan(base=dict(n_layers=3, dim=128, vocab_size=2048),
+            models={"softmax": {"attention": "softmax", "n_heads": 4},
+                    "softplus-128": _softplus(128, "width"),
+                    "softplus-424": _softplus(424, "width"),
+                    "softplus-424-none": _softplus(424, "none")},
+            wide="softplus-424", widths=(64, 128, 256, 424, 512),
+            factors={64: ("2", "0.5"), 128: ("0.5", "0.25"), 424: ("0.5", "0.1")},
+            rates=(1.5e-3, 3e-3, 6e-3, 1.2e-2), seeds=(0, 1, 2), context=256, batch_size=16,
+            long_context=2048, steps=500, every=50, lr=3e-3)
+TINY = Plan(base=dict(n_layers=2, dim=32, vocab_size=128),
+            models={"softmax": {"attention": "softmax", "n_heads": 4},
+                    "softplus-16": _softplus(16, "width"),
+                    "softplus-40": _softplus(40, "width"),
+                    "softplus-40-none": _softplus(40, "none")},
+            wide="softplus-40", widths=(16, 40), factors={40: ("0.5",)}, rates=(3e-3, 6e-3),
+            seeds=(0, 1), context=32, batch_size=4, long_context=64, steps=6, every=3, lr=3e-3,
+            model_flags=("--multiple_of", "16"))
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One training run: a model (name and flags), its learning rate, seed and context."""
+
+    model: str
+    flags: tuple[tuple[str, Any], ...]
+    lr: float
+    seed: int
+    context: int
+    batch_size: int
+    groups: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def key(self) -> str:
+        """The run directory's name: every setting that makes the run what it is."""
+        flags = "_".join(f"{k}-{v}" for k, v in self.flags)
+        return f"{flags}_lr{self.lr:g}_seed{self.seed}_ctx{self.context}"
+
+    @property
+    def label(self) -> str:
+        changed = {k: v for k, v in self.flags if k in ("init", "softplus_scale", "mixer")
+                   or (k == "core_output_scale" and v not in ("width", "none"))}
+        extra = "".join(f", {k} {v}" for k, v in changed.items())
+        return f"{self.model}{extra}"
+
+
+def trial(plan: Plan, model: str, group: str, *, lr: float | None = None, seed: int = 0,
+          long: bool = False, **changes: Any) -> Trial:
+    """The trial of ``model`` with ``changes`` to its flags, in the plan's settings; a flag at its
+    default is left out, so the same run is the same trial whichever group asks for it."""
+    flags = {**plan.models.get(model, {}), **changes}
+    defaults = {"init": "normal", "softplus_scale": "length",
+                "mixer": DEFAULT_MIXER[flags["attention"]]}
+    if flags.get("core_dim", math.inf) <= plan.base["dim"]:  # both scales leave the output as is
+        defaults["core_output_scale"] = flags.get("core_output_scale") if \
+            flags.get("core_output_scale") in ("width", "none") else "width"
+    flags = {k: v for k, v in flags.items() if defaults.get(k) != v}
+    context = plan.long_context if long else plan.context
+    batch = plan.batch_size * plan.context // context
+    return Trial(model, tuple(sorted(flags.items())), plan.lr if lr is None else lr, seed, context,
+                 batch, (group,))
+
+
+def first_trials(plan: Plan, groups: list[str]) -> list[Trial]:
+    """The trials of every group but seeds (which needs the learning-rate sweep's result)."""
+    wide, old = plan.wide, f"{plan.wide}-none"
+    made: dict[str, list[Trial]] = {
+        "width": [trial(plan, f"softplus-{r}" + ("-none" if scale == "none" else ""), "width",
+                        **_softplus(r, scale))
+                  for r in plan.widths for scale in ("width", "none")
+                  if scale == "width" or r > plan.base["dim"]],
+        "branch": [trial(plan, f"softplus-{r}", "branch", **_softplus(r, factor))
+                   for r, factors in plan.factors.items() for factor in ("none", *factors)],
+        "init": [trial(plan, m, "init", init=init) for m in plan.models
+                 for init in ("normal", "fan_in", "depth")],
+        "scale": [trial(plan, m, "scale", softplus_scale=s) for m in (wide, old)
+                  for s in ("length", "constant")],
+        "mixer": [trial(plan, m, "mixer", mixer=x) for m in (wide, old)
+                  for x in ("combinator", "swiglu")],
+        "lr": [trial(plan, m, "lr", lr=lr) for m in plan.models for lr in plan.rates],
+        "context": [trial(plan, m, "context", long=True) for m in plan.models],
+    }
+    return merged([t for g in groups if g in made for t in made[g]])
+
+
+def seed_trials(plan: Plan, best: dict[str, float]) -> list[Trial]:
+    return [trial(plan, m, "seeds", lr=best[m], seed=s) for m in plan.models for s in plan.seeds]
+
+
+def merged(trials: list[Trial]) -> list[Trial]:
+    """One trial per run directory, carrying every group that asked for it."""
+    by_key: dict[str, Trial] = {}
+    for t in trials:
+        known = by_key.get(t.key)
+        groups = (known.groups if known else ()) + tuple(g for g in t.groups
+                                                         if not known or g not in known.groups)
+        by_key[t.key] = Trial(t.model, t.flags, t.lr, t.seed, t.context, t.batch_size, groups)
+    return list(by_key.values())
+
+
+# ------------------------------------------------------------------------------ running
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Where and how trials run."""
+
+    plan: Plan
+    data: Any  # benchmarks.quality.Data
+    runs: Path
+    threads: int
+
+
+def run_dir(setup: Setup, t: Trial) -> Path:
+    return setup.runs / t.key
+
+
+def completed(setup: Setup, t: Trial) -> bool:
+    summary = run_dir(setup, t) / SUMMARY_FILE
+    if not summary.is_file():
+        return False
+    record = json.loads(summary.read_text())
+    return record.get("status") == "completed" and record.get("steps") == setup.plan.steps
+
+
+def command(setup: Setup, t: Trial) -> list[str]:
+    """``python -m llama3 train`` for the trial."""
+    plan, data = setup.plan, setup.data
+    model = {k: v for k, v in plan.base.items() if k != "vocab_size"} | dict(t.flags)
+    args = ["train", "--device", "cpu", "--train_corpus", data.train, "--eval_corpus", data.eval,
+            "--tokenizer", data.tokenizer, *[x for k, v in model.items() for x in (f"--{k}", v)],
+            *plan.model_flags, "--max_seq_len", t.context, "--batch_size", t.batch_size,
+            "--total_steps", plan.steps, "--warmup_steps", max(plan.steps // 10, 1),
+            "--base_lr", t.lr, "--eval_steps", plan.every,
+            "--eval_batches", 10**9,  # the whole eval split
+            "--diagnostics_steps", plan.every, "--save_steps", plan.steps, "--seed", t.seed,
+            "--no-tensorboard", "--to_checkpoint", run_dir(setup, t)]
+    return [sys.executable, "-m", "llama3", *map(str, args)]
+
+
+def execute(setup: Setup, t: Trial, argv: list[str]) -> float:
+    """Run one trial's command (its output in ``KEY.log`` beside its run directory); returns
+    minutes."""
+    shutil.rmtree(run_dir(setup, t), ignore_errors=True)  # what a stopped attempt left
+    threads = str(setup.threads)
+    env = child_env(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    log = setup.runs / f"{t.key}.log"
+    begin = time.perf_counter()
+    with open(log, "w") as out:
+        done = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"{t.key} failed (exit status {done.returncode}); see {log}")
+    return (time.perf_counter() - begin) / 60
+
+
+def run_all(setup: Setup, trials: list[Trial], jobs: int,
+            make: Callable[[Setup, Trial], list[str]] = command) -> None:
+    """Run the trials not yet completed, ``jobs`` at a time, each the command ``make`` gives; a
+    line for each as it ends (in the order started). A trial that fails does not stop the others;
+    the run then ends with an error naming every failed trial."""
+    todo = [t for t in trials if not completed(setup, t)]
+    print(f"{len(trials) - len(todo)} of {len(trials)} trials already completed; "
+          f"running {len(todo)}, {jobs} at a time", flush=True)
+    failed = []
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = [(t, pool.submit(execute, setup, t, make(setup, t))) for t in todo]
+        for n, (t, future) in enumerate(futures, 1):
+            try:
+                minutes = future.result()
+            except RuntimeError as err:
+                failed.append(str(err))
+                print(f"[{n}/{len(todo)}] {err}", flush=True)
+                continue
+            loss = summary_of(setup, t)["final_eval_loss"]
+            print(f"[{n}/{len(todo)}] {t.label}, lr {t.lr:g}, seed {t.seed}, context "
+                  f"{t.context}: eval loss {loss:.4f} ({minutes:.1f} min)", flush=True)
+    if failed:
+        raise SystemExit("failed trials (rerun the benchmark to run them again):\n"
+                         + "\n".join(failed))
+
+
+# ------------------------------------------------------------------------------ results
+
+
+def summary_of(setup: Setup, t: Trial) -> dict[str, Any]:
+    return json.loads((run_dir(setup, t) / SUMMARY_FILE).read_text())
+
+
+def result(setup: Setup, t: Trial) -> dict[str, Any]:
+    """A trial's settings, final numbers, eval curve and diagnostics, from its run directory."""
+    records, summary = read_metrics(run_dir(setup, t)), summary_of(setup, t)
+    return {"key": t.key, "model": t.model, "label": t.label, "groups": list(t.groups),
+            "flags": dict(t.flags), "lr": t.lr, "seed": t.seed, "context": t.context,
+            "batch_size": t.batch_size, "params": summary["parameters"],
+            "tokens": summary["tokens"], "train_minutes": summary["elapsed_s"] / 60,
+            "final_eval_loss": summary["final_eval_loss"],
+            "eval_curve": [{k: r[k] for k in ("step", "tokens", "loss")} for r in records
+                           if r.get("kind") == "eval"],
+            "diagnostics": [{k: r[k] for k in ("step", "tokens", "layers", "grad_norms")}
+                            for r in records if r.get("kind") == "diagnostics"]}
+
+
+def best_rates(results: list[dict[str, Any]], plan: Plan) -> dict[str, float]:
+    """Each main model's learning rate of lowest final eval loss in the sweep (seed 0)."""
+    best = {}
+    for model in plan.models:
+        sweep = [r for r in results if "lr" in r["groups"] and r["model"] == model]
+        best[model] = min(sweep, key=lambda r: r["final_eval_loss"])["lr"]
+    return best
+
+
+def seed_statistics(results: list[dict[str, Any]], plan: Plan,
+                    best: dict[str, float]) -> dict[str, dict[str, Any]]:
+    """Per model at its best rate: final eval losses of the seeds, mean, sample standard
+    deviation, and the mean ± deviation curve at each evaluation."""
+    out = {}
+    for model in plan.models:
+        runs = sorted((r for r in results if "seeds" in r["groups"] and r["model"] == model),
+                      key=lambda r: r["seed"])
+        losses = [r["final_eval_loss"] for r in runs]
+        curves = list(zip(*[[p["loss"] for p in r["eval_curve"]] for r in runs]))
+        out[model] = {"lr": best[model], "seeds": [r["seed"] for r in runs], "losses": losses,
+                      "mean": statistics.mean(losses), "std": _std(losses),
+                      "curve": [{"tokens": p["tokens"], "mean": statistics.mean(c),
+                                 "std": _std(list(c))}
+                                for p, c in zip(runs[0]["eval_curve"], curves)]}
+    return out
+
+
+def _std(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else math.nan
+
+
+TABLE = ("group", "trial", "lr", "seed", "context", "params", "final_eval_loss",
+         "eval_loss_first", "train_minutes")
+
+
+def table_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (group, trial), groups in GROUPS order."""
+    rows = []
+    for group in GROUPS:
+        for r in results:
+            if group in r["groups"]:
+                rows.append({"group": group, "trial": r["label"], "lr": r["lr"],
+                             "seed": r["seed"], "context": r["context"], "params": r["params"],
+                             "final_eval_loss": r["final_eval_loss"],
+                             "eval_loss_first": r["eval_curve"][0]["loss"],
+                             "train_minutes": r["train_minutes"]})
+    return rows
+
+
+def seed_rows(seeds: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{"model": m, "best_lr": s["lr"], "seeds": len(s["losses"]),
+             "final_eval_loss_mean": s["mean"], "final_eval_loss_std": s["std"]}
+            for m, s in seeds.items()]
+
+
+# ------------------------------------------------------------------------------ main
+
+
+def add_run_flags(parser: argparse.ArgumentParser, name: str) -> None:
+    """How trials run and where they go (this benchmark's and benchmarks/interventions.py's)."""
+    parser.add_argument("--jobs", type=int, default=2, help="trainings at a time")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads of each training")
+    parser.add_argument("--work_dir", type=Path, default=None,
+                        help=f"run directories and logs, the built corpus (default: "
+                             f"benchmarks/out/{name}, or {name}_tiny)")
+    parser.add_argument("--output", type=Path, default=None,
+                        help=f"JSON results, and figures beside it (default: "
+                             f"benchmarks/results/{name}.json; with --tiny WORK_DIR/{name}.json)")
+
+
+def checked_run_flags(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                      name: str) -> argparse.Namespace:
+    if args.jobs < 1 or args.threads < 1:
+        parser.error("--jobs and --threads must be at least 1")
+    return settle_paths(parser, args, name)
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_corpus_flags(p)
+    p.add_argument("--groups", nargs="+", choices=GROUPS, default=list(GROUPS),
+                   help="groups of trials to run (seeds needs lr's trials; it runs them too)")
+    p.add_argument("--tiny", action="store_true",
+                   help=f"tiny models ({TINY.base['n_layers']} layers, dim {TINY.base['dim']}, "
+                        f"{TINY.steps} steps)")
+    p.add_argument("--fresh", action="store_true",
+                   help="run every trial again, even those completed by an earlier run")
+    add_run_flags(p, "ablations")
+    args = checked_run_flags(p, p.parse_args(), "ablations")
+    if "seeds" in args.groups and "lr" not in args.groups:
+        args.groups.append("lr")
+    return args
+
+
+def main() -> int:
+    from benchmarks.ablation_figures import write_figures
+
+    args = parse_args()
+    plan = TINY if args.tiny else FULL
+    runs = args.work_dir / "runs"
+    if args.fresh:
+        shutil.rmtree(runs, ignore_errors=True)
+    runs.mkdir(parents=True, exist_ok=True)
+    load_before, start = os.getloadavg(), time.perf_counter()
+    setup = Setup(plan, corpus(args), runs, args.threads)
+    trials = first_trials(plan, args.groups)
+    run_all(setup, trials, args.jobs)
+    results = [result(setup, t) for t in trials]
+    best, seeds = {}, {}
+    if "seeds" in args.groups:
+        best = best_rates(results, plan)
+        more = merged(trials + seed_trials(plan, best))
+        run_all(setup, [t for t in more if t.key not in {r["key"] for r in results}], args.jobs)
+        results = [result(setup, t) for t in more]
+        seeds = seed_statistics(results, plan, best)
+    minutes = (time.perf_counter() - start) / 60
+    rows = table_rows(results)
+    print(format_table(rows, TABLE))
+    if seeds:
+        print(format_table(seed_rows(seeds), tuple(seed_rows(seeds)[0])))
+    figures = write_figures(args.output, results, seeds, plan)
+    settings = {"corpus": setup.data.name, **{k: v for k, v in plan.base.items()},
+                "context": plan.context, "batch_size": plan.batch_size, "steps": plan.steps,
+                "tokens_per_trial": plan.steps * plan.batch_size * plan.context,
+                "lr": plan.lr, "rates": plan.rates, "seeds": plan.seeds,
+                "long_context": plan.long_context, "every": plan.every, "jobs": args.jobs,
+                "threads": args.threads, "tiny": args.tiny, "groups": args.groups}
+    path = write_results(args.output, rows, benchmark="ablations", settings=settings,
+                         total_minutes=minutes, figures=[f.name for f in figures],
+                         load_average={"before": load_before, "after": os.getloadavg(),
+                                       "cpus": os.cpu_count()},
+                         best_rates=best, seeds=seeds, seed_rows=seed_rows(seeds),
+                         trials=results)
+    print(f"\n{minutes:.1f} minutes; results: {path}\nfigures: "
+          + ", ".join(str(f) for f in figures))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""benchmarks/ablations.py --tiny: the trials of a few groups end to end, the best rate and its
+seeds, figures; a rerun finds every trial completed and reports the same numbers. And
+benchmarks/interventions.py --tiny: with no intervention it repeats the ablation's trial exactly."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def benchmark(script: str, corpus: dict[str, Path], tokenizer: Path, work: Path,
+              *flags: str) -> tuple[dict, str]:
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / f"{script}.py"), "--tiny",
+                           *flags, "--train_corpus", str(corpus["train"]),
+                           "--eval_corpus", str(corpus["eval"]), "--tokenizer", str(tokenizer),
+                           "--work_dir", str(work), "--jobs", "2", "--threads", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
+    return json.loads((work / f"{script}.json").read_text()), done.stdout
+
+
+def ablations(corpus: dict[str, Path], tokenizer: Path, work: Path) -> tuple[dict, str]:
+    return benchmark("ablations", corpus, tokenizer, work, "--groups", "width", "seeds")
+
+
+@pytest.fixture(scope="module")
+def first(tiny_corpus, tiny_tokenizer, tmp_path_factory) -> tuple[dict, Path]:
+    work = tmp_path_factory.mktemp("ablations")
+    return ablations(tiny_corpus, tiny_tokenizer, work)[0], work
+
+
+def test_tiny_ablations_run_resume_and_agree(first, tiny_corpus, tiny_tokenizer):
+    first, tmp_path = first
+    trials = {t["key"]: t for t in first["trials"]}
+    groups = {g for t in trials.values() for g in t["groups"]}
+    assert groups == {"width", "lr", "seeds"}
+    # width: r = 16 ≤ dim 32 runs once; r = 40 with and without the output scale
+    width = sorted((t["model"], t["flags"].get("core_output_scale")) for t in trials.values()
+                   if "width" in t["groups"])
+    assert width == [("softplus-16", None), ("softplus-40", "width"), ("softplus-40-none", "none")]
+    for model, best in first["best_rates"].items():
+        sweep = [t for t in trials.values() if "lr" in t["groups"] and t["model"] == model]
+        assert len(sweep) == 2 and best == min(sweep, key=lambda t: t["final_eval_loss"])["lr"]
+        seeds = first["seeds"][model]
+        runs = [t for t in trials.values() if "seeds" in t["groups"] and t["model"] == model]
+        assert sorted(t["seed"] for t in runs) == [0, 1] and {t["lr"] for t in runs} == {best}
+        assert seeds["mean"] == pytest.approx(statistics.mean(seeds["losses"]))
+        assert seeds["std"] == pytest.approx(statistics.stdev(seeds["losses"]))
+    for t in trials.values():
+        assert t["tokens"] == 6 * 4 * 32 and len(t["eval_curve"]) == 2
+        assert [d["step"] for d in t["diagnostics"]] == [3, 6]
+    for figure in first["figures"]:
+        assert (tmp_path / figure).stat().st_size > 10_000
+
+    second, out = ablations(tiny_corpus, tiny_tokenizer, tmp_path)
+    assert f"{len(trials) - 4} of {len(trials) - 4} trials already completed" in out
+    assert "4 of 4 trials already completed" in out  # the seeds
+    assert second["rows"] == first["rows"] and second["trials"] == first["trials"]
+
+
+def test_interventions_start_from_the_ablations_trial(first, tiny_corpus, tiny_tokenizer,
+                                                      tmp_path):
+    """No intervention: the ablation's softplus-40-none trial to the last digit; the others
+    change the run."""
+    ablation = next(t for t in first[0]["trials"] if t["model"] == "softplus-40-none"
+                    and "lr" in t["groups"] and t["lr"] == 3e-3 and t["seed"] == 0)
+    results, _ = benchmark("interventions", tiny_corpus, tiny_tokenizer, tmp_path,
+                           "--interventions", "none", "values_d", "lr_vo")
+    trials = {t["model"]: t for t in results["trials"]}
+    assert trials["none"]["eval_curve"] == ablation["eval_curve"]
+    assert trials["none"]["diagnostics"] == ablation["diagnostics"]
+    for name in ("values_d", "lr_vo"):
+        assert trials[name]["final_eval_loss"] != ablation["final_eval_loss"]
