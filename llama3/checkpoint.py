@@ -199,22 +199,36 @@ def _read_record(file: Path, expected_format: str, what: str,
     return record
 
 
+def check_new_checkpoint_dir(root: str | os.PathLike) -> Path:
+    """``--to_checkpoint`` for a model-only checkpoint: a directory that holds none yet (its
+    ``latest`` would name the new one, and every command would load it instead of the run's)."""
+    root = Path(root)
+    held = list_step_dirs(root)
+    if held or (root / LATEST).exists():
+        found = held[-1].name if held else LATEST
+        raise UsageError(f"--to_checkpoint {root} already holds a checkpoint ({found}); writing "
+                         f"there would repoint its {LATEST}: choose a new directory")
+    return root
+
+
 def save_model_checkpoint(root: str | os.PathLike, model: nn.Module, *,
-                          tokenizer: dict[str, str] | None = None, step: int = 0,
-                          keep_last: int | None = None) -> Path:
-    """A model-only checkpoint (no training state), published atomically under ``root``."""
-    check_output_dir(root, "--to_checkpoint")
-    staging = stage_step_dir(root, step)
-    try:
-        write_model_file(staging / MODEL_FILE, model.state_dict(), model.args,
-                         tokenizer=tokenizer, step=step)
-        return publish_step_dir(root, staging, step, keep_last)
-    except BaseException as err:
-        remove(staging)
-        error = _save_error(err, Path(root) / step_dir_name(step), root)
-        if error is err:
-            raise
-        raise error from err
+                          tokenizer: dict[str, str] | None = None, step: int = 0) -> Path:
+    """A model-only checkpoint (no training state), published atomically in ``root``, which must
+    hold none yet (:func:`check_new_checkpoint_dir`); the directory is held meanwhile, as a
+    training run holds it (:func:`run_directory_lock`)."""
+    with run_directory_lock(root, _ONE_PROCESS):
+        check_new_checkpoint_dir(root)
+        staging = stage_step_dir(root, step)
+        try:
+            write_model_file(staging / MODEL_FILE, model.state_dict(), model.args,
+                             tokenizer=tokenizer, step=step)
+            return publish_step_dir(root, staging, step)
+        except BaseException as err:
+            remove(staging)
+            error = _save_error(err, Path(root) / step_dir_name(step), root)
+            if error is err:
+                raise
+            raise error from err
 
 
 def load_model(path: str | os.PathLike, device: torch.device | str = "cpu",
@@ -302,6 +316,21 @@ class TrainingState:
         clash = sorted(set(self.shared) & set(_HEADER))
         if clash:
             raise ValueError(f"shared training state may not be named {', '.join(clash)}")
+
+
+class _OneProcess:
+    """The process group of a command that runs alone."""
+
+    rank, world_size, active = 0, 1, False
+
+    def barrier(self) -> None:
+        pass
+
+    def any_failed(self, failed: bool) -> bool:
+        return failed
+
+
+_ONE_PROCESS = _OneProcess()
 
 
 def rank_file_name(rank: int) -> str:

@@ -15,6 +15,7 @@ import errno
 import hashlib
 import json
 import os
+import secrets
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -121,20 +122,34 @@ def staged_file(path: str | os.PathLike, *companions: str, what: str = "") -> It
 @contextlib.contextmanager
 def staged_directory(path: str | os.PathLike, *, what: str = "") -> Iterator[Path]:
     """:func:`staged_file` for a directory: ``path`` must not exist or be empty; the temporary
-    directory is renamed to it once complete, or removed on failure."""
+    directory is renamed to it once complete, or removed on failure.
+
+    The temporary directory (``NAME.XXXXXXXX.tmp`` beside ``path``) is this call's own, so two
+    processes writing the same ``path`` never touch each other's files and a file of the user's
+    named ``NAME.tmp`` is left alone; the first to finish publishes, the other is refused.
+    """
     path = Path(path)
-    tmp = staging_path(path)
+    tmp = path.with_name(f"{path.name}.{secrets.token_hex(4)}{STAGING_SUFFIX}")
     with _removed_on_failure(tmp, path, what):
-        remove(tmp)
         tmp.mkdir(parents=True)
         yield tmp
         for file in tmp.rglob("*"):  # durable before the rename commits them
             if file.is_file():
                 _fsync_file(file)
-        if path.is_dir():
-            path.rmdir()
-        os.replace(tmp, path)
+        _publish_directory(tmp, path, what)
         fsync_dir(path.parent)
+
+
+def _publish_directory(tmp: Path, path: Path, what: str) -> None:
+    """Rename ``tmp`` to ``path`` (absent or an empty directory) in one step; UsageError when
+    another process filled ``path`` meanwhile."""
+    try:
+        os.replace(tmp, path)
+    except OSError as err:
+        if err.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+            raise
+        raise UsageError(f"{what}{path} was written by another process meanwhile; it is kept and "
+                         "nothing of this run was: choose a new directory") from err
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -169,6 +184,17 @@ def check_output_dir(path: str | os.PathLike, flag: str) -> Path:
     if path.exists() and not path.is_dir():
         raise UsageError(f"{flag} {path} is a file, not a directory: give a directory")
     _check_parent(path, flag, path)
+    return path
+
+
+def check_new_output_dir(path: str | os.PathLike, flag: str) -> Path:
+    """``path`` as a directory a command writes whole (:func:`staged_directory`): absent or
+    empty, in a directory where it can be made."""
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise UsageError(f"{flag} {path} already exists and is not an empty directory; choose a "
+                         "new one")
+    _check_parent(path.parent, flag, path)
     return path
 
 

@@ -14,10 +14,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import re
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -26,10 +28,11 @@ from llama3.cli import (add_checkpoint_source_flags, add_model_flags, add_precis
                         add_seq_len_flag, add_start_token_flag, model_flag_values,
                         seq_len_from_flags, start_token)
 from llama3.errors import UsageError
-from llama3.model.transformer import StaticKVCache
+from llama3.model.transformer import StaticKVCache, cache_shape
 
 CAPACITY_ROUNDING = 128  # cache capacity is rounded up so graphs are reused across similar calls
 CHECK_EVERY = 8  # decode steps between looks at which rows are done (each look syncs the host)
+_ALLOCATION_FAILED = ("not enough memory", "can't allocate memory")  # torch's CPU allocator
 
 # ------------------------------------------------------------------------------------ sampling
 
@@ -152,14 +155,15 @@ class _DecodeStep:
     token back. On CUDA the step is captured in a CUDA graph (once per sampling settings) and
     replayed; elsewhere the same function runs eagerly."""
 
-    def __init__(self, model: nn.Module, batch: int, capacity: int, device: torch.device,
-                 dtype: torch.dtype, autocast_dtype: torch.dtype | None, use_graph: bool):
-        self.model, self.batch, self.capacity = model, batch, capacity
+    def __init__(self, model: nn.Module, batch: int, capacity: int, n_ids: int,
+                 device: torch.device, dtype: torch.dtype, autocast_dtype: torch.dtype | None,
+                 use_graph: bool):
+        self.model, self.batch, self.capacity, self.n_ids = model, batch, capacity, n_ids
         self.device, self.autocast_dtype, self.use_graph = device, autocast_dtype, use_graph
         self.cache = StaticKVCache.allocate(model.args, batch, capacity, device, dtype)
         self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.done = torch.zeros(batch, dtype=torch.bool, device=device)
-        self.noise = torch.ones(batch, model.args.vocab_size, device=device)
+        self.noise = torch.ones(batch, n_ids, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.key: tuple | None = None
         self.settings, self.eos, self.pad = SamplingSettings(), None, 0
@@ -187,7 +191,7 @@ class _DecodeStep:
 
     def _step(self) -> None:
         with _autocast(self.device, self.autocast_dtype):
-            logits = self.model(self.tokens, cache=self.cache)[:, -1]  # (B, V)
+            logits = self.model(self.tokens, cache=self.cache)[:, -1, : self.n_ids]  # (B, V)
         self.cache.lengths.add_(1)
         token = torch.where(self.done, self.pad, pick(logits, self.settings, self.noise))
         if self.eos is not None:
@@ -225,7 +229,9 @@ class Generator:
     take the dtype the keys come out in. ``tokenizer`` is needed for text prompts
     (:meth:`generate`), which start with the tokenizer's ``start`` token ("eos": packed training
     puts one before every document but the first; "bos": padded training starts documents with
-    it; None: nothing); :meth:`generate_ids` works on token ids alone.
+    it; None: nothing); :meth:`generate_ids` works on token ids alone. With a tokenizer, only its
+    ids are sampled: a model whose vocabulary was padded beyond it never writes one it cannot
+    decode.
     """
 
     def __init__(self, model: nn.Module, tokenizer: object | None = None,
@@ -242,6 +248,7 @@ class Generator:
         self.eos_id = eos_id if eos_id is not None else getattr(tokenizer, "eos_id", None)
         self.pad_id = pad_id
         self.start_ids = [getattr(tokenizer, f"{start}_id")] if tokenizer and start else []
+        self.n_ids = min(getattr(tokenizer, "vocab_size", math.inf), model.args.vocab_size)
         self._step: _DecodeStep | None = None
 
     def encode(self, prompt: str) -> list[int]:
@@ -276,7 +283,7 @@ class Generator:
         if not prompts or min(lengths) == 0:
             raise ValueError("every prompt needs at least one token")
         eos = self.eos_id if stop_at_eos else None
-        step = self._decode_step(len(prompts), max(lengths) + settings.max_new_tokens)
+        step = self._decode_step(len(prompts), _capacity(max(lengths) + settings.max_new_tokens))
         step.prepare(settings, eos, self.pad_id)
         generator = torch.Generator(device=self.device).manual_seed(settings.seed)
         self._sync()
@@ -293,13 +300,19 @@ class Generator:
         return GenerationResult(tokens=tokens, finished=finished, prompt_tokens=sum(lengths),
                                 prefill_s=prefill_s, decode_s=decode_s, decode_steps=n_steps)
 
-    def _decode_step(self, batch: int, needed: int) -> _DecodeStep:
+    def buffer_bytes(self, batch: int, longest_prompt: int, max_new_tokens: int) -> int:
+        """Bytes :meth:`generate_ids` allocates for a batch: the cache of every layer for prompt
+        and new tokens, and the new tokens' ids."""
+        positions = _capacity(longest_prompt + max_new_tokens)
+        cache = math.prod(cache_shape(self.model.args, batch, positions))
+        return 2 * cache * self.dtype.itemsize + 8 * batch * max_new_tokens
+
+    def _decode_step(self, batch: int, capacity: int) -> _DecodeStep:
         """The cache and graph for this batch size, reused when large enough."""
-        capacity = -(-needed // CAPACITY_ROUNDING) * CAPACITY_ROUNDING
         step = self._step
-        if step is None or step.batch != batch or step.capacity < needed:
+        if step is None or step.batch != batch or step.capacity < capacity:
             self._step = None  # free the old buffers (and graph) before allocating new ones
-            step = _DecodeStep(self.model, batch, capacity, self.device, self.dtype,
+            step = _DecodeStep(self.model, batch, capacity, self.n_ids, self.device, self.dtype,
                                self.autocast_dtype, self.use_graph)
             self._step = step
         return step
@@ -315,8 +328,8 @@ class Generator:
             logits = self.model(padded.to(self.device), cache=step.cache)  # (B, width, V)
         last = torch.as_tensor(lengths, device=self.device) - 1
         step.cache.lengths.copy_(last + 1)
-        return sample(logits[torch.arange(len(prompts), device=self.device), last], settings,
-                      generator)
+        rows = torch.arange(len(prompts), device=self.device)
+        return sample(logits[rows, last, : self.n_ids], settings, generator)
 
     def _decode(self, step: _DecodeStep, first: Tensor, settings: SamplingSettings,
                 generator: torch.Generator, on_step: Callable[[Tensor], None] | None,
@@ -355,6 +368,11 @@ class Generator:
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+def _capacity(positions: int) -> int:
+    """Cache length for ``positions``, rounded up so that graphs are reused across calls."""
+    return -(-positions // CAPACITY_ROUNDING) * CAPACITY_ROUNDING
 
 
 def completion_text(tokenizer: object, prompt: Sequence[int], new: Sequence[int]) -> str:
@@ -453,22 +471,31 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompt)
     if args.prompt_file:
         try:
-            with open(args.prompt_file, encoding="utf-8") as f:
-                prompts += [line.rstrip("\n") for line in f if line.strip()]
+            data = Path(args.prompt_file).read_bytes()
         except OSError as err:
             raise UsageError(f"--prompt_file {args.prompt_file}: {err.strerror or err}") from err
-        except UnicodeDecodeError as err:
-            raise UsageError(f"--prompt_file {args.prompt_file}: not UTF-8 text (byte "
-                             f"{err.start} is {err.object[err.start:err.start + 1]!r}); give a "
-                             "text file of prompts, one per line") from err
+        prompts += prompt_lines(data, f"--prompt_file {args.prompt_file}")
     if not args.prompt and not args.prompt_file:
         if sys.stdin.isatty():
             raise UsageError("no prompts: give --prompt TEXT, --prompt_file FILE, or pipe prompts "
                              "on stdin, one per line")
-        prompts = [line.rstrip("\n") for line in sys.stdin if line.strip()]
+        buffer = getattr(sys.stdin, "buffer", None)  # None: stdin replaced by a text stream
+        text = sys.stdin.read() if buffer is None else buffer.read()
+        prompts = prompt_lines(text, "standard input")
     if not prompts:
         raise UsageError("no prompts: the given prompt file or stdin holds only blank lines")
     return prompts
+
+
+def prompt_lines(data: bytes | str, source: str) -> list[str]:
+    """The non-blank lines of ``data``; UsageError naming ``source`` when it is not UTF-8 text."""
+    try:
+        text = data.decode("utf-8") if isinstance(data, bytes) else data
+    except UnicodeDecodeError as err:
+        raise UsageError(f"{source}: not UTF-8 text (byte {err.start} is "
+                         f"{data[err.start:err.start + 1]!r}); give text, one prompt per "
+                         "line") from err
+    return [line for line in text.splitlines() if line.strip()]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -492,18 +519,21 @@ def run(args: argparse.Namespace) -> int:
     generator = Generator(model, tokenizer, device, cuda_graph=not args.no_cuda_graph,
                           pad_id=tokenizer.padding_id, autocast_dtype=precision.autocast_dtype,
                           start=start_token(args))
-    check_prompts(generator, prompts, settings, seq_len)
-    for start in range(0, len(prompts), args.max_batch_size):
-        batch = prompts[start: start + args.max_batch_size]
-        result = generate_and_print(generator, tokenizer, batch, settings, first_index=start)
-        print(result.stats_line(), file=sys.stderr, flush=True)
+    longest = check_prompts(generator, prompts, settings, seq_len)
+    check_memory(generator, min(len(prompts), args.max_batch_size), longest, settings)
+    with out_of_memory_said(device):
+        for start in range(0, len(prompts), args.max_batch_size):
+            batch = prompts[start: start + args.max_batch_size]
+            result = generate_and_print(generator, tokenizer, batch, settings, first_index=start)
+            print(result.stats_line(), file=sys.stderr, flush=True)
     return 0
 
 
 def check_prompts(generator: Generator, prompts: list[str], settings: SamplingSettings,
-                  context: int) -> None:
+                  context: int) -> int:
     """Refuse empty prompts; warn when a prompt has many unknown tokens, and when a prompt and its
-    completion exceed ``context`` tokens (the model's context, or ``--seq_len``)."""
+    completion exceed ``context`` tokens (the model's context, or ``--seq_len``). Returns the
+    length of the longest prompt in tokens."""
     from llama3.data.tokenizer import unknown_share_warning
 
     encoded = [generator.encode(p) for p in prompts]
@@ -519,6 +549,45 @@ def check_prompts(generator: Generator, prompts: list[str], settings: SamplingSe
         print(f"warning: prompt ({max(lengths)} tokens) + --max_new_tokens "
               f"{settings.max_new_tokens} exceeds the context of {context} tokens",
               file=sys.stderr)
+    return max(lengths)
+
+
+def check_memory(generator: Generator, batch: int, longest: int,
+                 settings: SamplingSettings) -> None:
+    """Refuse, before allocating it, a cache larger than the device's free memory (on the CPU the
+    kernel's out-of-memory killer would end the process without a word)."""
+    need = generator.buffer_bytes(batch, longest, settings.max_new_tokens)
+    free = free_memory(generator.device)
+    if free is not None and need > free:
+        raise UsageError(f"--max_new_tokens {settings.max_new_tokens}: the cache for {batch} "
+                         f"prompt(s) of up to {longest} tokens and the new tokens would need "
+                         f"{need / 2**30:.1f} GiB, more than the {free / 2**30:.1f} GiB free on "
+                         f"{generator.device}; lower --max_new_tokens (or --max_batch_size)")
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free on ``device`` now; None where unknown."""
+    from llama3.deploy.runners import available_memory
+
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return available_memory() if device.type == "cpu" else None
+
+
+@contextlib.contextmanager
+def out_of_memory_said(device: torch.device) -> Iterator[None]:
+    """An allocation that fails (a long prompt's prefill) as one line saying what to lower."""
+    try:
+        yield
+    except RuntimeError as err:
+        if not (isinstance(err, torch.OutOfMemoryError)
+                or any(words in str(err) for words in _ALLOCATION_FAILED)):
+            raise
+        size = re.search(r"tried to allocate (\d[\d.]* ?\w+)", str(err), re.IGNORECASE)
+        raise UsageError(f"generation ran out of memory on {device}"
+                         + (f" (it tried to allocate {size[1]} at once)" if size else "")
+                         + ": shorten the prompts, or lower --max_new_tokens or --max_batch_size"
+                         ) from err
 
 
 def generate_and_print(generator: Generator, tokenizer: object, prompts: list[str],

@@ -35,14 +35,31 @@ def read_evaluation(path: str | Path) -> dict[str, Any]:
     """One evaluate result: the model's context and its lengths, each with its position buckets."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, ValueError) as err:  # ValueError: not JSON, or not UTF-8
         raise UsageError(f"{path}: cannot read evaluate's JSON ({err})") from err
     lengths = data.get("lengths", [data]) if isinstance(data, dict) else []
-    if not lengths or not all({"seq_len", "loss", "positions"} <= set(r) for r in lengths):
+    if (not isinstance(lengths, list) or not lengths or not all(map(_is_length, lengths))
+            or not _is_count(data.get("max_seq_len"), missing=True)):
         raise UsageError(f"{path}: not a file of evaluate --output with losses by position "
                          "(write it again with this version's evaluate)")
     return {"max_seq_len": data.get("max_seq_len"),
             "lengths": sorted(lengths, key=lambda r: r["seq_len"])}
+
+
+def _is_length(result: Any) -> bool:
+    """Whether ``result`` is what evaluate writes for one window length."""
+    return (isinstance(result, dict) and _is_count(result.get("seq_len"))
+            and _is_number(result.get("loss")) and isinstance(result.get("positions"), list)
+            and all(isinstance(b, dict) and _is_count(b.get("start")) and _is_count(b.get("end"))
+                    and _is_number(b.get("loss"), missing=True) for b in result["positions"]))
+
+
+def _is_count(value: Any, missing: bool = False) -> bool:
+    return (value is None and missing) or (isinstance(value, int) and not isinstance(value, bool))
+
+
+def _is_number(value: Any, missing: bool = False) -> bool:
+    return _is_count(value, missing) or isinstance(value, float)
 
 
 def pick_length(evaluation: dict[str, Any], seq_len: int | None, path: str) -> dict[str, Any]:

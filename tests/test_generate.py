@@ -1,6 +1,7 @@
 """Generation: static-cache greedy decoding equals greedy decoding by full forwards (batched prompts
-of different lengths included), seeded sampling is reproducible, the sampling filters, and the
-generate command (argument, batch and stdin prompts)."""
+of different lengths included), seeded sampling is reproducible, the sampling filters, the
+generate command (argument, batch and stdin prompts), and a vocabulary padded beyond the
+tokenizer's."""
 
 from __future__ import annotations
 
@@ -146,3 +147,26 @@ def test_prompts_are_cleaned_as_the_training_text_and_unknown_tokens_said(
     assert main(common + ["--tokenizer", str(older), "--prompt", "THE RIVER"]) == 0
     out, err = capsys.readouterr()
     assert out.startswith("the river") and "has no cleaning record" in err
+
+
+def test_a_vocabulary_padded_beyond_the_tokenizer_is_never_sampled(tiny_tokenizer, tmp_path,
+                                                                     capsys):
+    """A model with 64 ids more than its tokenizer (as transformers pads vocabularies), whose
+    extra ids it would pick first: generation samples the tokenizer's ids only."""
+    from llama3.__main__ import main
+    from llama3.checkpoint import save_model_checkpoint, tokenizer_fingerprint
+    from llama3.data.tokenizer import Tokenizer
+
+    sp = Tokenizer(tiny_tokenizer)
+    torch.manual_seed(0)
+    padded = Transformer.build(ModelArgs(**{**TINY["softmax"], "vocab_size": sp.vocab_size + 64}))
+    with torch.no_grad():
+        padded.output.weight[sp.vocab_size:] = 100 * padded.output.weight[sp.vocab_size:].abs()
+    save_model_checkpoint(tmp_path, padded, tokenizer=tokenizer_fingerprint(tiny_tokenizer))
+    for temperature in (0.0, 1.0):
+        result = Generator(padded, sp, eos_id=None).generate(
+            ["the river"], SamplingSettings(max_new_tokens=8, temperature=temperature))
+        assert max(result.tokens[0]) < sp.vocab_size
+    assert main(["generate", "--from_checkpoint", str(tmp_path), "--tokenizer", str(tiny_tokenizer),
+                 "--device", "cpu", "--max_new_tokens", "8", "--prompt", "the river"]) == 0
+    assert capsys.readouterr().out.startswith("the river")

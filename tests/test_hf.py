@@ -5,7 +5,8 @@ model with GQA and scaled RoPE loads as transformers' LlamaForCausalLM with our 
 and Combinator models load through the exported modelling code with our logits, and generate()
 with a cache matches generate() without one (left-padded batches included); export → import →
 export writes identical files, and an imported model trains on; a Llama directory saved by
-transformers itself (sharded, tied embeddings) imports with its logits; bad input gets one line.
+transformers itself (sharded, tied embeddings) imports with its logits; bad input gets one line;
+two exports to one directory never mix, and import_hf never writes into a directory a run holds.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ MODELS = {
     "softmax_gqa_scaled": dict(attention="softmax", n_heads=4, n_kv_heads=2, multiple_of=16,
                                use_scaled_rope=True),
     "softplus": dict(attention="softplus", core_dim=16),
+    "softplus_wide": dict(attention="softplus", core_dim=48),  # output × 32/48 before o_proj
     "softmax_combinator": dict(attention="softmax", mixer="combinator", n_heads=4, n_kv_heads=2),
     "softplus_swiglu_constant": dict(attention="softplus", mixer="swiglu", core_dim=16,
                                      softplus_scale="constant", multiple_of=16),
@@ -187,7 +189,7 @@ def test_remote_code_calls_our_kernels_where_they_apply(exported, monkeypatch):
 
 def test_export_import_export_is_exact_and_trains_on(exported, checkpoints, tiny_tokenizer,
                                                       tiny_corpus, tmp_path):
-    for name in ("softmax_gqa_scaled", "softplus"):
+    for name in ("softmax_gqa_scaled", "softplus", "softplus_wide"):
         assert main(["import_hf", "--hf_dir", str(exported[name]),
                      "--to_checkpoint", str(tmp_path / name)]) == 0
         assert export(tmp_path / name, tmp_path / f"{name}_again", tiny_tokenizer) == 0
@@ -263,6 +265,26 @@ def test_an_edited_directory_imports_as_its_config_reads(exported, tmp_path):
     assert (args.vocab_size, args.attention, args.core_dim) == (config["vocab_size"], "softplus", 16)
 
 
+@torch.no_grad()
+def test_a_directory_older_than_the_core_output_scale_keeps_its_model(exported, tmp_path):
+    """config.json and the recorded ModelArgs without core_output_scale (as export_hf wrote them
+    before it existed): the model is that of "none", in transformers and once imported."""
+    from llama3.interop.hf_format import ARGS_KEY
+
+    directory = tmp_path / "older"
+    shutil.copytree(exported["softplus_wide"], directory)
+    config = json.loads((directory / "config.json").read_text())
+    del config["core_output_scale"], config[ARGS_KEY]["core_output_scale"]
+    (directory / "config.json").write_text(json.dumps(config))
+    assert main(["import_hf", "--hf_dir", str(directory), "--to_checkpoint",
+                 str(tmp_path / "ours")]) == 0
+    ours = load_checkpoint(tmp_path / "ours")
+    assert ours.args.core_output_scale == "none" and ours.args.core_output_multiplier == 1.0
+    hf = auto_model(directory, trust_remote_code=True)
+    tokens = torch.randint(4, ours.args.vocab_size, (2, 20))
+    assert relative_error(ours(tokens), hf(tokens).logits) <= 1e-5
+
+
 def test_llama_configs_of_transformers_4_and_5_read_alike(tmp_path):
     from llama3.interop.hf_import import stated_fields
 
@@ -314,3 +336,47 @@ def test_import_refuses_other_architectures_by_name(tmp_path, capsys):
                  str(tmp_path / "ours")]) == 2
     assert "attention_bias True cannot be imported" in capsys.readouterr().err
     assert not (tmp_path / "ours").exists()
+
+
+def test_exports_to_one_output_at_once_never_mix(checkpoints, tiny_tokenizer, tmp_path,
+                                                 monkeypatch, capsys):
+    """A second export to the same --output runs to completion while the first writes its
+    weights: the second's directory is published whole, and the first is refused, leaving
+    nothing of its own."""
+    from llama3.interop import hf_export
+
+    output, write_weights = tmp_path / "out", hf_export.write_weights
+
+    def interrupted(directory: Path, tensors: dict, shard_bytes: int) -> int:
+        monkeypatch.setattr(hf_export, "write_weights", write_weights)
+        assert export(checkpoints["softplus"], output, tiny_tokenizer, "--max_shard_size",
+                      "20KB") == 0
+        return write_weights(directory, tensors, shard_bytes)
+
+    monkeypatch.setattr(hf_export, "write_weights", interrupted)
+    assert export(checkpoints["softmax_gqa_scaled"], output, tiny_tokenizer, "--max_shard_size",
+                  "20KB") == 2
+    assert "--output" in capsys.readouterr().err
+    index = json.loads((output / "model.safetensors.index.json").read_text())
+    assert all((output / file).is_file() for file in index["weight_map"].values())
+    assert json.loads((output / "config.json").read_text())["attention"] == "softplus"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_export_leaves_a_file_named_like_its_staging_alone(checkpoints, tmp_path):
+    (tmp_path / "out.tmp").write_text("mine")
+    assert export(checkpoints["softplus"], tmp_path / "out", None) == 0
+    assert (tmp_path / "out.tmp").read_text() == "mine"
+
+
+def test_import_refuses_a_directory_a_training_run_holds(exported, tmp_path, capsys):
+    from llama3.checkpoint import RUN_LOCK
+    from llama3.fileio import locked
+
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    with locked(busy / RUN_LOCK, wait=False):
+        assert main(["import_hf", "--hf_dir", str(exported["softplus"]), "--to_checkpoint",
+                     str(busy)]) == 2
+    assert "in use by another training process" in capsys.readouterr().err
+    assert [p.name for p in busy.iterdir()] == [RUN_LOCK]

@@ -1,7 +1,8 @@
 """The lm-evaluation-harness model ``llama3``, with requests built here (no task downloads):
 loglikelihood equals a direct computation, loglikelihood_rolling equals the loss evaluate
-measures on the same text, generate_until stops at its strings, and ``python -m llama3 lm_eval``
-runs a task from a local file."""
+measures on the same text, generate_until stops at its strings and fits its budget to the
+context, requests it cannot score are one line, and ``python -m llama3 lm_eval`` runs a task from
+a local file and ends in one line when the disk cannot hold its results."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from lm_eval_tasks import local_choice_task
 
 pytest.importorskip("lm_eval")
 
@@ -175,36 +177,27 @@ def test_requests_mostly_unknown_to_the_tokenizer_are_said_once(tiny_checkpoint,
     assert err.count("are <unk>") == 1 and "lm-eval requests" in err, err
 
 
+def run_lm_eval(tiny_checkpoint, tokenizer: Path, tasks: Path, output: Path, *flags: str,
+                preexec_fn=None) -> subprocess.CompletedProcess:
+    """``python -m llama3 lm_eval`` on the tiny softplus checkpoint and the task in ``tasks``,
+    offline, with the datasets cache beside the task."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
+           "OMP_NUM_THREADS": "1", "HF_DATASETS_CACHE": str(tasks / "datasets")}
+    return subprocess.run(
+        [sys.executable, "-m", "llama3", "lm_eval", "--model", "llama3", "--model_args",
+         f"checkpoint={tiny_checkpoint('softplus')},tokenizer={tokenizer}",
+         "--tasks", "tiny_choice", "--include_path", str(tasks), "--device", "cpu",
+         "--batch_size", "4", "--output_path", str(output), *flags],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300, preexec_fn=preexec_fn)
+
+
 def test_the_lm_eval_command_runs_a_local_task(tiny_checkpoint, tiny_tokenizer, tmp_path, lm):
     """``python -m llama3 lm_eval`` with a multiple-choice task read from a local JSON file; its
     accuracy is the share of questions whose right answer our loglikelihood scores highest."""
     questions = [("The River", [" flows", " music"], 0), ("The city", [" of", " garden"], 1),
                  ("A quiet", [" morning", " the"], 0), ("Old stone", [" bridge", " window"], 1)]
-    data = tmp_path / "data.jsonl"
-    data.write_text("".join(json.dumps({"question": q, "choices": c, "label": label}) + "\n"
-                            for q, c, label in questions))
-    (tmp_path / "tiny_choice.yaml").write_text(f"""\
-task: tiny_choice
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: label
-metric_list:
-  - metric: acc
-""")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
-           "OMP_NUM_THREADS": "1", "HF_DATASETS_CACHE": str(tmp_path / "datasets")}
-    done = subprocess.run(
-        [sys.executable, "-m", "llama3", "lm_eval", "--model", "llama3", "--model_args",
-         f"checkpoint={tiny_checkpoint('softplus')},tokenizer={tiny_tokenizer}",
-         "--tasks", "tiny_choice", "--include_path", str(tmp_path), "--device", "cpu",
-         "--batch_size", "4", "--output_path", str(tmp_path / "out")],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    task = local_choice_task(tmp_path, questions)
+    done = run_lm_eval(tiny_checkpoint, tiny_tokenizer, task, tmp_path / "out")
     assert done.returncode == 0, done.stderr[-3000:]
     result, = (tmp_path / "out").rglob("results_*.json")
     accuracy = json.loads(result.read_text())["results"]["tiny_choice"]["acc,none"]
@@ -214,3 +207,50 @@ metric_list:
                                   disable_tqdm=True)
         right += max(range(len(choices)), key=lambda i: scores[i][0]) == label
     assert accuracy == pytest.approx(right / len(questions))
+
+
+def test_the_generation_budget_fits_the_context_unless_a_task_asks_for_more(lm):
+    """A model of context 32: tasks that set no budget generate 16 tokens; one whose budget
+    leaves no room for a context is refused in one line naming --gen_kwargs."""
+    from llama3.errors import UsageError
+
+    assert (lm.max_length, lm.max_gen_toks) == (32, 16)
+    text, = lm.generate_until(requests("generate_until", ("The River", {"until": []})),
+                              disable_tqdm=True)
+    assert 0 < len(lm.tok_encode(text, add_special_tokens=False)) <= 16
+    with pytest.raises(UsageError, match="--gen_kwargs max_gen_toks"):
+        lm.generate_until(requests("generate_until", ("The River", {"max_gen_toks": 32})),
+                          disable_tqdm=True)
+
+
+@pytest.mark.parametrize("context, continuation, words", [
+    ("The River", " the" * 40, "more than max_length 32"),
+    ("The River", "", "no tokens"),
+    ("The River", " ", "no tokens"),  # an empty choice after the target delimiter
+    ("", "", "no tokens"),
+])
+def test_requests_that_cannot_be_scored_are_one_line(lm, context, continuation, words):
+    from llama3.errors import UsageError
+
+    with pytest.raises(UsageError, match=words):
+        lm.loglikelihood(requests("loglikelihood", (context, continuation)), disable_tqdm=True)
+
+
+def test_results_the_disk_cannot_hold_are_one_line(tiny_checkpoint, tiny_tokenizer, tmp_path):
+    """A full disk (a file size limit) when lm-eval saves its results: it would log this and
+    exit 0; the command prints its table, removes the partial files and ends with one line."""
+    import resource
+
+    task = local_choice_task(tmp_path, [("The River", [" flows", " music"], 0)])
+    first = run_lm_eval(tiny_checkpoint, tiny_tokenizer, task, tmp_path / "out")  # warms the cache
+    assert first.returncode == 0, first.stderr[-3000:]
+
+    def full_disk() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1024, resource.RLIM_INFINITY))
+
+    done = run_lm_eval(tiny_checkpoint, tiny_tokenizer, task, tmp_path / "full", "--log_samples",
+                       preexec_fn=full_disk)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error")]
+    assert done.returncode == 2 and len(errors) == 1, done.stderr[-3000:]
+    assert "--output_path" in errors[0] and "tiny_choice" in done.stdout
+    assert not [p for p in (tmp_path / "full").rglob("*") if p.is_file()]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,6 +138,9 @@ def check_flags(args: argparse.Namespace) -> None:
             raise UsageError(f"--{flag} must be at least {least}, got {value}")
     if args.max_cache_len is not None and args.max_cache_len < 1:
         raise UsageError(f"--max_cache_len must be positive, got {args.max_cache_len}")
+    if not 0 <= args.workspace_gib < math.inf:
+        raise UsageError(f"--workspace_gib must be a number of GiB ≥ 0 (0: TensorRT's default), "
+                         f"got {args.workspace_gib}")
     if args.no_tensorrt and "tensorrt" in (args.latency_runners or ()):
         raise UsageError("--latency_runners tensorrt cannot run with --no_tensorrt: drop one of them")
     if args.eval_corpus and not args.tokenizer:

@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import re
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,7 +26,7 @@ import torch
 from llama3.cli import add_checkpoint_source_flags, add_start_token_flag, start_token
 from llama3.errors import UsageError
 from llama3.data.clean import Cleaner, add_cleaning_flags
-from llama3.fileio import staged_directory, write_json
+from llama3.fileio import check_new_output_dir, staged_directory, write_json
 from llama3.interop import hf_format, require
 from llama3.model.args import ModelArgs
 
@@ -68,17 +71,17 @@ def run(args: argparse.Namespace) -> int:
     from llama3.data.tokenizer import load_tokenizer
 
     require("hf", "safetensors", *(["tokenizers"] if args.tokenizer else []))
+    shard_bytes = parse_size(args.max_shard_size)
+    output = check_new_output_dir(args.output, "--output")
     record = read_model_file(args.from_checkpoint)
     model_args = ModelArgs.from_dict(record["model_args"])
     form = choose_format(args.format, model_args)
-    shard_bytes = parse_size(args.max_shard_size)
     tokenizer = load_tokenizer(args.tokenizer, record.get("tokenizer"), model_args.vocab_size) if args.tokenizer else None
     special = {} if tokenizer is None else {  # ids SentencePiece lacks are -1
         kind: i for kind in ("bos", "eos", "pad") if (i := getattr(tokenizer, f"{kind}_id")) >= 0}
     dtype = DTYPES[args.dtype] if args.dtype else next(iter(record["model"].values())).dtype
-    tensors = hf_format.to_hf_state({k: v.to(dtype) for k, v in record["model"].items()},
-                                    model_args, form)
-    output = check_empty_output(Path(args.output))
+    tensors = hf_format.to_hf_state(cast_weights(record["model"], dtype, args.dtype), model_args,
+                                    form)
     with staged_directory(output, what="--output ") as staging:
         n_files = write_weights(staging, tensors, shard_bytes)
         write_json(staging / "config.json", hf_format.hf_config(model_args, form, special, dtype))
@@ -104,31 +107,35 @@ def choose_format(requested: str, model_args: ModelArgs) -> str:
 
 
 def parse_size(text: str) -> int:
-    """``5GB``, ``500MB``, ``123`` (bytes) → bytes."""
+    """``5GB``, ``500MB``, ``123`` (bytes) → bytes: a whole number, at least one."""
     value = text.strip().upper()
     unit = next((u for u in _UNITS if value.endswith(u)), None)
     try:
-        number = float(value[: -len(unit)] if unit else value)
+        number = float(value[: -len(unit)] if unit else value) * _UNITS.get(unit, 1)
     except ValueError:
-        number = -1
-    if number <= 0:
-        raise UsageError(f"--max_shard_size {text}: expected a size such as 500MB or 5GB")
-    return int(number * _UNITS.get(unit, 1))
+        number = math.nan
+    if not 1 <= number < math.inf:
+        raise UsageError(f"--max_shard_size {text}: expected a size of at least one byte, such "
+                         "as 500MB or 5GB")
+    return int(number)
 
 
-def check_empty_output(output: Path) -> Path:
-    """``output``, which must not exist or be an empty directory."""
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
-        raise UsageError(f"--output {output} already exists and is not an empty directory; "
-                         "choose a new one")
-    return output
+def cast_weights(state: dict[str, torch.Tensor], dtype: torch.dtype,
+                 flag: str | None) -> dict[str, torch.Tensor]:
+    """The weights in ``dtype`` (``--dtype flag``); UsageError naming a weight beyond its range,
+    which would become inf."""
+    cast = {name: tensor.to(dtype) for name, tensor in state.items()}
+    for name, tensor in state.items():
+        if torch.isfinite(tensor).all() and not torch.isfinite(cast[name]).all():
+            raise UsageError(f"--dtype {flag}: {name} holds values up to "
+                             f"{tensor.abs().max().item():.4g}, beyond {flag}'s largest "
+                             f"{torch.finfo(dtype).max:.4g}; export as bf16 or fp32")
+    return cast
 
 
 def write_weights(directory: Path, tensors: dict[str, torch.Tensor], shard_bytes: int) -> int:
     """One safetensors file, or several of at most ``shard_bytes`` each plus their index (one
     tensor larger than that gets a file of its own). Returns the number of files."""
-    from safetensors.torch import save_file
-
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, tensor in tensors.items():
@@ -139,17 +146,32 @@ def write_weights(directory: Path, tensors: dict[str, torch.Tensor], shard_bytes
         shards[-1][name] = tensor
         size += nbytes
     if len(shards) == 1:
-        save_file(shards[0], str(directory / hf_format.SAFETENSORS_FILE), metadata={"format": "pt"})
+        save_safetensors(shards[0], directory / hf_format.SAFETENSORS_FILE)
         return 1
     weight_map = {}
     for i, shard in enumerate(shards, start=1):
         file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(directory / file), metadata={"format": "pt"})
+        save_safetensors(shard, directory / file)
         weight_map.update(dict.fromkeys(shard, file))
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     write_json(directory / hf_format.INDEX_FILE,
                {"metadata": {"total_size": total}, "weight_map": weight_map})
     return len(shards)
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors' save_file, whose failed write (a full disk) is raised as the OSError it was
+    (safetensors reports it as its own error, with the code in the text)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    except SafetensorError as err:
+        code = re.search(r"os error (\d+)", str(err))
+        if code is None:
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from err
 
 
 def write_tokenizer(directory: Path, args: argparse.Namespace, tokenizer: Tokenizer,

@@ -21,7 +21,7 @@ import torch
 from llama3.cli import add_tokenizer_flag
 from llama3.errors import UsageError
 from llama3.interop import hf_format, require
-from llama3.model.args import ConfigError, ModelArgs
+from llama3.model.args import LEGACY, ConfigError, ModelArgs
 
 CONFIG_FILE = "config.json"
 IGNORED_KEYS = ("rotary_emb.inv_freq",)  # a precomputed table in some older directories
@@ -39,22 +39,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="directory holding config.json and model.safetensors (or shards and "
                             "model.safetensors.index.json)")
     group.add_argument("--to_checkpoint", required=True, metavar="DIR",
-                       help="checkpoint directory to write (step_00000000 and latest)")
+                       help="new checkpoint directory to write (step_00000000 and latest); one "
+                            "that already holds a checkpoint is refused")
     add_tokenizer_flag(group, required=False)
 
 
 def run(args: argparse.Namespace) -> int:
-    from llama3.checkpoint import save_model_checkpoint
+    from llama3.checkpoint import check_new_checkpoint_dir, save_model_checkpoint
     from llama3.import_meta import build_model
 
     require("hf", "safetensors")
+    check_new_checkpoint_dir(args.to_checkpoint)
     hf_dir = Path(args.hf_dir)
     config = read_config(hf_dir)
     form = detect_format(config, hf_dir)
     model_args = model_args_from_config(config, form, hf_dir)
     tokenizer, note = tokenizer_record(args.tokenizer, hf_dir, model_args)
     hf_state, source = read_weights(hf_dir)
-    untied = untie(hf_state, config)
+    untied = untie(hf_state, config, hf_dir / CONFIG_FILE)
     state = to_our_names(hf_state, model_args, form, source)
     model = build_model(model_args, state, source, CONFIG_FILE)
     path = save_model_checkpoint(args.to_checkpoint, model, tokenizer=tokenizer, step=0)
@@ -85,8 +87,12 @@ def read_config(hf_dir: Path) -> dict[str, Any]:
 
 def detect_format(config: dict[str, Any], hf_dir: Path) -> str:
     """``llama`` or ``remote``; UsageError naming any other architecture."""
-    architectures = config.get("architectures") or []
-    model_type = config.get("model_type")
+    where = hf_dir / CONFIG_FILE
+    architectures = _typed(config, "architectures", list, where, [])
+    if not all(isinstance(name, str) for name in architectures):
+        raise UsageError(f"{where}: architectures is {json.dumps(architectures)}; expected a list "
+                         "of class names")
+    model_type = _typed(config, "model_type", str, where, None)
     if model_type == hf_format.REMOTE_MODEL_TYPE:
         return "remote"
     if model_type == "llama" and architectures in ([], [hf_format.LLAMA_ARCHITECTURE]):
@@ -100,6 +106,7 @@ def detect_format(config: dict[str, Any], hf_dir: Path) -> str:
 STATED = ("attention", "mixer", "dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size",
           "hidden_dim", "core_dim", "softplus_scale", "norm_eps", "rope_theta", "use_scaled_rope",
           "max_seq_len")
+REMOTE_STATED = STATED + ("core_output_scale",)
 
 
 def model_args_from_config(config: dict[str, Any], form: str, hf_dir: Path) -> ModelArgs:
@@ -112,42 +119,62 @@ def model_args_from_config(config: dict[str, Any], form: str, hf_dir: Path) -> M
         recorded = config.get(hf_format.ARGS_KEY)
         if isinstance(recorded, dict):
             ours = ModelArgs.from_dict(recorded)
-            if all(getattr(ours, name) == getattr(stated, name) for name in STATED):
+            names = REMOTE_STATED if form == "remote" else STATED
+            if all(getattr(ours, name) == getattr(stated, name) for name in names):
                 return ours
         return stated
-    except ConfigError as err:
+    except (ConfigError, TypeError) as err:  # TypeError: a recorded value of the wrong type
         raise UsageError(f"{where}: {err}") from err
 
 
-def _require(config: dict[str, Any], key: str, where: Path) -> Any:
+_REQUIRED = object()
+_KINDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+          dict: "an object", list: "a list"}
+
+
+def _typed(config: dict[str, Any], key: str, kind: type, where: Path,
+          default: Any = _REQUIRED) -> Any:
+    """``config[key]``, which must be of ``kind`` (an int is a float; a bool is neither);
+    ``default`` when absent or null, and UsageError naming the key when it is required or of
+    another kind."""
+    value = config.get(key)
+    if value is None and default is not _REQUIRED:
+        return default
     if key not in config:
         raise UsageError(f"{where}: lacks {key}")
-    return config[key]
+    kinds = (int, float) if kind is float else kind
+    if not isinstance(value, kinds) or (isinstance(value, bool) and kind is not bool):
+        raise UsageError(f"{where}: {key} is {json.dumps(value)}; expected {_KINDS[kind]}")
+    return float(value) if kind is float else value
 
 
 def stated_fields(config: dict[str, Any], form: str, where: Path) -> dict[str, Any]:
     """ModelArgs fields from config.json's own keys; UsageError naming a setting we lack."""
-    dim, heads = _require(config, "hidden_size", where), _require(config, "num_attention_heads", where)
-    hidden = _require(config, "intermediate_size", where)
+    dim = _typed(config, "hidden_size", int, where)
+    heads = _typed(config, "num_attention_heads", int, where)
+    hidden = _typed(config, "intermediate_size", int, where)
     meta_hidden = int(2 * 4 * dim / 3)  # SwiGLU width before Meta's multiplier and rounding
     fields = {
-        "dim": dim, "n_heads": heads, "n_layers": _require(config, "num_hidden_layers", where),
-        "n_kv_heads": config.get("num_key_value_heads") or heads,
-        "vocab_size": _require(config, "vocab_size", where),
+        "dim": dim, "n_heads": heads, "n_layers": _typed(config, "num_hidden_layers", int, where),
+        "n_kv_heads": _typed(config, "num_key_value_heads", int, where, heads),
+        "vocab_size": _typed(config, "vocab_size", int, where),
         # rounding up to a multiple of intermediate_size itself reproduces it exactly
         "multiple_of": hidden,
         "ffn_dim_multiplier": None if meta_hidden <= hidden else hidden / meta_hidden,
-        "norm_eps": config.get("rms_norm_eps", 1e-6),
-        "max_seq_len": config.get("max_position_embeddings", 4096),
+        "norm_eps": _typed(config, "rms_norm_eps", float, where, 1e-6),
+        "max_seq_len": _typed(config, "max_position_embeddings", int, where, 4096),
     }
     if form == "remote":
-        return {**fields, **{key: _require(config, key, where) for key in (
-            "attention", "mixer", "core_dim", "softplus_scale", "rope_theta", "use_scaled_rope")}}
+        # a directory written before a setting existed holds the model of its LEGACY value
+        return {**fields, **{key: config.get(key, value) for key, value in LEGACY.items()},
+                **{key: _typed(config, key, kind, where) for key, kind in (
+                    ("attention", str), ("mixer", str), ("core_dim", int),
+                    ("softplus_scale", str), ("rope_theta", float), ("use_scaled_rope", bool))}}
     for key, ours in (("attention_bias", False), ("mlp_bias", False), ("hidden_act", "silu")):
         if config.get(key, ours) != ours:
             raise UsageError(f"{where}: {key} {config[key]!r} cannot be imported (our model has "
                              f"{key} {ours!r})")
-    if config.get("head_dim") not in (None, dim // heads):
+    if heads > 0 and config.get("head_dim") not in (None, dim // heads):  # ModelArgs: heads ≤ 0
         raise UsageError(f"{where}: head_dim {config['head_dim']} cannot be imported (ours is "
                          f"hidden_size / num_attention_heads = {dim // heads})")
     theta, scaled = rope_settings(config, where)
@@ -157,8 +184,10 @@ def stated_fields(config: dict[str, Any], form: str, where: Path) -> dict[str, A
 
 def rope_settings(config: dict[str, Any], where: Path) -> tuple[float, bool]:
     """(rope_theta, use_scaled_rope) from transformers 5's rope_parameters or 4's keys."""
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    theta = float(rope.get("rope_theta", config.get("rope_theta", 10000.0)))
+    rope = (_typed(config, "rope_parameters", dict, where, None)
+            or _typed(config, "rope_scaling", dict, where, {}))
+    theta = _typed(rope, "rope_theta", float, where, None)
+    theta = _typed(config, "rope_theta", float, where, 10000.0) if theta is None else theta
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind == "default":
         return theta, False
@@ -181,6 +210,10 @@ def read_weights(hf_dir: Path) -> tuple[dict[str, torch.Tensor], str]:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (ValueError, KeyError, TypeError) as err:
             raise UsageError(f"{index}: not a safetensors index ({err})") from err
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(file, str) for file in weight_map.values()):
+            raise UsageError(f"{index}: not a safetensors index (its weight_map is not an object "
+                             "of tensor names to file names)")
         files = sorted(set(weight_map.values()))
     elif (hf_dir / hf_format.SAFETENSORS_FILE).is_file():
         files = [hf_format.SAFETENSORS_FILE]
@@ -198,9 +231,10 @@ def read_weights(hf_dir: Path) -> tuple[dict[str, torch.Tensor], str]:
     return state, ", ".join(files)
 
 
-def untie(hf_state: dict[str, torch.Tensor], config: dict[str, Any]) -> bool:
+def untie(hf_state: dict[str, torch.Tensor], config: dict[str, Any], where: Path) -> bool:
     """Give a tied model its own lm_head (a copy of the embedding); True if it was tied."""
-    if "lm_head.weight" in hf_state or not config.get("tie_word_embeddings", False):
+    tied = _typed(config, "tie_word_embeddings", bool, where, False)
+    if "lm_head.weight" in hf_state or not tied:
         return False
     if "model.embed_tokens.weight" in hf_state:
         hf_state["lm_head.weight"] = hf_state["model.embed_tokens.weight"].clone()

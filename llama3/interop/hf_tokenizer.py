@@ -145,7 +145,8 @@ def save_tokenizer(directory: Path, model_file: str | Path, cleaner: Cleaner,
     special = {f"{kind}_token": ours.piece(i) for kind in ("bos", "eos", "unk", "pad")
                if (i := getattr(ours, f"{kind}_id")) >= 0}  # ids SentencePiece lacks are -1
     tokenizer.add_special_tokens(list(special.values()))
-    tokenizer.save(str(directory / "tokenizer.json"))
+    # what tokenizer.save writes, written here so that a failed write is an OSError
+    (directory / "tokenizer.json").write_text(tokenizer.to_str(pretty=True), encoding="utf-8")
     write_json(directory / "tokenizer_config.json", {
         "tokenizer_class": "PreTrainedTokenizerFast", **special, "model_max_length": context,
         "clean_up_tokenization_spaces": False})

@@ -5,19 +5,23 @@ is lm-eval's command line with the module imported::
 
     python -m llama3 lm_eval --model llama3 --model_args checkpoint=RUN,tokenizer=T --tasks ...
 
-Model arguments: ``checkpoint`` and ``tokenizer`` (as for evaluate), ``device``, ``dtype`` (fp32,
-bf16 or fp16), ``max_length`` (default: the checkpoint's context), ``max_gen_toks`` (default 256),
-``start_token`` (eos for packed training, bos for padded), and the cleaning steps ``nfkd``,
-``ascii``, ``lowercase``, ``drop_empty_brackets`` (default: the steps recorded with the
-tokenizer, those its training text went through); lm-eval's ``--batch_size`` (a number) sets the
-batch. Text — contexts, continuations, stop strings — goes through that cleaning, and every
-context follows the start token, as the training documents did.
+Model arguments: ``checkpoint`` and ``tokenizer`` (as for evaluate; both required), ``device``,
+``dtype`` (fp32, bf16 or fp16), ``max_length`` (at least 2; default: the checkpoint's context),
+``max_gen_toks`` (default 256, or half of ``max_length`` when that is less, so that a context
+fits), ``start_token`` (eos for packed training, bos for padded), and the cleaning steps ``nfkd``,
+``ascii``, ``lowercase``, ``drop_empty_brackets`` (true or false; default: the steps recorded
+with the tokenizer, those its training text went through); lm-eval's ``--batch_size`` (a number)
+sets the batch. Text — contexts, continuations, stop strings — goes through that cleaning, and
+every context follows the start token, as the training documents did.
 Scoring runs the plain forward on right-padded batches sorted by length; ``generate_until`` runs
 our batched generator (static cache, CUDA graphs on GPUs) for ``max_gen_toks`` tokens, until
 end-of-sequence, or until a row has written a stop string (looked for every 8 steps), and cuts the
 text at the first stop string. A model trained on cleaned text never writes a newline, so a
 newline as stop string only ends generation at ``max_gen_toks``. When more than 1% of the
-requests' tokens are <unk>, the model says so once.
+requests' tokens are <unk>, the model says so once. A model argument of the wrong kind, a
+continuation longer than ``max_length``, a continuation without tokens (an empty answer or
+choice) and a generation budget that leaves no room for a context end the run with one line
+naming what to change.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from llama3.errors import UsageError
 from llama3.data.clean import Cleaner
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MAX_GEN_TOKS = 256  # the generation budget of tasks that set none, when the context allows it
 Request = tuple[tuple[str | None, str | None], list[int], list[int]]
 
 
@@ -48,12 +53,12 @@ Request = tuple[tuple[str | None, str | None], list[int], list[int]]
 class Llama3LM(TemplateLM):
     """Our checkpoint and SentencePiece tokenizer as an lm-eval ``LM`` (see the module docstring)."""
 
-    def __init__(self, checkpoint: str, tokenizer: str, batch_size: int | str = 16,
-                 device: str | None = None, dtype: str = "fp32", max_length: int | None = None,
-                 max_gen_toks: int = 256, start_token: str = "eos", nfkd: bool | None = None,
-                 ascii: bool | None = None, lowercase: bool | None = None,
-                 drop_empty_brackets: bool | None = None, max_batch_size: int | None = None,
-                 **unknown: Any):
+    def __init__(self, checkpoint: str | None = None, tokenizer: str | None = None,
+                 batch_size: int | str = 16, device: str | None = None, dtype: str = "fp32",
+                 max_length: int | None = None, max_gen_toks: int | None = None,
+                 start_token: str = "eos", nfkd: bool | None = None, ascii: bool | None = None,
+                 lowercase: bool | None = None, drop_empty_brackets: bool | None = None,
+                 max_batch_size: int | None = None, **unknown: Any):
         super().__init__()
         from llama3.checkpoint import model_from_record, read_model_file
         from llama3.data.tokenizer import load_tokenizer
@@ -62,20 +67,26 @@ class Llama3LM(TemplateLM):
         if unknown:
             raise UsageError(f"--model_args: the llama3 model has no argument "
                              f"{', '.join(sorted(unknown))} (see python -m llama3 lm_eval --help)")
+        for name, value in (("checkpoint", checkpoint), ("tokenizer", tokenizer)):
+            if not value:
+                raise UsageError(f"--model_args: the llama3 model needs {name}= (give "
+                                 "checkpoint=RUN,tokenizer=MODEL_FILE, as to evaluate)")
         if dtype not in DTYPES or start_token not in ("eos", "bos"):
             raise UsageError(f"--model_args: dtype must be one of {', '.join(DTYPES)} and "
                              f"start_token eos or bos (got {dtype}, {start_token})")
-        record = read_model_file(checkpoint)
+        steps = argparse.Namespace(**{name: _switch(name, value) for name, value in (
+            ("nfkd", nfkd), ("ascii", ascii), ("lowercase", lowercase),
+            ("drop_empty_brackets", drop_empty_brackets))})
+        record = read_model_file(str(checkpoint))
         model_args = ModelArgs.from_dict(record["model_args"])
-        self.tokenizer = load_tokenizer(tokenizer, record.get("tokenizer"), model_args.vocab_size)
+        self.max_length, self.max_gen_toks = _lengths(max_length, max_gen_toks,
+                                                      model_args.max_seq_len)
+        self.tokenizer = load_tokenizer(str(tokenizer), record.get("tokenizer"),
+                                        model_args.vocab_size)
         self._device = _device(device)
         self.model = model_from_record(record, device=self._device, dtype=DTYPES[dtype])
         self.batch_size = _batch_size(batch_size)
-        self.max_length = int(max_length or model_args.max_seq_len)
-        self.max_gen_toks = int(max_gen_toks)
         self.start_id = getattr(self.tokenizer, f"{start_token}_id")
-        steps = argparse.Namespace(nfkd=nfkd, ascii=ascii, lowercase=lowercase,
-                                   drop_empty_brackets=drop_empty_brackets)
         self.cleaner = Cleaner.from_flags(steps, base=self.tokenizer.cleaner)
         self.tokenizer.note_cleaning()
         self._generator = None
@@ -121,6 +132,17 @@ class Llama3LM(TemplateLM):
 
     # ------------------------------------------------------------------------- scoring
 
+    def loglikelihood(self, requests: list, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        """TemplateLM's, after refusing a continuation without tokens: there is nothing to score
+        (and lm-eval's encoding of an empty context with it fails)."""
+        for context, continuation in (r.args for r in requests):
+            if not self.tokenizer.encode(self.cleaner(continuation)):
+                raise UsageError(f"lm-eval asks for the log-likelihood of {continuation!r} after "
+                                 f"{context[-40:]!r}, which has no tokens: the task gives an "
+                                 "empty answer or choice (check its doc_to_target and "
+                                 "doc_to_choice)")
+        return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
+
     @torch.no_grad()
     def _loglikelihood_tokens(self, requests: list[Request], disable_tqdm: bool = False,
                               **kwargs) -> list[tuple[float, bool]]:
@@ -142,8 +164,9 @@ class Llama3LM(TemplateLM):
         rows = []
         for _, context, continuation in batch:
             if len(continuation) > self.max_length:
-                raise ValueError(f"a continuation of {len(continuation)} tokens does not fit "
-                                 f"max_length {self.max_length}")
+                raise UsageError(f"lm-eval asks for a continuation of {len(continuation)} tokens, "
+                                 f"more than max_length {self.max_length}: give a larger "
+                                 "max_length= in --model_args")
             rows.append((context + continuation)[-(self.max_length + 1):][:-1])
         width = max(len(r) for r in rows)
         inputs = torch.full((len(rows), width), self.tokenizer.padding_id, dtype=torch.long)
@@ -224,8 +247,9 @@ class Llama3LM(TemplateLM):
                                         eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.padding_id)
         room = self.max_length - settings.max_new_tokens
         if room < 1:
-            raise ValueError(f"max_gen_toks {settings.max_new_tokens} leaves no room for a context "
-                             f"in max_length {self.max_length}")
+            raise UsageError(f"the task asks for max_gen_toks {settings.max_new_tokens}, which "
+                             f"leaves no room for a context in max_length {self.max_length}: give "
+                             f"--gen_kwargs max_gen_toks=N with N below {self.max_length}")
         prompts = [self.tok_encode(c)[-room:] for c in contexts]
 
         def until(row: int, ids: list[int]) -> bool:  # a stop string written: the row is done
@@ -253,6 +277,34 @@ def _device(name: str | None) -> torch.device:
               file=sys.stderr)
         name = "cpu"
     return select_device(name)
+
+
+def _lengths(max_length: Any, max_gen_toks: Any, context: int) -> tuple[int, int]:
+    """(max_length, max_gen_toks): the model's context by default, and a generation budget that
+    leaves room for a context in it."""
+    length = _count("max_length", context if max_length is None else max_length, 2)
+    budget = (min(MAX_GEN_TOKS, length // 2) if max_gen_toks is None
+              else _count("max_gen_toks", max_gen_toks, 1))
+    if budget >= length:
+        raise UsageError(f"--model_args max_gen_toks={budget} leaves no room for a context in "
+                         f"max_length {length}: give a smaller max_gen_toks")
+    return length, budget
+
+
+def _count(name: str, value: Any, least: int) -> int:
+    """A whole-number model argument, at least ``least``."""
+    text = str(value)
+    if isinstance(value, bool) or not text.lstrip("-").isdecimal() or int(text) < least:
+        raise UsageError(f"--model_args {name}={value}: expected a whole number of at least "
+                         f"{least}")
+    return int(text)
+
+
+def _switch(name: str, value: Any) -> bool | None:
+    """A cleaning-step model argument: true, false, or None (the tokenizer's record)."""
+    if value is not None and not isinstance(value, bool):
+        raise UsageError(f"--model_args {name}={value}: expected true or false")
+    return value
 
 
 def _batch_size(value: int | str) -> int:
