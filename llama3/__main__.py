@@ -16,7 +16,7 @@ from llama3.errors import ConfigError, UsageError
 # name → (module defining add_arguments(parser) and run(args), or main(argv) for a command that
 # hands its arguments to another program's command line; one-line summary)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "preprocess": ("llama3.data.preprocess", "clean and split .jsonl/.jsonl.zst corpora into train/eval shards"),
+    "preprocess": ("llama3.data.preprocess", "clean and split JSON-lines or parquet corpora into train/eval shards"),
     "train_tokenizer": ("llama3.data.tokenizer", "train a SentencePiece BPE tokenizer"),
     "pretokenize": ("llama3.data.tokens", "encode a corpus into cached binary token shards"),
     "train": ("llama3.training.train", "train a model in one process"),

@@ -69,7 +69,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_argument_group("checkpoint and data")
     add_checkpoint_source_flags(source)
     source.add_argument("--eval_corpus", required=True, metavar="PATH",
-                        help=".jsonl/.jsonl.zst eval files or a directory of them")
+                        help="eval corpus files (.jsonl, .jsonl.zst, .jsonl.gz, .json.gz, .parquet) "
+                             "or a directory of them")
     add_token_cache_flags(source)
     add_model_flags(parser, from_checkpoint=True)
     group = parser.add_argument_group("evaluation")

@@ -35,7 +35,7 @@ handle_help() {
 }
 
 # The optional extras the quick start and the tests install (one set, so neither reinstalls the other's).
-VENV_EXTRAS="test,plot,hf,eval"
+VENV_EXTRAS="test,plot,hf,eval,parquet"
 
 # ensure_venv EXTRAS: create or reuse .venv, install torch if it is missing ($TORCH_SPEC, default
 # torch==2.13.0), then this project with the given extras; reinstalls only when pyproject.toml

@@ -340,6 +340,12 @@ CASES = [
     Case("preprocess-every-line-bad", "preprocess --input {tmp}/bad.jsonl --output {tmp}/out --no-progress",
          2, ("no documents", "bad.jsonl"), absent=("{tmp}/out/preprocess.json",),
          setup=write("{tmp}/bad.jsonl", b'{"text": 1}\nnot json\n{"other": "x"}\n')),
+    Case("preprocess-truncated-gzip", "preprocess --input {tmp}/cut.json.gz --output {tmp}/out --no-progress",
+         2, ("no documents", "truncated_gzip", "cut.json.gz"), absent=("{tmp}/out/preprocess.json",),
+         setup=write("{tmp}/cut.json.gz", b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff")),
+    Case("preprocess-truncated-parquet", "preprocess --input {tmp}/cut.parquet --output {tmp}/out --no-progress",
+         2, ("no documents", "corrupt_parquet", "cut.parquet"), absent=("{tmp}/out/preprocess.json",),
+         setup=write("{tmp}/cut.parquet", b"PAR1" + bytes(64)), needs=("pyarrow",)),
     # a full disk
     Case("preprocess-disk-full", "preprocess --input {train} --output {tmp}/out --no-progress", 2,
          ("cannot write", "{tmp}/out", "space"), limit=4096,

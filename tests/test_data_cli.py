@@ -91,7 +91,7 @@ def test_preprocess_the_pile_wrapper_takes_the_folders_shards(tmp_path, monkeypa
     write_jsonl(tmp_path / "01.jsonl", make_texts(30, seed=46))
     (tmp_path / "02.jsonl.zst.part").write_bytes(b"an interrupted download")
     assert wrapper["main"](["--no-progress"]) == 0
-    assert "preprocessing the 2 .jsonl/.jsonl.zst file(s) of this folder" in capsys.readouterr().err
+    assert "preprocessing the 2 corpus file(s) of this folder" in capsys.readouterr().err
     manifest = json.loads((tmp_path / "pretrain_data" / "preprocess.json").read_text())
     assert manifest["inputs"] == ["00.jsonl.zst", "01.jsonl"]
     assert sum(s["documents"] for s in manifest["splits"].values()) == 70
@@ -179,5 +179,8 @@ def test_download_resumes_and_verifies_checksums(tmp_path):
 def test_download_help_and_bad_flags():
     done = download("--help")
     assert done.returncode == 0 and "--sha256" in done.stdout and "resume" in done.stdout
+    urls = [line for line in done.stdout.splitlines() if "https://huggingface.co/datasets/" in line]
+    for corpus in ("pile-uncopyrighted", "SlimPajama-627B", "fineweb/", "fineweb-edu/", "dolma/"):
+        assert any(f"/{corpus}" in url for url in urls), corpus  # where each corpus is served
     done = download("--sha256", "xyz", "file:///dev/null")
     assert done.returncode != 0 and "64 hexadecimal digits" in done.stderr

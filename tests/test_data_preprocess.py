@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
+import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import zstandard
-from test_data_support import jsonl_bytes, make_texts, parse, read_texts, write_jsonl, write_zst
+from test_data_support import (jsonl_bytes, make_texts, parse, read_texts, write_corpus, write_gzip,
+                               write_jsonl, write_parquet, write_zst)
 
 from llama3.__main__ import main
 from llama3.data import preprocess
@@ -206,6 +209,101 @@ def test_zst_input_and_compressed_output(tmp_path):
     assert names and all(n.endswith(".jsonl.zst") for n in names)
     got = read_texts(tmp_path / "out" / "train") + read_texts(tmp_path / "out" / "eval")
     assert sorted(got) == sorted(texts)
+
+
+def shard_files(directory: Path) -> dict[str, bytes]:
+    return {name: data for name, data in snapshot(directory).items() if "part-" in name}
+
+
+@pytest.mark.parametrize("suffix", ["parquet", "json.gz", "jsonl.gz"])
+def test_parquet_and_gzip_corpora_give_the_shards_of_the_same_jsonl(tmp_path, suffix):
+    texts = make_texts(800, seed=8)
+    source = write_corpus(tmp_path / "in" / f"shard.{suffix}", texts)
+    preprocess_run([write_jsonl(tmp_path / "shard.jsonl", texts)], tmp_path / "jsonl",
+                   "--shard_size_mb", "0.02")
+    manifest = preprocess_run([tmp_path / "in"], tmp_path / "other", "--shard_size_mb", "0.02",
+                              "--workers", "2")
+    assert manifest["inputs"] == [str(source)] and manifest["bad_input"] == {}
+    assert shard_files(tmp_path / "other") == shard_files(tmp_path / "jsonl")
+    assert len(shard_files(tmp_path / "other")) > 2
+    log = ProblemLog()
+    chunks = list(file_chunks(source, log, 16 << 10))
+    assert len(chunks) > 1 and log.total == 0  # read in pieces, never whole
+    assert [text for chunk in chunks for text in parse_lines(chunk)[0]] == texts
+
+
+def test_bad_gzip_input_is_counted_and_located(tmp_path, capsys):
+    root, texts = tmp_path / "raw", make_texts(3000, seed=9)
+    whole = gzip.compress(jsonl_bytes(texts), mtime=0)
+    root.mkdir()
+    (root / "a_truncated.json.gz").write_bytes(whole[:len(whole) // 2])
+    (root / "b_corrupt.jsonl.gz").write_bytes(whole[:10] + b"\xff" * 100)
+    write_gzip(root / "c_empty.json.gz", b"")
+    write_gzip(root / "d_bad_lines.json.gz", jsonl_bytes(["good one"]) + b'{"text": 7}\n{"url": "x"}\n')
+    manifest = preprocess_run([root], tmp_path / "out", "--max_reports", "20")
+    assert manifest["bad_input"] == {"corrupt_gzip": 1, "empty_file": 1, "missing_text": 1,
+                                     "text_not_string": 1, "truncated_gzip": 1}
+    err = capsys.readouterr().err
+    assert f"{root / 'b_corrupt.jsonl.gz'}:1: gzip stream cannot be decoded" in err
+    assert f"{root / 'c_empty.json.gz'}: file holds no data" in err
+    assert f"{root / 'd_bad_lines.json.gz'}:2: \"text\" is not a string (int)" in err
+    recovered = sum(split["documents"] for split in manifest["splits"].values()) - 1
+    assert 0 < recovered < 3000  # complete lines before the truncation point are kept
+    report = (tmp_path / "out" / "preprocess.bad_input.tsv").read_text()
+    assert f"{root / 'a_truncated.json.gz'}\t{recovered + 1}\ttruncated_gzip\t" in report
+
+
+def test_bad_parquet_input_is_counted_and_located(tmp_path, capsys):
+    pytest.importorskip("pyarrow")
+    root = tmp_path / "raw"
+    write_parquet(root / "a_no_text.parquet", {"title": ["x"], "url": ["y"]})
+    write_parquet(root / "b_int_text.parquet", {"text": [1, 2]})
+    write_parquet(root / "c_bad_values.parquet", {"text": [b"good one", None, b"caf\xe9", b"good two"]})
+    whole = write_parquet(root / "d_truncated.parquet", {"text": make_texts(300, seed=10)}).read_bytes()
+    (root / "d_truncated.parquet").write_bytes(whole[:len(whole) // 2])
+    (root / "e_empty.parquet").write_bytes(b"")
+    manifest = preprocess_run([root], tmp_path / "out", "--max_reports", "20")
+    assert manifest["bad_input"] == {"corrupt_parquet": 1, "empty_file": 1, "invalid_utf8": 1,
+                                     "missing_text_column": 1, "text_column_type": 1,
+                                     "text_not_string": 1}
+    err = capsys.readouterr().err
+    assert f"{root / 'a_no_text.parquet'}: file has no \"text\" column (columns: title, url)" in err
+    assert f"{root / 'b_int_text.parquet'}: \"text\" column does not hold strings (int64)" in err
+    assert f"{root / 'c_bad_values.parquet'}:2: \"text\" is not a string (null)" in err
+    assert f"{root / 'c_bad_values.parquet'}:3: line is not valid UTF-8" in err
+    assert f"{root / 'd_truncated.parquet'}: parquet file cannot be decoded" in err
+    assert sorted(read_texts(tmp_path / "out" / "train") + read_texts(tmp_path / "out" / "eval")) == \
+           ["good one", "good two"]
+    with pytest.raises(BadInputError, match="a_no_text.parquet"):
+        list(file_chunks(root / "a_no_text.parquet", ProblemLog(strict=True)))
+
+
+def test_corrupt_parquet_row_group_reports_the_row(tmp_path):
+    pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    texts = make_texts(900, seed=11)
+    path = write_parquet(tmp_path / "x.parquet", {"text": texts}, row_group_size=300)
+    column = pq.ParquetFile(path).metadata.row_group(1).column(0)
+    start = column.dictionary_page_offset if column.has_dictionary_page else column.data_page_offset
+    data = bytearray(path.read_bytes())
+    data[start:start + 64] = b"\xff" * 64
+    path.write_bytes(bytes(data))
+    log = ProblemLog()
+    got = [text for chunk in file_chunks(path, log, 4096) for text in parse_lines(chunk)[0]]
+    assert got == texts[:len(got)] and 0 < len(got) <= 300
+    assert log.counts == {"corrupt_parquet": 1} and log.first[0].line == len(got) + 1
+
+
+def test_parquet_without_pyarrow_is_one_error_line(tmp_path, monkeypatch, capsys):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.parquet").write_bytes(b"PAR1")  # never parsed: the import fails first
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # import pyarrow now fails
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    assert main(["preprocess", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
+                 "--no-progress"]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and "pip install pyarrow" in errors[0], errors
 
 
 def test_rerun_is_idempotent_and_replaces_stale_shards(tmp_path):

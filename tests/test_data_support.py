@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import random
@@ -48,6 +49,38 @@ def write_zst(path: Path, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(zstandard.ZstdCompressor().compress(data))
     return path
+
+
+def write_gzip(path: Path, *members: bytes) -> Path:
+    """A gzip file of one member per argument (concatenated, as ``cat a.gz b.gz`` makes)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"".join(gzip.compress(m, mtime=0) for m in members))
+    return path
+
+
+def write_parquet(path: Path, columns: dict[str, list], row_group_size: int | None = None) -> Path:
+    """A parquet file of the given columns (needs pyarrow)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(columns), path, row_group_size=row_group_size)
+    return path
+
+
+def write_corpus(path: Path, texts: list[str]) -> Path:
+    """``texts`` in the format ``path``'s name gives: parquet with other columns around "text", in
+    row groups of 100, as FineWeb ships it (the test skips without pyarrow), or gzip JSON lines in
+    two members."""
+    if path.name.endswith(".parquet"):
+        import pytest
+
+        pytest.importorskip("pyarrow")
+        return write_parquet(path, {"id": [f"doc-{i}" for i in range(len(texts))], "text": texts,
+                                    "token_count": [len(t.split()) for t in texts]},
+                             row_group_size=100)
+    half = len(texts) // 2
+    return write_gzip(path, jsonl_bytes(texts[:half]), jsonl_bytes(texts[half:]))
 
 
 def read_texts(directory: Path) -> list[str]:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_data_support import jsonl_bytes, make_texts, train_tiny_tokenizer, write_jsonl, write_zst
+from test_data_support import (jsonl_bytes, make_texts, train_tiny_tokenizer, write_corpus,
+                               write_jsonl, write_zst)
 
 from llama3.errors import UsageError
 from llama3.data import tokens as tokens_module
@@ -163,6 +164,14 @@ def test_errors_name_the_flag_and_path(tokenizer, tmp_path):
     write_jsonl(tmp_path / "empty" / "a.jsonl", ["", ""])
     with pytest.raises(UsageError, match=r"--corpus .*empty: no documents"):
         open_token_corpus(tmp_path / "empty", tokenizer, progress=False)
+
+
+@pytest.mark.parametrize("name", ["a.parquet", "a.json.gz"])
+def test_parquet_and_gzip_files_encode_as_their_texts(tokenizer, tmp_path, name):
+    texts = make_texts(120, seed=25)
+    write_corpus(tmp_path / "c" / name, texts)
+    corpus = open_token_corpus(tmp_path / "c", tokenizer, progress=False)
+    assert corpus.tokens(0, corpus.n_tokens).tolist() == expected_stream(tokenizer, texts)
 
 
 def test_single_file_corpus_and_token_dtype(tokenizer, tmp_path):

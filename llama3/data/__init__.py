@@ -1,7 +1,8 @@
 """The data pipeline: raw corpus → cleaned train/eval shards → tokenizer → cached token shards →
 training and evaluation windows.
 
-- :mod:`llama3.data.sources` reads ``.jsonl``/``.jsonl.zst`` corpora and accounts for bad input;
+- :mod:`llama3.data.sources` reads JSON-lines (plain, zstd, gzip) and parquet corpora and accounts
+  for bad input;
 - :mod:`llama3.data.preprocess` cleans and splits (``python -m llama3 preprocess``);
 - :mod:`llama3.data.tokenizer` trains and wraps SentencePiece (``python -m llama3 train_tokenizer``)
   and checks a tokenizer against the checkpoint it is used with;

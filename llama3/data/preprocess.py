@@ -1,6 +1,7 @@
 """``python -m llama3 preprocess``: clean a raw corpus and split it into train and eval shards.
 
-Input: ``.jsonl`` / ``.jsonl.zst`` files or directories of them (see :mod:`llama3.data.sources`).
+Input: JSON lines (``.jsonl``, ``.jsonl.zst``, ``.jsonl.gz``, ``.json.gz``) or parquet files with a
+``text`` column, or directories of them (see :mod:`llama3.data.sources`).
 Each document is cleaned (:mod:`llama3.data.clean`) and assigned to a split by a keyed hash of its
 cleaned text, so the split is deterministic, independent of input order and worker count, and
 exact duplicates always land on the same side.
@@ -41,7 +42,7 @@ from llama3.fileio import atomic_write_bytes, check_output_dir, write_error
 from llama3.errors import UsageError
 from llama3.data.clean import Cleaner, add_cleaning_flags
 from llama3.data.parallel import WorkerPool
-from llama3.data.sources import (INCOMPLETE, REPORT_SUFFIX, Chunk, Problem, ProblemLog,
+from llama3.data.sources import (FORMATS, INCOMPLETE, REPORT_SUFFIX, Chunk, Problem, ProblemLog,
                                  add_bad_input_flags, chunk_size_for, corpus_chunks,
                                  find_corpus_files, parse_lines, problem_log_from_flags, total_size,
                                  zstandard_module)
@@ -218,7 +219,8 @@ class ShardWriter:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("input and output")
     group.add_argument("--input", nargs="+", required=True, metavar="PATH",
-                       help=".jsonl or .jsonl.zst files, or directories searched recursively for them")
+                       help=f"{FORMATS} files (parquet: its \"text\" column, read with pyarrow, "
+                            "the parquet extra), or directories searched recursively for them")
     group.add_argument("--output", default="pretrain_data", metavar="DIR",
                        help="output directory: DIR/train and DIR/eval receive the shards")
     group.add_argument("--shard_size_mb", type=float, default=256.0,

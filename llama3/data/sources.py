@@ -1,35 +1,48 @@
-"""Reading corpora: ``.jsonl`` and ``.jsonl.zst`` files (or directories of them), one JSON object
-with a string ``"text"`` per line, as The Pile ships them.
+"""Reading corpora (files, or directories of them), in the formats public corpora ship in:
 
-Everything streams in constant memory. Files are read in blocks of whole lines (:class:`Chunk`) so
-that parsing can run in worker processes; :func:`parse_lines` turns a chunk into texts. Bad input
-never crashes a run and never passes silently: each case is a :class:`Problem` with a reason, file
-and line, collected by a :class:`ProblemLog` that counts them, shows the first few bad lines and
-every file-level fault (a truncated stream, an unreadable or empty file), lists them all in a
-report file beside the command's output and, when strict, stops at the first.
+- JSON lines, one object with a string ``"text"`` per line: ``.jsonl``, zstd-compressed
+  ``.jsonl.zst`` (The Pile, SlimPajama) and gzip-compressed ``.jsonl.gz``/``.json.gz`` (Dolma);
+- parquet files with a string ``text`` column (FineWeb, FineWeb-Edu); other columns are not read.
+
+Everything streams in constant memory. Files are read in pieces (:class:`Chunk`: blocks of whole
+lines, or batches of a parquet file's rows, a row group at most) so that parsing can run in worker
+processes; :func:`parse_lines` turns a chunk into texts. Bad input never crashes a run and never
+passes silently: each case is a :class:`Problem` with a reason, file and line (a parquet file's
+row), collected by a :class:`ProblemLog` that counts them, shows the first few bad lines and every
+file-level fault (a truncated stream, a parquet file without a string ``text`` column, an
+unreadable or empty file), lists them all in a report file beside the command's output and, when
+strict, stops at the first.
 
 A directory that ``preprocess`` is writing, or stopped writing before the end, holds a marker file
 (:data:`INCOMPLETE`); it is refused as a corpus until a run of ``preprocess`` completes.
 
-``zstandard`` is imported only when a ``.zst`` file is actually read.
+``zstandard`` and ``pyarrow`` (the ``parquet`` extra) are imported only when a file that needs them
+is actually read.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import sys
+import zlib
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import IO, NamedTuple
+from types import ModuleType
+from typing import IO, TYPE_CHECKING, Any, NamedTuple
 
 from llama3.errors import UsageError
 from llama3.fileio import remove, staged_file, staging_path
 
-SUFFIXES = (".jsonl", ".jsonl.zst")
+if TYPE_CHECKING:
+    import pyarrow.parquet
+
+SUFFIXES = (".jsonl", ".jsonl.zst", ".jsonl.gz", ".json.gz", ".parquet")
+FORMATS = ", ".join(SUFFIXES[:-1]) + " or " + SUFFIXES[-1]  # for messages: ".jsonl, ... or .parquet"
 DEFAULT_CHUNK_BYTES = 4 << 20
 INCOMPLETE = ".preprocess-incomplete"  # in a split directory until preprocess has finished it
 REPORT_SUFFIX = ".bad_input.tsv"  # every bad input of a run, one per line, beside its output
@@ -40,6 +53,11 @@ REASONS: dict[str, str] = {
     "empty_file": "file holds no data",
     "truncated_zst": "zstd stream ends mid-frame (download or copy cut short)",
     "corrupt_zst": "zstd stream cannot be decoded",
+    "truncated_gzip": "gzip stream ends before its end marker (download or copy cut short)",
+    "corrupt_gzip": "gzip stream cannot be decoded",
+    "corrupt_parquet": "parquet file cannot be decoded (truncated, damaged, or not parquet)",
+    "missing_text_column": 'file has no "text" column',
+    "text_column_type": '"text" column does not hold strings',
     "invalid_utf8": "line is not valid UTF-8",
     "malformed_json": "line is not valid JSON",
     "not_an_object": "JSON value is not an object",
@@ -56,7 +74,7 @@ class BadInputError(UsageError):
 class Problem(NamedTuple):
     reason: str  # a key of REASONS
     path: str
-    line: int  # 1-based; 0 when the whole file is concerned
+    line: int  # 1-based line, or row of a parquet file; 0 when the whole file is concerned
     detail: str = ""
 
     def __str__(self) -> str:
@@ -65,7 +83,8 @@ class Problem(NamedTuple):
         return f"{where}: {REASONS[self.reason]}{detail}"
 
 
-FILE_LEVEL = frozenset({"unreadable", "empty_file", "truncated_zst", "corrupt_zst"})
+FILE_LEVEL = frozenset({"unreadable", "empty_file", "truncated_zst", "corrupt_zst", "truncated_gzip",
+                        "corrupt_gzip", "corrupt_parquet", "missing_text_column", "text_column_type"})
 
 
 class ProblemLog:
@@ -156,8 +175,8 @@ def add_bad_input_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("bad input")
     group.add_argument("--strict", action="store_true",
                        help="stop with an error at the first bad input (malformed JSON, missing "
-                            "text, invalid UTF-8, empty, truncated or unreadable file) instead of "
-                            "skipping and counting it")
+                            "text, invalid UTF-8, empty, truncated or unreadable file, parquet file "
+                            "without a text column) instead of skipping and counting it")
     group.add_argument("--max_reports", type=int, default=5,
                        help="bad inputs reported individually (with file and line) before only "
                             "counting them")
@@ -175,6 +194,10 @@ def is_zst(path: str | os.PathLike) -> bool:
     return str(path).endswith(".zst")
 
 
+def is_parquet(path: str | os.PathLike) -> bool:
+    return str(path).endswith(".parquet")
+
+
 def _is_corpus_name(name: str) -> bool:
     return name.endswith(SUFFIXES) and not name.startswith(".")
 
@@ -182,7 +205,7 @@ def _is_corpus_name(name: str) -> bool:
 def find_corpus_files(paths: str | os.PathLike | Sequence[str | os.PathLike],
                       flag: str = "--corpus") -> list[Path]:
     """The corpus files named by ``paths``: files as given, directories searched recursively for
-    ``*.jsonl`` and ``*.jsonl.zst`` (hidden entries skipped), each directory's files sorted."""
+    files with one of :data:`SUFFIXES` (hidden entries skipped), each directory's files sorted."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     files: list[Path] = []
@@ -191,7 +214,7 @@ def find_corpus_files(paths: str | os.PathLike | Sequence[str | os.PathLike],
         if path.is_dir():
             found = _files_under(path, flag)
             if not found:
-                raise UsageError(f"{flag} {path}: no .jsonl or .jsonl.zst files in this directory")
+                raise UsageError(f"{flag} {path}: no {FORMATS} files in this directory")
             files += found
         elif path.exists() or path.is_symlink():
             files.append(path)
@@ -231,20 +254,28 @@ def total_size(files: Iterable[Path]) -> int:
 
 
 class Chunk(NamedTuple):
-    """Whole lines of one file: ``data`` starts at line ``first_line`` (1-based)."""
+    """A piece of one file starting at line (or parquet row) ``first_line``, 1-based: ``data`` is
+    whole JSON lines, or a parquet file's ``text`` values as UTF-8 bytes (None for a null)."""
 
     path: str
     first_line: int
-    data: bytes
-    raw_bytes: int  # bytes of the file (compressed, for .zst) consumed to produce this chunk
+    data: bytes | list[bytes | None]
+    raw_bytes: int  # bytes of the file (compressed, for .zst/.gz/.parquet) consumed to produce it
+
+    @property
+    def next_line(self) -> int:
+        """The line (or row) after this chunk's."""
+        rows = self.data.count(b"\n") if isinstance(self.data, bytes) else len(self.data)
+        return self.first_line + rows
 
 
 class _StreamError(Exception):
-    """A compressed stream that cannot be read to its end: ``reason`` is a key of REASONS."""
+    """A file that cannot be read to its end: ``reason`` is a key of REASONS; ``line`` is 0 when
+    nothing of the file can be read, None for the line after the last chunk read."""
 
-    def __init__(self, reason: str, detail: str = ""):
+    def __init__(self, reason: str, detail: str = "", line: int | None = None):
         super().__init__(detail)
-        self.reason, self.detail = reason, detail
+        self.reason, self.detail, self.line = reason, detail, line
 
 
 def zstandard_module():
@@ -257,73 +288,160 @@ def zstandard_module():
     return zstandard
 
 
+def pyarrow_module() -> ModuleType:
+    """pyarrow with its parquet reader (``pyarrow.parquet``), imported on first use (it is
+    optional: the ``parquet`` extra)."""
+    try:
+        import pyarrow
+        import pyarrow.parquet  # noqa: F401  (makes pyarrow.parquet available)
+    except ImportError as err:
+        raise UsageError("reading .parquet files needs pyarrow: pip install pyarrow (or this "
+                         "project's extra: pip install -e '.[parquet]')") from err
+    return pyarrow
+
+
 def _plain_blocks(f: IO[bytes], size: int) -> Iterator[tuple[bytes, int]]:
     while block := f.read(size):
         yield block, len(block)
 
 
-def _zst_blocks(f: IO[bytes], size: int) -> Iterator[tuple[bytes, int]]:
-    """Decompressed blocks of a (possibly multi-frame) zstd file. Raises _StreamError if the data
-    stops inside a frame, which ``stream_reader`` would silently accept as the end."""
-    zstandard = zstandard_module()
-    dctx = zstandard.ZstdDecompressor()
-    dobj, in_frame = dctx.decompressobj(), False
+def _decompressed_blocks(f: IO[bytes], size: int, codec: str, decompressor: Callable[[], Any],
+                         error: type[Exception]) -> Iterator[tuple[bytes, int]]:
+    """Decompressed blocks of a file of one or more zstd frames or gzip members (``codec``), each
+    with the compressed bytes it took. Everything decoded is yielded before a _StreamError for data
+    that cannot be decoded, or that stops inside a frame (which stream readers take for the end)."""
+    dobj, in_frame = decompressor(), False
     while raw := f.read(max(size // 4, 1 << 16)):
         consumed = len(raw)
         while raw:
             try:
                 out = dobj.decompress(raw)
-            except zstandard.ZstdError as err:
-                raise _StreamError("corrupt_zst", str(err)) from err
+            except error as err:
+                raise _StreamError(f"corrupt_{codec}", str(err)) from err
             in_frame = True
             if out:
                 yield out, consumed
                 consumed = 0
             if dobj.eof:
-                raw, dobj, in_frame = dobj.unused_data, dctx.decompressobj(), False
+                raw, dobj, in_frame = dobj.unused_data, decompressor(), False
             else:
                 raw = b""
         if consumed:
             yield b"", consumed
     if in_frame:
-        raise _StreamError("truncated_zst", "the incomplete last line is dropped")
+        raise _StreamError(f"truncated_{codec}", "the incomplete last line is dropped")
+
+
+def _zst_blocks(f: IO[bytes], size: int) -> Iterator[tuple[bytes, int]]:
+    zstandard = zstandard_module()
+    dctx = zstandard.ZstdDecompressor()
+    return _decompressed_blocks(f, size, "zst", dctx.decompressobj, zstandard.ZstdError)
+
+
+def _gzip_blocks(f: IO[bytes], size: int) -> Iterator[tuple[bytes, int]]:
+    gzip_member = functools.partial(zlib.decompressobj, wbits=16 + zlib.MAX_WBITS)
+    return _decompressed_blocks(f, size, "gzip", gzip_member, zlib.error)
+
+
+def _blocks(path: Path) -> Callable[[IO[bytes], int], Iterator[tuple[bytes, int]]]:
+    """The reader of a JSON lines file's (decompressed) blocks, by the file's name."""
+    if is_zst(path):
+        return _zst_blocks
+    if str(path).endswith(".gz"):
+        return _gzip_blocks
+    return _plain_blocks
+
+
+def _line_chunks(f: IO[bytes], path: Path, chunk_bytes: int) -> Iterator[Chunk]:
+    """Chunks of whole JSON lines."""
+    name, line, parts, raw_pending = str(path), 1, [], 0
+    for block, raw in _blocks(path)(f, chunk_bytes):
+        raw_pending += raw
+        cut = block.rfind(b"\n") + 1
+        if cut == 0:
+            parts.append(block)
+            continue
+        data = b"".join([*parts, block[:cut]]) if parts else block[:cut]
+        parts = [block[cut:]] if cut < len(block) else []
+        yield Chunk(name, line, data, raw_pending)
+        line += data.count(b"\n")
+        raw_pending = 0
+    rest = b"".join(parts)
+    if rest or raw_pending:
+        yield Chunk(name, line, rest, raw_pending)
+
+
+def _parquet_chunks(f: IO[bytes], path: Path, chunk_bytes: int) -> Iterator[Chunk]:
+    """Chunks of a parquet file's ``text`` values, in batches of about ``chunk_bytes`` (pyarrow
+    decodes a row group at a time, never the whole file)."""
+    pa, size = pyarrow_module(), os.fstat(f.fileno()).st_size
+    if size == 0:
+        return  # an empty file, not a damaged one
+    parquet = _open_parquet(pa, f)
+    rows, first, consumed = parquet.metadata.num_rows, 1, 0
+    try:
+        for batch in parquet.iter_batches(_rows_per_batch(parquet, chunk_bytes), columns=["text"]):
+            values = batch.column(0).cast(pa.large_binary()).to_pylist()  # parse_lines decodes
+            end = size * (first - 1 + len(values)) // rows  # the file's bytes, shared out by rows
+            yield Chunk(str(path), first, values, end - consumed)
+            first, consumed = first + len(values), end
+    except (pa.ArrowException, OSError) as err:
+        raise _StreamError("corrupt_parquet", str(err).strip()) from err
+
+
+def _open_parquet(pa: ModuleType, f: IO[bytes]) -> pyarrow.parquet.ParquetFile:
+    """The parquet file, when it has a ``text`` column of strings (or bytes, decoded as UTF-8)."""
+    try:
+        parquet = pa.parquet.ParquetFile(f, pre_buffer=False)  # pre-buffering keeps all it read
+    except (pa.ArrowException, OSError) as err:
+        raise _StreamError("corrupt_parquet", str(err).strip(), line=0) from err
+    schema, types = parquet.schema_arrow, pa.types
+    if "text" not in schema.names:
+        raise _StreamError("missing_text_column", "columns: " + ", ".join(schema.names[:5]), line=0)
+    kind = schema.field("text").type
+    if not (types.is_string(kind) or types.is_large_string(kind) or types.is_binary(kind)
+            or types.is_large_binary(kind)):
+        raise _StreamError("text_column_type", str(kind), line=0)
+    return parquet
+
+
+def _rows_per_batch(parquet: pyarrow.parquet.ParquetFile, chunk_bytes: int) -> int:
+    """Rows that hold about ``chunk_bytes`` uncompressed, by the file's own statistics."""
+    meta = parquet.metadata
+    data = sum(meta.row_group(i).total_byte_size for i in range(meta.num_row_groups))
+    return max(1, chunk_bytes * meta.num_rows // max(data, 1))
 
 
 def file_chunks(path: Path, log: ProblemLog, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[Chunk]:
-    """Chunks of whole lines of one file; file-level problems go to ``log``."""
+    """Chunks of one file: whole JSON lines, or rows of a parquet file; file-level problems go to
+    ``log``."""
     name = str(path)
     try:
         f = open(path, "rb")
     except OSError as err:
         log.add(Problem("unreadable", name, 0, err.strerror or type(err).__name__))
         return
-    line, parts, raw_pending, total = 1, [], 0, 0
+    last, empty = None, True
+    reader = _parquet_chunks if is_parquet(path) else _line_chunks
     with f:
-        blocks = _zst_blocks(f, chunk_bytes) if is_zst(path) else _plain_blocks(f, chunk_bytes)
         try:
-            for block, raw in blocks:
-                total += len(block)
-                raw_pending += raw
-                cut = block.rfind(b"\n") + 1
-                if cut == 0:
-                    parts.append(block)
-                    continue
-                data = b"".join([*parts, block[:cut]]) if parts else block[:cut]
-                parts = [block[cut:]] if cut < len(block) else []
-                yield Chunk(name, line, data, raw_pending)
-                line += data.count(b"\n")
-                raw_pending = 0
-        except _StreamError as err:
-            log.add(Problem(err.reason, name, line, err.detail))
+            for last in reader(f, path, chunk_bytes):
+                empty = empty and not last.data
+                yield last
+        except (_StreamError, OSError) as err:
+            log.add(_stopped(err, name, last))
             return
-        except OSError as err:
-            log.add(Problem("unreadable", name, line, err.strerror or str(err)))
-            return
-    rest = b"".join(parts)
-    if rest or raw_pending:
-        yield Chunk(name, line, rest, raw_pending)
-    if total == 0:
+    if empty:
         log.add(Problem("empty_file", name, 0))
+
+
+def _stopped(err: _StreamError | OSError, name: str, last: Chunk | None) -> Problem:
+    """Why a file could not be read to its end, located at the line (or row) after the last chunk
+    read, or at 0 when the whole file is concerned."""
+    line = last.next_line if last is not None else 1
+    if isinstance(err, OSError):
+        return Problem("unreadable", name, line, err.strerror or str(err))
+    return Problem(err.reason, name, line if err.line is None else err.line, err.detail)
 
 
 def corpus_chunks(files: Iterable[Path], log: ProblemLog,
@@ -341,12 +459,18 @@ def chunk_size_for(total_bytes: int, workers: int) -> int:
 # ------------------------------------------------------------------------------------- parsing
 
 
-def parse_line(raw: bytes) -> str | tuple[str, str]:
-    """The ``"text"`` of one JSON line, or ``(reason, detail)`` when the line is bad."""
+def _decode(raw: bytes) -> str | tuple[str, str]:
     try:
-        line = raw.decode("utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError as err:
         return "invalid_utf8", f"byte {err.start}: {raw[err.start:err.start + 1]!r}"
+
+
+def parse_line(raw: bytes) -> str | tuple[str, str]:
+    """The ``"text"`` of one JSON line, or ``(reason, detail)`` when the line is bad."""
+    line = _decode(raw)
+    if not isinstance(line, str):
+        return line
     try:
         record = json.loads(line)
     except ValueError as err:
@@ -366,18 +490,25 @@ def parse_line(raw: bytes) -> str | tuple[str, str]:
     return text
 
 
+def parse_value(raw: bytes | None) -> str | tuple[str, str]:
+    """The text of one parquet ``text`` value, or ``(reason, detail)`` when it is bad."""
+    return ("text_not_string", "null") if raw is None else _decode(raw)
+
+
 def parse_lines(chunk: Chunk) -> tuple[list[str], list[Problem]]:
-    """Texts of a chunk's lines (blank lines skipped) and the problems found."""
+    """Texts of a chunk's lines (blank lines skipped) or rows, and the problems found."""
+    if isinstance(chunk.data, bytes):
+        parsed = (parse_line(raw) if raw and not raw.isspace() else None
+                  for raw in chunk.data.split(b"\n"))
+    else:
+        parsed = map(parse_value, chunk.data)
     texts: list[str] = []
     problems: list[Problem] = []
-    for offset, raw in enumerate(chunk.data.split(b"\n")):
-        if not raw or raw.isspace():
-            continue
-        parsed = parse_line(raw)
-        if isinstance(parsed, str):
-            texts.append(parsed)
-        else:
-            problems.append(Problem(parsed[0], chunk.path, chunk.first_line + offset, parsed[1]))
+    for offset, result in enumerate(parsed):
+        if isinstance(result, str):
+            texts.append(result)
+        elif result is not None:
+            problems.append(Problem(result[0], chunk.path, chunk.first_line + offset, result[1]))
     return texts, problems
 
 

@@ -405,7 +405,8 @@ def _write_vocab(model_file: Path) -> None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("corpus and output")
     group.add_argument("--train_corpus", nargs="+", required=True, metavar="PATH",
-                       help=".jsonl/.jsonl.zst files or directories (e.g. pretrain_data/train)")
+                       help="corpus files (.jsonl, .jsonl.zst, .jsonl.gz, .json.gz, .parquet) or "
+                            "directories (e.g. pretrain_data/train)")
     group.add_argument("--model_file", default="tokenizer.model",
                        help="where to write the SentencePiece model (beside it: NAME.vocab, the "
                             "vocabulary; NAME.cleaning.json, the cleaning its training text went "

@@ -47,9 +47,9 @@ import numpy as np
 from llama3.data.clean import Cleaner
 from llama3.data.parallel import WorkerPool, available_cpus
 from llama3.data.preprocess import corpus_cleaning
-from llama3.data.sources import (REPORT_SUFFIX, Chunk, Problem, ProblemLog, add_bad_input_flags,
-                                 chunk_size_for, file_chunks, find_corpus_files, parse_lines,
-                                 problem_log_from_flags, total_size)
+from llama3.data.sources import (FORMATS, REPORT_SUFFIX, Chunk, Problem, ProblemLog,
+                                 add_bad_input_flags, chunk_size_for, file_chunks,
+                                 find_corpus_files, parse_lines, problem_log_from_flags, total_size)
 from llama3.data.tokenizer import Tokenizer, unknown_share_warning
 from llama3.errors import UsageError
 from llama3.fileio import atomic_write_bytes, file_sha256, locked, write_error
@@ -451,7 +451,7 @@ def open_token_corpus(corpus: str | os.PathLike, tokenizer: Tokenizer, *,
                       progress: bool = True, flag: str = "--corpus", strict: bool = False,
                       log: ProblemLog | None = None, rebuild: bool = False) -> TokenCorpus:
     """The token corpus of ``corpus`` (a split directory such as ``pretrain_data/train``, or a
-    ``.jsonl``/``.jsonl.zst`` file or directory), built or refreshed as needed."""
+    corpus file or directory, see :mod:`llama3.data.sources`), built or refreshed as needed."""
     corpus = Path(corpus)
     sources = _sources(find_corpus_files(corpus, flag), corpus)
     cleaning = encoding_cleaning(corpus, tokenizer)
@@ -512,7 +512,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("corpus and tokenizer")
     group.add_argument("--corpus", nargs="+", required=True, metavar="PATH",
                        help="corpora to encode: split directories (pretrain_data/train) or "
-                            ".jsonl/.jsonl.zst files or directories")
+                            f"{FORMATS} files or directories")
     add_tokenizer_flag(group)
     group = parser.add_argument_group("cache")
     add_token_cache_flags(group, data_mode=False)

@@ -62,8 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_argument_group("checkpoint and data")
     add_checkpoint_source_flags(source, tokenizer_required=False)
     source.add_argument("--eval_corpus", metavar="PATH",
-                        help=".jsonl/.jsonl.zst eval files or a directory of them, for the eval-loss "
-                             "comparison; needs --tokenizer (without it only logits are compared)")
+                        help="eval corpus files (.jsonl, .jsonl.zst, .jsonl.gz, .json.gz, .parquet) "
+                             "or a directory of them, for the eval-loss comparison; needs "
+                             "--tokenizer (without it only logits are compared)")
     add_token_cache_flags(source)
     add_model_flags(parser, from_checkpoint=True)
     target = parser.add_argument_group("deployment")

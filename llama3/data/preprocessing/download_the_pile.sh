@@ -9,9 +9,11 @@ usage() {
 usage: $(basename "$0") [options] [URL ...]
 
 Downloads each URL (default: the PubMed Central subset of The Pile the original used, one .jsonl
-file) into the output folder. Any URLs may be given instead, e.g. .jsonl.zst shards of a Pile mirror.
+file) into the output folder. Any URLs may be given instead, e.g. shards of the corpora below.
 A download is written to NAME.part and renamed to NAME once complete (and verified), so an
 interrupted run resumes where it stopped when run again; files already present are skipped.
+NAME is the URL's last part: shards that share a name in different folders of a dataset (chunk1/,
+chunk2/, ...) must go to different output folders.
 
 options:
   -o, --output DIR     folder to download into (default: the current folder)
@@ -19,6 +21,29 @@ options:
   --checksums FILE     expected sha256 sums, in sha256sum's format ("HEX  NAME" per line)
   --timeout SECONDS    how long the connectivity check waits (default: 10)
   -h, --help           show this help
+
+Public corpora over plain HTTPS. python -m llama3 preprocess reads .jsonl, .jsonl.zst, .jsonl.gz,
+.json.gz and .parquet files (parquet: its "text" column; needs pyarrow, the project's parquet
+extra). A file of a Hugging Face dataset is served at
+  https://huggingface.co/datasets/OWNER/NAME/resolve/main/PATH
+and the dataset's files are listed at https://huggingface.co/datasets/OWNER/NAME/tree/main.
+The URLs below follow the layouts the datasets publish; they are patterns, not checked by this
+script: look up the file names on the dataset's page first.
+  The Pile, a mirror without its copyrighted parts (monology/pile-uncopyrighted, .jsonl.zst):
+    https://huggingface.co/datasets/monology/pile-uncopyrighted/resolve/main/train/00.jsonl.zst
+    (train/01.jsonl.zst, ..., val.jsonl.zst, test.jsonl.zst)
+  SlimPajama (cerebras/SlimPajama-627B, .jsonl.zst; one output folder per chunk):
+    https://huggingface.co/datasets/cerebras/SlimPajama-627B/resolve/main/train/chunk1/example_train_0.jsonl.zst
+    (validation/chunkN/ and test/chunkN/ hold example_holdout_N.jsonl.zst)
+  FineWeb (HuggingFaceFW/fineweb, .parquet; one output folder per crawl or sample):
+    https://huggingface.co/datasets/HuggingFaceFW/fineweb/resolve/main/sample/10BT/000_00000.parquet
+    (whole crawls under data/CC-MAIN-YYYY-WW/)
+  FineWeb-Edu (HuggingFaceFW/fineweb-edu, .parquet; the same layout as FineWeb):
+    https://huggingface.co/datasets/HuggingFaceFW/fineweb-edu/resolve/main/sample/10BT/000_00000.parquet
+  Dolma (allenai/dolma, .json.gz): the dataset lists its files' URLs, one per line, per version
+  in urls/VERSION.txt, e.g.
+    curl -sL https://huggingface.co/datasets/allenai/dolma/resolve/main/urls/v1_6-sample.txt \\
+      | xargs $0 -o dolma
 USAGE
 }
 
