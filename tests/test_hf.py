@@ -1,6 +1,7 @@
 """Hugging Face export and import through the real CLI, on tiny checkpoints the tests build.
 
-Covers: tokenizer.json encodes raw text to the ids SentencePiece gives the cleaned text; a softmax
+Covers: tokenizer.json encodes raw text to the ids SentencePiece gives the cleaned text (special
+tokens written in the text included) and declares the start token it puts first; a softmax
 model with GQA and scaled RoPE loads as transformers' LlamaForCausalLM with our logits; softplus
 and Combinator models load through the exported modelling code with our logits, and generate()
 with a cache matches generate() without one (left-padded batches included); export → import →
@@ -47,6 +48,16 @@ TEXTS = [
     "Two lines\nand a blank one\n\n\tthen a tab,   extra   spaces  and   trailing   ",
     "THERE was THE theatre, and Thermal music; the school's cold mornings.",
 ]
+
+
+def special_texts(model_file: Path) -> list[str]:
+    """Raw text spelling special tokens, alone, between words and right after a user-defined piece
+    (which leaves the rest a word of its own)."""
+    from llama3.interop.hf_tokenizer import USER_DEFINED, read_proto
+
+    word = next(p.piece for p in read_proto(model_file).pieces if p.type == USER_DEFINED)[1:]
+    return ["<unk>", "WikiText is full of <unk> , and <unk> @-@ marks </s> <s>",
+            f"{word}<unk> {word}</s>{word}<s> x{word}<pad> {word}<0x41>", "<s>The River</s>"]
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +121,45 @@ def test_tokenizer_json_equals_sentencepiece_on_cleaned_text(exported, tiny_toke
     assert Tokenizer(directory / "sentencepiece.model").cleaner == sp.cleaner == cleaner
 
 
+def test_special_token_text_is_text_as_sentencepiece_reads_it(exported, tiny_tokenizer):
+    """"<unk>", "</s>" written in raw text (WikiText is full of <unk>) are the characters our
+    SentencePiece path encodes, not special ids: through the tokenizers library and
+    transformers."""
+    from tokenizers import Tokenizer as TokenizerJson
+    from transformers import AutoTokenizer
+
+    sp, cleaner = Tokenizer(tiny_tokenizer), Cleaner()
+    directory = exported["softmax_gqa_scaled"]
+    raw = TokenizerJson.from_file(str(directory / "tokenizer.json"))
+    hf = AutoTokenizer.from_pretrained(directory)
+    for text in special_texts(tiny_tokenizer):
+        expected = sp.encode(cleaner(text))
+        assert raw.encode(text, add_special_tokens=False).ids == expected, text
+        assert hf(text).input_ids == [sp.eos_id, *expected], text
+
+
+@pytest.mark.parametrize("start", ["eos", "bos", "none"])
+def test_the_declared_start_token_is_the_one_put_first(checkpoints, tiny_tokenizer, tmp_path,
+                                                       start):
+    """bos_token in tokenizer_config.json, bos_token_id in config.json and generation_config.json:
+    the start token the tokenizer puts before every text (add_bos_token), so that tools which add
+    or strip it do as we do; with none, SentencePiece's own, and the tokenizer adds nothing."""
+    from transformers import AutoTokenizer
+
+    sp = Tokenizer(tiny_tokenizer)
+    assert export(checkpoints["softmax_gqa_scaled"], tmp_path / start, tiny_tokenizer,
+                  "--start_token", start) == 0
+    start_id = sp.bos_id if start == "none" else getattr(sp, f"{start}_id")
+    for name in ("config.json", "generation_config.json"):
+        assert json.loads((tmp_path / start / name).read_text())["bos_token_id"] == start_id
+    tokenizer_config = json.loads((tmp_path / start / "tokenizer_config.json").read_text())
+    assert tokenizer_config["add_bos_token"] == (start != "none")
+    hf = AutoTokenizer.from_pretrained(tmp_path / start)
+    assert hf.bos_token_id == start_id and hf.eos_token_id == sp.eos_id
+    first = [start_id] if start != "none" else []
+    assert hf("The River").input_ids == first + sp.encode(Cleaner()("The River"))
+
+
 def test_tokenizer_follows_the_cleaning_flags_and_byte_fallback(tiny_corpus, tmp_path):
     """Cleaning without the ASCII step and lowercase; characters outside the vocabulary as bytes."""
     from llama3.interop.hf_tokenizer import build_tokenizer
@@ -119,7 +169,7 @@ def test_tokenizer_follows_the_cleaning_flags_and_byte_fallback(tiny_corpus, tmp
     sp = Tokenizer(model_file)
     for cleaner in (Cleaner(), Cleaner(ascii=False, lowercase=False)):
         hf = build_tokenizer(model_file, cleaner)
-        for text in TEXTS:
+        for text in TEXTS + special_texts(model_file):
             expected = sp.encode(cleaner(text))
             assert hf.encode(text, add_special_tokens=False).ids == expected, text
             assert hf.decode(expected) == sp.decode(expected)

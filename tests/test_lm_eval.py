@@ -2,7 +2,8 @@
 loglikelihood equals a direct computation, loglikelihood_rolling equals the loss evaluate
 measures on the same text, generate_until stops at its strings and fits its budget to the
 context, requests it cannot score are one line, and ``python -m llama3 lm_eval`` runs a task from
-a local file and ends in one line when the disk cannot hold its results."""
+a local file and ends in one line when the disk cannot hold its results; lm-eval's own ``hf`` model
+on an export_hf directory gives our scores."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from lm_eval_tasks import local_choice_task
+from lm_eval_tasks import local_choice_task, local_rolling_task
 
 pytest.importorskip("lm_eval")
 
@@ -177,18 +178,36 @@ def test_requests_mostly_unknown_to_the_tokenizer_are_said_once(tiny_checkpoint,
     assert err.count("are <unk>") == 1 and "lm-eval requests" in err, err
 
 
-def run_lm_eval(tiny_checkpoint, tokenizer: Path, tasks: Path, output: Path, *flags: str,
-                preexec_fn=None) -> subprocess.CompletedProcess:
-    """``python -m llama3 lm_eval`` on the tiny softplus checkpoint and the task in ``tasks``,
-    offline, with the datasets cache beside the task."""
+def run_harness(command: list[str], model_args: str, tasks: Path, names: str, output: Path,
+                *flags: str, preexec_fn=None) -> subprocess.CompletedProcess:
+    """lm-eval's command line (``command``: the module and model) on the tasks ``names`` in
+    ``tasks``, offline, with the datasets cache beside the tasks."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
            "OMP_NUM_THREADS": "1", "HF_DATASETS_CACHE": str(tasks / "datasets")}
     return subprocess.run(
-        [sys.executable, "-m", "llama3", "lm_eval", "--model", "llama3", "--model_args",
-         f"checkpoint={tiny_checkpoint('softplus')},tokenizer={tokenizer}",
-         "--tasks", "tiny_choice", "--include_path", str(tasks), "--device", "cpu",
-         "--batch_size", "4", "--output_path", str(output), *flags],
+        [sys.executable, "-m", *command, "--model_args", model_args, "--tasks", names,
+         "--include_path", str(tasks), "--device", "cpu", "--batch_size", "4", "--output_path",
+         str(output), *flags],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300, preexec_fn=preexec_fn)
+
+
+def run_lm_eval(tiny_checkpoint, tokenizer: Path, tasks: Path, output: Path, *flags: str,
+                names: str = "tiny_choice", attention: str = "softplus",
+                preexec_fn=None) -> subprocess.CompletedProcess:
+    """``python -m llama3 lm_eval`` on a tiny checkpoint and the tasks ``names`` in ``tasks``."""
+    return run_harness(["llama3", "lm_eval", "--model", "llama3"],
+                       f"checkpoint={tiny_checkpoint(attention)},tokenizer={tokenizer}", tasks,
+                       names, output, *flags, preexec_fn=preexec_fn)
+
+
+def logged_loglikelihoods(output: Path, task: str) -> list[float]:
+    """Every log-likelihood lm-eval logged for ``task`` (--log_samples), in document order: one
+    per text of a rolling task, one per choice of a multiple-choice task."""
+    samples, = output.rglob(f"samples_{task}_*.jsonl")
+    rows = sorted((json.loads(line) for line in samples.read_text().splitlines()),
+                  key=lambda row: row["doc_id"])
+    responses = [r for row in rows for r in row["filtered_resps"]]
+    return [float(r[0] if isinstance(r, list) else r) for r in responses]  # r: ll or (ll, greedy)
 
 
 def test_the_lm_eval_command_runs_a_local_task(tiny_checkpoint, tiny_tokenizer, tmp_path, lm):
@@ -207,6 +226,37 @@ def test_the_lm_eval_command_runs_a_local_task(tiny_checkpoint, tiny_tokenizer, 
                                   disable_tqdm=True)
         right += max(range(len(choices)), key=lambda i: scores[i][0]) == label
     assert accuracy == pytest.approx(right / len(questions))
+
+
+def test_lm_evals_hf_backend_on_the_export_gives_our_scores(tiny_checkpoint, tiny_tokenizer,
+                                                            tmp_path):
+    """lm-eval's own ``hf`` model on an export_hf directory scores as our ``llama3`` model does:
+    multiple choice with default settings, and whole texts (perplexity) with add_bos_token=False,
+    since its loglikelihood_rolling puts the start token (the declared bos) before the text's own
+    encoding, which holds the start token already when the tokenizer adds it, as ours does."""
+    directory = tmp_path / "hf"
+    assert main(["export_hf", "--from_checkpoint", str(tiny_checkpoint("softmax")), "--tokenizer",
+                 str(tiny_tokenizer), "--output", str(directory)]) == 0
+    config = json.loads((directory / "config.json").read_text())
+    generation = json.loads((directory / "generation_config.json").read_text())
+    start = Tokenizer(tiny_tokenizer).eos_id  # the start token of packed training
+    assert config["bos_token_id"] == generation["bos_token_id"] == start
+
+    questions = [("The River", [" flows", " music"], 0), ("A quiet", [" morning", " the"], 0),
+                 ("Old stone", [" bridge", " window"], 1)]
+    texts = ["The river and the garden of the old city by the water. " * 4,
+             "Music school in the <unk> village, a quiet morning.", "Stone"]
+    tasks = local_rolling_task(local_choice_task(tmp_path, questions), texts)
+    ours = run_lm_eval(tiny_checkpoint, tiny_tokenizer, tasks, tmp_path / "ours", "--log_samples",
+                       names="tiny_choice,tiny_rolling", attention="softmax")
+    assert ours.returncode == 0, ours.stderr[-3000:]
+    for task, settings in (("tiny_choice", ""), ("tiny_rolling", ",add_bos_token=False")):
+        theirs = run_harness(["lm_eval", "--model", "hf"], f"pretrained={directory}{settings}",
+                             tasks, task, tmp_path / task, "--log_samples")
+        assert theirs.returncode == 0, theirs.stderr[-3000:]
+        expected = logged_loglikelihoods(tmp_path / "ours", task)
+        assert len(expected) == (6 if task == "tiny_choice" else len(texts))
+        assert logged_loglikelihoods(tmp_path / task, task) == pytest.approx(expected, abs=1e-4)
 
 
 def test_the_generation_budget_fits_the_context_unless_a_task_asks_for_more(lm):

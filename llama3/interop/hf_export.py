@@ -3,7 +3,7 @@
 Written under a temporary name and renamed when complete::
 
     DIR/config.json                     model settings (and our ModelArgs, for import_hf)
-    DIR/generation_config.json          special token ids
+    DIR/generation_config.json          special token ids (bos: the start token)
     DIR/model.safetensors               weights; or model-0000i-of-0000n.safetensors + index
     DIR/modeling_llama3_softplus.py     softplus attention or the Combinator only (remote code)
     DIR/tokenizer.json, tokenizer_config.json, sentencepiece.model    with --tokenizer
@@ -69,6 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from llama3.checkpoint import read_model_file
     from llama3.data.tokenizer import load_tokenizer
+    from llama3.interop.hf_tokenizer import special_ids
 
     require("hf", "safetensors", *(["tokenizers"] if args.tokenizer else []))
     shard_bytes = parse_size(args.max_shard_size)
@@ -77,8 +78,8 @@ def run(args: argparse.Namespace) -> int:
     model_args = ModelArgs.from_dict(record["model_args"])
     form = choose_format(args.format, model_args)
     tokenizer = load_tokenizer(args.tokenizer, record.get("tokenizer"), model_args.vocab_size) if args.tokenizer else None
-    special = {} if tokenizer is None else {  # ids SentencePiece lacks are -1
-        kind: i for kind in ("bos", "eos", "pad") if (i := getattr(tokenizer, f"{kind}_id")) >= 0}
+    special = {} if tokenizer is None else {  # bos: the start token
+        kind: i for kind, i in special_ids(tokenizer, start_token(args)).items() if kind != "unk"}
     dtype = DTYPES[args.dtype] if args.dtype else next(iter(record["model"].values())).dtype
     tensors = hf_format.to_hf_state(cast_weights(record["model"], dtype, args.dtype), model_args,
                                     form)

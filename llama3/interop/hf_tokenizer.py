@@ -7,21 +7,28 @@ own normalisation (its compiled character map, which turns newlines into spaces,
 of extra spaces). The pre-tokenizer splits at spaces with SentencePiece's dummy prefix ("▁" before
 the text) and isolates the user-defined whole-word pieces, which SentencePiece emits whole wherever
 they occur; the model is BPE with SentencePiece's merge order (by piece score) and runs of unknown
-characters fused into one unknown id, as SentencePiece does. Strings of special tokens in text
-("</s>") are read as those tokens, as in every transformers tokenizer.
+characters fused into one unknown id, as SentencePiece does. A special token written in raw text
+("<unk>", "</s>") is text, as SentencePiece reads it: tokenizer.json lists no added tokens, and
+tokenizer_config.json sets ``split_special_tokens`` for transformers, which adds the special tokens
+itself. The start token put before every text is declared the beginning-of-sequence token
+(``bos_token``, ``add_bos_token``), so that tools which add or strip that token do as we do.
 """
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llama3.errors import UsageError
 from llama3.data.clean import Cleaner
 
+if TYPE_CHECKING:
+    from llama3.data.tokenizer import Tokenizer
+
 # SentencePiece piece types (sentencepiece_model.proto)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED = 1, 2, 3, 4
+SPECIAL_KINDS = ("bos", "eos", "unk", "pad")
 BPE_MODEL = 2
 WORD_BOUNDARY = "\u2581"
 # Python's \s for str (what the cleaning's bracket pattern matches), as an explicit class
@@ -89,20 +96,53 @@ def bpe_merges(proto: Any) -> list[tuple[str, str]]:
     return [(left, right) for _, _, left, right in sorted(ranked)]
 
 
+def special_ids(tokenizer: Tokenizer, start: str | None) -> dict[str, int]:
+    """The ids to declare as ``bos``, ``eos``, ``unk`` and ``pad`` (those SentencePiece has):
+    ``bos`` is the start token put before every text (``start``: "eos" or "bos"; None: none is,
+    and SentencePiece's own is declared)."""
+    ids = {kind: getattr(tokenizer, f"{kind}_id") for kind in SPECIAL_KINDS}
+    if start is not None:
+        ids["bos"] = getattr(tokenizer, f"{start}_id")
+        if ids["bos"] < 0:
+            raise UsageError(f"--start_token {start}: {tokenizer.path} has no {start} token")
+    return {kind: i for kind, i in ids.items() if i >= 0}  # ids SentencePiece lacks are -1
+
+
+def bpe_model(proto: Any, *, ignore_merges: bool) -> Any:
+    """SentencePiece's BPE as a tokenizers model; with ``ignore_merges`` a word that is a piece is
+    emitted as is, which is how user-defined pieces come out whole."""
+    from tokenizers.models import BPE
+
+    spec = proto.trainer_spec
+    return BPE(vocab={p.piece: i for i, p in enumerate(proto.pieces)}, merges=bpe_merges(proto),
+               unk_token=spec.unk_piece, fuse_unk=True, byte_fallback=spec.byte_fallback,
+               ignore_merges=ignore_merges)
+
+
+def special_text_split(proto: Any) -> str | None:
+    """A pattern that splits a word spelling a special piece ("<unk>", "</s>", "<0x41>") where
+    SentencePiece's first token of that text ends. Such a word follows a user-defined piece
+    ("the<unk>"), and BPE with ignore_merges would emit it whole as the special id; the rest gets
+    BPE of its own, as in SentencePiece, whose merges do not cross that point."""
+    model, branches = bpe_model(proto, ignore_merges=False), []
+    for piece in (p.piece for p in proto.pieces if p.type not in (NORMAL, USER_DEFINED)):
+        char_at = {len(piece[:i].encode()): i for i in range(1, len(piece))}  # byte offset → char
+        cut = next((char_at[t.offsets[1]] for t in model.tokenize(piece)
+                    if t.offsets[1] in char_at), None)
+        if cut is not None:
+            branches.append(f"{re.escape(piece[:cut])}(?={re.escape(piece[cut:])}\\z)")
+    return rf"\A(?:{'|'.join(branches)})" if branches else None
+
+
 def build_tokenizer(path: str | Path, cleaner: Cleaner) -> Any:
     """A ``tokenizers.Tokenizer`` equivalent to the SentencePiece model at ``path`` on raw text."""
     from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers
-    from tokenizers.models import BPE
 
     proto = read_proto(path)
     check_convertible(proto, path)
     pieces, spec, normalizer = proto.pieces, proto.trainer_spec, proto.normalizer_spec
     user_defined = [p.piece for p in pieces if p.type == USER_DEFINED]
-    tokenizer = Tokenizer(BPE(
-        vocab={p.piece: i for i, p in enumerate(pieces)}, merges=bpe_merges(proto),
-        unk_token=spec.unk_piece, fuse_unk=True, byte_fallback=spec.byte_fallback,
-        # a whole word that is a piece is emitted as is: how user-defined pieces come out whole
-        ignore_merges=True))
+    tokenizer = Tokenizer(bpe_model(proto, ignore_merges=True))
     steps = cleaning_normalizers(cleaner)
     if normalizer.precompiled_charsmap:
         steps.append(normalizers.Precompiled(normalizer.precompiled_charsmap))
@@ -116,6 +156,8 @@ def build_tokenizer(path: str | Path, cleaner: Cleaner) -> Any:
         longest_first = sorted(user_defined, key=len, reverse=True)
         pattern = "|".join(re.escape(piece) for piece in longest_first)
         splits.append(pre_tokenizers.Split(Regex(pattern), behavior="isolated"))
+    if (special_split := special_text_split(proto)) is not None:
+        splits.append(pre_tokenizers.Split(Regex(special_split), behavior="isolated"))
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(splits)
     tokenizer.decoder = decoders.Sequence([
         decoders.Replace(spec.unk_piece, spec.unk_surface),  # " ⁇ ", as SentencePiece writes it
@@ -134,19 +176,17 @@ def save_tokenizer(directory: Path, model_file: str | Path, cleaner: Cleaner,
     from llama3.fileio import write_json
 
     ours = Tokenizer(model_file)
+    ids = special_ids(ours, start)
     tokenizer = build_tokenizer(model_file, cleaner)
-    if start is not None:
-        token_id = getattr(ours, f"{start}_id")
-        if token_id < 0:
-            raise UsageError(f"--start_token {start}: {model_file} has no {start} token")
-        piece = ours.piece(token_id)
+    if start is not None:  # the template transformers builds from add_bos_token
+        piece = ours.piece(ids["bos"])
         tokenizer.post_processor = TemplateProcessing(
-            single=f"{piece} $A", pair=f"{piece} $A {piece} $B:1", special_tokens=[(piece, token_id)])
-    special = {f"{kind}_token": ours.piece(i) for kind in ("bos", "eos", "unk", "pad")
-               if (i := getattr(ours, f"{kind}_id")) >= 0}  # ids SentencePiece lacks are -1
-    tokenizer.add_special_tokens(list(special.values()))
+            single=f"{piece}:0 $A:0", pair=f"{piece}:0 $A:0 {piece}:1 $B:1",
+            special_tokens=[(piece, ids["bos"])])
     # what tokenizer.save writes, written here so that a failed write is an OSError
     (directory / "tokenizer.json").write_text(tokenizer.to_str(pretty=True), encoding="utf-8")
     write_json(directory / "tokenizer_config.json", {
-        "tokenizer_class": "PreTrainedTokenizerFast", **special, "model_max_length": context,
-        "clean_up_tokenization_spaces": False})
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **{f"{kind}_token": ours.piece(i) for kind, i in ids.items()},
+        "add_bos_token": start is not None, "add_eos_token": False, "split_special_tokens": True,
+        "model_max_length": context, "clean_up_tokenization_spaces": False})
