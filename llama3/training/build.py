@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from llama3.checkpoint import (TrainingState, check_model_flags, list_step_dirs, read_model_file,
-                               read_rank_record, read_trainer_record, restore_training_checkpoint,
-                               step_of, tokenizer_fingerprint)
+from llama3.checkpoint import (TrainingState, act_together, check_model_flags, list_step_dirs,
+                               read_model_file, read_rank_record, read_trainer_record,
+                               restore_training_checkpoint, step_of, tokenizer_fingerprint)
 from llama3.errors import UsageError
 from llama3.model import ModelArgs, Transformer, model_summary, training_flops_per_token
 from llama3.runtime import seed_everything
@@ -222,16 +222,10 @@ def _open_corpus(path: str, flag: str, tokenizer: Tokenizer, config: TrainingCon
     if not Path(path).exists():
         raise UsageError(f"{flag} {path}: no such file or directory")
     cache_dir = config.data.cache_dir
-    corpus, error = None, None
-    if dist.is_main:
-        try:
-            corpus = open_token_corpus(path, tokenizer, cache_dir=cache_dir, progress=True,
-                                       flag=flag)
-        except UsageError as err:
-            error = err
-    if dist.any_failed(error is not None):
-        raise error or UsageError(f"{flag} {path}: the first process could not open it (see its "
-                                  "message)")
+    corpus = act_together(dist, lambda: open_token_corpus(path, tokenizer, cache_dir=cache_dir,
+                                                          progress=True, flag=flag),
+                          elsewhere=f"{flag} {path}: the first process could not open it (see its "
+                                    "message)")
     if corpus is None:
         corpus = open_token_corpus(path, tokenizer, cache_dir=cache_dir, progress=False, flag=flag)
     return corpus
