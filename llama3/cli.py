@@ -4,12 +4,18 @@ A subcommand module defines ``add_arguments(parser)`` and ``run(args) -> int``; 
 them in its ``COMMANDS``. Errors a user can fix are :mod:`llama3.errors` types, printed as one line
 without a traceback. This module turns flags into plain values; nothing below the commands imports
 it.
+
+Each flag is declared once, as a :class:`Flag`; a flag that a configuration dataclass holds is
+declared as its field (:meth:`Flag.field`), from which the parser's argument comes too
+(:func:`add_fields`).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import re
+import typing
 from typing import Any
 
 from llama3.errors import UsageError  # also importable from here, as code written before expects
@@ -39,34 +45,86 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
         return super()._get_help_string(action)
 
 
-# Model flags: (flag, type, help). Defaults come from ModelArgs so there is one source of truth.
-_MODEL_FLAGS: list[tuple[str, Any, str]] = [
-    ("attention", str, f"attention layer: {' | '.join(ATTENTIONS)}"),
-    ("mixer", str, f"feed-forward mixer: {' | '.join(MIXERS)} (default: swiglu for softmax, "
-                   "combinator for softplus)"),
-    ("n_layers", int, "number of transformer blocks"),
-    ("dim", int, "model width"),
-    ("n_heads", int, "query heads (softmax attention)"),
-    ("n_kv_heads", int, "key/value heads for grouped-query attention (default: --n_heads)"),
-    ("core_dim", int, "softplus core width r, a multiple of 8 (default: the multiple of 8 nearest "
-                      "to 5·dim − 216)"),
-    ("softplus_scale", str, f"softplus score scale: {' | '.join(SOFTPLUS_SCALES)} "
-                            "(log(n)/sqrt(r) or 1/sqrt(r))"),
-    ("core_output_scale", str, "softplus core output before wo: width (× min(1, dim/r), so a core "
-                               "wider than dim does not dominate the residual stream) | none (as "
-                               "checkpoints saved before this setting, which keep it) | a factor "
-                               "such as 0.3"),
-    ("init", str, f"initial weights: {' | '.join(INITS)} (N(0, 0.02) everywhere; 1/sqrt(fan_in); "
-                  "torchtitan's depth-scaled output projections)"),
-    ("multiple_of", int, "SwiGLU hidden width is rounded up to a multiple of this"),
-    ("ffn_dim_multiplier", float, "SwiGLU hidden width multiplier"),
-    ("norm_eps", float, "RMSNorm epsilon"),
-    ("rope_theta", float, "RoPE base"),
-    ("max_seq_len", int, "context length (tokens per training window)"),
-    ("dropout", float, "dropout on embeddings and on the attention output"),
-]
-_MODEL_CHOICES = {"attention": ATTENTIONS, "mixer": MIXERS, "softplus_scale": SOFTPLUS_SCALES,
-                  "init": INITS}
+def _typed(kind: Any) -> dict[str, Any]:
+    """argparse's options for a value of type ``kind`` (``int | None`` is int): its type, or for
+    ``bool`` a --name/--no-name switch; none for None."""
+    kind = next((k for k in typing.get_args(kind) or [kind] if k is not type(None)), None)
+    if kind is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    return {"type": kind} if kind else {}
+
+
+class Flag:
+    """A flag declared once: its help, its default and argparse's options (type, choices, metavar,
+    action, required). :meth:`add` puts it on a parser; as the field of a configuration dataclass
+    (:meth:`field`, :func:`add_fields`) it also holds the value parsed."""
+
+    def __init__(self, help: str, *, default: Any = None, **options: Any):
+        self.help, self.default, self.options = help, default, options
+
+    def add(self, group: argparse._ActionsContainer, name: str, kind: Any = None,
+            **changes: Any) -> None:
+        """``--name`` on ``group``, typed as a value of type ``kind`` (a field's) unless declared
+        otherwise; ``changes`` replace declared options."""
+        group.add_argument(f"--{name}", default=self.default, help=self.help,
+                           **{**_typed(kind), **self.options, **changes})
+
+    def field(self, *, resumable: bool = False) -> Any:
+        """A dataclass field declaring this flag, its default the flag's (none if required).
+        ``resumable``: a resumed training run takes the checkpoint's value unless it is given."""
+        default = dataclasses.MISSING if self.options.get("required") else self.default
+        return dataclasses.field(default=default, metadata={"flag": self, "resumable": resumable})
+
+    def for_resume(self, *, taken: bool) -> Flag:
+        """This flag defaulting to None (not given), its help naming a new run's default and, if
+        ``taken``, that a resumed run takes the checkpoint's value."""
+        notes = [f"new run: {self.default}"] * (self.default is not None)
+        notes += ["resumed: the checkpoint's"] * taken
+        return Flag(f"{self.help} ({'; '.join(notes)})" if notes else self.help, **self.options)
+
+
+def declared_flags(cls: type) -> list[tuple[dataclasses.Field, Flag]]:
+    """The fields of dataclass ``cls`` that declare a flag (:meth:`Flag.field`), with the flag."""
+    return [(f, f.metadata["flag"]) for f in dataclasses.fields(cls) if "flag" in f.metadata]
+
+
+def add_fields(group: argparse._ActionsContainer, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """The flags that the fields of dataclass ``cls`` declare, in field order, each typed by its
+    field; a resumable one as :meth:`Flag.for_resume` makes it."""
+    types = typing.get_type_hints(cls)
+    for field, flag in declared_flags(cls):
+        if field.name not in skip:
+            flag = flag.for_resume(taken=True) if field.metadata["resumable"] else flag
+            flag.add(group, field.name, types[field.name])
+
+
+# Model flags, by ModelArgs field: types and defaults come from ModelArgs, one source of truth.
+_MODEL_FLAGS: dict[str, Flag] = {
+    "attention": Flag(f"attention layer: {' | '.join(ATTENTIONS)}", choices=ATTENTIONS),
+    "mixer": Flag(f"feed-forward mixer: {' | '.join(MIXERS)} (default: swiglu for softmax, "
+                  "combinator for softplus)", choices=MIXERS),
+    "n_layers": Flag("number of transformer blocks"),
+    "dim": Flag("model width"),
+    "n_heads": Flag("query heads (softmax attention)"),
+    "n_kv_heads": Flag("key/value heads for grouped-query attention (default: --n_heads)"),
+    "core_dim": Flag("softplus core width r, a multiple of 8 (default: the multiple of 8 nearest "
+                     "to 5·dim − 216)"),
+    "softplus_scale": Flag(f"softplus score scale: {' | '.join(SOFTPLUS_SCALES)} "
+                           "(log(n)/sqrt(r) or 1/sqrt(r))", choices=SOFTPLUS_SCALES),
+    "core_output_scale": Flag("softplus core output before wo: width (× min(1, dim/r), so a core "
+                              "wider than dim does not dominate the residual stream) | none (as "
+                              "checkpoints saved before this setting, which keep it) | a factor "
+                              "such as 0.3"),
+    "init": Flag(f"initial weights: {' | '.join(INITS)} (N(0, 0.02) everywhere; 1/sqrt(fan_in); "
+                 "torchtitan's depth-scaled output projections)", choices=INITS),
+    "multiple_of": Flag("SwiGLU hidden width is rounded up to a multiple of this"),
+    "ffn_dim_multiplier": Flag("SwiGLU hidden width multiplier"),
+    "norm_eps": Flag("RMSNorm epsilon"),
+    "rope_theta": Flag("RoPE base"),
+    "max_seq_len": Flag("context length (tokens per training window)"),
+    "dropout": Flag("dropout on embeddings and on the attention output"),
+    "use_scaled_rope": Flag("apply the Llama 3.1 RoPE frequency scaling"),
+}
 
 
 def add_model_flags(parser: argparse.ArgumentParser, *, from_checkpoint: bool = False,
@@ -87,27 +145,19 @@ def add_model_flags(parser: argparse.ArgumentParser, *, from_checkpoint: bool = 
     else:
         title = "model"
     group = parser.add_argument_group(title)
-    fields = ModelArgs.__dataclass_fields__
-    for name, kind, text in [*_MODEL_FLAGS, ("use_scaled_rope", None,
-                                             "apply the Llama 3.1 RoPE frequency scaling")]:
+    fields, types = ModelArgs.__dataclass_fields__, typing.get_type_hints(ModelArgs)
+    for name, flag in _MODEL_FLAGS.items():
         if from_checkpoint and name == "max_seq_len":
             continue
-        default = fields[name].default
-        if resumable and default is not None:
-            text = f"{text} (new run: {default})"
-        value = None if (from_checkpoint or resumable) else default
-        if kind is None:
-            group.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=value,
-                               help=text)
-        else:
-            group.add_argument(f"--{name}", type=kind, default=value,
-                               choices=_MODEL_CHOICES.get(name), help=text)
+        default = None if from_checkpoint else fields[name].default
+        flag = Flag(flag.help, default=default, **flag.options)
+        (flag.for_resume(taken=False) if resumable else flag).add(group, name, types[name])
 
 
 def model_flag_values(args: argparse.Namespace) -> dict[str, Any]:
     """The model flags given (set, not None), by ModelArgs field name."""
-    names = [name for name, _, _ in _MODEL_FLAGS] + ["use_scaled_rope"]
-    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+    return {name: getattr(args, name) for name in _MODEL_FLAGS
+            if getattr(args, name, None) is not None}
 
 
 class Spelled(argparse.Action):
@@ -144,13 +194,21 @@ def seq_len_from_flags(args: argparse.Namespace, model_args: ModelArgs) -> int:
     return args.seq_len
 
 
+DEVICE = Flag("cuda, cuda:N or cpu (default: cuda when available, else cpu)")
+ALLOW_TF32 = Flag("allow TF32 matmuls and convolutions on Ampere and newer GPUs", default=False,
+                  action=argparse.BooleanOptionalAction)
+
+
 def add_precision_flags(parser: argparse.ArgumentParser) -> None:
     """Device and numeric precision."""
     group = parser.add_argument_group("device and precision")
-    group.add_argument("--device", default=None,
-                       help="cuda, cuda:N or cpu (default: cuda when available, else cpu)")
-    group.add_argument("--allow_tf32", action=argparse.BooleanOptionalAction, default=False,
-                       help="allow TF32 matmuls and convolutions on Ampere and newer GPUs")
+    DEVICE.add(group, "device")
+    ALLOW_TF32.add(group, "allow_tf32")
+    add_precision_modes(group)
+
+
+def add_precision_modes(group: argparse._ActionsContainer) -> None:
+    """The precision modes, one at most (:func:`llama3.runtime.precision_flag`)."""
     mode = group.add_mutually_exclusive_group()
     mode.add_argument("--fp32", action="store_true",
                       help="fp32 parameters and arithmetic (the default when no other mode is given)")
@@ -162,10 +220,13 @@ def add_precision_flags(parser: argparse.ArgumentParser) -> None:
                       help="pure bfloat16 parameters and activations (FSDP: fp32 gradient reduction)")
 
 
+TOKENIZER = Flag("SentencePiece model file written by train_tokenizer", required=True,
+                 metavar="MODEL_FILE")
+
+
 def add_tokenizer_flag(parser: argparse._ActionsContainer, required: bool = True) -> None:
     """The SentencePiece model file."""
-    parser.add_argument("--tokenizer", required=required, metavar="MODEL_FILE",
-                        help="SentencePiece model file written by train_tokenizer")
+    TOKENIZER.add(parser, "tokenizer", required=required)
 
 
 DATA_MODES = ("packed", "padded")
@@ -193,29 +254,15 @@ def add_checkpoint_source_flags(group: argparse._ActionsContainer, *,
     add_tokenizer_flag(group, required=tokenizer_required)
 
 
+DATA_MODE = Flag("packed: documents joined (EOS between) into full windows; padded: one document "
+                 "per window, as the original, padding not counted by the loss", default="packed",
+                 choices=DATA_MODES)
+CACHE_DIR = Flag("where the corpus's encoded token shards are kept (default: CORPUS/.tokens/, or "
+                 "the user cache when the corpus folder is read-only)", metavar="DIR")
+
+
 def add_token_cache_flags(group: argparse._ActionsContainer, *, data_mode: bool = True) -> None:
     """Where a corpus's tokens are cached and (with ``data_mode``) how they become windows."""
     if data_mode:
-        group.add_argument("--data_mode", choices=DATA_MODES, default="packed",
-                           help="packed: documents joined (EOS between) into full windows; padded: "
-                                "one document per window, as the original, padding not counted by "
-                                "the loss")
-    group.add_argument("--cache_dir", metavar="DIR",
-                       help="where the corpus's encoded token shards are kept (default: "
-                            "CORPUS/.tokens/, or the user cache when the corpus folder is read-only)")
-
-
-def seed_value(text: str) -> int:
-    """argparse type of ``--seed``: an integer from 0 to 2**63 − 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if not 0 <= value < 2**63:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 2**63 - 1, got {value}")
-    return value
-
-
-def add_seed_flag(parser: argparse.ArgumentParser, default: int = 0) -> None:
-    parser.add_argument("--seed", type=seed_value, default=default,
-                        help="random seed (data order, initialisation, sampling)")
+        DATA_MODE.add(group, "data_mode")
+    CACHE_DIR.add(group, "cache_dir")

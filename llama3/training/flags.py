@@ -1,9 +1,10 @@
 """Flags of ``train`` and ``multitrain`` and the typed configuration they become.
 
-The shared groups (model, device and precision, tokenizer and token cache, seed) come from
-:mod:`llama3.cli`; the training-only groups are defined here, each next to the frozen dataclass
-that holds its values, checked once, naming the flag. :class:`TrainingConfig` gathers the groups;
-the rest of training reads it, never the parsed flags.
+Each flag group is a frozen dataclass whose fields declare the flags (:class:`llama3.cli.Flag`):
+the parser is built from the fields, the parsed values fill them, and each group checks its values
+once, naming the flag. Flags shared with other commands (tokenizer, token cache, device) and the
+model and precision-mode groups come from :mod:`llama3.cli`. :class:`TrainingConfig` gathers the
+groups; the rest of training reads it, never the parsed flags.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from llama3.cli import (add_model_flags, add_precision_flags, add_seed_flag, add_token_cache_flags,
-                        add_tokenizer_flag, model_flag_values)
+from llama3.cli import (ALLOW_TF32, CACHE_DIR, DATA_MODE, DEVICE, TOKENIZER, Flag, add_fields,
+                        add_model_flags, add_precision_modes, declared_flags, model_flag_values)
 from llama3.errors import UsageError
 from llama3.runtime import Precision, precision_flag
 from llama3.training.optim import SCHEDULES, LRSchedule, OptimizerSettings
@@ -39,40 +40,29 @@ quit without saving).
 
 Config = TypeVar("Config")
 
-# Flags that decide how a run continues: a resumed run takes them from its checkpoint unless given.
-RESUMABLE = ("data_mode", "seed", "batch_size", "accumulation_steps", "total_steps", "eval_steps",
-             "eval_batches", "base_lr", "wd_rate", "max_norm", "beta1", "beta2", "adam_eps",
-             "lr_schedule", "warmup_steps", "min_lr_ratio", "save_steps", "keep_last", "allow_tf32",
-             "diagnostics_steps")
 DATA_ORDER = ("data_mode", "seed", "batch_size")  # changing one would change the windows of a step
 
 
+def flag(help: str, *, default: Any = None, resumable: bool = False, **options: Any) -> Any:
+    """A configuration field declaring a training flag (see :meth:`Flag.field`)."""
+    return Flag(help, default=default, **options).field(resumable=resumable)
+
+
 def add_training_flags(parser: argparse.ArgumentParser, *, multiprocess: bool) -> None:
-    """Every flag of ``train``; ``multiprocess`` adds the FSDP group of ``multitrain``."""
+    """Every flag of ``train``; ``multiprocess`` adds the FSDP flag of ``multitrain``."""
     parser.epilog = EPILOG
-    add_data_flags(parser)
+    add_fields(parser.add_argument_group("data"), DataConfig)
     add_model_flags(parser, resumable=True)
-    add_batch_flags(parser)
-    add_optimization_flags(parser)
-    add_checkpoint_flags(parser)
-    add_precision_flags(parser)
-    add_performance_flags(parser, multiprocess=multiprocess)
-    add_logging_flags(parser)
-    add_seed_flag(parser)
-    _take_from_checkpoint(parser)
-
-
-def _take_from_checkpoint(parser: argparse.ArgumentParser) -> None:
-    """The RESUMABLE flags default to None (not given); their declared defaults become what a new
-    run uses (``args.new_run``), and their help says so."""
-    new_run = {}
-    for action in parser._actions:
-        if action.dest in RESUMABLE:
-            new_run[action.dest] = action.default
-            shown = "" if action.default is None else f"new run: {action.default}; "
-            action.help = f"{action.help} ({shown}resumed: the checkpoint's)"
-            action.default = None
-    parser.set_defaults(new_run=new_run)
+    add_fields(parser.add_argument_group("batch, steps and evaluation"), BatchConfig)
+    add_fields(parser.add_argument_group("optimisation (AdamW)"), OptimConfig)
+    add_fields(parser.add_argument_group("checkpoints and run directory"), CheckpointConfig)
+    device = parser.add_argument_group("device and precision")
+    add_fields(device, DeviceConfig)
+    add_precision_modes(device)
+    add_fields(parser.add_argument_group("performance"), PerformanceConfig,
+               skip=() if multiprocess else ("prefetching",))
+    add_fields(parser.add_argument_group("metrics"), MetricsConfig)
+    add_fields(parser, TrainingConfig)  # --seed
 
 
 def _resolve(args: argparse.Namespace,
@@ -83,7 +73,7 @@ def _resolve(args: argparse.Namespace,
     for name in RESUMABLE:
         given = getattr(args, name, None)
         if given is None:
-            values[name] = recorded[name] if name in recorded else args.new_run.get(name)
+            values[name] = recorded[name] if name in recorded else RESUMABLE[name]
             continue
         values[name] = given
         if name in recorded and given != recorded[name]:
@@ -115,7 +105,7 @@ def _precision(given: str | None, saved: str | None) -> tuple[Precision, list[st
 
 
 def _from_flags(cls: type[Config], args: argparse.Namespace, **values: Any) -> Config:
-    """``cls`` with each field taken from the flag of the same name, unless given in ``values``."""
+    """``cls`` with each field taken from the flag it declares, unless given in ``values``."""
     names = [f.name for f in dataclasses.fields(cls) if f.name not in values]
     return cls(**{name: getattr(args, name) for name in names}, **values)
 
@@ -135,50 +125,33 @@ def _refuse_non_finite(config: Any) -> None:
 # ------------------------------------------------------------------------------------ data
 
 
-def add_data_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("data")
-    group.add_argument("--train_corpus", required=True, metavar="PATH",
-                       help="training corpus: a directory of shards or a file written by preprocess")
-    group.add_argument("--eval_corpus", metavar="PATH",
-                       help="held-out corpus for periodic evaluation (none: no evaluation)")
-    add_tokenizer_flag(group)
-    add_token_cache_flags(group)
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DataConfig:
-    train_corpus: str
-    eval_corpus: str | None
-    tokenizer: str
-    data_mode: str
-    cache_dir: str | None
+    train_corpus: str = flag("training corpus: a directory of shards or a file written by "
+                             "preprocess", required=True, metavar="PATH")
+    eval_corpus: str | None = flag("held-out corpus for periodic evaluation (none: no evaluation)",
+                                   metavar="PATH")
+    tokenizer: str = TOKENIZER.field()
+    data_mode: str = DATA_MODE.field(resumable=True)
+    cache_dir: str | None = CACHE_DIR.field()
 
 
 # ----------------------------------------------------------------------- batch and steps
 
 
-def add_batch_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("batch, steps and evaluation")
-    group.add_argument("--batch_size", type=int, default=64,
-                       help="windows per optimizer step and process (global batch: × processes)")
-    group.add_argument("--accumulation_steps", type=int, default=1,
-                       help="micro-batches --batch_size is split into (must divide it)")
-    group.add_argument("--total_steps", type=int, default=20000,
-                       help="optimizer steps of the whole run, the steps before a resume included")
-    group.add_argument("--eval_steps", type=int, default=500,
-                       help="evaluate every this many steps, and at the end")
-    group.add_argument("--eval_batches", type=int, default=20,
-                       help="batches of --eval_corpus per evaluation: the same first windows every "
-                            "time, so eval curves of runs with equal --batch_size are comparable")
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class BatchConfig:
-    batch_size: int
-    accumulation_steps: int
-    total_steps: int
-    eval_steps: int
-    eval_batches: int
+    batch_size: int = flag("windows per optimizer step and process (global batch: × processes)",
+                           default=64, resumable=True)
+    accumulation_steps: int = flag("micro-batches --batch_size is split into (must divide it)",
+                                   default=1, resumable=True)
+    total_steps: int = flag("optimizer steps of the whole run, the steps before a resume "
+                            "included", default=20000, resumable=True)
+    eval_steps: int = flag("evaluate every this many steps, and at the end", default=500,
+                           resumable=True)
+    eval_batches: int = flag("batches of --eval_corpus per evaluation: the same first windows "
+                             "every time, so eval curves of runs with equal --batch_size are "
+                             "comparable", default=20, resumable=True)
 
     def __post_init__(self) -> None:
         for name, value in dataclasses.asdict(self).items():
@@ -195,35 +168,23 @@ class BatchConfig:
 # ---------------------------------------------------------------------------- optimisation
 
 
-def add_optimization_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("optimisation (AdamW)")
-    group.add_argument("--base_lr", type=float, default=1e-3, help="peak learning rate")
-    group.add_argument("--wd_rate", type=float, default=0.1,
-                       help="decoupled weight decay of matrices and embeddings (not norm gains)")
-    group.add_argument("--max_norm", type=float, default=1.0,
-                       help="clip the global gradient norm to this (0: no clipping)")
-    group.add_argument("--beta1", type=float, default=0.9, help="AdamW first-moment decay")
-    group.add_argument("--beta2", type=float, default=0.95, help="AdamW second-moment decay")
-    group.add_argument("--adam_eps", type=float, default=1e-8, help="AdamW epsilon")
-    group.add_argument("--lr_schedule", choices=SCHEDULES, default="linear",
-                       help="decay after warm-up: linear or cosine, down to --min_lr_ratio × --base_lr")
-    group.add_argument("--warmup_steps", type=int, default=None,
-                       help="linear warm-up steps (default: 5%% of --total_steps)")
-    group.add_argument("--min_lr_ratio", type=float, default=0.0,
-                       help="learning rate at the last step, as a fraction of --base_lr")
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class OptimConfig:
-    base_lr: float
-    wd_rate: float
-    max_norm: float
-    beta1: float
-    beta2: float
-    adam_eps: float
-    lr_schedule: str
-    warmup_steps: int  # resolved: the flag, or 5% of --total_steps
-    min_lr_ratio: float
+    base_lr: float = flag("peak learning rate", default=1e-3, resumable=True)
+    wd_rate: float = flag("decoupled weight decay of matrices and embeddings (not norm gains)",
+                          default=0.1, resumable=True)
+    max_norm: float = flag("clip the global gradient norm to this (0: no clipping)", default=1.0,
+                           resumable=True)
+    beta1: float = flag("AdamW first-moment decay", default=0.9, resumable=True)
+    beta2: float = flag("AdamW second-moment decay", default=0.95, resumable=True)
+    adam_eps: float = flag("AdamW epsilon", default=1e-8, resumable=True)
+    lr_schedule: str = flag("decay after warm-up: linear or cosine, down to --min_lr_ratio × "
+                            "--base_lr", default="linear", resumable=True, choices=SCHEDULES)
+    # resolved: the flag, or 5% of --total_steps
+    warmup_steps: int = flag("linear warm-up steps (default: 5%% of --total_steps)",
+                             resumable=True)
+    min_lr_ratio: float = flag("learning rate at the last step, as a fraction of --base_lr",
+                               default=0.0, resumable=True)
 
     def __post_init__(self) -> None:
         _refuse_non_finite(self)
@@ -243,26 +204,18 @@ class OptimConfig:
 # --------------------------------------------------------------------------- checkpoints
 
 
-def add_checkpoint_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("checkpoints and run directory")
-    group.add_argument("--to_checkpoint", required=True, metavar="DIR",
-                       help="run directory: step_* checkpoints, metrics.jsonl, summary.json, "
-                            "tensorboard/ (on a filesystem every node shares)")
-    group.add_argument("--from_checkpoint", metavar="PATH",
-                       help="continue a run exactly (DIR, DIR/step_N), or start from the weights of "
-                            "a model-only checkpoint (e.g. written by import_meta)")
-    group.add_argument("--save_steps", type=int, default=1000,
-                       help="save a checkpoint every this many steps, and at the end")
-    group.add_argument("--keep_last", type=int, default=0,
-                       help="keep only the newest N checkpoints (0: keep all)")
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CheckpointConfig:
-    to_checkpoint: str
-    from_checkpoint: str | None
-    save_steps: int
-    keep_last: int
+    to_checkpoint: str = flag("run directory: step_* checkpoints, metrics.jsonl, summary.json, "
+                              "tensorboard/ (on a filesystem every node shares)", required=True,
+                              metavar="DIR")
+    from_checkpoint: str | None = flag("continue a run exactly (DIR, DIR/step_N), or start from "
+                                       "the weights of a model-only checkpoint (e.g. written by "
+                                       "import_meta)", metavar="PATH")
+    save_steps: int = flag("save a checkpoint every this many steps, and at the end",
+                           default=1000, resumable=True)
+    keep_last: int = flag("keep only the newest N checkpoints (0: keep all)", default=0,
+                          resumable=True)
 
     def __post_init__(self) -> None:
         _refuse(self.save_steps <= 0, "save_steps", self.save_steps, "must be positive")
@@ -276,36 +229,29 @@ class CheckpointConfig:
 # ------------------------------------------------------------------ device and precision
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DeviceConfig:
-    """The group of :func:`llama3.cli.add_precision_flags`."""
+    """The device flags of :func:`llama3.cli.add_precision_flags`, and the precision that its
+    modes give."""
 
-    device: str | None
-    allow_tf32: bool
+    device: str | None = DEVICE.field()
+    allow_tf32: bool = ALLOW_TF32.field(resumable=True)
     precision: Precision
 
 
 # --------------------------------------------------------------------------- performance
 
 
-def add_performance_flags(parser: argparse.ArgumentParser, *, multiprocess: bool) -> None:
-    group = parser.add_argument_group("performance")
-    group.add_argument("--compile", action="store_true",
-                       help="torch.compile each transformer block")
-    group.add_argument("--activation_checkpointing", action="store_true",
-                       help="recompute each block's activations in backward (less memory, ~1/3 "
-                            "more compute)")
-    if multiprocess:
-        group.add_argument("--prefetching", type=int, default=1,
-                           help="FSDP: blocks whose parameters are all-gathered ahead, in forward "
-                                "and backward (0: none beyond FSDP's default)")
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class PerformanceConfig:
-    compile: bool
-    activation_checkpointing: bool
-    prefetching: int  # 0 for train, which has no FSDP
+    compile: bool = flag("torch.compile each transformer block", default=False,
+                         action="store_true")
+    activation_checkpointing: bool = flag("recompute each block's activations in backward (less "
+                                          "memory, ~1/3 more compute)", default=False,
+                                          action="store_true")
+    # multitrain only: train, which has no FSDP, has 0
+    prefetching: int = flag("FSDP: blocks whose parameters are all-gathered ahead, in forward and "
+                            "backward (0: none beyond FSDP's default)", default=1)
 
     def __post_init__(self) -> None:
         _refuse(self.prefetching < 0, "prefetching", self.prefetching, "must not be negative")
@@ -314,25 +260,18 @@ class PerformanceConfig:
 # ------------------------------------------------------------------------------- metrics
 
 
-def add_logging_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("metrics")
-    group.add_argument("--peak_tflops", type=float, default=None,
-                       help="peak TFLOP/s of one device for MFU (default: NVIDIA's datasheet value "
-                            "for known GPUs at the run's precision; none on the CPU)")
-    group.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=True,
-                       help="write TensorBoard event files to DIR/tensorboard (needs tensorboard)")
-    group.add_argument("--diagnostics_steps", type=int, default=0,
-                       help="every this many steps, record per layer the attention's sharpness "
-                            "(entropy, top and previous-key weight), the range of its scores and "
-                            "its branch's size against the residual stream, and each parameter "
-                            "role's gradient norm (kind \"diagnostics\" in metrics.jsonl; 0: off)")
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class MetricsConfig:
-    peak_tflops: float | None
-    tensorboard: bool
-    diagnostics_steps: int
+    peak_tflops: float | None = flag("peak TFLOP/s of one device for MFU (default: NVIDIA's "
+                                     "datasheet value for known GPUs at the run's precision; none "
+                                     "on the CPU)")
+    tensorboard: bool = flag("write TensorBoard event files to DIR/tensorboard (needs "
+                             "tensorboard)", default=True)
+    diagnostics_steps: int = flag("every this many steps, record per layer the attention's "
+                                  "sharpness (entropy, top and previous-key weight), the range of "
+                                  "its scores and its branch's size against the residual stream, "
+                                  "and each parameter role's gradient norm (kind \"diagnostics\" "
+                                  "in metrics.jsonl; 0: off)", default=0, resumable=True)
 
     def __post_init__(self) -> None:
         _refuse(self.peak_tflops is not None and not 0 < self.peak_tflops < math.inf,
@@ -342,6 +281,17 @@ class MetricsConfig:
 
 
 # --------------------------------------------------------------------------- all together
+
+
+def seed_value(text: str) -> int:
+    """argparse type of ``--seed``: an integer from 0 to 2**63 − 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 2**63 - 1, got {value}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -359,7 +309,8 @@ class TrainingConfig:
     device: DeviceConfig
     performance: PerformanceConfig
     metrics: MetricsConfig
-    seed: int
+    seed: int = flag("random seed (data order, initialisation, sampling)", default=0,
+                     resumable=True, type=seed_value)
     flags: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     changes: tuple[str, ...] = ()
 
@@ -397,3 +348,16 @@ class TrainingConfig:
         return LRSchedule(base_lr=optim.base_lr, warmup_steps=optim.warmup_steps,
                           total_steps=self.batch.total_steps, kind=optim.lr_schedule,
                           min_ratio=optim.min_lr_ratio)
+
+
+def _resumable(*groups: type) -> dict[str, Any]:
+    """Each flag the groups declare resumable, with a new run's value; the data order's first."""
+    declared = {field.name: declared.default for group in groups
+                for field, declared in declared_flags(group) if field.metadata["resumable"]}
+    return {**{name: declared[name] for name in DATA_ORDER}, **declared}
+
+
+# Flags that decide how a run continues, with a new run's value: a resumed run takes them from its
+# checkpoint unless given.
+RESUMABLE = _resumable(DataConfig, BatchConfig, OptimConfig, CheckpointConfig, DeviceConfig,
+                       PerformanceConfig, MetricsConfig, TrainingConfig)
