@@ -39,7 +39,7 @@ import time  # noqa: E402
 from itertools import islice  # noqa: E402
 
 from llama3.cli import UsageError  # noqa: E402
-from llama3.data import preprocess  # noqa: E402
+from llama3.commands import preprocess  # noqa: E402
 from llama3.data.dataset import TrainWindows  # noqa: E402
 from llama3.data.parallel import available_cpus  # noqa: E402
 from llama3.data.sources import ProblemLog, corpus_chunks, find_corpus_files, iter_texts  # noqa: E402

@@ -10,27 +10,27 @@ import importlib
 import sys
 from collections.abc import Callable
 
-from llama3.cli import ArgumentParser, HelpFormatter
+from llama3.cli import ArgumentParser, HelpFormatter, flag_of
 from llama3.errors import ConfigError, UsageError
 
 # name → (module defining add_arguments(parser) and run(args), or main(argv) for a command that
 # hands its arguments to another program's command line; one-line summary)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "preprocess": ("llama3.data.preprocess", "clean and split JSON-lines or parquet corpora into train/eval shards"),
-    "train_tokenizer": ("llama3.data.tokenizer", "train a SentencePiece BPE tokenizer"),
-    "pretokenize": ("llama3.data.tokens", "encode a corpus into cached binary token shards"),
+    "preprocess": ("llama3.commands.preprocess", "clean and split JSON-lines or parquet corpora into train/eval shards"),
+    "train_tokenizer": ("llama3.commands.train_tokenizer", "train a SentencePiece BPE tokenizer"),
+    "pretokenize": ("llama3.commands.pretokenize", "encode a corpus into cached binary token shards"),
     "train": ("llama3.training.train", "train a model in one process"),
     "multitrain": ("llama3.training.multitrain", "train with FSDP2 under torchrun (one or many nodes)"),
-    "evaluate": ("llama3.evaluate", "loss, perplexity and bits per byte on an eval corpus"),
-    "generate": ("llama3.generate", "sample text from a checkpoint"),
+    "evaluate": ("llama3.commands.evaluate", "loss, perplexity and bits per byte on an eval corpus"),
+    "generate": ("llama3.commands.generate", "sample text from a checkpoint"),
     "deploy": ("llama3.deploy.command", "export to ONNX and TensorRT, check accuracy, measure latency"),
-    "import_meta": ("llama3.import_meta", "convert a Meta Llama 3 checkpoint into ours"),
-    "export_hf": ("llama3.interop.hf_export", "write a checkpoint as a Hugging Face model directory"),
-    "import_hf": ("llama3.interop.hf_import", "convert a Hugging Face Llama directory into ours"),
+    "import_meta": ("llama3.commands.import_meta", "convert a Meta Llama 3 checkpoint into ours"),
+    "export_hf": ("llama3.commands.export_hf", "write a checkpoint as a Hugging Face model directory"),
+    "import_hf": ("llama3.commands.import_hf", "convert a Hugging Face Llama directory into ours"),
     "lm_eval": ("llama3.interop.lm_eval_cli", "lm-evaluation-harness with our model as llama3"),
-    "plot": ("llama3.plot", "draw the loss curves of one or more runs into a PNG"),
-    "plot_lengths": ("llama3.plot_lengths", "draw eval loss by window length and by position "
-                                            "(evaluate's JSON) into a PNG"),
+    "plot": ("llama3.commands.plot", "draw the loss curves of one or more runs into a PNG"),
+    "plot_lengths": ("llama3.commands.plot_lengths", "draw eval loss by window length and by "
+                                                     "position (evaluate's JSON) into a PNG"),
 }
 
 
@@ -64,12 +64,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _guarded(command: Callable[[], int | None]) -> int:
-    """Run a command: a usage error prints one line (exit 2), Ctrl-C exits with 130. A file that
-    could not be read or written where no command expected it still gets one line (exit 1)."""
+    """Run a command: a usage error prints one line (exit 2), naming the flag that sets each
+    setting a configuration error names; Ctrl-C exits with 130. A file that could not be read or
+    written where no command expected it still gets one line (exit 1)."""
     try:
         return int(command() or 0)
     except (UsageError, ConfigError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        message = err.naming(flag_of) if isinstance(err, ConfigError) else err
+        print(f"error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

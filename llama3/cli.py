@@ -7,17 +7,20 @@ it.
 
 Each flag is declared once, as a :class:`Flag`; a flag that a configuration dataclass holds is
 declared as its field (:meth:`Flag.field`), from which the parser's argument comes too
-(:func:`add_fields`).
+(:func:`add_fields`). A :class:`~llama3.errors.ConfigError` names the settings at fault by their
+fields; the command line names the flag that sets each (:func:`flag_of`).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import re
 import typing
 from typing import Any
 
+from llama3.data.sources import ProblemLog
 from llama3.errors import UsageError  # also importable from here, as code written before expects
 from llama3.model.args import ATTENTIONS, INITS, MIXERS, SOFTPLUS_SCALES, ModelArgs
 
@@ -43,6 +46,15 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
         if action.default is None or action.default is False:
             return action.help or ""
         return super()._get_help_string(action)
+
+
+# Settings set by a flag of another name; every other setting's flag is --FIELD.
+_FLAGS_OF_FIELDS = {"top_p": "--nucleus_prob"}  # SamplingSettings.top_p: generate's flag
+
+
+def flag_of(field: str) -> str:
+    """The flag that sets the configuration field ``field``."""
+    return _FLAGS_OF_FIELDS.get(field, f"--{field}")
 
 
 def _typed(kind: Any) -> dict[str, Any]:
@@ -266,3 +278,44 @@ def add_token_cache_flags(group: argparse._ActionsContainer, *, data_mode: bool 
     if data_mode:
         DATA_MODE.add(group, "data_mode")
     CACHE_DIR.add(group, "cache_dir")
+
+
+def add_bad_input_flags(parser: argparse.ArgumentParser) -> None:
+    """What to do with bad input (:class:`~llama3.data.sources.ProblemLog`)."""
+    group = parser.add_argument_group("bad input")
+    group.add_argument("--strict", action="store_true",
+                       help="stop with an error at the first bad input (malformed JSON, missing "
+                            "text, invalid UTF-8, empty, truncated or unreadable file, parquet file "
+                            "without a text column) instead of skipping and counting it")
+    group.add_argument("--max_reports", type=int, default=5,
+                       help="bad inputs reported individually (with file and line) before only "
+                            "counting them")
+
+
+def problem_log_from_flags(args: argparse.Namespace,
+                           report: str | os.PathLike | None = None) -> ProblemLog:
+    """The log of bad input the flags ask for, listing every problem in ``report``."""
+    return ProblemLog(strict=args.strict, max_reports=args.max_reports, report=report)
+
+
+def add_cleaning_flags(parser: argparse.ArgumentParser, *, recorded: bool = False) -> None:
+    """The cleaning steps (:class:`~llama3.data.clean.Cleaner`), each on by default;
+    ``recorded``: unset flags take the steps the tokenizer's cleaning record holds (commands that
+    encode text for a trained model; :meth:`Cleaner.from_flags` reads them)."""
+    if recorded:
+        group = parser.add_argument_group(
+            "cleaning (default: the steps recorded with the tokenizer, i.e. those the training "
+            "text went through; a flag overrides its step)")
+    else:
+        group = parser.add_argument_group("cleaning (each step on by default, as in the original)")
+    flag = argparse.BooleanOptionalAction
+    default = None if recorded else True
+    group.add_argument("--nfkd", action=flag, default=default,
+                       help="Unicode NFKD normalisation (splits accents from letters, expands "
+                            "ligatures)")
+    group.add_argument("--ascii", action=flag, default=default,
+                       help="keep only ASCII characters (after NFKD, accented letters keep their "
+                            "base letter)")
+    group.add_argument("--lowercase", action=flag, default=default, help="lowercase the text")
+    group.add_argument("--drop_empty_brackets", action=flag, default=default,
+                       help='remove empty bracket pairs: "()", "[]", "{}" (also with spaces inside)')

@@ -1,5 +1,5 @@
-"""``python -m llama3 import_meta``: a Meta Llama 3 checkpoint (``params.json`` and
-``consolidated.*.pth``) → our checkpoint, softmax attention with SwiGLU, step 0.
+"""A Meta Llama 3 checkpoint (``params.json`` and ``consolidated.*.pth``) → our model, softmax
+attention with SwiGLU (``python -m llama3 import_meta`` saves it as a checkpoint at step 0).
 
 Shards are read memory-mapped where the file format allows, merged along Meta's model-parallel
 axes (:func:`llama3.model.meta.merge_shards`) and assigned to a model built on the ``meta`` device,
@@ -12,15 +12,14 @@ Llama 2 shipped, is).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 import torch
 
-from llama3.checkpoint import save_model_checkpoint, tokenizer_fingerprint
-from llama3.cli import UsageError
+from llama3.checkpoint import tokenizer_fingerprint
+from llama3.errors import UsageError
 from llama3.model.args import ConfigError, ModelArgs
 from llama3.model.meta import merge_shards, model_args_from_params
 from llama3.model.transformer import Transformer
@@ -30,50 +29,9 @@ SHARD_PATTERN = "consolidated.*.pth"
 TOKENIZER_FILE = "tokenizer.model"
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = (
-        "Convert Meta's Llama 3 checkpoint (params.json + consolidated.*.pth) into ours: softmax\n"
-        "attention, SwiGLU, step 0. Llama 3's tokenizer.model is a tiktoken file, not SentencePiece,\n"
-        "so it is not recorded; the result loads with llama3.load_checkpoint and deploys without a\n"
-        "tokenizer.")
-    group = parser.add_argument_group("conversion")
-    group.add_argument("--meta_dir", required=True, metavar="DIR",
-                       help="directory holding params.json and consolidated.00.pth (and more shards)")
-    group.add_argument("--to_checkpoint", required=True, metavar="DIR",
-                       help="checkpoint directory to write (step_00000000 and latest)")
-    group.add_argument("--max_seq_len", type=int, default=8192,
-                       help="context length recorded in the checkpoint (Llama 3: 8192; 3.1: 131072)")
-
-
-def run(args: argparse.Namespace) -> int:
-    meta_dir = Path(args.meta_dir)
-    params_path, shard_paths = find_files(meta_dir)
-    model_args = read_params(params_path, shard_paths, args.max_seq_len)
-    state = load_shards(shard_paths)
-    model = build_model(model_args, state, ", ".join(p.name for p in shard_paths), PARAMS_FILE)
-    tokenizer, note = tokenizer_record(meta_dir / TOKENIZER_FILE)
-    path = save_model_checkpoint(args.to_checkpoint, model, tokenizer=tokenizer, step=0)
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"imported {n_params / 1e6:.1f} M parameters from {len(shard_paths)} shard(s) → {path}")
-    if note:
-        print(note)
-    return 0
-
-
-def find_files(meta_dir: Path) -> tuple[Path, list[Path]]:
-    """params.json and the shards, sorted by their model-parallel rank."""
-    if not meta_dir.is_dir():
-        raise UsageError(f"--meta_dir {meta_dir}: no such directory")
-    params = meta_dir / PARAMS_FILE
-    if not params.is_file():
-        raise UsageError(f"--meta_dir {meta_dir}: {PARAMS_FILE} is missing")
-    shards = sorted(meta_dir.glob(SHARD_PATTERN))
-    if not shards:
-        raise UsageError(f"--meta_dir {meta_dir}: no {SHARD_PATTERN} shards")
-    return params, shards
-
-
 def read_params(params_path: Path, shard_paths: list[Path], max_seq_len: int) -> ModelArgs:
+    """Our ModelArgs from ``params.json``; an invalid setting is a :class:`ConfigError` of the
+    file, naming the setting."""
     try:
         params = json.loads(params_path.read_text())
     except (OSError, ValueError) as err:
@@ -88,7 +46,7 @@ def read_params(params_path: Path, shard_paths: list[Path], max_seq_len: int) ->
     try:
         return model_args_from_params(params, max_seq_len=max_seq_len)
     except ConfigError as err:
-        raise UsageError(f"{params_path}: {err}") from err
+        raise err.at(params_path) from err
 
 
 def load_shard(path: Path) -> dict[str, torch.Tensor]:

@@ -1,42 +1,25 @@
-"""``python -m llama3 plot RUN... --output PNG``: train and eval loss curves of runs in one figure.
+"""Train and eval loss curves of runs in one figure (``python -m llama3 plot``).
 
-Each RUN is a run directory (``--to_checkpoint`` of train/multitrain) or its ``metrics.jsonl``.
-The left panel shows the training loss of every step, the right one the held-out loss of every
-evaluation; the x axis is the optimizer step, the tokens trained on, or the wall-clock time.
-A last line cut short (a run killed while writing it) is skipped with a warning. The image type
-follows the extension of ``--output`` (PNG without one); the file is replaced only once complete.
+A run's records come from its ``metrics.jsonl`` (:func:`read_metrics`; a last line cut short, by a
+run killed while writing it, is skipped with a warning). :func:`draw` shows the training loss of
+every step on the left and the held-out loss of every evaluation on the right; the x axis is the
+optimizer step, the tokens trained on, or the wall-clock time. The image type follows the
+extension of the output; the file is replaced only once complete (:func:`save_figure`).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
 from llama3.errors import UsageError
-from llama3.fileio import check_output_file, staged_file
+from llama3.fileio import staged_file
 from llama3.training.metrics import METRICS_FILE
 
 X_AXES = {"step": ("step", "optimizer step"), "tokens": ("tokens", "tokens trained on"),
           "time": ("elapsed_s", "wall-clock hours")}
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("runs", nargs="+", metavar="RUN",
-                        help="run directories (or their metrics.jsonl files)")
-    parser.add_argument("--output", required=True, metavar="PNG",
-                        help="image file to write; its extension gives the type (.png, .pdf, "
-                             ".svg, ...; .png is added when there is none)")
-    parser.add_argument("--x", choices=tuple(X_AXES), default="step",
-                        help="x axis: optimizer step, tokens trained on, or wall-clock time")
-    parser.add_argument("--labels", nargs="+", metavar="LABEL",
-                        help="legend entries, one per RUN (default: the run directory names)")
-    parser.add_argument("--smooth", type=float, default=0.0,
-                        help="exponential moving average of the training loss, in [0, 1): "
-                             "weight of the past (0: raw)")
-    parser.add_argument("--title", default=None, help="figure title")
 
 
 def read_metrics(run: str | Path) -> list[dict[str, Any]]:
@@ -77,19 +60,6 @@ def smoothed(values: list[float], weight: float) -> list[float]:
     return out
 
 
-def run(args: argparse.Namespace) -> int:
-    if args.labels and len(args.labels) != len(args.runs):
-        raise UsageError(f"--labels gives {len(args.labels)} names for {len(args.runs)} runs")
-    if not 0 <= args.smooth < 1:
-        raise UsageError(f"--smooth must be in [0, 1), got {args.smooth}")
-    output = check_output_file(image_path(args.output), "--output")
-    labels = args.labels or [_label(r) for r in args.runs]
-    curves = [(label, read_metrics(r)) for label, r in zip(labels, args.runs)]
-    path = draw(curves, output, x=args.x, smooth=args.smooth, title=args.title)
-    print(f"wrote {path}")
-    return 0
-
-
 def pyplot() -> Any:
     """matplotlib's pyplot on the file-only backend; a clear error when matplotlib is missing."""
     try:
@@ -100,25 +70,6 @@ def pyplot() -> Any:
     except ImportError as err:
         raise UsageError("plot needs matplotlib: pip install matplotlib") from err
     return plt
-
-
-def image_path(output: str | Path) -> Path:
-    """``--output`` with ".png" added when it has no extension; UsageError for a type matplotlib
-    cannot write."""
-    output = Path(output)
-    if output.is_dir():
-        raise UsageError(f"--output {output} is a directory: give a file name such as "
-                         f"{output / 'curves.png'}")
-    if not output.suffix:
-        return output.with_name(output.name + ".png")
-    pyplot()  # matplotlib is there
-    from matplotlib.backend_bases import FigureCanvasBase
-
-    types = FigureCanvasBase.get_supported_filetypes()
-    if output.suffix[1:].lower() not in types:
-        raise UsageError(f"--output {output}: matplotlib cannot write {output.suffix} images; use "
-                         + ", ".join(f".{t}" for t in sorted(types)))
-    return output
 
 
 def draw(curves: list[tuple[str, list[dict[str, Any]]]], output: str | Path, *, x: str = "step",
@@ -154,8 +105,3 @@ def save_figure(fig: Any, output: str | Path, title: str | None = None) -> Path:
     finally:
         pyplot().close(fig)
     return output
-
-
-def _label(run: str) -> str:
-    path = Path(run)
-    return (path.parent if path.name == METRICS_FILE else path).name or str(path)

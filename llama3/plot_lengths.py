@@ -1,34 +1,19 @@
-"""``python -m llama3 plot_lengths EVAL.json... --output PNG``: length extrapolation of several
-models in one figure, from the JSON files of ``evaluate --output`` (with ``--seq_lens`` or
-``--seq_len``).
+"""Length extrapolation of several models in one figure (``python -m llama3 plot_lengths``), from
+the JSON files of ``evaluate --output`` (with ``--seq_lens`` or ``--seq_len``).
 
 The left panel shows the mean eval loss at each window length, the right one the mean loss by
-position within one window length (the longest each file holds, or ``--seq_len``). A dotted line
+position within one window length (the longest each file holds, or one chosen). A dotted line
 marks each model's training context: what lies right of it, the model never saw in training.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any
 
 from llama3.errors import UsageError
-from llama3.fileio import check_output_file
-from llama3.plot import image_path, pyplot, save_figure
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("evaluations", nargs="+", metavar="EVAL_JSON",
-                        help="files written by evaluate --output, one per model")
-    parser.add_argument("--output", required=True, metavar="PNG", help="image file to write")
-    parser.add_argument("--labels", nargs="+", metavar="LABEL",
-                        help="legend entries, one per file (default: the file names)")
-    parser.add_argument("--seq_len", type=int, default=None, metavar="N",
-                        help="window length whose loss by position is drawn (default: the "
-                             "longest in each file)")
-    parser.add_argument("--title", default=None, help="figure title")
+from llama3.plot import pyplot, save_figure
 
 
 def read_evaluation(path: str | Path) -> dict[str, Any]:
@@ -60,30 +45,6 @@ def _is_count(value: Any, missing: bool = False) -> bool:
 
 def _is_number(value: Any, missing: bool = False) -> bool:
     return _is_count(value, missing) or isinstance(value, float)
-
-
-def pick_length(evaluation: dict[str, Any], seq_len: int | None, path: str) -> dict[str, Any]:
-    """The result at ``seq_len`` (default: the longest window)."""
-    if seq_len is None:
-        return evaluation["lengths"][-1]
-    for result in evaluation["lengths"]:
-        if result["seq_len"] == seq_len:
-            return result
-    held = ", ".join(str(r["seq_len"]) for r in evaluation["lengths"])
-    raise UsageError(f"{path} holds no window of --seq_len {seq_len} (it holds {held})")
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.labels and len(args.labels) != len(args.evaluations):
-        raise UsageError(f"--labels gives {len(args.labels)} names for "
-                         f"{len(args.evaluations)} files")
-    output = check_output_file(image_path(args.output), "--output")
-    labels = args.labels or [Path(p).stem for p in args.evaluations]
-    evaluations = [read_evaluation(p) for p in args.evaluations]
-    chosen = [pick_length(e, args.seq_len, p) for e, p in zip(evaluations, args.evaluations)]
-    path = draw(list(zip(labels, evaluations, chosen)), output, title=args.title)
-    print(f"wrote {path}")
-    return 0
 
 
 def draw(models: list[tuple[str, dict[str, Any], dict[str, Any]]], output: str | Path, *,

@@ -1,12 +1,13 @@
 """The command line as a whole: every flag of every subcommand is documented, the flags that a
 trained model's commands renamed keep their older spellings, the shell scripts and the README use
-only flags that exist, and the modules below the commands import neither the command line nor a
-command."""
+only flags that exist, the modules below the commands import neither the command line nor a
+command, and a library's configuration error reaches the user naming the flag."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import pickle
 import re
 import subprocess
 import sys
@@ -15,6 +16,8 @@ from pathlib import Path
 import pytest
 
 from llama3.__main__ import COMMANDS, main
+from llama3.cli import flag_of
+from llama3.errors import ConfigError
 
 
 def parser_of(command: str) -> argparse.ArgumentParser:
@@ -65,16 +68,34 @@ def test_evaluated_batches_keep_their_older_spelling():
     assert parser.parse_args(REQUIRED["evaluate"]).eval_batches == 0
 
 
+LIBRARIES = ["llama3.loss", "llama3.checkpoint", "llama3.runtime", "llama3.data.dataset",
+             "llama3.data.preprocess", "llama3.data.tokenizer", "llama3.data.tokens",
+             "llama3.generate", "llama3.import_meta", "llama3.plot", "llama3.plot_lengths",
+             "llama3.interop.hf_export", "llama3.interop.hf_import", "llama3.training.parallel",
+             "llama3.training.step", "llama3.training.state"]
+
+
 def test_lower_layers_import_no_command_line():
-    """Loss, data, checkpoints, runtime and training import neither llama3.cli nor a command."""
-    code = ("import sys, llama3.loss, llama3.checkpoint, llama3.runtime, llama3.data.dataset, "
-            "llama3.data.tokenizer, llama3.data.tokens, llama3.training.parallel, "
-            "llama3.training.step, llama3.training.state; "
-            "print(sorted(m for m in sys.modules if m in ('llama3.cli', 'llama3.evaluate', "
-            "'llama3.generate', 'llama3.deploy.command')))")
+    """The libraries (loss, data, checkpoints, runtime, generation, import and export, figures,
+    training's pieces) import neither llama3.cli nor a command."""
+    code = (f"import sys, {', '.join(LIBRARIES)}; "
+            "print(sorted(m for m in sys.modules if m in ('llama3.cli', 'llama3.deploy.command') "
+            "or m.startswith('llama3.commands')))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_configuration_errors_name_the_flag_a_user_typed(capsys):
+    """A library's ConfigError names fields; the command line names the flag that sets each."""
+    error = ConfigError("{dim} ({}) must be divisible by {n_heads} ({})", 30, 4)
+    assert str(error) == "dim (30) must be divisible by n_heads (4)"
+    assert error.at("params.json").naming(flag_of) == \
+        "params.json: --dim (30) must be divisible by --n_heads (4)"
+    assert pickle.loads(pickle.dumps(error)).fields == ("dim", "n_heads")
+    argv = ["generate", "--from_checkpoint", "c", "--tokenizer", "t", "--prompt", "p"]
+    assert main([*argv, "--nucleus_prob", "2"]) == 2  # SamplingSettings.top_p
+    assert capsys.readouterr().err == "error: --nucleus_prob must be in (0, 1], got 2.0\n"
 
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,6 +15,7 @@ from test_data_support import (jsonl_bytes, make_texts, parse, read_texts, write
                                write_jsonl, write_parquet, write_zst)
 
 from llama3.__main__ import main
+from llama3.commands import preprocess as preprocess_command
 from llama3.data import preprocess
 from llama3.data.clean import Cleaner
 from llama3.data.preprocess import Splitter
@@ -22,9 +23,9 @@ from llama3.data.sources import BadInputError, ProblemLog, file_chunks, parse_li
 
 
 def preprocess_run(inputs: list[Path], output: Path, *flags: str) -> dict:
-    args = parse(preprocess, ["--input", *map(str, inputs), "--output", str(output),
-                              "--no-progress", *flags])
-    assert preprocess.run(args) == 0
+    args = parse(preprocess_command, ["--input", *map(str, inputs), "--output", str(output),
+                                      "--no-progress", *flags])
+    assert preprocess_command.run(args) == 0
     return json.loads((output / "preprocess.json").read_text())
 
 
@@ -150,7 +151,7 @@ def test_cleaning_steps_and_flags():
     assert Cleaner(drop_empty_brackets=False)(text) == "unicode fine strae (x) () [ ] {}\nsecond line"
     assert Cleaner(ascii=False)(text).startswith("u\u0308ni\u0308code fine straße")
     assert Cleaner(nfkd=False)(text).startswith("ncode ne strae")  # no NFKD: accented letters lost
-    args = parse(preprocess, ["--input", "x", "--no-lowercase", "--no-nfkd"])
+    args = parse(preprocess_command, ["--input", "x", "--no-lowercase", "--no-nfkd"])
     assert Cleaner.from_flags(args) == Cleaner(nfkd=False, lowercase=False)
 
 
@@ -349,10 +350,11 @@ def test_interrupted_run_leaves_only_complete_shards(tmp_path, monkeypatch):
 
 
 def test_flag_errors_name_the_flag(tmp_path):
-    args = parse(preprocess, ["--input", str(tmp_path / "missing.jsonl"), "--output", str(tmp_path)])
+    args = parse(preprocess_command, ["--input", str(tmp_path / "missing.jsonl"), "--output",
+                                      str(tmp_path)])
     with pytest.raises(Exception, match="--input .*missing.jsonl: no such file"):
-        preprocess.run(args)
+        preprocess_command.run(args)
     (tmp_path / "emptydir").mkdir()
-    args = parse(preprocess, ["--input", str(tmp_path / "emptydir"), "--split_ratio", "1.5"])
+    args = parse(preprocess_command, ["--input", str(tmp_path / "emptydir"), "--split_ratio", "1.5"])
     with pytest.raises(Exception, match="--split_ratio 1.5"):
-        preprocess.run(args)
+        preprocess_command.run(args)

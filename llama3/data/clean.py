@@ -11,7 +11,6 @@ every command that encodes text for a trained model applies them from there.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import re
 import unicodedata
@@ -68,30 +67,9 @@ class Cleaner:
         return ", ".join(done) or "none (text used as given)"
 
     @classmethod
-    def from_flags(cls, args: argparse.Namespace, base: Cleaner | None = None) -> Cleaner:
-        """The cleaning flags; those left unset (None) take ``base``'s steps."""
+    def from_flags(cls, steps: Any, base: Cleaner | None = None) -> Cleaner:
+        """The steps ``steps`` sets, one attribute each (parsed flags); those it leaves unset
+        (None) take ``base``'s."""
         base = base or cls()
-        return cls(**{name: getattr(base, name) if getattr(args, name) is None
-                      else getattr(args, name) for name in asdict(base)})
-
-
-def add_cleaning_flags(parser: argparse.ArgumentParser, *, recorded: bool = False) -> None:
-    """The cleaning steps, each on by default; ``recorded``: unset flags take the steps the
-    tokenizer's cleaning record holds (commands that encode text for a trained model)."""
-    if recorded:
-        group = parser.add_argument_group(
-            "cleaning (default: the steps recorded with the tokenizer, i.e. those the training "
-            "text went through; a flag overrides its step)")
-    else:
-        group = parser.add_argument_group("cleaning (each step on by default, as in the original)")
-    flag = argparse.BooleanOptionalAction
-    default = None if recorded else True
-    group.add_argument("--nfkd", action=flag, default=default,
-                       help="Unicode NFKD normalisation (splits accents from letters, expands "
-                            "ligatures)")
-    group.add_argument("--ascii", action=flag, default=default,
-                       help="keep only ASCII characters (after NFKD, accented letters keep their "
-                            "base letter)")
-    group.add_argument("--lowercase", action=flag, default=default, help="lowercase the text")
-    group.add_argument("--drop_empty_brackets", action=flag, default=default,
-                       help='remove empty bracket pairs: "()", "[]", "{}" (also with spaces inside)')
+        return cls(**{name: getattr(base, name) if getattr(steps, name) is None
+                      else getattr(steps, name) for name in asdict(base)})

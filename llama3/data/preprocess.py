@@ -1,4 +1,5 @@
-"""``python -m llama3 preprocess``: clean a raw corpus and split it into train and eval shards.
+"""Clean a raw corpus and split it into train and eval shards (:func:`clean_and_split`; the
+command is ``python -m llama3 preprocess``).
 
 Input: JSON lines (``.jsonl``, ``.jsonl.zst``, ``.jsonl.gz``, ``.json.gz``) or parquet files with a
 ``text`` column, or directories of them (see :mod:`llama3.data.sources`).
@@ -9,7 +10,7 @@ exact duplicates always land on the same side.
 Output layout::
 
     OUTPUT/train/part-00000.jsonl[.zst]   one {"text": ...} object per line, as the input
-    OUTPUT/train/part-00001.jsonl[.zst]   a shard closes at the first line end past --shard_size_mb
+    OUTPUT/train/part-00001.jsonl[.zst]   a shard closes at the first line end past its size
     OUTPUT/eval/part-00000.jsonl[.zst]
     OUTPUT/preprocess.json                settings (the cleaning steps among them), inputs,
                                           per-shard documents/bytes/sha256 and bad-input counts;
@@ -26,26 +27,21 @@ complete corpus. A run in which no document survives fails.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
 import re
-import sys
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, NamedTuple
 
-from llama3.fileio import atomic_write_bytes, check_output_dir, write_error
-from llama3.errors import UsageError
-from llama3.data.clean import Cleaner, add_cleaning_flags
+from llama3.data.clean import Cleaner
 from llama3.data.parallel import WorkerPool
-from llama3.data.sources import (FORMATS, INCOMPLETE, REPORT_SUFFIX, Chunk, Problem, ProblemLog,
-                                 add_bad_input_flags, chunk_size_for, corpus_chunks,
-                                 find_corpus_files, parse_lines, problem_log_from_flags, total_size,
-                                 zstandard_module)
+from llama3.data.sources import (INCOMPLETE, Chunk, Problem, ProblemLog, chunk_size_for,
+                                 corpus_chunks, parse_lines, total_size, zstandard_module)
+from llama3.errors import UsageError
+from llama3.fileio import atomic_write_bytes, write_error
 
 SPLITS = ("train", "eval")
 MANIFEST = "preprocess.json"
@@ -213,47 +209,13 @@ class ShardWriter:
             self._file = self._sink = self._hasher = None
 
 
-# --------------------------------------------------------------------------------------- CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("input and output")
-    group.add_argument("--input", nargs="+", required=True, metavar="PATH",
-                       help=f"{FORMATS} files (parquet: its \"text\" column, read with pyarrow, "
-                            "the parquet extra), or directories searched recursively for them")
-    group.add_argument("--output", default="pretrain_data", metavar="DIR",
-                       help="output directory: DIR/train and DIR/eval receive the shards")
-    group.add_argument("--shard_size_mb", type=float, default=256.0,
-                       help="uncompressed size at which a shard closes (at the next line end)")
-    group.add_argument("--compress", action=argparse.BooleanOptionalAction, default=False,
-                       help="write .jsonl.zst shards (needs zstandard) instead of plain .jsonl")
-    group = parser.add_argument_group("split")
-    group.add_argument("--split_ratio", type=float, default=0.9,
-                       help="share of documents that go to train; the rest go to eval")
-    group.add_argument("--seed", type=int, default=0,
-                       help="key of the document hash that decides the split (another seed, "
-                            "another split)")
-    add_cleaning_flags(parser)
-    add_bad_input_flags(parser)
-    group = parser.add_argument_group("performance")
-    group.add_argument("--workers", type=int, default=1,
-                       help="worker processes that parse and clean (output is identical for any "
-                            "number)")
-    group.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
-                       help="show a progress bar")
-
-
-def _check_flags(args: argparse.Namespace) -> None:
-    if not 0.0 <= args.split_ratio <= 1.0:
-        raise UsageError(f"--split_ratio {args.split_ratio}: must be between 0 and 1 (train share)")
-    if args.shard_size_mb <= 0:
-        raise UsageError(f"--shard_size_mb {args.shard_size_mb}: must be positive")
-    if args.workers < 1:
-        raise UsageError(f"--workers {args.workers}: must be at least 1")
+# ------------------------------------------------------------------------------------- a run
 
 
 @dataclass
-class _Totals:
+class Totals:
+    """Documents kept per split, documents emptied by cleaning, input bytes read."""
+
     documents: Counter = field(default_factory=Counter)
     empty: int = 0
     raw_bytes: int = 0
@@ -264,24 +226,25 @@ class _Totals:
         self.raw_bytes += result.raw_bytes
 
 
-def run(args: argparse.Namespace) -> int:
-    _check_flags(args)
-    output = check_output_dir(args.output, "--output")
-    files = [f for f in find_corpus_files(args.input, "--input")  # never read our own output
-             if not f.resolve().is_relative_to(output.resolve())]
-    if not files:
-        raise UsageError(f"--input {' '.join(args.input)}: only files inside --output {output}")
-    log = problem_log_from_flags(args, report=output / f"preprocess{REPORT_SUFFIX}")
-    cleaner, splitter = Cleaner.from_flags(args), Splitter(args.split_ratio, args.seed)
+class NoDocuments(UsageError):
+    """No document survived: every line was bad input, or cleaning emptied every document."""
+
+
+def clean_and_split(files: list[Path], output: Path, cleaner: Cleaner, splitter: Splitter,
+                    log: ProblemLog, *, shard_bytes: int, compress: bool = False,
+                    workers: int = 1, progress: bool = True,
+                    what: str = "") -> tuple[dict[str, list[dict]], Totals]:
+    """Clean ``files`` and split them into shards of about ``shard_bytes`` under ``output``, then
+    write the manifest; returns the shards of each split and the totals. A failed write (``what``
+    names ``output`` in its message) and a run that keeps no document (:class:`NoDocuments`) leave
+    no shard under a final name and no manifest."""
     (output / MANIFEST).unlink(missing_ok=True)  # present again only once this run completes
-    writers = {s: ShardWriter(output / s, int(args.shard_size_mb * 2**20), args.compress)
-               for s in SPLITS}
+    writers = {s: ShardWriter(output / s, shard_bytes, compress) for s in SPLITS}
     for split in SPLITS:
         (output / split / INCOMPLETE).touch()
-    start = time.perf_counter()
     try:
-        totals = _process(files, writers, log, cleaner, splitter, args.workers, args.progress)
-        _require_documents(args.input, totals, log)
+        totals = _process(files, writers, log, cleaner, splitter, workers, progress)
+        _require_documents(totals, log)
         shards = {s: w.close() for s, w in writers.items()}
         log.close()
         _write_manifest(output, files, cleaner, splitter, shards, log)
@@ -290,30 +253,29 @@ def run(args: argparse.Namespace) -> int:
             writer.abort()
         log.abort()
         if isinstance(err, OSError):
-            raise write_error(output, err, "--output ") from err
+            raise write_error(output, err, what) from err
         raise
     for split in SPLITS:
         (output / split / INCOMPLETE).unlink()
-    _print_summary(files, output, shards, totals, log, time.perf_counter() - start)
-    return 0
+    return shards, totals
 
 
-def _require_documents(inputs: list[str], totals: _Totals, log: ProblemLog) -> None:
+def _require_documents(totals: Totals, log: ProblemLog) -> None:
     """Fail a run that kept no document (its report of bad input is kept)."""
     if sum(totals.documents.values()):
         return
     log.close()
     why = (f"every line was bad input ({log.breakdown}), each listed in {log.report}"
            if log.total else "every document was empty after cleaning")
-    raise UsageError(f"--input {' '.join(inputs)}: no documents to write: {why}")
+    raise NoDocuments(f"no documents to write: {why}")
 
 
 def _process(files: list[Path], writers: dict[str, ShardWriter], log: ProblemLog, cleaner: Cleaner,
-             splitter: Splitter, workers: int, progress: bool) -> _Totals:
+             splitter: Splitter, workers: int, progress: bool) -> Totals:
     """Stream every chunk through the workers into the shard writers, in input order."""
     from tqdm import tqdm
 
-    size, totals = total_size(files), _Totals()
+    size, totals = total_size(files), Totals()
     chunks = corpus_chunks(files, log, chunk_size_for(size, workers))
     with WorkerPool(workers, _init_worker, (cleaner, splitter)) as pool, \
             tqdm(total=size, unit="B", unit_scale=True, desc="preprocess", disable=not progress,
@@ -344,18 +306,3 @@ def _write_manifest(output: Path, files: list[Path], cleaner: Cleaner, splitter:
         "bad_input": dict(sorted(log.counts.items())),
     }
     atomic_write_bytes(output / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
-
-
-def _print_summary(files: list[Path], output: Path, shards: dict[str, list[dict]], totals: _Totals,
-                   log: ProblemLog, seconds: float) -> None:
-    mb = totals.raw_bytes / 1e6
-    parts = [f"{s} {sum(x['documents'] for x in v)} documents in {len(v)} shard(s)"
-             for s, v in shards.items()]
-    print(f"preprocessed {len(files)} file(s), {mb:.1f} MB in {seconds:.1f} s "
-          f"({mb / max(seconds, 1e-9):.1f} MB/s): {', '.join(parts)} → {output}")
-    if totals.empty:
-        print(f"dropped {totals.empty} document(s) left empty by cleaning")
-    for split, written in shards.items():
-        if not written:
-            print(f"warning: the {split} split is empty (see --split_ratio)", file=sys.stderr)
-    print(log.summary(), file=sys.stderr if log.total else sys.stdout)

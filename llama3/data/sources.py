@@ -22,7 +22,6 @@ is actually read.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
 import json
@@ -169,22 +168,6 @@ def _write_line(text: str, stream: IO[str] | None) -> None:
     from tqdm import tqdm
 
     tqdm.write(text, file=stream or sys.stderr)
-
-
-def add_bad_input_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("bad input")
-    group.add_argument("--strict", action="store_true",
-                       help="stop with an error at the first bad input (malformed JSON, missing "
-                            "text, invalid UTF-8, empty, truncated or unreadable file, parquet file "
-                            "without a text column) instead of skipping and counting it")
-    group.add_argument("--max_reports", type=int, default=5,
-                       help="bad inputs reported individually (with file and line) before only "
-                            "counting them")
-
-
-def problem_log_from_flags(args: argparse.Namespace,
-                           report: str | os.PathLike | None = None) -> ProblemLog:
-    return ProblemLog(strict=args.strict, max_reports=args.max_reports, report=report)
 
 
 # --------------------------------------------------------------------------------------- files

@@ -1,5 +1,5 @@
-"""SentencePiece BPE tokenizer: training (``python -m llama3 train_tokenizer``) and the
-:class:`Tokenizer` every other command uses.
+"""SentencePiece BPE tokenizer: training (:func:`train_tokenizer`, ``python -m llama3
+train_tokenizer``) and the :class:`Tokenizer` every other command uses.
 
 Special ids are fixed: unk 0, pad 1, bos 2, eos 3. As in the original, the most frequent words of
 the corpus become user-defined symbols (whole-word pieces "▁word" that BPE never splits); we count
@@ -21,7 +21,6 @@ a note says so.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json
@@ -37,10 +36,8 @@ from pathlib import Path
 import numpy as np
 
 from llama3.data.clean import Cleaner
-from llama3.data.sources import (REPORT_SUFFIX, ProblemLog, add_bad_input_flags, file_chunks,
-                                 find_corpus_files, parse_lines, problem_log_from_flags,
-                                 total_size)
-from llama3.errors import UsageError
+from llama3.data.sources import ProblemLog, file_chunks, find_corpus_files, parse_lines, total_size
+from llama3.errors import ConfigError, UsageError
 from llama3.fileio import atomic_write_bytes, check_output_file, write_json
 
 UNK_ID, PAD_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
@@ -309,9 +306,10 @@ def train_tokenizer(corpus: str | os.PathLike | Sequence[str | os.PathLike],
                     flag: str = "--train_corpus") -> Path:
     """Train a BPE model on ``corpus`` (files or directories) and write it atomically to
     ``model_file``, with a readable ``.vocab`` and the cleaning record beside it. Returns the
-    model path."""
-    _check_training_flags(vocab_size, n_most_frequent_words, max_sentence_length)
-    model_file = check_output_file(model_file, "--model_file")
+    model path. ``flag`` names the corpus in messages; a setting out of range raises
+    :class:`ConfigError` naming it."""
+    _check_settings(vocab_size, n_most_frequent_words, max_sentence_length)
+    model_file = check_output_file(model_file, "model_file")
     files = find_corpus_files(corpus, flag)
     cleaner, source = _training_text_cleaning(corpus, flag)
     log = log or ProblemLog()
@@ -333,7 +331,8 @@ def train_tokenizer(corpus: str | os.PathLike | Sequence[str | os.PathLike],
     start = time.perf_counter()
     proto = _train_proto(reservoir.items, vocab_size=vocab_size, symbols=symbols,
                          byte_fallback=byte_fallback, character_coverage=character_coverage,
-                         max_sentence_length=max_sentence_length, verbose=verbose, corpus=corpus)
+                         max_sentence_length=max_sentence_length, verbose=verbose,
+                         corpus=f"{flag} {corpus}")
     atomic_write_bytes(model_file, proto)
     _write_vocab(model_file)
     write_cleaning_record(model_file, cleaner, source)
@@ -363,19 +362,19 @@ def _training_text_cleaning(corpus: str | os.PathLike | Sequence[str | os.PathLi
     return cleaner, f"the {MANIFEST} of the corpus"
 
 
-def _check_training_flags(vocab_size: int, n_words: int, max_sentence_length: int) -> None:
+def _check_settings(vocab_size: int, n_words: int, max_sentence_length: int) -> None:
     if vocab_size < 8:
-        raise UsageError(f"--vocab_size {vocab_size}: too small")
+        raise ConfigError("{vocab_size} {}: too small", vocab_size)
     if not 0 <= n_words < vocab_size // 2:
-        raise UsageError(f"--n_most_frequent_words {n_words}: must be between 0 and half of "
-                         f"--vocab_size ({vocab_size // 2})")
+        raise ConfigError("{n_most_frequent_words} {}: must be between 0 and half of {vocab_size} "
+                          "({})", n_words, vocab_size // 2)
     if max_sentence_length < 16:
-        raise UsageError(f"--max_sentence_length {max_sentence_length}: too small (bytes)")
+        raise ConfigError("{max_sentence_length} {}: too small (bytes)", max_sentence_length)
 
 
 def _train_proto(sentences: list[str], *, vocab_size: int, symbols: list[str], byte_fallback: bool,
                  character_coverage: float, max_sentence_length: int, verbose: bool,
-                 corpus: object) -> bytes:
+                 corpus: str) -> bytes:
     sp = _sentencepiece()
     buffer = io.BytesIO()
     try:
@@ -387,7 +386,7 @@ def _train_proto(sentences: list[str], *, vocab_size: int, symbols: list[str], b
             input_sentence_size=0, shuffle_input_sentence=False, num_threads=1,
             minloglevel=0 if verbose else 2)
     except RuntimeError as err:
-        raise UsageError(f"SentencePiece cannot train on --train_corpus {corpus}: {err} (a smaller "
+        raise UsageError(f"SentencePiece cannot train on {corpus}: {err} (a smaller "
                          "--vocab_size or a larger corpus may help)") from err
     return buffer.getvalue()
 
@@ -397,60 +396,3 @@ def _write_vocab(model_file: Path) -> None:
     sp = _sentencepiece().SentencePieceProcessor(model_file=str(model_file))
     lines = [f"{sp.id_to_piece(i)}\t{sp.get_score(i):g}\n" for i in range(sp.vocab_size())]
     atomic_write_bytes(model_file.with_suffix(".vocab"), "".join(lines).encode("utf-8"))
-
-
-# --------------------------------------------------------------------------------------- CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("corpus and output")
-    group.add_argument("--train_corpus", nargs="+", required=True, metavar="PATH",
-                       help="corpus files (.jsonl, .jsonl.zst, .jsonl.gz, .json.gz, .parquet) or "
-                            "directories (e.g. pretrain_data/train)")
-    group.add_argument("--model_file", default="tokenizer.model",
-                       help="where to write the SentencePiece model (beside it: NAME.vocab, the "
-                            "vocabulary; NAME.cleaning.json, the cleaning its training text went "
-                            "through; NAME.bad_input.tsv, any bad input)")
-    group = parser.add_argument_group("vocabulary")
-    group.add_argument("--vocab_size", type=int, default=2048, help="tokens in the vocabulary")
-    group.add_argument("--n_most_frequent_words", type=int, default=100,
-                       help="most frequent words added as whole-word symbols")
-    group.add_argument("--byte_fallback", action=argparse.BooleanOptionalAction, default=False,
-                       help="encode characters outside the vocabulary as UTF-8 byte tokens "
-                            "instead of <unk>")
-    group.add_argument("--character_coverage", type=float, default=0.9995,
-                       help="share of characters the vocabulary must cover; the rarest rest "
-                            "become <unk> (or bytes)")
-    group = parser.add_argument_group("sampling")
-    group.add_argument("--input_sentence_size", type=int, default=1_000_000,
-                       help="sentences (lines) sampled from the corpus for training; 0 = all")
-    group.add_argument("--max_sentence_length", type=int, default=4192,
-                       help="longest sentence in bytes; longer lines are split at spaces")
-    group.add_argument("--word_sample_mb", type=float, default=64.0,
-                       help="text over which words are counted, taken from every file in "
-                            "proportion to its size")
-    group.add_argument("--seed", type=int, default=0,
-                       help="seed of the sentence sample: same corpus, flags and seed → "
-                            "byte-identical model")
-    add_bad_input_flags(parser)
-    group = parser.add_argument_group("output")
-    group.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
-                       help="show progress")
-    group.add_argument("--verbose", action="store_true", help="show SentencePiece's training log")
-
-
-def run(args: argparse.Namespace) -> int:
-    model_file = check_output_file(args.model_file, "--model_file")
-    log = problem_log_from_flags(args, report=model_file.with_suffix(REPORT_SUFFIX))
-    path = train_tokenizer(
-        args.train_corpus, args.model_file, args.vocab_size,
-        input_sentence_size=args.input_sentence_size,
-        n_most_frequent_words=args.n_most_frequent_words,
-        max_sentence_length=args.max_sentence_length, seed=args.seed,
-        byte_fallback=args.byte_fallback, character_coverage=args.character_coverage,
-        word_sample_mb=args.word_sample_mb, log=log, progress=args.progress, verbose=args.verbose)
-    tokenizer = Tokenizer(path, flag="--model_file")
-    print(f"tokenizer: {path} (vocab {tokenizer.vocab_size}, sha256 {tokenizer.sha256[:12]}; "
-          f"cleaning of its training text: {tokenizer.cleaner.describe()})")
-    print(log.summary(), file=sys.stderr if log.total else sys.stdout)
-    return 0

@@ -29,7 +29,6 @@ is then encoded as it is. Opening a corpus warns when a high share of its tokens
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import itertools
 import json
@@ -47,9 +46,8 @@ import numpy as np
 from llama3.data.clean import Cleaner
 from llama3.data.parallel import WorkerPool, available_cpus
 from llama3.data.preprocess import corpus_cleaning
-from llama3.data.sources import (FORMATS, REPORT_SUFFIX, Chunk, Problem, ProblemLog,
-                                 add_bad_input_flags, chunk_size_for, file_chunks,
-                                 find_corpus_files, parse_lines, problem_log_from_flags, total_size)
+from llama3.data.sources import (REPORT_SUFFIX, Chunk, Problem, ProblemLog, chunk_size_for,
+                                 file_chunks, find_corpus_files, parse_lines, total_size)
 from llama3.data.tokenizer import Tokenizer, unknown_share_warning
 from llama3.errors import UsageError
 from llama3.fileio import atomic_write_bytes, file_sha256, locked, write_error
@@ -501,40 +499,3 @@ def _checked(corpus: TokenCorpus, flag: str) -> TokenCorpus:
     if warning:
         print(warning, file=sys.stderr)
     return corpus
-
-
-# --------------------------------------------------------------------------------------- CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from llama3.cli import add_token_cache_flags, add_tokenizer_flag
-
-    group = parser.add_argument_group("corpus and tokenizer")
-    group.add_argument("--corpus", nargs="+", required=True, metavar="PATH",
-                       help="corpora to encode: split directories (pretrain_data/train) or "
-                            f"{FORMATS} files or directories")
-    add_tokenizer_flag(group)
-    group = parser.add_argument_group("cache")
-    add_token_cache_flags(group, data_mode=False)
-    group.add_argument("--rebuild", action="store_true", help="encode again even if the cache is current")
-    add_bad_input_flags(parser)
-    group = parser.add_argument_group("performance")
-    group.add_argument("--workers", type=int, default=None,
-                       help="encoding processes; None: every available core, one per 4 MB of "
-                            "input at most")
-    group.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
-                       help="show a progress bar")
-
-
-def run(args: argparse.Namespace) -> int:
-    tokenizer = Tokenizer(args.tokenizer)
-    if args.workers is not None and args.workers < 1:
-        raise UsageError(f"--workers {args.workers}: must be at least 1")
-    for path in args.corpus:
-        corpus = open_token_corpus(path, tokenizer, cache_dir=args.cache_dir, workers=args.workers,
-                                   progress=args.progress, log=problem_log_from_flags(args),
-                                   rebuild=args.rebuild)
-        print(f"{path}: {corpus.n_documents:,} documents, {corpus.n_tokens:,} tokens, "
-              f"{corpus.n_bytes:,} bytes ({corpus.n_bytes / max(corpus.n_tokens, 1):.2f} bytes/token), "
-              f"{corpus.dtype.name}, fingerprint {corpus.fingerprint} → {corpus.cache_dir}")
-    return 0

@@ -1,6 +1,6 @@
-"""``python -m llama3 import_hf``: a Hugging Face Llama directory → our checkpoint (weights only,
-step 0), for continued pretraining with ``train --from_checkpoint`` or for evaluate, generate and
-deploy.
+"""A Hugging Face Llama directory → our model (``python -m llama3 import_hf`` saves it as a
+checkpoint, weights only, step 0, for continued pretraining with ``train --from_checkpoint`` or
+for evaluate, generate and deploy).
 
 Reads ``LlamaForCausalLM`` directories (from export_hf or anywhere else) and the remote-code
 directories export_hf writes for softplus attention and the Combinator; weights in
@@ -11,62 +11,18 @@ ModelArgs, so export → import → export gives identical files.
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from llama3.cli import add_tokenizer_flag
 from llama3.errors import UsageError
-from llama3.interop import hf_format, require
+from llama3.interop import hf_format
 from llama3.model.args import LEGACY, ConfigError, ModelArgs
 
 CONFIG_FILE = "config.json"
 IGNORED_KEYS = ("rotary_emb.inv_freq",)  # a precomputed table in some older directories
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = (
-        "Convert a Hugging Face Llama directory (safetensors, one file or sharded) into our\n"
-        "checkpoint: weights only, step 0, for 'train --from_checkpoint', evaluate, generate and\n"
-        "deploy. Directories written by export_hf (softplus attention and the Combinator too)\n"
-        "come back exactly. The tokenizer recorded in the checkpoint is --tokenizer, else the\n"
-        "SentencePiece model export_hf put in DIR, if any.")
-    group = parser.add_argument_group("conversion")
-    group.add_argument("--hf_dir", required=True, metavar="DIR",
-                       help="directory holding config.json and model.safetensors (or shards and "
-                            "model.safetensors.index.json)")
-    group.add_argument("--to_checkpoint", required=True, metavar="DIR",
-                       help="new checkpoint directory to write (step_00000000 and latest); one "
-                            "that already holds a checkpoint is refused")
-    add_tokenizer_flag(group, required=False)
-
-
-def run(args: argparse.Namespace) -> int:
-    from llama3.checkpoint import check_new_checkpoint_dir, save_model_checkpoint
-    from llama3.import_meta import build_model
-
-    require("hf", "safetensors")
-    check_new_checkpoint_dir(args.to_checkpoint)
-    hf_dir = Path(args.hf_dir)
-    config = read_config(hf_dir)
-    form = detect_format(config, hf_dir)
-    model_args = model_args_from_config(config, form, hf_dir)
-    tokenizer, note = tokenizer_record(args.tokenizer, hf_dir, model_args)
-    hf_state, source = read_weights(hf_dir)
-    untied = untie(hf_state, config, hf_dir / CONFIG_FILE)
-    state = to_our_names(hf_state, model_args, form, source)
-    model = build_model(model_args, state, source, CONFIG_FILE)
-    path = save_model_checkpoint(args.to_checkpoint, model, tokenizer=tokenizer, step=0)
-    n_params = sum(p.numel() for p in model.parameters())
-    kind = f"{model_args.attention} attention, {model_args.mixer}"
-    print(f"imported {n_params / 1e6:.2f} M parameters ({kind}) from {source} → {path}")
-    if untied:
-        print("note: the directory ties lm_head to the embedding; the checkpoint holds a copy")
-    print(note)
-    return 0
 
 
 def read_config(hf_dir: Path) -> dict[str, Any]:
@@ -112,7 +68,8 @@ REMOTE_STATED = STATED + ("core_output_scale",)
 def model_args_from_config(config: dict[str, Any], form: str, hf_dir: Path) -> ModelArgs:
     """Our ModelArgs as config.json states them. The ModelArgs export_hf recorded beside them also
     hold what config.json cannot say (--multiple_of, --ffn_dim_multiplier, --dropout); they are
-    taken when they agree, so a config edited since (a resized vocabulary) imports as it reads."""
+    taken when they agree, so a config edited since (a resized vocabulary) imports as it reads.
+    An invalid setting is a :class:`ConfigError` of config.json, naming the setting."""
     where = hf_dir / CONFIG_FILE
     try:
         stated = ModelArgs(**stated_fields(config, form, where))
@@ -123,7 +80,9 @@ def model_args_from_config(config: dict[str, Any], form: str, hf_dir: Path) -> M
             if all(getattr(ours, name) == getattr(stated, name) for name in names):
                 return ours
         return stated
-    except (ConfigError, TypeError) as err:  # TypeError: a recorded value of the wrong type
+    except ConfigError as err:
+        raise err.at(where) from err
+    except TypeError as err:  # a recorded value of the wrong type
         raise UsageError(f"{where}: {err}") from err
 
 

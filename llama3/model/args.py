@@ -27,7 +27,7 @@ def heuristic_core_dim(dim: int) -> int:
     never below 8.
     """
     if dim <= 0:
-        raise ConfigError(f"--dim must be positive, got {dim}")
+        raise ConfigError("{dim} must be positive, got {}", dim)
     return max(8, 8 * round((5 * dim - 216) / 8))
 
 
@@ -51,6 +51,9 @@ class ModelArgs:
     width ``dim`` (see :attr:`core_output_multiplier`); "none" leaves it as models saved before the
     setting existed; a number (as a string, "0.3") is the factor itself. ``init`` names the
     initialisation scheme (:meth:`Transformer.init_weights`).
+
+    An invalid value raises :class:`ConfigError` naming the fields at fault (the command line
+    names their flags instead).
     """
 
     dim: int = 128
@@ -89,11 +92,11 @@ class ModelArgs:
             self.n_kv_heads = self.n_heads
         self._check_positive("n_kv_heads", self.n_kv_heads)
         if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
+            raise ConfigError("{dropout} must be in [0, 1), got {}", self.dropout)
         if self.norm_eps <= 0 or self.rope_theta <= 0:
-            raise ConfigError("--norm_eps and --rope_theta must be positive")
+            raise ConfigError("{norm_eps} and {rope_theta} must be positive")
         if self.ffn_dim_multiplier is not None and self.ffn_dim_multiplier <= 0:
-            raise ConfigError(f"--ffn_dim_multiplier must be positive, got {self.ffn_dim_multiplier}")
+            raise ConfigError("{ffn_dim_multiplier} must be positive, got {}", self.ffn_dim_multiplier)
         if self.attention == "softmax":
             self._validate_heads()
         else:
@@ -103,22 +106,20 @@ class ModelArgs:
 
     def _validate_heads(self) -> None:
         if self.dim % self.n_heads:
-            raise ConfigError(f"--dim ({self.dim}) must be divisible by --n_heads ({self.n_heads})")
+            raise ConfigError("{dim} ({}) must be divisible by {n_heads} ({})", self.dim, self.n_heads)
         if self.n_heads % self.n_kv_heads:
-            raise ConfigError(
-                f"--n_heads ({self.n_heads}) must be divisible by --n_kv_heads ({self.n_kv_heads})"
-            )
+            raise ConfigError("{n_heads} ({}) must be divisible by {n_kv_heads} ({})", self.n_heads,
+                              self.n_kv_heads)
         if (self.dim // self.n_heads) % 2:
-            raise ConfigError(
-                f"head_dim = --dim / --n_heads = {self.dim // self.n_heads} must be even for RoPE"
-            )
+            raise ConfigError("head_dim = {dim} / {n_heads} = {} must be even for RoPE",
+                              self.dim // self.n_heads)
 
     def _validate_core(self) -> None:
         if self.core_dim is None:
             self.core_dim = heuristic_core_dim(self.dim)
         self._check_positive("core_dim", self.core_dim)
         if self.core_dim % 8:
-            raise ConfigError(f"--core_dim must be a multiple of 8, got {self.core_dim}")
+            raise ConfigError("{core_dim} must be a multiple of 8, got {}", self.core_dim)
 
     def _check_core_output_scale(self) -> None:
         value = self.core_output_scale
@@ -129,18 +130,18 @@ class ModelArgs:
         except (TypeError, ValueError):
             factor = math.nan
         if not 0 < factor < math.inf:
-            raise ConfigError(f"--core_output_scale must be one of {', '.join(CORE_OUTPUT_SCALES)} "
-                              f"or a positive number; got {value!r}")
+            raise ConfigError("{core_output_scale} must be one of {} or a positive number; got {!r}",
+                              ", ".join(CORE_OUTPUT_SCALES), value)
 
     @staticmethod
     def _check_positive(name: str, value: int) -> None:
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ConfigError(f"--{name} must be a positive integer, got {value!r}")
+            raise ConfigError("{" + name + "} must be a positive integer, got {!r}", value)
 
     @staticmethod
     def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         if value not in choices:
-            raise ConfigError(f"--{name} must be one of {', '.join(choices)}; got {value!r}")
+            raise ConfigError("{" + name + "} must be one of {}; got {!r}", ", ".join(choices), value)
 
     @property
     def n_rep(self) -> int:
@@ -178,5 +179,5 @@ class ModelArgs:
         names = {f.name for f in dataclasses.fields(cls) if f.init}
         unknown = sorted(set(values) - names)
         if unknown:
-            raise ConfigError(f"unknown model arguments: {', '.join(unknown)}")
+            raise ConfigError("unknown model arguments: {}", ", ".join(unknown))
         return cls(**{**LEGACY, **values})
