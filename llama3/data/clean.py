@@ -1,4 +1,4 @@
-"""Text cleaning, step by step as the original preprocessing did it; each step can be switched off.
+"""Text cleaning, step by step, each step on by default and each one can be switched off.
 
 Order: Unicode NFKD normalisation → ASCII (characters without an ASCII form are dropped; after NFKD
 accents split off, so "é" becomes "e") → lowercase → drop empty bracket pairs such as "()", "[ ]"

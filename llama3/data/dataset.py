@@ -6,7 +6,7 @@ Two ways to cut a corpus into sequences of ``seq_len + 1`` tokens (inputs are th
 - ``packed`` (default): the corpus is one stream, documents separated by EOS, cut into consecutive
   windows that overlap by one token, so every token is a target exactly once per epoch and no
   compute is spent on padding.
-- ``padded`` (the original's way, for faithful comparisons): one document per sequence,
+- ``padded`` (for comparisons with runs that train on padded documents): one document per sequence,
   BOS … EOS, then the pad id; padded targets are IGNORE_INDEX so they carry no loss. Documents
   that do not fit are dropped, and counted.
 

@@ -1,9 +1,9 @@
 """SentencePiece BPE tokenizer: training (:func:`train_tokenizer`, ``python -m llama3
 train_tokenizer``) and the :class:`Tokenizer` every other command uses.
 
-Special ids are fixed: unk 0, pad 1, bos 2, eos 3. As in the original, the most frequent words of
-the corpus become user-defined symbols (whole-word pieces "▁word" that BPE never splits); we count
-them over a sample of every file of the corpus, proportional to file size.
+Special ids are fixed: unk 0, pad 1, bos 2, eos 3. The most frequent words of the corpus become
+user-defined symbols (whole-word pieces "▁word" that BPE never splits); we count them over a
+sample of every file of the corpus, proportional to file size.
 
 Training is deterministic: sentences (the non-empty lines of each document, lines longer than
 ``max_sentence_length`` bytes split at spaces) are drawn by reservoir sampling with a seeded

@@ -820,7 +820,7 @@ def _bwd_dq_kernel(
 #    its rows; fewer rows would make warpgroups compute the same scores twice);
 #  * every shape fits in the 227 KB of shared memory a block may use, and none spills registers.
 # The first shape of each list is the one used without autotuning (LLAMA3_KERNEL_AUTOTUNE=0). A
-# table may hold an entry for one exact width (424, the original's default), tried before the
+# table may hold an entry for one exact width (424, the default core at dim 128), tried before the
 # entry of its padded width.
 # Roles: "fwd"; "dkdv" (both key gradients in one launch, r ≤ 128), or "dv" and "dk" (one launch
 # each, wider r); "dq". ROLLED: the r-chunk loop is a loop, not unrolled; "dkNN": chunks of NN
@@ -937,7 +937,7 @@ def input_class(dtype: torch.dtype) -> str:
 
 def table_key(role: str, r: int, dtype: torch.dtype) -> tuple[str, int]:
     """Key of ``role``'s shape table for width r and inputs of ``dtype``: r itself where the
-    table has an entry for it (the original's default width, 424), else r's padded width."""
+    table has an entry for it (424, the default core at dim 128), else r's padded width."""
     exact = (input_class(dtype), r)
     return exact if exact in SHAPES[role] else (input_class(dtype), min(max(padded_width(r), 64),
                                                                          1024))

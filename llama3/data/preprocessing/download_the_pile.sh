@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Download the Pile subset the original used, or any list of URLs: resumable, checksum-verified.
+# Download the default Pile subset (PubMed Central), or any list of URLs: resumable, checksummed.
 set -euo pipefail
 
 DEFAULT_URL="https://dail-wlcb.oss-cn-wulanchabu.aliyuncs.com/LLM_data/our_refined_datasets/pretraining/the-pile-pubmed-central-refine-result.jsonl"

@@ -1,6 +1,6 @@
-"""The original's preprocessing step, with its defaults: run in this folder after
+"""The Pile's preprocessing step, with the project's defaults: run in this folder after
 ``./download_the_pile.sh``, it cleans the downloaded Pile subset and writes ``pretrain_data/train``
-and ``pretrain_data/eval`` here. Without the original's subset file here (shards of a Pile mirror,
+and ``pretrain_data/eval`` here. Without the default subset's file here (shards of a Pile mirror,
 or of another corpus, downloaded with ``./download_the_pile.sh URL...``), it takes every corpus
 file in this folder (``.jsonl``, ``.jsonl.zst``, ``.jsonl.gz``, ``.json.gz``, ``.parquet``). It
 calls ``python -m llama3 preprocess``; any of that command's flags may be added (``--help`` lists
