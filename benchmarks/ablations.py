@@ -1,9 +1,9 @@
 """Ablations of the quality benchmark: why the original's default model (softplus attention at
 core_dim 424) learns worst at small scale, and the three models compared fairly.
 
-    python benchmarks/ablations.py          # every group, 2 trainings at a time, 1 thread each
-    python benchmarks/ablations.py --groups width lr --jobs 1 --threads 2
-    python benchmarks/ablations.py --tiny            # tiny models, a minute
+    python -m benchmarks.ablations          # every group, 2 trainings at a time, 1 thread each
+    python -m benchmarks.ablations --groups width lr --jobs 1 --threads 2
+    python -m benchmarks.ablations --tiny            # tiny models, a minute
 
 Every trial is ``python -m llama3 train`` on the quality benchmark's corpus and settings (3 layers,
 dim 128, vocabulary 2048, context 256, batch 16, 500 steps = 2.05 M tokens, AdamW at 3e-3 with 10%
@@ -33,30 +33,26 @@ and diagnostics, the tables), the figures beside it (``*_curves.png``, ``*_lr.pn
 
 from __future__ import annotations
 
+import argparse
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
 import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import child_env, format_table, write_results  # noqa: E402
-from benchmarks.quality import add_corpus_flags, corpus, settle_paths  # noqa: E402
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import os  # noqa: E402
-import shutil  # noqa: E402
-import statistics  # noqa: E402
-import subprocess  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from concurrent.futures import ThreadPoolExecutor  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
-from typing import Any  # noqa: E402
-
-from llama3.model.args import DEFAULT_MIXER  # noqa: E402
-from llama3.plot import read_metrics  # noqa: E402
-from llama3.training.metrics import SUMMARY_FILE  # noqa: E402
+from benchmarks.common import child_env, format_table, write_results
+from benchmarks.quality import RUN_TIMING, add_corpus_flags, corpus, settle_paths
+from llama3.model.args import DEFAULT_MIXER
+from llama3.plot import read_metrics
+from llama3.training.metrics import SUMMARY_FILE
 
 GROUPS = ("width", "branch", "init", "scale", "mixer", "lr", "seeds", "context")
 
@@ -364,7 +360,7 @@ def checked_run_flags(parser: argparse.ArgumentParser, args: argparse.Namespace,
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m benchmarks.ablations", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_corpus_flags(p)
     p.add_argument("--groups", nargs="+", choices=GROUPS, default=list(GROUPS),
@@ -414,7 +410,8 @@ def main() -> int:
                 "lr": plan.lr, "rates": plan.rates, "seeds": plan.seeds,
                 "long_context": plan.long_context, "every": plan.every, "jobs": args.jobs,
                 "threads": args.threads, "tiny": args.tiny, "groups": args.groups}
-    path = write_results(args.output, rows, benchmark="ablations", settings=settings,
+    path = write_results(args.output, rows, timing=RUN_TIMING, benchmark="ablations",
+                         settings=settings,
                          total_minutes=minutes, figures=[f.name for f in figures],
                          load_average={"before": load_before, "after": os.getloadavg(),
                                        "cpus": os.cpu_count()},

@@ -1,8 +1,8 @@
 """Attention kernel benchmark: softplus (Triton, reference) against softmax SDPA, side by side.
 
-    python benchmarks/attention.py                 # GPU: B=16, S=4096 at r=128..512, S sweep, decoding
-    python benchmarks/attention.py --main          # GPU: only r=128 and 424 at B=16, S=4096, decoding
-    python benchmarks/attention.py --tiny          # CPU: tiny shapes, Triton rows interpreted
+    python -m benchmarks.attention            # GPU: B=16, S=4096 at r=128..512, S sweep, decoding
+    python -m benchmarks.attention --main     # GPU: only r=128 and 424 at B=16, S=4096, decoding
+    python -m benchmarks.attention --tiny     # CPU: tiny shapes, Triton rows interpreted
 
 Training shapes report forward, backward and forward+backward time, TFLOP/s and peak memory. FLOPs
 count the score and value products over the visible (causal) pairs only: forward 4·r per pair,
@@ -11,30 +11,29 @@ Softmax runs through scaled_dot_product_attention with one head of head_dim r, o
 and memory-efficient backends (a row says so when a backend rejects the shape). Decoding (S = 1)
 reports GB/s of keys and values read, beside a measured device copy bandwidth; a bf16 matmul gives
 the TFLOP/s ceiling. Rows that would not fit in memory are skipped with a note. Inputs are fresh
-random draws; times are medians over repeats, with CUDA events on the GPU. The first call of each
-row is timed apart (first_s: compilation and autotuning included, forward and backward); with
+random draws. Times are medians (the JSON adds the 20% and 80% quantiles and the repetitions): on
+the GPU through triton.testing.do_bench, the L2 cache flushed before every repetition; on the CPU
+by the wall clock; the JSON's "timing" says how. The first call of each row is timed apart
+(first_s: compilation and autotuning included, forward and backward); with
 LLAMA3_KERNEL_AUTOTUNE=0 in the environment the kernels skip autotuning, which the JSON records.
 """
 
+import argparse
+import functools
 import sys
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+import torch.nn.functional as F
 
-import argparse  # noqa: E402
-import functools  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from contextlib import contextmanager  # noqa: E402
-from typing import Any  # noqa: E402
-
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from benchmarks.common import (copy_bandwidth_gb_per_s, environment, format_table,  # noqa: E402
-                               matmul_tflops, timed, write_results)
-from llama3.ops import softplus_attention, softplus_attention_reference  # noqa: E402
-from llama3.ops.softplus_attention import cpu_kernels  # noqa: E402
+from benchmarks.common import (Timer, copy_bandwidth_gb_per_s, environment, format_table,
+                               matmul_tflops, write_results)
+from llama3.ops import softplus_attention, softplus_attention_reference
+from llama3.ops.softplus_attention import cpu_kernels
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "out" / "attention.json"
 COLUMNS = [
@@ -157,8 +156,9 @@ def visible_pairs(B: int, S: int, T: int) -> int:
     return B * (S * (T - S) + S * (S + 1) // 2)
 
 
-def measure_training(impl, B, S, r, dtype, device, repeats) -> dict[str, Any]:
+def measure_training(impl, B, S, r, dtype, timer: Timer) -> dict[str, Any]:
     row: dict[str, Any] = dict(impl=impl, B=B, S=S, T=S, r=r)
+    device = timer.device
     if impl == "softplus_reference" and reference_bytes(B, S, S) > 0.8 * free_memory(device):
         return {**row, "note": "skipped: would not fit in memory"}
     q, k, v = (x.requires_grad_() for x in inputs_for(impl, B, S, S, r, dtype, device))
@@ -169,9 +169,9 @@ def measure_training(impl, B, S, r, dtype, device, repeats) -> dict[str, Any]:
             do = torch.randn_like(out)
             backward = functools.partial(torch.autograd.grad, out, (q, k, v), do, retain_graph=True)
             first_bwd, _ = first_call(backward, device)
-            fwd = timed(call, device, repeats)
-            bwd = timed(backward, device, repeats)
-            fwdbwd = timed(lambda: torch.autograd.grad(call(), (q, k, v), do), device, repeats)
+            fwd = timer(call)
+            bwd = timer(backward)
+            fwdbwd = timer(lambda: torch.autograd.grad(call(), (q, k, v), do))
             del backward, out  # free the retained graph before measuring peak memory
             peak = peak_memory_gb(lambda: torch.autograd.grad(call(), (q, k, v), do), device)
     except RuntimeError as error:  # a backend that rejects the shape, or out of memory
@@ -179,24 +179,26 @@ def measure_training(impl, B, S, r, dtype, device, repeats) -> dict[str, Any]:
             torch.cuda.empty_cache()
         return {**row, "note": f"skipped: {str(error).splitlines()[0][:80]}"}
     pairs = visible_pairs(B, S, S)
-    return {**row, "note": _note(impl, device), "first_s": first_fwd + first_bwd, "fwd_ms": fwd,
-            "bwd_ms": bwd, "fwdbwd_ms": fwdbwd,
-            "fwd_tflops": 4 * r * pairs / fwd / 1e9, "bwd_tflops": 10 * r * pairs / bwd / 1e9,
-            "fwdbwd_tflops": 14 * r * pairs / fwdbwd / 1e9, "peak_mem_gb": peak}
+    return {**row, "note": _note(impl, device), "first_s": first_fwd + first_bwd,
+            **fwd.fields("fwd_"), **bwd.fields("bwd_"), **fwdbwd.fields("fwdbwd_"),
+            "fwd_tflops": 4 * r * pairs / fwd.ms / 1e9, "bwd_tflops": 10 * r * pairs / bwd.ms / 1e9,
+            "fwdbwd_tflops": 14 * r * pairs / fwdbwd.ms / 1e9, "peak_mem_gb": peak}
 
 
-def measure_decoding(impl, B, T, r, dtype, device, repeats, copy_gb_per_s) -> dict[str, Any]:
+def measure_decoding(impl, B, T, r, dtype, timer: Timer, copy_gb_per_s) -> dict[str, Any]:
     row: dict[str, Any] = dict(impl=impl, B=B, T=T, r=r)
+    device = timer.device
     q, k, v = inputs_for(impl, B, 1, T, r, dtype, device, cache_layout=True)
     call = make_call(impl, q, k, v, causal=False)  # one query sees every key
     try:
         with interpreted(impl == "softplus_triton" and device.type == "cpu"), torch.no_grad():
             first, _ = first_call(call, device)
-            ms = timed(call, device, repeats)
+            timed = timer(call)
     except RuntimeError as error:
         return {**row, "note": f"skipped: {str(error).splitlines()[0][:80]}"}
-    gb_per_s = 2 * k.numel() * k.element_size() / ms / 1e6
-    return {**row, "note": _note(impl, device), "first_s": first, "ms": ms, "kv_gb_per_s": gb_per_s,
+    gb_per_s = 2 * k.numel() * k.element_size() / timed.ms / 1e6
+    return {**row, "note": _note(impl, device), "first_s": first, **timed.fields(),
+            "kv_gb_per_s": gb_per_s,
             "of_copy_bw": gb_per_s / copy_gb_per_s if copy_gb_per_s else None}
 
 
@@ -230,27 +232,29 @@ def add_ratios(rows: list[dict[str, Any]], peak_tflops: float) -> None:
 SDPA_IMPLS = ["sdpa_flash", "sdpa_cudnn", "sdpa_mem_efficient"]
 
 
-def plan(tiny: bool, main_rows: bool = False) -> dict[str, Any]:
-    """Shapes (B, S, r) and (B, T, r), implementations and sizes; ``main_rows``: only the rows
-    the performance goals name (r = 128 and 424), without the reference."""
+def plan(tiny: bool, device: torch.device, main_rows: bool = False) -> dict[str, Any]:
+    """Shapes (B, S, r) and (B, T, r), implementations, sizes and the timer; ``main_rows``: only
+    the rows the performance goals name (r = 128 and 424), without the reference."""
     if tiny:
         impls = ["softplus_triton", "softplus_reference", "sdpa_flash", "sdpa_math"]
         training = [(2, 64, 64), (1, 48, 136)]
         if main_rows:
             impls, training = ["softplus_triton", *SDPA_IMPLS], training[:1]
-        return dict(training=training, decoding=[(2, 128, 64)], repeats=2, impls=impls,
-                    dtype=torch.float32, copy_numel=1 << 22, matmul_n=256)
+        return dict(training=training, decoding=[(2, 128, 64)], timer=Timer(device, repeats=2),
+                    impls=impls, dtype=torch.float32, copy_numel=1 << 22, matmul_n=256)
     design = [(16, 4096, r) for r in (128, 256, 424, 512)]
     sweep = [(65536 // s, s, r) for r in (128, 424) for s in (1024, 2048, 8192, 16384)]
     training, impls = design + sweep, ["softplus_triton", "softplus_reference", *SDPA_IMPLS]
     if main_rows:
         training, impls = [(16, 4096, 128), (16, 4096, 424)], ["softplus_triton", *SDPA_IMPLS]
-    return dict(training=training, decoding=[(64, 4096, 128), (64, 4096, 424)], repeats=20,
-                impls=impls, dtype=torch.bfloat16, copy_numel=1 << 30, matmul_n=8192)
+    return dict(training=training, decoding=[(64, 4096, 128), (64, 4096, 424)],
+                timer=Timer(device), impls=impls, dtype=torch.bfloat16, copy_numel=1 << 30,
+                matmul_n=8192)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.attention",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true",
                         help="tiny shapes that run on a CPU (Triton rows in Triton's interpreter)")
     parser.add_argument("--main", action="store_true",
@@ -260,27 +264,29 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu" and not args.tiny:
         parser.error("no CUDA GPU: the full benchmark needs one; use --tiny on a CPU")
-    p = plan(args.tiny, args.main)
+    p = plan(args.tiny, device, args.main)
+    timer = p["timer"]
     seed = torch.seed()  # fresh inputs every run; recorded with the results
 
-    peak = matmul_tflops(device, p["matmul_n"], p["dtype"], p["repeats"])
-    copy_bw = copy_bandwidth_gb_per_s(device, p["copy_numel"], p["repeats"])
+    peak = matmul_tflops(timer, p["matmul_n"], p["dtype"])
+    copy_bw = copy_bandwidth_gb_per_s(timer, p["copy_numel"])
     print(f"device {environment()['gpu'] or 'cpu'}: {p['dtype']} matmul {peak:.4g} TFLOP/s, "
           f"copy {copy_bw:.4g} GB/s")
 
     rows = []
     for B, S, r in p["training"]:
         for impl in p["impls"]:
-            rows.append(measure_training(impl, B, S, r, p["dtype"], device, p["repeats"]))
+            rows.append(measure_training(impl, B, S, r, p["dtype"], timer))
             print(f"  {impl} B={B} S={S} r={r}: fwd+bwd {rows[-1].get('fwdbwd_ms', '-')} ms",
                   file=sys.stderr, flush=True)
     add_ratios(rows, peak)
-    decoding = [measure_decoding(impl, B, T, r, p["dtype"], device, p["repeats"], copy_bw)
+    decoding = [measure_decoding(impl, B, T, r, p["dtype"], timer, copy_bw)
                 for B, T, r in p["decoding"] for impl in p["impls"]]
 
     print("\nTraining shapes (causal, T = S):\n" + format_table(rows, COLUMNS))
     print("\nDecoding (S = 1):\n" + format_table(decoding, DECODE_COLUMNS))
-    path = write_results(args.output, rows + decoding, dtype=str(p["dtype"]), seed=seed,
+    path = write_results(args.output, rows + decoding, timing=timer.record(),
+                         dtype=str(p["dtype"]), seed=seed,
                          matmul_tflops=peak, copy_gb_per_s=copy_bw, tiny=args.tiny,
                          main_rows=args.main)
     print(f"\nwrote {path}")

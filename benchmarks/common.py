@@ -1,11 +1,12 @@
-"""Shared pieces of the benchmark scripts: the original's configurations, device ceilings measured
-in the same run, time budgets, the offline corpus, and how results are written."""
+"""Shared pieces of the benchmarks (a package: ``python -m benchmarks.NAME`` from the repository
+root): the original's configurations, how calls are timed, device ceilings measured in the same
+run, time budgets, the offline corpus, and how results are written."""
 
 from __future__ import annotations
 
 import os
 import re
-import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -18,10 +19,10 @@ from llama3.fileio import write_json
 from llama3.reporting import environment, format_table
 
 __all__ = ["BASE", "CONFIGS", "REPO", "RESULTS_DIR", "TINY_BASE", "TINY_CONFIGS",
-           "AUTOTUNE_VARIABLE", "TMA_VARIABLE", "Deadline", "DocsCorpus", "Estimates",
-           "autotune_enabled", "child_env", "copy_bandwidth_gb_per_s", "device_slug",
-           "environment", "format_table", "matmul_tflops", "python_docs_corpus", "timed",
-           "write_results"]
+           "AUTOTUNE_VARIABLE", "TMA_VARIABLE", "Deadline", "DocsCorpus", "Estimates", "Timed",
+           "Timer", "autotune_enabled", "child_env", "copy_bandwidth_gb_per_s", "device_slug",
+           "environment", "format_table", "matmul_tflops", "module_command",
+           "python_docs_corpus", "wall_clock", "write_results"]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -57,16 +58,25 @@ def child_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": path, **extra}
 
 
+def module_command(name: str, *args: object) -> list[str]:
+    """``python -m benchmarks.NAME ARGS`` with this interpreter, for a child process started from
+    the repository root or with :func:`child_env`."""
+    return [sys.executable, "-m", f"benchmarks.{name}", *map(str, args)]
+
+
 def autotune_enabled() -> bool:
     return os.environ.get(AUTOTUNE_VARIABLE, "1") != "0"
 
 
-def write_results(path: str | Path, rows: Sequence[dict[str, Any]], **meta: Any) -> Path:
-    """Write ``{"environment": ..., "kernel_autotune": ..., "kernel_tma": ..., **meta, "rows":
-    rows}`` as JSON (atomically, so a run stopped between rows leaves the rows written so far)."""
+def write_results(path: str | Path, rows: Sequence[dict[str, Any]], *, timing: dict[str, Any],
+                  **meta: Any) -> Path:
+    """Write ``{"environment": ..., "kernel_autotune": ..., "kernel_tma": ..., "timing": timing,
+    **meta, "rows": rows}`` as JSON (atomically, so a run stopped between rows leaves the rows
+    written so far); ``timing`` says how the benchmark timed (:meth:`Timer.record`,
+    :func:`wall_clock`)."""
     return write_json(path, {"environment": environment(), "kernel_autotune": autotune_enabled(),
                              "kernel_tma": os.environ.get(TMA_VARIABLE, "1") != "0",
-                             **meta, "rows": list(rows)})
+                             "timing": timing, **meta, "rows": list(rows)})
 
 
 def device_slug(device: torch.device) -> str:
@@ -78,40 +88,90 @@ def device_slug(device: torch.device) -> str:
 
 # ------------------------------------------------------------------------- timing, ceilings
 
+QUANTILES = (0.5, 0.2, 0.8)  # the median, then the 20% and 80% quantiles
+STATISTIC = "median, 20% and 80% quantiles"
 
-def timed(fn: Callable[[], Any], device: torch.device, repeats: int, warmup: int = 2) -> float:
-    """Median milliseconds of ``fn()`` (CUDA events on the GPU)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+
+@dataclass(frozen=True)
+class Timed:
+    """Milliseconds of one callable over its repetitions: the median and the 20% and 80%
+    quantiles."""
+
+    ms: float
+    q20_ms: float
+    q80_ms: float
+    repetitions: int
+
+    @classmethod
+    def of(cls, times_ms: Sequence[float]) -> Timed:
+        median, low, high = torch.quantile(torch.tensor(times_ms, dtype=torch.float64),
+                                           torch.tensor(QUANTILES, dtype=torch.float64)).tolist()
+        return cls(median, low, high, len(times_ms))
+
+    def fields(self, prefix: str = "") -> dict[str, float | int]:
+        """Row entries: ``PREFIXms`` (the median), ``PREFIXms_q20``, ``PREFIXms_q80``,
+        ``PREFIXrepetitions``."""
+        return {f"{prefix}ms": self.ms, f"{prefix}ms_q20": self.q20_ms,
+                f"{prefix}ms_q80": self.q80_ms, f"{prefix}repetitions": self.repetitions}
+
+
+def wall_clock(spans: str, statistic: str, **details: Any) -> dict[str, Any]:
+    """The ``timing`` entry of results read from the host's clock: what one reading spans, what
+    is reported, and details such as warm-up and repetitions."""
+    return {"method": "wall clock (time.perf_counter)", "spans": spans, "statistic": statistic,
+            "l2_flush": False, **details}
+
+
+@dataclass(frozen=True)
+class Timer:
+    """Times a callable on ``device``. On CUDA through ``triton.testing.do_bench``: CUDA events
+    around every repetition, the L2 cache flushed before each, as many repetitions as fit in
+    ``rep_ms`` after ``warmup_ms`` of warm-up (small kernels do not read as faster than they are).
+    On the CPU the wall clock over ``repeats`` calls after ``warmup`` untimed ones."""
+
+    device: torch.device
+    repeats: int = 5
+    warmup: int = 2
+    warmup_ms: float = 25.0
+    rep_ms: float = 100.0
+
+    def __call__(self, fn: Callable[[], Any]) -> Timed:
+        if self.device.type == "cuda":
+            from triton.testing import do_bench  # only the GPU path needs Triton
+
+            return Timed.of(do_bench(fn, warmup=self.warmup_ms, rep=self.rep_ms,
+                                     return_mode="all"))
+        for _ in range(self.warmup):
             fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
+        times = []
+        for _ in range(self.repeats):
             begin = time.perf_counter()
             fn()
             times.append(1e3 * (time.perf_counter() - begin))
-    return statistics.median(times)
+        return Timed.of(times)
+
+    def record(self) -> dict[str, Any]:
+        """How this timer measures, for the results' ``timing`` entry."""
+        if self.device.type != "cuda":
+            return wall_clock("one call", STATISTIC, warmup=self.warmup,
+                              repetitions=self.repeats)
+        return {"method": "triton.testing.do_bench", "spans": "one call, between CUDA events",
+                "statistic": STATISTIC, "l2_flush": True, "warmup_ms": self.warmup_ms,
+                "rep_ms": self.rep_ms,
+                "repetitions": "as many as fit in rep_ms, at least 1 (rows record the count)"}
 
 
-def matmul_tflops(device: torch.device, n: int, dtype: torch.dtype, repeats: int) -> float:
+def matmul_tflops(timer: Timer, n: int, dtype: torch.dtype) -> float:
     """TFLOP/s of an n×n×n matmul on random data: the ceiling MFU is measured against."""
-    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    ms = timed(lambda: a @ b, device, repeats)
-    return 2 * n**3 / ms / 1e9
+    a, b = (torch.randn(n, n, device=timer.device, dtype=dtype) for _ in range(2))
+    return 2 * n**3 / timer(lambda: a @ b).ms / 1e9
 
 
-def copy_bandwidth_gb_per_s(device: torch.device, numel: int, repeats: int) -> float:
+def copy_bandwidth_gb_per_s(timer: Timer, numel: int) -> float:
     """Device copy bandwidth: bytes read plus bytes written per second."""
-    src = torch.randn(numel, device=device, dtype=torch.bfloat16)
+    src = torch.randn(numel, device=timer.device, dtype=torch.bfloat16)
     dst = torch.empty_like(src)
-    ms = timed(lambda: dst.copy_(src), device, repeats)
-    return 2 * src.numel() * src.element_size() / ms / 1e6
+    return 2 * src.numel() * src.element_size() / timer(lambda: dst.copy_(src)).ms / 1e6
 
 
 class Deadline:

@@ -1,6 +1,6 @@
 """Data pipeline throughput, measured side by side with its baselines in one run.
 
-    python benchmarks/data.py --corpus FILE [FILE ...] [--tokenizer MODEL] [--workers N]
+    python -m benchmarks.data --corpus FILE [FILE ...] [--tokenizer MODEL] [--workers N]
 
 For each corpus (.jsonl or .jsonl.zst):
 
@@ -22,29 +22,25 @@ load average is recorded: on a shared machine read ratios, not absolute numbers.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import io
+import os
+import resource
 import sys
+import tempfile
+import time
+from itertools import islice
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import RESULTS_DIR, environment, format_table, write_results  # noqa: E402
-
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import io  # noqa: E402
-import os  # noqa: E402
-import resource  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from itertools import islice  # noqa: E402
-
-from llama3.cli import UsageError  # noqa: E402
-from llama3.commands import preprocess  # noqa: E402
-from llama3.data.dataset import TrainWindows  # noqa: E402
-from llama3.data.parallel import available_cpus  # noqa: E402
-from llama3.data.sources import ProblemLog, corpus_chunks, find_corpus_files, iter_texts  # noqa: E402
-from llama3.data.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
-from llama3.data.tokens import open_token_corpus  # noqa: E402
+from benchmarks.common import RESULTS_DIR, environment, format_table, wall_clock, write_results
+from llama3.cli import UsageError
+from llama3.commands import preprocess
+from llama3.data.dataset import TrainWindows
+from llama3.data.parallel import available_cpus
+from llama3.data.sources import ProblemLog, corpus_chunks, find_corpus_files, iter_texts
+from llama3.data.tokenizer import Tokenizer, train_tokenizer
+from llama3.data.tokens import open_token_corpus
 
 COLUMNS = ["corpus", "stage", "workers", "MB/s", "MB/cpu-s", "tokens/s", "windows/s", "ratio",
            "ratio means"]
@@ -211,7 +207,7 @@ def _name(arg: str) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.data", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpus", nargs="+", required=True, type=Path, help=".jsonl/.jsonl.zst files")
     parser.add_argument("--tokenizer", type=Path, default=None,
@@ -241,10 +237,14 @@ def main() -> int:
     cpus = os.cpu_count()
     print(f"\nload average (1 min) before {load_before[0]:.2f}, after {load_after[0]:.2f} on {cpus} CPUs; "
           f"{environment()['cpu']}")
-    command = " ".join(["python", sys.argv[0], *map(_name, sys.argv[1:])])
+    command = " ".join([parser.prog, *map(_name, sys.argv[1:])])
     settings = {k: [_name(str(x)) for x in v] if isinstance(v, list) else _name(str(v))
                 for k, v in vars(args).items()}
-    path = write_results(args.output, rows, benchmark="data", command=command,
+    timing = wall_clock("one whole stage (preprocess, a token cache rebuild, raw encoding, "
+                        "training the tokenizer); the loader over --loader_seconds",
+                        "the fastest of the repeats (alternated); CPU seconds beside wall seconds",
+                        warmup=0, repetitions=args.repeats)
+    path = write_results(args.output, rows, timing=timing, benchmark="data", command=command,
                          load_average={"before": load_before, "after": load_after, "cpus": cpus},
                          settings=settings)
     print(f"results: {path}")

@@ -1,9 +1,11 @@
 """The GPU check: one prepared command that runs, within a time budget per stage, what the project
 must do on a GPU, and records every stage.
 
-    python3 benchmarks/gpu_check.py --out OUT                     # stages 1-5 ("check", ~4 min)
-    python3 benchmarks/gpu_check.py --out OUT --stages tables     # training and inference tables
-    python3 benchmarks/gpu_check.py --out OUT --device cpu --tiny # the same stages in seconds, CPU
+    python3 -m benchmarks.gpu_check --out OUT                     # stages 1-5 ("check", ~4 min)
+    python3 -m benchmarks.gpu_check --out OUT --stages tables     # training and inference tables
+    python3 -m benchmarks.gpu_check --out OUT --device cpu --tiny # the same stages in seconds, CPU
+
+Run from the repository root (the package need not be installed).
 
 Stages (--stages takes names or the sets check, tables, all):
   corpus           the quick start's Python documentation corpus and tokenizer (stages 3, 4, 6)
@@ -15,11 +17,11 @@ Stages (--stages takes names or the sets check, tables, all):
   3 training       train (softmax, softplus) with --amp_bf16 --allow_tf32, again with --compile,
                    and multitrain over NCCL with --bf16: exit 0, finite, the loss falls
   4 onnx           deploy: ONNX export, ONNX Runtime against PyTorch, TensorRT if installed
-  5 kernel_bench   benchmarks/attention.py --main: r = 128 and 424 against every SDPA backend,
+  5 kernel_bench   benchmarks.attention --main: r = 128 and 424 against every SDPA backend,
                    decoding at B = 64, T = 4096
-  6 train_table    benchmarks/train.py: the original's six configurations, eager and compiled
-  7 inference_table  benchmarks/inference.py: prefill at batch 64, decoding at batch 1 and 64
-See benchmarks/gpu_stages.py for stages 2-4.
+  6 train_table    benchmarks.train: the original's six configurations, eager and compiled
+  7 inference_table  benchmarks.inference: prefill at batch 64, decoding at batch 1 and 64
+See benchmarks.gpu_stages for stages 2-4.
 
 Every stage runs in a process group of its own with a time budget (--budget_scale multiplies them
 all): a stage past its budget is stopped and recorded "over budget", and the run goes on. Stages
@@ -37,28 +39,24 @@ status is 0 when every stage passed.
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
+import json
+import os
+import re
+import signal
+import subprocess
 import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import (AUTOTUNE_VARIABLE, REPO, child_env, device_slug,  # noqa: E402
-                               environment, format_table, python_docs_corpus)
-
-import argparse  # noqa: E402
-import importlib.util  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import re  # noqa: E402
-import signal  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from typing import Any  # noqa: E402
-
-from llama3.fileio import write_json  # noqa: E402
+from benchmarks.common import (AUTOTUNE_VARIABLE, REPO, child_env, device_slug, environment,
+                               format_table, module_command, python_docs_corpus)
+from llama3.fileio import write_json
 
 
 @dataclass(frozen=True)
@@ -111,31 +109,30 @@ class Context:
 
 def command(ctx: Context, stage: str) -> list[str]:
     """The command line of one stage, run from the repository root."""
-    py = sys.executable
     if stage == "corpus":
-        return [py, __file__, "--work_dir", str(ctx.work), "--corpus_only"]
+        return module_command("gpu_check", "--work_dir", ctx.work, "--corpus_only")
     if stage == "kernel_tests":
-        argv = [py, "-m", "pytest", "-v", "-rfE", "-p", "no:cacheprovider",
+        argv = [sys.executable, "-m", "pytest", "-v", "-rfE", "-p", "no:cacheprovider",
                 "tests/test_softplus_kernel_gpu.py", "tests/test_softplus_kernel.py",
                 "-k", "gpu or cuda"]
         if ctx.device == "cuda" and importlib.util.find_spec("xdist") is not None:
             argv += ["-n", str(min(8, max(1, (os.cpu_count() or 2) // 2)))]  # compile in parallel
         return argv
     if stage in ("decode", "training", "onnx"):
-        return [py, "benchmarks/gpu_stages.py", stage, "--device", ctx.device, "--work_dir",
-                str(ctx.work)] + (["--tiny"] if ctx.tiny else [])
+        return module_command("gpu_stages", stage, "--device", ctx.device, "--work_dir",
+                              ctx.work) + (["--tiny"] if ctx.tiny else [])
     if stage == "kernel_bench":
-        return [py, "benchmarks/attention.py", "--main", "--output",
-                str(ctx.out_file("attention"))] + (["--tiny"] if ctx.tiny else [])
+        return module_command("attention", "--main", "--output",
+                              ctx.out_file("attention")) + (["--tiny"] if ctx.tiny else [])
     deadline = ["--deadline_s", f"{max(ctx.budget(stage) - 20, 1):.0f}"]  # room to write results
     if stage == "train_table":
-        argv = [py, "benchmarks/train.py", "--python_docs", str(ctx.work / "docs"), "--amp_bf16",
-                "--allow_tf32", *deadline, "--output", str(ctx.out_file("train"))]
+        argv = module_command("train", "--python_docs", ctx.work / "docs", "--amp_bf16",
+                              "--allow_tf32", *deadline, "--output", ctx.out_file("train"))
         return argv + (["--tiny", "--device", "cpu", "--seq_lens", "64", "--seconds", "0.5",
                         "--warmup", "1"] if ctx.tiny else
                        ["--compile_modes", "eager", "compile", "--seconds", "6", "--warmup", "2"])
     assert stage == "inference_table"
-    argv = [py, "benchmarks/inference.py", *deadline, "--output", str(ctx.out_file("inference"))]
+    argv = module_command("inference", *deadline, "--output", ctx.out_file("inference"))
     return argv + (["--tiny", "--device", "cpu", "--runners", "eager", "onnxruntime", "--models",
                     "softmax", "softplus-16"] if ctx.tiny else [])
 
@@ -228,7 +225,8 @@ def kernel_bench_result(data: dict[str, Any] | None) -> dict[str, Any]:
             "summary": "; ".join(parts) or "no softplus rows",
             "details": {"matmul_tflops": data.get("matmul_tflops"),
                         "copy_gb_per_s": data.get("copy_gb_per_s"),
-                        "kernel_autotune": data.get("kernel_autotune")}}
+                        "kernel_autotune": data.get("kernel_autotune"),
+                        "timing": data.get("timing")}}
 
 
 def first_row(rows: list[dict[str, Any]], **match: Any) -> dict[str, Any]:
@@ -386,7 +384,7 @@ def selected_stages(names: list[str]) -> tuple[list[str], str]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__,
+    parser = argparse.ArgumentParser(prog="python3 -m benchmarks.gpu_check", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, help="folder for the JSON record, log and results")
     parser.add_argument("--stages", nargs="+", default=["check"],

@@ -1,8 +1,8 @@
 """The checks of benchmarks/gpu_check.py that run in a process of their own, one per call:
 
-    python3 benchmarks/gpu_stages.py decode   --device cuda --work_dir DIR
-    python3 benchmarks/gpu_stages.py training --device cuda --work_dir DIR
-    python3 benchmarks/gpu_stages.py onnx     --device cuda --work_dir DIR
+    python3 -m benchmarks.gpu_stages decode   --device cuda --work_dir DIR
+    python3 -m benchmarks.gpu_stages training --device cuda --work_dir DIR
+    python3 -m benchmarks.gpu_stages onnx     --device cuda --work_dir DIR
 
 Each writes DIR/STAGE.json: {"status": "passed" | "failed" | "skipped", "summary": one line,
 "details": ...}, and exits 0 when it passed.
@@ -27,25 +27,21 @@ a CPU), gloo instead of NCCL; the same code paths otherwise.
 
 from __future__ import annotations
 
+import argparse
+import json
+import math
+import shutil
+import subprocess
 import sys
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-from benchmarks.common import (BASE, CONFIGS, REPO, TINY_BASE, TINY_CONFIGS,  # noqa: E402
-                               child_env, python_docs_corpus)
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-from dataclasses import asdict, dataclass, field  # noqa: E402
-from typing import Any  # noqa: E402
-
-import torch  # noqa: E402
-
-from llama3.fileio import write_json  # noqa: E402
+from benchmarks.common import (BASE, CONFIGS, REPO, TINY_BASE, TINY_CONFIGS, child_env,
+                               python_docs_corpus)
+from llama3.fileio import write_json
 
 NEAR_TIE = 1e-4  # a logit this close (relative to the largest) to the maximum counts as a tie
 ONNX_LOGITS_REL = 1e-4
@@ -274,7 +270,7 @@ def check_onnx(device: str, tiny: bool, work: Path) -> Result:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
+    parser = argparse.ArgumentParser(prog="python3 -m benchmarks.gpu_stages", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stage", choices=("decode", "training", "onnx"))
     parser.add_argument("--device", choices=("cuda", "cpu"), required=True)

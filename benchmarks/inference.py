@@ -1,9 +1,9 @@
 """Inference speed, measured side by side in one run: prefill latency and throughput of PyTorch eager,
 torch.compile, ONNX Runtime and TensorRT, and generation (decode) tokens/s with the static cache.
 
-    python benchmarks/inference.py                      # the original's configurations, on a GPU
-    python benchmarks/inference.py --tiny --device cpu  # seconds on a CPU
-    python benchmarks/inference.py --from_checkpoint DIR --seq_lens 4096
+    python -m benchmarks.inference                      # the original's configurations, on a GPU
+    python -m benchmarks.inference --tiny --device cpu  # seconds on a CPU
+    python -m benchmarks.inference --from_checkpoint DIR --seq_lens 4096
 
 Models: a checkpoint, or freshly initialised models of the original's configuration (3 layers,
 dim 128, vocab 2048): softmax with 4 heads, softplus with core_dim 128 and 424. Prefill: a batch of
@@ -26,32 +26,28 @@ others).
 
 from __future__ import annotations
 
+import argparse
+import gc
 import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-from benchmarks.common import (BASE, CONFIGS, RESULTS_DIR, TINY_BASE, TINY_CONFIGS,  # noqa: E402
-                               Deadline, Estimates, device_slug, format_table, write_results)
-
-import argparse  # noqa: E402
-import gc  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from typing import Any  # noqa: E402
-
-import torch  # noqa: E402
-
-from llama3 import ModelArgs, Transformer  # noqa: E402
-from llama3.deploy import latency  # noqa: E402
-from llama3.deploy.onnx_export import export_onnx  # noqa: E402
-from llama3.deploy.runners import (OnnxRuntimeRunner, TorchRunner,  # noqa: E402
-                                   onnxruntime_providers, too_big_for_host)
-from llama3.deploy.tensorrt import (TensorRTRunner, build_engine, import_tensorrt,  # noqa: E402
-                                    missing_message, profile_shapes)
-from llama3.generate import Generator, SamplingSettings  # noqa: E402
+from benchmarks.common import (BASE, CONFIGS, RESULTS_DIR, TINY_BASE, TINY_CONFIGS, Deadline,
+                               Estimates, device_slug, format_table, wall_clock, write_results)
+from llama3 import ModelArgs, Transformer
+from llama3.deploy import latency
+from llama3.deploy.onnx_export import export_onnx
+from llama3.deploy.runners import (OnnxRuntimeRunner, TorchRunner, onnxruntime_providers,
+                                   too_big_for_host)
+from llama3.deploy.tensorrt import (TensorRTRunner, build_engine, import_tensorrt, missing_message,
+                                    profile_shapes)
+from llama3.generate import Generator, SamplingSettings
 
 RUNNERS = ("eager", "compile", "onnxruntime", "tensorrt")
 ORDER = ("eager", "decode", "onnxruntime", "tensorrt", "compile")  # most important first
@@ -67,7 +63,7 @@ DECODE_COLUMNS = ("model", "runner", "precision", "batch", "prompt", "new_tokens
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m benchmarks.inference", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--from_checkpoint", metavar="DIR",
                    help="benchmark this checkpoint instead of the original's configurations")
@@ -252,6 +248,17 @@ def run_one(measurement: Measurement) -> dict[str, Any]:
     return row
 
 
+def timing(args: argparse.Namespace) -> dict[str, Any]:
+    """How the run timed: prefill calls and generations by the wall clock, the device
+    synchronised (a runtime's own CUDA stream included); no L2 flush (whole-model calls)."""
+    prefill = wall_clock("one call, between device-wide synchronisations",
+                         "mean, 50th/90th/95th/99th percentiles", warmup=args.warmup,
+                         repetitions=args.iterations, first_call="one call alone, timed apart")
+    decode = wall_clock("the prefill and the decoding of one generation, the device synchronised",
+                        "tokens/s of each", warmup=1, repetitions=1)
+    return {"prefill": prefill, "decode": decode}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started, deadline = time.monotonic(), Deadline(args.deadline_s)
@@ -274,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 rows.append(run_one(measurement))
                 estimates.record(measurement.kind, time.monotonic() - begin)
-            write_results(output, rows, benchmark="inference", settings=settings,
+            write_results(output, rows, timing=timing(args), benchmark="inference",
+                          settings=settings,
                           elapsed_s=time.monotonic() - started)
     print("\nprefill (empty cache):")
     print(format_table([r for r in rows if r["phase"] == "prefill"], PREFILL_COLUMNS))

@@ -2,8 +2,8 @@
 original's default model, ``--core_output_scale none``) learns slowly: each changes one thing
 inside the model or the optimiser, and everything else is the train command's own run.
 
-    python benchmarks/interventions.py            # 7 trainings, 2 at a time, 1 thread each
-    python benchmarks/interventions.py --tiny     # tiny models, seconds
+    python -m benchmarks.interventions            # 7 trainings, 2 at a time, 1 thread each
+    python -m benchmarks.interventions --tiny     # tiny models, seconds
 
 Each trial is benchmarks/ablations.py's ``softplus-424-none`` trial (same corpus, flags, seed,
 data order, 500 steps, diagnostics every 50), run through ``llama3.training.trainer.run_training``
@@ -26,27 +26,23 @@ the table. A trial whose run directory holds a completed summary is not run agai
 
 from __future__ import annotations
 
+import argparse
+import os
 import sys
-from pathlib import Path
+import time
+from collections.abc import Callable
+from dataclasses import replace
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+from torch import Tensor
 
-from benchmarks import ablations  # noqa: E402
-from benchmarks.common import format_table, write_results  # noqa: E402
-from benchmarks.quality import add_corpus_flags, corpus  # noqa: E402
+from benchmarks import ablations
+from benchmarks.common import format_table, module_command, write_results
+from benchmarks.quality import RUN_TIMING, add_corpus_flags, corpus
+from llama3.model.transformer import apply_rotary
+from llama3.training.build import Run
 
-import argparse  # noqa: E402
-import os  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from dataclasses import replace  # noqa: E402
-
-import torch  # noqa: E402
-from torch import Tensor  # noqa: E402
-
-from llama3.model.transformer import apply_rotary  # noqa: E402
-from llama3.training.build import Run  # noqa: E402
-
+PROG = "python -m benchmarks.interventions"
 INTERVENTIONS = ("none", "values_d", "scores_d", "lr_qk", "lr_vo", "lr_wo", "init_wo")
 COLUMNS = ("intervention", "final_eval_loss", "eval_loss_first", "train_minutes")
 
@@ -129,7 +125,7 @@ def one(name: str, train_argv: list[str]) -> int:
     from llama3.training.flags import add_training_flags
     from llama3.training.trainer import run_training
 
-    parser = ArgumentParser(prog=f"interventions.py --one {name}")
+    parser = ArgumentParser(prog=f"{PROG} --one {name}")
     add_training_flags(parser, multiprocess=False)
     args = parser.parse_args(train_argv)
     return run_training(args, Distributed.single(args.device), prepare=APPLY[name])
@@ -141,7 +137,7 @@ def trials(plan: ablations.Plan, names: list[str]) -> list[ablations.Trial]:
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__,
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_corpus_flags(p)
     p.add_argument("--interventions", nargs="+", choices=INTERVENTIONS, default=list(INTERVENTIONS),
@@ -170,7 +166,7 @@ def main() -> int:
     def command(s: ablations.Setup, t: ablations.Trial) -> list[str]:
         train = ablations.command(s, replace(t, flags=t.flags[:-1]))
         train[train.index("--to_checkpoint") + 1] = str(ablations.run_dir(s, t))
-        return [sys.executable, __file__, "--one", t.model, "--", *train[4:]]  # after "train"
+        return module_command("interventions", "--one", t.model, "--", *train[4:])  # after "train"
 
     start = time.perf_counter()
     ablations.run_all(setup, list(keyed.values()), args.jobs, command)
@@ -182,7 +178,8 @@ def main() -> int:
     settings = {"corpus": setup.data.name, "model": f"{plan.wide}-none", **plan.base,
                 "steps": plan.steps, "threads": args.threads, "jobs": args.jobs,
                 "tiny": args.tiny}
-    path = write_results(args.output, rows, benchmark="interventions", settings=settings,
+    path = write_results(args.output, rows, timing=RUN_TIMING, benchmark="interventions",
+                         settings=settings,
                          total_minutes=(time.perf_counter() - start) / 60,
                          load_average=os.getloadavg(), trials=results)
     print(f"results: {path}")

@@ -1,7 +1,7 @@
 """Static report of the softplus kernels' compiled Hopper code, read without a GPU.
 
-    python benchmarks/kernel_static.py                     # r = 128, 256, 424, 512 in bf16
-    python benchmarks/kernel_static.py --r 128 --dtype fp32 --jobs 2 --cold
+    python -m benchmarks.kernel_static                     # r = 128, 256, 424, 512 in bf16
+    python -m benchmarks.kernel_static --r 128 --dtype fp32 --jobs 2 --cold
 
 Triton compiles for sm_90 on any machine. A stand-in driver that reports that target (and
 launches nothing) lets the real launchers of :mod:`llama3.ops.softplus_triton` run on ``meta``
@@ -26,21 +26,18 @@ in parallel processes. ``--cold`` times compilation with an empty Triton cache.
 
 from __future__ import annotations
 
+import argparse
+import math
+import os
+import re
+import subprocess
 import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import argparse  # noqa: E402
-import math  # noqa: E402
-import os  # noqa: E402
-import re  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from concurrent.futures import ProcessPoolExecutor  # noqa: E402
-from dataclasses import asdict, dataclass, field  # noqa: E402
-from typing import Any  # noqa: E402
+from typing import Any
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "out" / "kernel_static.json"
 
@@ -600,8 +597,8 @@ COLUMNS = ["r", "kernel", "config", "registers", "spill_stores", "shared_kb", "f
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        prog="python -m benchmarks.kernel_static", description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--r", default="128,256,424,512",
                         help="core widths to compile, comma-separated (default: %(default)s)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16",
@@ -656,7 +653,7 @@ def _report_width_star(args: tuple) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from benchmarks.common import format_table, write_results
+    from benchmarks.common import format_table, wall_clock, write_results
 
     widths = [int(x) for x in args.r.split(",") if x.strip()]
     with tempfile.TemporaryDirectory() as cold_dir:
@@ -672,7 +669,10 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(summary, list(summary[0])))
     import triton
 
-    path = write_results(args.output, rows, triton=triton.__version__, dtype=args.dtype,
+    timing = wall_clock("one kernel's compilation (with --cold from an empty Triton cache)",
+                        "seconds, one reading each", warmup=0, repetitions=1)
+    path = write_results(args.output, rows, timing=timing, triton=triton.__version__,
+                         dtype=args.dtype,
                          shapes=dict(batch=args.batch, seq_len=args.seq_len,
                                      decode_batch=args.decode_batch, decode_keys=args.decode_keys),
                          model=dict(sms=SMS, clock_hz=CLOCK_HZ, tensor_flop_per_clock=

@@ -1,9 +1,9 @@
 """Quality at small scale, on a CPU: the original's three models trained on the same tokens, then
 evaluated at 1×, 2×, 4× and 8× their training context.
 
-    python benchmarks/quality.py            # the quick start's Python documentation corpus
-    python benchmarks/quality.py --train_corpus DIR --eval_corpus DIR --tokenizer MODEL_FILE
-    python benchmarks/quality.py --tiny     # tiny models, seconds
+    python -m benchmarks.quality            # the quick start's Python documentation corpus
+    python -m benchmarks.quality --train_corpus DIR --eval_corpus DIR --tokenizer MODEL_FILE
+    python -m benchmarks.quality --tiny     # tiny models, seconds
 
 Models (the original's comparison): 3 layers, dim 128, vocabulary 2048; softmax with 4 heads,
 softplus with core_dim 128 and with core_dim 424, and core_dim 424 without the core output scale
@@ -27,32 +27,33 @@ Checkpoints and evaluations go to ``--work_dir`` (its runs/ and eval/ are replac
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import shutil
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-from benchmarks.common import (BASE, CONFIGS, RESULTS_DIR, TINY_BASE, TINY_CONFIGS,  # noqa: E402
-                               format_table, python_docs_corpus, write_results)
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import shutil  # noqa: E402
-import time  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from typing import Any  # noqa: E402
-
-import torch  # noqa: E402
-
-from llama3.__main__ import main as llama3_cli  # noqa: E402
-from llama3.plot import draw as draw_curves  # noqa: E402
-from llama3.plot import read_metrics  # noqa: E402
-from llama3.plot_lengths import draw as draw_lengths  # noqa: E402
-from llama3.plot_lengths import read_evaluation  # noqa: E402
-from llama3.training.metrics import SUMMARY_FILE  # noqa: E402
+from benchmarks.common import (BASE, CONFIGS, RESULTS_DIR, TINY_BASE, TINY_CONFIGS, format_table,
+                               python_docs_corpus, wall_clock, write_results)
+from llama3.__main__ import main as llama3_cli
+from llama3.plot import draw as draw_curves
+from llama3.plot import read_metrics
+from llama3.plot_lengths import draw as draw_lengths
+from llama3.plot_lengths import read_evaluation
+from llama3.training.metrics import SUMMARY_FILE
 
 MULTIPLES = (1, 2, 4, 8)  # evaluation windows, in training contexts
+# How the CPU training benchmarks (this one, ablations, interventions) time their runs.
+RUN_TIMING = wall_clock("a whole training run (train_minutes: the train command's elapsed_s), "
+                        "the whole benchmark (total_minutes); in the quality benchmark also each "
+                        "evaluation (the evaluate command's seconds)", "one reading each",
+                        warmup=0, repetitions=1)
 COLUMNS = ("model", "params", "train_tokens", "train_minutes", "final_eval_loss", "loss_1x",
            "loss_2x", "loss_4x", "loss_8x", "loss_8x_inside", "loss_8x_past", "bits_per_byte_1x")
 
@@ -92,7 +93,7 @@ class Data:
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_corpus_flags(p)
     p.add_argument("--tiny", action="store_true",
@@ -241,7 +242,8 @@ def main() -> int:
                 **{k: v for k, v in scale.base.items() if k != "vocab_size"}}
     details = {name: {"eval_curve": eval_curve(curves[name]),
                       "lengths": evaluations[name]["lengths"]} for name in scale.configs}
-    path = write_results(args.output, rows, benchmark="quality", settings=settings,
+    path = write_results(args.output, rows, timing=RUN_TIMING, benchmark="quality",
+                         settings=settings,
                          total_minutes=minutes, figures=[f.name for f in figures],
                          load_average={"before": load_before, "after": load_after,
                                        "cpus": os.cpu_count()}, models=details)

@@ -1,7 +1,7 @@
 """The README's training, inference and decoding tables, and the loss-against-wall-time figure,
 generated from the JSON that benchmarks/train.py and benchmarks/inference.py write.
 
-    python benchmarks/tables.py --train benchmarks/results/train_nvidia-h200.json \\
+    python -m benchmarks.tables --train benchmarks/results/train_nvidia-h200.json \\
         --inference benchmarks/results/inference_nvidia-h200.json \\
         --readme README.md --figure benchmarks/results/train_loss_nvidia-h200.png
 
@@ -12,18 +12,15 @@ from the JSON only; the original's published A100 figures stand beside them, lab
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import re
 import sys
 from pathlib import Path
+from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import re  # noqa: E402
-from typing import Any  # noqa: E402
-
-from llama3.fileio import atomic_write_bytes  # noqa: E402
+from llama3.fileio import atomic_write_bytes
 
 # The original's README, one A100 40GB: 80,000 training steps (time, memory) and TensorRT prefill
 # latency at batch 64, by (model, sequence length).
@@ -215,7 +212,7 @@ def load(path: Path, flag: str, benchmark: str) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.tables", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train", type=Path, help="JSON of benchmarks/train.py")
     parser.add_argument("--inference", type=Path, help="JSON of benchmarks/inference.py")

@@ -1,9 +1,9 @@
 """Training speed, softmax and softplus side by side in one run: tokens/s, MFU, peak memory, and the
 loss reached after equal wall time, per model, sequence length and compile mode.
 
-    python benchmarks/train.py --amp_bf16 --allow_tf32 --python_docs work/docs \\
+    python -m benchmarks.train --amp_bf16 --allow_tf32 --python_docs work/docs \\
         --compile_modes eager compile --seconds 8           # the original's six configurations
-    python benchmarks/train.py --tiny --device cpu --seconds 1       # seconds on a CPU
+    python -m benchmarks.train --tiny --device cpu --seconds 1       # seconds on a CPU
 
 Models (original configuration: 3 layers, dim 128, vocab 2048, batch 64, sequence 4096 and 8192):
 softmax with 4 heads, softplus with core_dim 128 and 424. Each runs with the project's own optimizer
@@ -30,34 +30,30 @@ steps' losses; loss_curve: (seconds since the timed steps began, loss) per step.
 
 from __future__ import annotations
 
+import argparse
+import gc
 import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-from benchmarks.common import BASE as COMMON_BASE  # noqa: E402
-from benchmarks.common import TINY_BASE as COMMON_TINY_BASE  # noqa: E402
-from benchmarks.common import (CONFIGS, RESULTS_DIR, TINY_CONFIGS, Deadline,  # noqa: E402
-                               Estimates, device_slug, environment, format_table, matmul_tflops,
-                               python_docs_corpus, write_results)
-
-import argparse  # noqa: E402
-import gc  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Iterator  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from typing import Any  # noqa: E402
-
-import torch  # noqa: E402
-
-from llama3 import ModelArgs, Transformer  # noqa: E402
-from llama3.cli import UsageError, add_precision_flags  # noqa: E402
-from llama3.model import parameter_counts, training_flops_per_token  # noqa: E402
-from llama3.runtime import Precision, configure_matmul, select_device  # noqa: E402
-from llama3.training.distributed import Distributed  # noqa: E402
-from llama3.training.optim import OptimizerSettings, build_optimizer  # noqa: E402
-from llama3.training.parallel import ParallelPlan, parallelize  # noqa: E402
-from llama3.training.step import TrainStep  # noqa: E402
+from benchmarks.common import BASE as COMMON_BASE
+from benchmarks.common import TINY_BASE as COMMON_TINY_BASE
+from benchmarks.common import (CONFIGS, RESULTS_DIR, TINY_CONFIGS, Deadline, Estimates, Timer,
+                               device_slug, environment, format_table, matmul_tflops,
+                               python_docs_corpus, wall_clock, write_results)
+from llama3 import ModelArgs, Transformer
+from llama3.cli import UsageError, add_precision_flags
+from llama3.model import parameter_counts, training_flops_per_token
+from llama3.runtime import Precision, configure_matmul, select_device
+from llama3.training.distributed import Distributed
+from llama3.training.optim import OptimizerSettings, build_optimizer
+from llama3.training.parallel import ParallelPlan, parallelize
+from llama3.training.step import TrainStep
 
 TINY_BASE = dict(**COMMON_TINY_BASE, multiple_of=16)
 ORIGINAL_STEPS = 80_000
@@ -69,7 +65,7 @@ Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m benchmarks.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true",
                    help="tiny models (2 layers, dim 32, seq 128, batch 8) that run on a CPU")
@@ -277,12 +273,22 @@ def open_data(args: argparse.Namespace) -> Data:
                 tokenizer.vocab_size)
 
 
-def peak_tflops(args: argparse.Namespace, device: torch.device) -> tuple[float | None, str]:
+def peak_tflops(args: argparse.Namespace, timer: Timer) -> tuple[float | None, str]:
     if args.peak_tflops:
         return args.peak_tflops, "--peak_tflops"
-    if device.type != "cuda":
+    if timer.device.type != "cuda":
         return None, "unknown on the CPU (give --peak_tflops to report MFU)"
-    return matmul_tflops(device, 8192, torch.bfloat16, 10), "bf16 matmul 8192³ measured in this run"
+    return matmul_tflops(timer, 8192, torch.bfloat16), "bf16 matmul 8192³ measured in this run"
+
+
+def timing(args: argparse.Namespace, peak_timer: Timer | None) -> dict[str, Any]:
+    """How the run timed: every optimizer step by the wall clock, and the peak's matmul (when
+    measured) by ``peak_timer``."""
+    repetitions = (f"as many as fit in --seconds {args.seconds} (rows record the count)"
+                   if args.seconds else args.steps)
+    steps = wall_clock("one optimizer step, data included; each step ends by copying its loss to "
+                       "the host", "mean step time", warmup=args.warmup, repetitions=repetitions)
+    return {"steps": steps, "peak_matmul": peak_timer.record() if peak_timer else None}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -298,12 +304,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     precision = Precision.from_flags(args)
     configure_matmul(args.allow_tf32)
-    peak, source = peak_tflops(args, device)
+    timer = Timer(device)
+    peak, source = peak_tflops(args, timer)
     budget = f"{args.seconds} s per configuration" if args.seconds else f"{args.steps} steps"
     print(f"{environment()['gpu'] or device}, {precision.name}, {budget} after {args.warmup} "
           f"warm-up steps; peak {peak and round(peak, 1)} TFLOP/s ({source})", flush=True)
     output = args.output or RESULTS_DIR / f"train_{device_slug(device)}.json"
-    meta = dict(benchmark="train", precision=precision.name, allow_tf32=args.allow_tf32,
+    measured = peak is not None and not args.peak_tflops
+    meta = dict(benchmark="train", timing=timing(args, timer if measured else None),
+                precision=precision.name, allow_tf32=args.allow_tf32,
                 budget=budget, seconds=args.seconds, warmup_steps=args.warmup,
                 peak_tflops=peak, peak_source=source, original_steps=ORIGINAL_STEPS,
                 activation_checkpointing=args.activation_checkpointing)

@@ -1,6 +1,6 @@
-"""benchmarks/ablations.py --tiny: the trials of a few groups end to end, the best rate and its
+"""python -m benchmarks.ablations --tiny: the trials of a few groups end to end, the best rate and its
 seeds, figures; a rerun finds every trial completed and reports the same numbers. And
-benchmarks/interventions.py --tiny: with no intervention it repeats the ablation's trial exactly."""
+python -m benchmarks.interventions --tiny: with no intervention it repeats the ablation's trial exactly."""
 
 from __future__ import annotations
 
@@ -15,15 +15,15 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def benchmark(script: str, corpus: dict[str, Path], tokenizer: Path, work: Path,
+def benchmark(name: str, corpus: dict[str, Path], tokenizer: Path, work: Path,
               *flags: str) -> tuple[dict, str]:
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / f"{script}.py"), "--tiny",
+    done = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", "--tiny",
                            *flags, "--train_corpus", str(corpus["train"]),
                            "--eval_corpus", str(corpus["eval"]), "--tokenizer", str(tokenizer),
                            "--work_dir", str(work), "--jobs", "2", "--threads", "1"],
-                          capture_output=True, text=True, timeout=300)
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
-    return json.loads((work / f"{script}.json").read_text()), done.stdout
+    return json.loads((work / f"{name}.json").read_text()), done.stdout
 
 
 def ablations(corpus: dict[str, Path], tokenizer: Path, work: Path) -> tuple[dict, str]:

@@ -1,5 +1,6 @@
-"""The benchmark scripts and the GPU check on the CPU (``--device cpu --tiny``), so they keep working
-between GPU runs; and the README tables generated from their JSON."""
+"""The benchmarks (``python -m benchmarks.NAME``) and the GPU check on the CPU (``--device cpu
+--tiny``), so they keep working between GPU runs; their timer; and the README tables generated from
+their JSON."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
@@ -18,11 +20,11 @@ sys.path.insert(0, str(REPO))
 from benchmarks import tables  # noqa: E402
 
 
-def script(*args: object, timeout: float = 300,
-           env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """``python benchmarks/SCRIPT ARGS`` from the repository root, output captured."""
-    return subprocess.run([sys.executable, *map(str, args)], cwd=REPO, env=env or ENV,
-                          timeout=timeout, capture_output=True, text=True)
+def benchmark(name: str, *args: object, timeout: float = 300,
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``python -m benchmarks.NAME ARGS`` from the repository root, output captured."""
+    return subprocess.run([sys.executable, "-m", f"benchmarks.{name}", *map(str, args)], cwd=REPO,
+                          env=env or ENV, timeout=timeout, capture_output=True, text=True)
 
 
 def missing_packages(root: Path, *names: str) -> str:
@@ -38,9 +40,9 @@ def test_gpu_check_runs_every_check_stage_on_the_cpu(tmp_path):
     """Without zstandard and TensorRT, as on the GPU machine."""
     out = tmp_path / "out"
     hidden = missing_packages(tmp_path / "hidden", "zstandard", "tensorrt")
-    done = script("benchmarks/gpu_check.py", "--device", "cpu", "--tiny", "--out", out,
-                  "--work_dir", tmp_path / "work", timeout=600,
-                  env={**ENV, "PYTHONPATH": os.pathsep.join([hidden, str(REPO)])})
+    done = benchmark("gpu_check", "--device", "cpu", "--tiny", "--out", out,
+                     "--work_dir", tmp_path / "work", timeout=600,
+                     env={**ENV, "PYTHONPATH": os.pathsep.join([hidden, str(REPO)])})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     record = json.loads((out / "gpu_check_check_cpu.json").read_text())
     stages = {s["stage"]: s for s in record["stages"]}
@@ -51,18 +53,59 @@ def test_gpu_check_runs_every_check_stage_on_the_cpu(tmp_path):
     assert record["kernel_autotune"] is False
     assert sorted(p.name for p in out.iterdir()) == [
         "attention_cpu.json", "gpu_check_check_cpu.json", "gpu_check_check_cpu.log"]
+    attention = json.loads((out / "attention_cpu.json").read_text())
+    assert attention["timing"]["method"].startswith("wall clock")
+    assert attention["timing"]["repetitions"] == 2
+    timed = [r for r in attention["rows"] if "fwd_ms" in r]
+    assert timed and all(r["fwd_ms_q20"] <= r["fwd_ms"] <= r["fwd_ms_q80"]
+                         and r["fwd_repetitions"] == 2 for r in timed)
     assert done.stdout.rstrip().splitlines()[-1].startswith("| kernel_bench | passed |")
 
 
 def test_gpu_check_records_a_stage_over_its_budget_and_goes_on(tmp_path):
     out = tmp_path / "out"
-    done = script("benchmarks/gpu_check.py", "--device", "cpu", "--tiny", "--out", out,
-                  "--work_dir", tmp_path / "work", "--stages", "kernel_bench", "decode",
-                  "--budget_scale", "0.001")
+    done = benchmark("gpu_check", "--device", "cpu", "--tiny", "--out", out,
+                     "--work_dir", tmp_path / "work", "--stages", "kernel_bench", "decode",
+                     "--budget_scale", "0.001")
     assert done.returncode == 1, done.stdout[-3000:]
     stages = json.loads((out / "gpu_check_custom_cpu.json").read_text())["stages"]
     assert [(s["stage"], s["status"]) for s in stages] == [("decode", "over budget"),
                                                           ("kernel_bench", "over budget")]
+
+
+def test_timer_on_the_cpu_reports_the_median_and_quantiles():
+    from benchmarks.common import Timer
+
+    calls = []
+    timer = Timer(torch.device("cpu"), repeats=4, warmup=1)
+    timed = timer(lambda: calls.append(1))
+    assert len(calls) == 5 and timed.repetitions == 4
+    assert 0 <= timed.q20_ms <= timed.ms <= timed.q80_ms
+    assert timer.record()["repetitions"] == 4 and timer.record()["l2_flush"] is False
+
+
+def test_timer_on_cuda_goes_through_do_bench(monkeypatch):
+    """On CUDA, triton.testing.do_bench times every repetition (flushing L2 before each); the
+    timer reports the median and the 20% and 80% quantiles of all of them."""
+    from benchmarks.common import Timer
+
+    testing = pytest.importorskip("triton.testing")
+    seen = {}
+
+    def do_bench(fn, warmup, rep, return_mode):
+        seen.update(warmup=warmup, rep=rep, return_mode=return_mode)
+        return [3.0, 1.0, 2.0, 4.0, 5.0]
+
+    monkeypatch.setattr(testing, "do_bench", do_bench)
+    timer = Timer(torch.device("cuda"))
+    timed = timer(lambda: None)
+    assert seen == {"warmup": 25.0, "rep": 100.0, "return_mode": "all"}
+    assert (timed.ms, timed.repetitions) == (3.0, 5)
+    assert (timed.q20_ms, timed.q80_ms) == (pytest.approx(1.8), pytest.approx(4.2))
+    assert timed.fields("fwd_") == {"fwd_ms": 3.0, "fwd_ms_q20": timed.q20_ms,
+                                    "fwd_ms_q80": timed.q80_ms, "fwd_repetitions": 5}
+    record = timer.record()
+    assert record["method"] == "triton.testing.do_bench" and record["l2_flush"] is True
 
 
 def corpus_tokens(tiny_corpus, tiny_tokenizer) -> int:
@@ -77,9 +120,9 @@ def corpus_tokens(tiny_corpus, tiny_tokenizer) -> int:
 def test_train_benchmark_tiny(tmp_path, tiny_corpus, tiny_tokenizer):
     """Three models at two lengths on a real corpus, side by side."""
     output = tmp_path / "train.json"
-    done = script("benchmarks/train.py", "--tiny", "--device", "cpu", "--seq_lens", "32", "16",
-                  "--batch_size", "4", "--seconds", "0.3", "--warmup", "1", "--train_corpus",
-                  tiny_corpus["train"], "--tokenizer", tiny_tokenizer, "--output", output)
+    done = benchmark("train", "--tiny", "--device", "cpu", "--seq_lens", "32", "16",
+                     "--batch_size", "4", "--seconds", "0.3", "--warmup", "1", "--train_corpus",
+                     tiny_corpus["train"], "--tokenizer", tiny_tokenizer, "--output", output)
     assert done.returncode == 0, done.stderr[-3000:]
     data = json.loads(output.read_text())
     rows = data["rows"]
@@ -95,7 +138,8 @@ def test_train_benchmark_tiny(tmp_path, tiny_corpus, tiny_tokenizer):
                                        and r["seq_len"] == row["seq_len"]))
         assert row["data"] == f"train ({tokens:,} tokens)"
     assert data["kernel_autotune"] is True and data["kernel_tma"] is True
-    assert data["peak_tflops"] is None
+    assert data["peak_tflops"] is None and data["timing"]["peak_matmul"] is None
+    assert data["timing"]["steps"]["warmup"] == 1
 
 
 def test_train_benchmark_falls_back_to_random_tokens_when_the_corpus_is_too_small(
@@ -122,8 +166,8 @@ def test_train_benchmark_falls_back_to_random_tokens_when_the_corpus_is_too_smal
 
 def test_train_benchmark_deadline_records_what_did_not_run(tmp_path):
     output = tmp_path / "train.json"
-    done = script("benchmarks/train.py", "--tiny", "--device", "cpu", "--seconds", "60",
-                  "--deadline_s", "1", "--models", "softmax", "--output", output)
+    done = benchmark("train", "--tiny", "--device", "cpu", "--seconds", "60",
+                     "--deadline_s", "1", "--models", "softmax", "--output", output)
     assert done.returncode == 0, done.stderr[-3000:]
     [row] = json.loads(output.read_text())["rows"]
     assert row["error"].startswith("not run") and "tokens_per_s" not in row
@@ -131,10 +175,12 @@ def test_train_benchmark_deadline_records_what_did_not_run(tmp_path):
 
 def test_inference_benchmark_tiny(tmp_path):
     output = tmp_path / "inference.json"
-    done = script("benchmarks/inference.py", "--tiny", "--device", "cpu", "--models",
-                  "softplus-16", "--runners", "eager", "onnxruntime", "--output", output)
+    done = benchmark("inference", "--tiny", "--device", "cpu", "--models",
+                     "softplus-16", "--runners", "eager", "onnxruntime", "--output", output)
     assert done.returncode == 0, done.stderr[-3000:]
-    rows = json.loads(output.read_text())["rows"]
+    data = json.loads(output.read_text())
+    rows = data["rows"]
+    assert data["timing"]["prefill"]["repetitions"] == 3  # --tiny: 3 timed calls after 1
     prefill = [r for r in rows if r["phase"] == "prefill"]
     decode = [r for r in rows if r["phase"] == "decode"]
     assert [r["runner"] for r in prefill] == ["eager", "onnxruntime"]

@@ -1,4 +1,4 @@
-"""The kernels' compiled Hopper code, read on the CPU (benchmarks/kernel_static.py).
+"""The kernels' compiled Hopper code, read on the CPU (python -m benchmarks.kernel_static).
 
 Every autotune configuration of every kernel is compiled for sm_90 at the benchmark shapes (bf16,
 B = 16, S = 4096; decoding B = 64, T = 4096) for r = 128, 424 and 512 in bf16 and r = 256, 424 and
@@ -33,7 +33,7 @@ def static_report(folder: Path, dtype: str, widths: str) -> dict:
     """The static report for ``widths`` in ``dtype``, compiled in two processes."""
     out = folder / f"report_{dtype}.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    subprocess.run([sys.executable, str(REPO / "benchmarks" / "kernel_static.py"), "--r", widths,
+    subprocess.run([sys.executable, "-m", "benchmarks.kernel_static", "--r", widths,
                     "--dtype", dtype, "--jobs", "2", "--output", str(out)], check=True, env=env,
                    cwd=REPO, capture_output=True, text=True, timeout=600)
     return json.loads(out.read_text())

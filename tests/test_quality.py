@@ -1,4 +1,4 @@
-"""benchmarks/quality.py --tiny end to end (data, three trainings, evaluation at four lengths,
+"""python -m benchmarks.quality --tiny end to end (data, three trainings, evaluation at four lengths,
 figures), run twice to show a rerun gives the same numbers; and plot_lengths on what it wrote."""
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def quality(corpus: dict[str, Path], tokenizer: Path, work: Path) -> dict:
-    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "quality.py"), "--tiny",
+    done = subprocess.run([sys.executable, "-m", "benchmarks.quality", "--tiny",
                            "--train_corpus", str(corpus["train"]), "--eval_corpus",
                            str(corpus["eval"]), "--tokenizer", str(tokenizer), "--work_dir",
-                           str(work), "--threads", "1"], capture_output=True, text=True,
+                           str(work), "--threads", "1"], cwd=REPO, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads((work / "quality.json").read_text())
@@ -38,6 +38,7 @@ def test_tiny_quality_benchmark_reruns_identically(tiny_corpus, tiny_tokenizer, 
     assert [r["model"] for r in first["rows"]] == ["softmax", "softplus-16", "softplus-40",
                                                    "softplus-40-none"]
     assert first["settings"]["eval_lengths"] == [32, 64, 128, 256]
+    assert first["timing"]["method"].startswith("wall clock")
     for a, b in zip(first["rows"], second["rows"]):
         assert {k: v for k, v in a.items() if k != "train_minutes"} == \
                {k: v for k, v in b.items() if k != "train_minutes"}
