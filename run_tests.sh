@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Run the test suite on the CPU. Creates (or reuses) the virtual environment .venv, installs the
-# project with its test dependencies, and runs pytest. Kernel tests run the Triton kernels in
-# Triton's interpreter (TRITON_INTERPRET=1), so no GPU is needed; GPU-only tests skip.
+# project with its test dependencies, checks the code with ruff (lint, then format), and runs
+# pytest. Kernel tests run the Triton kernels in Triton's interpreter (TRITON_INTERPRET=1), so no
+# GPU is needed; GPU-only tests skip.
 #
-# Usage: ./run_tests.sh [pytest arguments, e.g. -k kernel or tests/test_model.py]
+# Usage: ./run_tests.sh [pytest arguments, e.g. -k kernel or tests/unit/test_model.py]
 #
 # Environment: TORCH_SPEC (default torch==2.13.0), PYTHON_BASE (default python3), VENV (default .venv)
 set -euo pipefail
@@ -11,6 +12,10 @@ cd "$(dirname "$0")"
 source scripts/common.sh
 handle_help "$@"
 py="$(ensure_venv "$VENV_EXTRAS")"
+
+ruff="$(dirname "$py")/ruff"
+"$ruff" check --quiet || die "ruff check found the problems above; $ruff check --fix fixes some"
+"$ruff" format --check --quiet || die "ruff format would change the files above; run $ruff format"
 
 status=0
 "$py" -m pytest "$@" || status=$?

@@ -16,21 +16,28 @@ from typing import Any
 from llama3.plot import pyplot, save_figure
 
 PANELS = ("width", "init", "scale", "mixer", "context", "seeds")
-LAYER_METRICS = (("entropy", "attention entropy / log(keys)"),
-                 ("top_share", "largest weight of a row"),
-                 ("score_range", "scores: 1% to 99% quantile"),
-                 ("branch_ratio", "rms(attention branch) / rms(residual)"))
+LAYER_METRICS = (
+    ("entropy", "attention entropy / log(keys)"),
+    ("top_share", "largest weight of a row"),
+    ("score_range", "scores: 1% to 99% quantile"),
+    ("branch_ratio", "rms(attention branch) / rms(residual)"),
+)
 GRADIENT_ROLES = ("attention.wq", "attention.wk", "attention.wv", "attention.wo")
 
 
-def write_figures(output: Path, results: list[dict[str, Any]], seeds: dict[str, Any],
-                  plan: Any) -> list[Path]:
+def write_figures(
+    output: Path, results: list[dict[str, Any]], seeds: dict[str, Any], plan: Any
+) -> list[Path]:
     stem = Path(output).with_suffix("")
-    what = (f"{plan.base['n_layers']} layers, dim {plan.base['dim']}, {plan.steps} steps of "
-            f"{plan.batch_size * plan.context:,} tokens, CPU")
-    return [curves(f"{stem}_curves.png", results, seeds, what),
-            rates(f"{stem}_lr.png", results, seeds, plan, what),
-            diagnostics(f"{stem}_diagnostics.png", results, plan, what)]
+    what = (
+        f"{plan.base['n_layers']} layers, dim {plan.base['dim']}, {plan.steps} steps of "
+        f"{plan.batch_size * plan.context:,} tokens, CPU"
+    )
+    return [
+        curves(f"{stem}_curves.png", results, seeds, what),
+        rates(f"{stem}_lr.png", results, seeds, plan, what),
+        diagnostics(f"{stem}_diagnostics.png", results, plan, what),
+    ]
 
 
 def curves(path: str, results: list[dict[str, Any]], seeds: dict[str, Any], what: str) -> Path:
@@ -42,8 +49,15 @@ def curves(path: str, results: list[dict[str, Any]], seeds: dict[str, Any], what
         for i, r in enumerate(r for r in results if group in r["groups"] and r["seed"] == 0):
             if group != "seeds":
                 xs = [p["tokens"] for p in r["eval_curve"]]
-                ax.plot(xs, [p["loss"] for p in r["eval_curve"]], color=f"C{i % 10}",
-                        marker="o", markersize=2, linewidth=1, label=_name(r, group))
+                ax.plot(
+                    xs,
+                    [p["loss"] for p in r["eval_curve"]],
+                    color=f"C{i % 10}",
+                    marker="o",
+                    markersize=2,
+                    linewidth=1,
+                    label=_name(r, group),
+                )
         ax.set_title(group)
         ax.set_xlabel("tokens trained on")
         ax.set_ylabel("eval loss (nats/token)")
@@ -58,10 +72,20 @@ def _seed_curves(ax: Any, seeds: dict[str, Any]) -> None:
         xs = [p["tokens"] for p in s["curve"]]
         mean = [p["mean"] for p in s["curve"]]
         std = [p["std"] if p["std"] == p["std"] else 0.0 for p in s["curve"]]
-        ax.plot(xs, mean, color=f"C{i}", linewidth=1,
-                label=f"{model}, lr {s['lr']:g}: {s['mean']:.3f} ± {s['std']:.3f}")
-        ax.fill_between(xs, [m - d for m, d in zip(mean, std)], [m + d for m, d in zip(mean, std)],
-                        color=f"C{i}", alpha=0.25)
+        ax.plot(
+            xs,
+            mean,
+            color=f"C{i}",
+            linewidth=1,
+            label=f"{model}, lr {s['lr']:g}: {s['mean']:.3f} ± {s['std']:.3f}",
+        )
+        ax.fill_between(
+            xs,
+            [m - d for m, d in zip(mean, std)],
+            [m + d for m, d in zip(mean, std)],
+            color=f"C{i}",
+            alpha=0.25,
+        )
 
 
 def _name(r: dict[str, Any], group: str) -> str:
@@ -69,19 +93,35 @@ def _name(r: dict[str, Any], group: str) -> str:
     return f"{r['label']}{extra}: {r['final_eval_loss']:.3f}"
 
 
-def rates(path: str, results: list[dict[str, Any]], seeds: dict[str, Any], plan: Any,
-          what: str) -> Path:
+def rates(
+    path: str, results: list[dict[str, Any]], seeds: dict[str, Any], plan: Any, what: str
+) -> Path:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
     for i, model in enumerate(plan.models):
-        sweep = sorted((r for r in results if "lr" in r["groups"] and r["model"] == model),
-                       key=lambda r: r["lr"])
-        ax.plot([r["lr"] for r in sweep], [r["final_eval_loss"] for r in sweep], color=f"C{i}",
-                marker="o", label=f"{model} (seed 0)")
+        sweep = sorted(
+            (r for r in results if "lr" in r["groups"] and r["model"] == model),
+            key=lambda r: r["lr"],
+        )
+        ax.plot(
+            [r["lr"] for r in sweep],
+            [r["final_eval_loss"] for r in sweep],
+            color=f"C{i}",
+            marker="o",
+            label=f"{model} (seed 0)",
+        )
         if model in seeds:
             s = seeds[model]
-            ax.errorbar([s["lr"]], [s["mean"]], yerr=[s["std"]], color=f"C{i}", marker="s",
-                        capsize=4, markersize=7, label=f"{model}, {len(s['losses'])} seeds")
+            ax.errorbar(
+                [s["lr"]],
+                [s["mean"]],
+                yerr=[s["std"]],
+                color=f"C{i}",
+                marker="s",
+                capsize=4,
+                markersize=7,
+                label=f"{model}, {len(s['losses'])} seeds",
+            )
     ax.set_xscale("log")
     ax.set_xlabel("peak learning rate")
     ax.set_ylabel("final eval loss (nats/token)")
@@ -93,11 +133,15 @@ def rates(path: str, results: list[dict[str, Any]], seeds: dict[str, Any], plan:
 def diagnostics(path: str, results: list[dict[str, Any]], plan: Any, what: str) -> Path:
     """Rows: layers, then gradient norms; columns: the metrics."""
     plt = pyplot()
-    main = [r for r in results if "lr" in r["groups"] and r["lr"] == plan.lr and r["seed"] == 0
-            and r["diagnostics"]]
+    main = [
+        r
+        for r in results
+        if "lr" in r["groups"] and r["lr"] == plan.lr and r["seed"] == 0 and r["diagnostics"]
+    ]
     n_layers = plan.base["n_layers"]
-    fig, axes = plt.subplots(n_layers + 1, len(LAYER_METRICS), figsize=(18, 3.2 * (n_layers + 1)),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        n_layers + 1, len(LAYER_METRICS), figsize=(18, 3.2 * (n_layers + 1)), squeeze=False
+    )
     for i, r in enumerate(main):
         steps = [d["step"] for d in r["diagnostics"]]
         for layer in range(n_layers):
@@ -116,14 +160,20 @@ def diagnostics(path: str, results: list[dict[str, Any]], plan: Any, what: str) 
     return save_figure(fig, path, f"What the attention does during training ({what})")
 
 
-def _layer_series(ax: Any, steps: list[int], r: dict[str, Any], layer: int, metric: str,
-                  color: str) -> None:
+def _layer_series(
+    ax: Any, steps: list[int], r: dict[str, Any], layer: int, metric: str, color: str
+) -> None:
     values = [d["layers"][layer] for d in r["diagnostics"]]
     if metric == "score_range":
-        ax.fill_between(steps, [v["score_q01"] for v in values], [v["score_q99"] for v in values],
-                        color=color, alpha=0.2)
-        ax.plot(steps, [v["score_q50"] for v in values], color=color, linewidth=1,
-                label=r["model"])
+        ax.fill_between(
+            steps,
+            [v["score_q01"] for v in values],
+            [v["score_q99"] for v in values],
+            color=color,
+            alpha=0.2,
+        )
+        ax.plot(steps, [v["score_q50"] for v in values], color=color, linewidth=1, label=r["model"])
         return
-    ax.plot(steps, [v[metric] for v in values], color=color, marker="o", markersize=2,
-            label=r["model"])
+    ax.plot(
+        steps, [v[metric] for v in values], color=color, marker="o", markersize=2, label=r["model"]
+    )

@@ -81,23 +81,47 @@ def _softplus(r: int, scale: str) -> dict[str, Any]:
     return {"attention": "softplus", "core_dim": r, "core_output_scale": scale}
 
 
-FULL = Plan(base=dict(n_layers=3, dim=128, vocab_size=2048),
-            models={"softmax": {"attention": "softmax", "n_heads": 4},
-                    "softplus-128": _softplus(128, "width"),
-                    "softplus-424": _softplus(424, "width"),
-                    "softplus-424-none": _softplus(424, "none")},
-            wide="softplus-424", widths=(64, 128, 256, 424, 512),
-            factors={64: ("2", "0.5"), 128: ("0.5", "0.25"), 424: ("0.5", "0.1")},
-            rates=(1.5e-3, 3e-3, 6e-3, 1.2e-2), seeds=(0, 1, 2), context=256, batch_size=16,
-            long_context=2048, steps=500, every=50, lr=3e-3)
-TINY = Plan(base=dict(n_layers=2, dim=32, vocab_size=128),
-            models={"softmax": {"attention": "softmax", "n_heads": 4},
-                    "softplus-16": _softplus(16, "width"),
-                    "softplus-40": _softplus(40, "width"),
-                    "softplus-40-none": _softplus(40, "none")},
-            wide="softplus-40", widths=(16, 40), factors={40: ("0.5",)}, rates=(3e-3, 6e-3),
-            seeds=(0, 1), context=32, batch_size=4, long_context=64, steps=6, every=3, lr=3e-3,
-            model_flags=("--multiple_of", "16"))
+FULL = Plan(
+    base=dict(n_layers=3, dim=128, vocab_size=2048),
+    models={
+        "softmax": {"attention": "softmax", "n_heads": 4},
+        "softplus-128": _softplus(128, "width"),
+        "softplus-424": _softplus(424, "width"),
+        "softplus-424-none": _softplus(424, "none"),
+    },
+    wide="softplus-424",
+    widths=(64, 128, 256, 424, 512),
+    factors={64: ("2", "0.5"), 128: ("0.5", "0.25"), 424: ("0.5", "0.1")},
+    rates=(1.5e-3, 3e-3, 6e-3, 1.2e-2),
+    seeds=(0, 1, 2),
+    context=256,
+    batch_size=16,
+    long_context=2048,
+    steps=500,
+    every=50,
+    lr=3e-3,
+)
+TINY = Plan(
+    base=dict(n_layers=2, dim=32, vocab_size=128),
+    models={
+        "softmax": {"attention": "softmax", "n_heads": 4},
+        "softplus-16": _softplus(16, "width"),
+        "softplus-40": _softplus(40, "width"),
+        "softplus-40-none": _softplus(40, "none"),
+    },
+    wide="softplus-40",
+    widths=(16, 40),
+    factors={40: ("0.5",)},
+    rates=(3e-3, 6e-3),
+    seeds=(0, 1),
+    context=32,
+    batch_size=4,
+    long_context=64,
+    steps=6,
+    every=3,
+    lr=3e-3,
+    model_flags=("--multiple_of", "16"),
+)
 
 
 @dataclass(frozen=True)
@@ -120,45 +144,87 @@ class Trial:
 
     @property
     def label(self) -> str:
-        changed = {k: v for k, v in self.flags if k in ("init", "softplus_scale", "mixer")
-                   or (k == "core_output_scale" and v not in ("width", "none"))}
+        changed = {
+            k: v
+            for k, v in self.flags
+            if k in ("init", "softplus_scale", "mixer")
+            or (k == "core_output_scale" and v not in ("width", "none"))
+        }
         extra = "".join(f", {k} {v}" for k, v in changed.items())
         return f"{self.model}{extra}"
 
 
-def trial(plan: Plan, model: str, group: str, *, lr: float | None = None, seed: int = 0,
-          long: bool = False, **changes: Any) -> Trial:
+def trial(
+    plan: Plan,
+    model: str,
+    group: str,
+    *,
+    lr: float | None = None,
+    seed: int = 0,
+    long: bool = False,
+    **changes: Any,
+) -> Trial:
     """The trial of ``model`` with ``changes`` to its flags, in the plan's settings; a flag at its
     default is left out, so the same run is the same trial whichever group asks for it."""
     flags = {**plan.models.get(model, {}), **changes}
-    defaults = {"init": "normal", "softplus_scale": "length",
-                "mixer": DEFAULT_MIXER[flags["attention"]]}
+    defaults = {
+        "init": "normal",
+        "softplus_scale": "length",
+        "mixer": DEFAULT_MIXER[flags["attention"]],
+    }
     if flags.get("core_dim", math.inf) <= plan.base["dim"]:  # both scales leave the output as is
-        defaults["core_output_scale"] = flags.get("core_output_scale") if \
-            flags.get("core_output_scale") in ("width", "none") else "width"
+        defaults["core_output_scale"] = (
+            flags.get("core_output_scale")
+            if flags.get("core_output_scale") in ("width", "none")
+            else "width"
+        )
     flags = {k: v for k, v in flags.items() if defaults.get(k) != v}
     context = plan.long_context if long else plan.context
     batch = plan.batch_size * plan.context // context
-    return Trial(model, tuple(sorted(flags.items())), plan.lr if lr is None else lr, seed, context,
-                 batch, (group,))
+    return Trial(
+        model,
+        tuple(sorted(flags.items())),
+        plan.lr if lr is None else lr,
+        seed,
+        context,
+        batch,
+        (group,),
+    )
 
 
 def first_trials(plan: Plan, groups: list[str]) -> list[Trial]:
     """The trials of every group but seeds (which needs the learning-rate sweep's result)."""
     wide, old = plan.wide, f"{plan.wide}-none"
     made: dict[str, list[Trial]] = {
-        "width": [trial(plan, f"softplus-{r}" + ("-none" if scale == "none" else ""), "width",
-                        **_softplus(r, scale))
-                  for r in plan.widths for scale in ("width", "none")
-                  if scale == "width" or r > plan.base["dim"]],
-        "branch": [trial(plan, f"softplus-{r}", "branch", **_softplus(r, factor))
-                   for r, factors in plan.factors.items() for factor in ("none", *factors)],
-        "init": [trial(plan, m, "init", init=init) for m in plan.models
-                 for init in ("normal", "fan_in", "depth")],
-        "scale": [trial(plan, m, "scale", softplus_scale=s) for m in (wide, old)
-                  for s in ("length", "constant")],
-        "mixer": [trial(plan, m, "mixer", mixer=x) for m in (wide, old)
-                  for x in ("combinator", "swiglu")],
+        "width": [
+            trial(
+                plan,
+                f"softplus-{r}" + ("-none" if scale == "none" else ""),
+                "width",
+                **_softplus(r, scale),
+            )
+            for r in plan.widths
+            for scale in ("width", "none")
+            if scale == "width" or r > plan.base["dim"]
+        ],
+        "branch": [
+            trial(plan, f"softplus-{r}", "branch", **_softplus(r, factor))
+            for r, factors in plan.factors.items()
+            for factor in ("none", *factors)
+        ],
+        "init": [
+            trial(plan, m, "init", init=init)
+            for m in plan.models
+            for init in ("normal", "fan_in", "depth")
+        ],
+        "scale": [
+            trial(plan, m, "scale", softplus_scale=s)
+            for m in (wide, old)
+            for s in ("length", "constant")
+        ],
+        "mixer": [
+            trial(plan, m, "mixer", mixer=x) for m in (wide, old) for x in ("combinator", "swiglu")
+        ],
         "lr": [trial(plan, m, "lr", lr=lr) for m in plan.models for lr in plan.rates],
         "context": [trial(plan, m, "context", long=True) for m in plan.models],
     }
@@ -174,8 +240,9 @@ def merged(trials: list[Trial]) -> list[Trial]:
     by_key: dict[str, Trial] = {}
     for t in trials:
         known = by_key.get(t.key)
-        groups = (known.groups if known else ()) + tuple(g for g in t.groups
-                                                         if not known or g not in known.groups)
+        groups = (known.groups if known else ()) + tuple(
+            g for g in t.groups if not known or g not in known.groups
+        )
         by_key[t.key] = Trial(t.model, t.flags, t.lr, t.seed, t.context, t.batch_size, groups)
     return list(by_key.values())
 
@@ -209,14 +276,42 @@ def command(setup: Setup, t: Trial) -> list[str]:
     """``python -m llama3 train`` for the trial."""
     plan, data = setup.plan, setup.data
     model = {k: v for k, v in plan.base.items() if k != "vocab_size"} | dict(t.flags)
-    args = ["train", "--device", "cpu", "--train_corpus", data.train, "--eval_corpus", data.eval,
-            "--tokenizer", data.tokenizer, *[x for k, v in model.items() for x in (f"--{k}", v)],
-            *plan.model_flags, "--max_seq_len", t.context, "--batch_size", t.batch_size,
-            "--total_steps", plan.steps, "--warmup_steps", max(plan.steps // 10, 1),
-            "--base_lr", t.lr, "--eval_steps", plan.every,
-            "--eval_batches", 10**9,  # the whole eval split
-            "--diagnostics_steps", plan.every, "--save_steps", plan.steps, "--seed", t.seed,
-            "--no-tensorboard", "--to_checkpoint", run_dir(setup, t)]
+    args = [
+        "train",
+        "--device",
+        "cpu",
+        "--train_corpus",
+        data.train,
+        "--eval_corpus",
+        data.eval,
+        "--tokenizer",
+        data.tokenizer,
+        *[x for k, v in model.items() for x in (f"--{k}", v)],
+        *plan.model_flags,
+        "--max_seq_len",
+        t.context,
+        "--batch_size",
+        t.batch_size,
+        "--total_steps",
+        plan.steps,
+        "--warmup_steps",
+        max(plan.steps // 10, 1),
+        "--base_lr",
+        t.lr,
+        "--eval_steps",
+        plan.every,
+        "--eval_batches",
+        10**9,  # the whole eval split
+        "--diagnostics_steps",
+        plan.every,
+        "--save_steps",
+        plan.steps,
+        "--seed",
+        t.seed,
+        "--no-tensorboard",
+        "--to_checkpoint",
+        run_dir(setup, t),
+    ]
     return [sys.executable, "-m", "llama3", *map(str, args)]
 
 
@@ -235,14 +330,21 @@ def execute(setup: Setup, t: Trial, argv: list[str]) -> float:
     return (time.perf_counter() - begin) / 60
 
 
-def run_all(setup: Setup, trials: list[Trial], jobs: int,
-            make: Callable[[Setup, Trial], list[str]] = command) -> None:
+def run_all(
+    setup: Setup,
+    trials: list[Trial],
+    jobs: int,
+    make: Callable[[Setup, Trial], list[str]] = command,
+) -> None:
     """Run the trials not yet completed, ``jobs`` at a time, each the command ``make`` gives; a
     line for each as it ends (in the order started). A trial that fails does not stop the others;
     the run then ends with an error naming every failed trial."""
     todo = [t for t in trials if not completed(setup, t)]
-    print(f"{len(trials) - len(todo)} of {len(trials)} trials already completed; "
-          f"running {len(todo)}, {jobs} at a time", flush=True)
+    print(
+        f"{len(trials) - len(todo)} of {len(trials)} trials already completed; "
+        f"running {len(todo)}, {jobs} at a time",
+        flush=True,
+    )
     failed = []
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         futures = [(t, pool.submit(execute, setup, t, make(setup, t))) for t in todo]
@@ -254,11 +356,15 @@ def run_all(setup: Setup, trials: list[Trial], jobs: int,
                 print(f"[{n}/{len(todo)}] {err}", flush=True)
                 continue
             loss = summary_of(setup, t)["final_eval_loss"]
-            print(f"[{n}/{len(todo)}] {t.label}, lr {t.lr:g}, seed {t.seed}, context "
-                  f"{t.context}: eval loss {loss:.4f} ({minutes:.1f} min)", flush=True)
+            print(
+                f"[{n}/{len(todo)}] {t.label}, lr {t.lr:g}, seed {t.seed}, context "
+                f"{t.context}: eval loss {loss:.4f} ({minutes:.1f} min)",
+                flush=True,
+            )
     if failed:
-        raise SystemExit("failed trials (rerun the benchmark to run them again):\n"
-                         + "\n".join(failed))
+        raise SystemExit(
+            "failed trials (rerun the benchmark to run them again):\n" + "\n".join(failed)
+        )
 
 
 # ------------------------------------------------------------------------------ results
@@ -271,15 +377,31 @@ def summary_of(setup: Setup, t: Trial) -> dict[str, Any]:
 def result(setup: Setup, t: Trial) -> dict[str, Any]:
     """A trial's settings, final numbers, eval curve and diagnostics, from its run directory."""
     records, summary = read_metrics(run_dir(setup, t)), summary_of(setup, t)
-    return {"key": t.key, "model": t.model, "label": t.label, "groups": list(t.groups),
-            "flags": dict(t.flags), "lr": t.lr, "seed": t.seed, "context": t.context,
-            "batch_size": t.batch_size, "params": summary["parameters"],
-            "tokens": summary["tokens"], "train_minutes": summary["elapsed_s"] / 60,
-            "final_eval_loss": summary["final_eval_loss"],
-            "eval_curve": [{k: r[k] for k in ("step", "tokens", "loss")} for r in records
-                           if r.get("kind") == "eval"],
-            "diagnostics": [{k: r[k] for k in ("step", "tokens", "layers", "grad_norms")}
-                            for r in records if r.get("kind") == "diagnostics"]}
+    return {
+        "key": t.key,
+        "model": t.model,
+        "label": t.label,
+        "groups": list(t.groups),
+        "flags": dict(t.flags),
+        "lr": t.lr,
+        "seed": t.seed,
+        "context": t.context,
+        "batch_size": t.batch_size,
+        "params": summary["parameters"],
+        "tokens": summary["tokens"],
+        "train_minutes": summary["elapsed_s"] / 60,
+        "final_eval_loss": summary["final_eval_loss"],
+        "eval_curve": [
+            {k: r[k] for k in ("step", "tokens", "loss")}
+            for r in records
+            if r.get("kind") == "eval"
+        ],
+        "diagnostics": [
+            {k: r[k] for k in ("step", "tokens", "layers", "grad_norms")}
+            for r in records
+            if r.get("kind") == "diagnostics"
+        ],
+    }
 
 
 def best_rates(results: list[dict[str, Any]], plan: Plan) -> dict[str, float]:
@@ -291,21 +413,30 @@ def best_rates(results: list[dict[str, Any]], plan: Plan) -> dict[str, float]:
     return best
 
 
-def seed_statistics(results: list[dict[str, Any]], plan: Plan,
-                    best: dict[str, float]) -> dict[str, dict[str, Any]]:
+def seed_statistics(
+    results: list[dict[str, Any]], plan: Plan, best: dict[str, float]
+) -> dict[str, dict[str, Any]]:
     """Per model at its best rate: final eval losses of the seeds, mean, sample standard
     deviation, and the mean ± deviation curve at each evaluation."""
     out = {}
     for model in plan.models:
-        runs = sorted((r for r in results if "seeds" in r["groups"] and r["model"] == model),
-                      key=lambda r: r["seed"])
+        runs = sorted(
+            (r for r in results if "seeds" in r["groups"] and r["model"] == model),
+            key=lambda r: r["seed"],
+        )
         losses = [r["final_eval_loss"] for r in runs]
         curves = list(zip(*[[p["loss"] for p in r["eval_curve"]] for r in runs]))
-        out[model] = {"lr": best[model], "seeds": [r["seed"] for r in runs], "losses": losses,
-                      "mean": statistics.mean(losses), "std": _std(losses),
-                      "curve": [{"tokens": p["tokens"], "mean": statistics.mean(c),
-                                 "std": _std(list(c))}
-                                for p, c in zip(runs[0]["eval_curve"], curves)]}
+        out[model] = {
+            "lr": best[model],
+            "seeds": [r["seed"] for r in runs],
+            "losses": losses,
+            "mean": statistics.mean(losses),
+            "std": _std(losses),
+            "curve": [
+                {"tokens": p["tokens"], "mean": statistics.mean(c), "std": _std(list(c))}
+                for p, c in zip(runs[0]["eval_curve"], curves)
+            ],
+        }
     return out
 
 
@@ -313,8 +444,17 @@ def _std(values: list[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else math.nan
 
 
-TABLE = ("group", "trial", "lr", "seed", "context", "params", "final_eval_loss",
-         "eval_loss_first", "train_minutes")
+TABLE = (
+    "group",
+    "trial",
+    "lr",
+    "seed",
+    "context",
+    "params",
+    "final_eval_loss",
+    "eval_loss_first",
+    "train_minutes",
+)
 
 
 def table_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -323,18 +463,33 @@ def table_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for group in GROUPS:
         for r in results:
             if group in r["groups"]:
-                rows.append({"group": group, "trial": r["label"], "lr": r["lr"],
-                             "seed": r["seed"], "context": r["context"], "params": r["params"],
-                             "final_eval_loss": r["final_eval_loss"],
-                             "eval_loss_first": r["eval_curve"][0]["loss"],
-                             "train_minutes": r["train_minutes"]})
+                rows.append(
+                    {
+                        "group": group,
+                        "trial": r["label"],
+                        "lr": r["lr"],
+                        "seed": r["seed"],
+                        "context": r["context"],
+                        "params": r["params"],
+                        "final_eval_loss": r["final_eval_loss"],
+                        "eval_loss_first": r["eval_curve"][0]["loss"],
+                        "train_minutes": r["train_minutes"],
+                    }
+                )
     return rows
 
 
 def seed_rows(seeds: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{"model": m, "best_lr": s["lr"], "seeds": len(s["losses"]),
-             "final_eval_loss_mean": s["mean"], "final_eval_loss_std": s["std"]}
-            for m, s in seeds.items()]
+    return [
+        {
+            "model": m,
+            "best_lr": s["lr"],
+            "seeds": len(s["losses"]),
+            "final_eval_loss_mean": s["mean"],
+            "final_eval_loss_std": s["std"],
+        }
+        for m, s in seeds.items()
+    ]
 
 
 # ------------------------------------------------------------------------------ main
@@ -344,32 +499,55 @@ def add_run_flags(parser: argparse.ArgumentParser, name: str) -> None:
     """How trials run and where they go (this benchmark's and benchmarks/interventions.py's)."""
     parser.add_argument("--jobs", type=int, default=2, help="trainings at a time")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads of each training")
-    parser.add_argument("--work_dir", type=Path, default=None,
-                        help=f"run directories and logs, the built corpus (default: "
-                             f"benchmarks/out/{name}, or {name}_tiny)")
-    parser.add_argument("--output", type=Path, default=None,
-                        help=f"JSON results, and figures beside it (default: "
-                             f"benchmarks/results/{name}.json; with --tiny WORK_DIR/{name}.json)")
+    parser.add_argument(
+        "--work_dir",
+        type=Path,
+        default=None,
+        help=f"run directories and logs, the built corpus (default: "
+        f"benchmarks/out/{name}, or {name}_tiny)",
+    )
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help=f"JSON results, and figures beside it (default: "
+        f"benchmarks/results/{name}.json; with --tiny WORK_DIR/{name}.json)",
+    )
 
 
-def checked_run_flags(parser: argparse.ArgumentParser, args: argparse.Namespace,
-                      name: str) -> argparse.Namespace:
+def checked_run_flags(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, name: str
+) -> argparse.Namespace:
     if args.jobs < 1 or args.threads < 1:
         parser.error("--jobs and --threads must be at least 1")
     return settle_paths(parser, args, name)
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.ablations", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.ablations",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_corpus_flags(p)
-    p.add_argument("--groups", nargs="+", choices=GROUPS, default=list(GROUPS),
-                   help="groups of trials to run (seeds needs lr's trials; it runs them too)")
-    p.add_argument("--tiny", action="store_true",
-                   help=f"tiny models ({TINY.base['n_layers']} layers, dim {TINY.base['dim']}, "
-                        f"{TINY.steps} steps)")
-    p.add_argument("--fresh", action="store_true",
-                   help="run every trial again, even those completed by an earlier run")
+    p.add_argument(
+        "--groups",
+        nargs="+",
+        choices=GROUPS,
+        default=list(GROUPS),
+        help="groups of trials to run (seeds needs lr's trials; it runs them too)",
+    )
+    p.add_argument(
+        "--tiny",
+        action="store_true",
+        help=f"tiny models ({TINY.base['n_layers']} layers, dim {TINY.base['dim']}, "
+        f"{TINY.steps} steps)",
+    )
+    p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="run every trial again, even those completed by an earlier run",
+    )
     add_run_flags(p, "ablations")
     args = checked_run_flags(p, p.parse_args(), "ablations")
     if "seeds" in args.groups and "lr" not in args.groups:
@@ -404,21 +582,40 @@ def main() -> int:
     if seeds:
         print(format_table(seed_rows(seeds), tuple(seed_rows(seeds)[0])))
     figures = write_figures(args.output, results, seeds, plan)
-    settings = {"corpus": setup.data.name, **{k: v for k, v in plan.base.items()},
-                "context": plan.context, "batch_size": plan.batch_size, "steps": plan.steps,
-                "tokens_per_trial": plan.steps * plan.batch_size * plan.context,
-                "lr": plan.lr, "rates": plan.rates, "seeds": plan.seeds,
-                "long_context": plan.long_context, "every": plan.every, "jobs": args.jobs,
-                "threads": args.threads, "tiny": args.tiny, "groups": args.groups}
-    path = write_results(args.output, rows, timing=RUN_TIMING, benchmark="ablations",
-                         settings=settings,
-                         total_minutes=minutes, figures=[f.name for f in figures],
-                         load_average={"before": load_before, "after": os.getloadavg(),
-                                       "cpus": os.cpu_count()},
-                         best_rates=best, seeds=seeds, seed_rows=seed_rows(seeds),
-                         trials=results)
-    print(f"\n{minutes:.1f} minutes; results: {path}\nfigures: "
-          + ", ".join(str(f) for f in figures))
+    settings = {
+        "corpus": setup.data.name,
+        **{k: v for k, v in plan.base.items()},
+        "context": plan.context,
+        "batch_size": plan.batch_size,
+        "steps": plan.steps,
+        "tokens_per_trial": plan.steps * plan.batch_size * plan.context,
+        "lr": plan.lr,
+        "rates": plan.rates,
+        "seeds": plan.seeds,
+        "long_context": plan.long_context,
+        "every": plan.every,
+        "jobs": args.jobs,
+        "threads": args.threads,
+        "tiny": args.tiny,
+        "groups": args.groups,
+    }
+    path = write_results(
+        args.output,
+        rows,
+        timing=RUN_TIMING,
+        benchmark="ablations",
+        settings=settings,
+        total_minutes=minutes,
+        figures=[f.name for f in figures],
+        load_average={"before": load_before, "after": os.getloadavg(), "cpus": os.cpu_count()},
+        best_rates=best,
+        seeds=seeds,
+        seed_rows=seed_rows(seeds),
+        trials=results,
+    )
+    print(
+        f"\n{minutes:.1f} minutes; results: {path}\nfigures: " + ", ".join(str(f) for f in figures)
+    )
     return 0
 
 

@@ -30,16 +30,38 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import (Timer, copy_bandwidth_gb_per_s, environment, format_table,
-                               matmul_tflops, write_results)
+from benchmarks.common import (
+    Timer,
+    copy_bandwidth_gb_per_s,
+    environment,
+    format_table,
+    matmul_tflops,
+    write_results,
+)
 from llama3.ops import softplus_attention, softplus_attention_reference
 from llama3.ops.softplus_attention import cpu_kernels
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "out" / "attention.json"
 COLUMNS = [
-    "impl", "B", "S", "T", "r", "first_s", "fwd_ms", "bwd_ms", "fwdbwd_ms", "fwd_tflops",
-    "bwd_tflops", "fwdbwd_tflops", "fwd_vs_sdpa", "fwdbwd_vs_sdpa", "fwd_vs_fastest",
-    "fwdbwd_vs_fastest", "fwd_of_peak", "peak_mem_gb", "note",
+    "impl",
+    "B",
+    "S",
+    "T",
+    "r",
+    "first_s",
+    "fwd_ms",
+    "bwd_ms",
+    "fwdbwd_ms",
+    "fwd_tflops",
+    "bwd_tflops",
+    "fwdbwd_tflops",
+    "fwd_vs_sdpa",
+    "fwdbwd_vs_sdpa",
+    "fwd_vs_fastest",
+    "fwdbwd_vs_fastest",
+    "fwd_of_peak",
+    "peak_mem_gb",
+    "note",
 ]
 DECODE_COLUMNS = ["impl", "B", "T", "r", "first_s", "ms", "kv_gb_per_s", "of_copy_bw", "note"]
 
@@ -75,7 +97,8 @@ def first_call(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]
 
 @contextmanager
 def interpreted(enabled: bool):
-    """The Triton kernels in Triton's CPU interpreter inside the block (the Triton rows on a CPU)."""
+    """The Triton kernels in Triton's CPU interpreter inside the block (the Triton rows on a
+    CPU)."""
     if not enabled:
         yield
         return
@@ -109,8 +132,12 @@ def sdpa_inputs(B, S, T, r, dtype, device):
     return tuple(torch.randn(B, 1, n, r, device=device, dtype=dtype) for n in (S, T, T))
 
 
-SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION",
-                 "mem_efficient": "EFFICIENT_ATTENTION", "math": "MATH"}
+SDPA_BACKENDS = {
+    "flash": "FLASH_ATTENTION",
+    "cudnn": "CUDNN_ATTENTION",
+    "mem_efficient": "EFFICIENT_ATTENTION",
+    "math": "MATH",
+}
 
 
 def make_call(impl: str, q, k, v, causal: bool = True) -> Callable[[], torch.Tensor]:
@@ -179,10 +206,18 @@ def measure_training(impl, B, S, r, dtype, timer: Timer) -> dict[str, Any]:
             torch.cuda.empty_cache()
         return {**row, "note": f"skipped: {str(error).splitlines()[0][:80]}"}
     pairs = visible_pairs(B, S, S)
-    return {**row, "note": _note(impl, device), "first_s": first_fwd + first_bwd,
-            **fwd.fields("fwd_"), **bwd.fields("bwd_"), **fwdbwd.fields("fwdbwd_"),
-            "fwd_tflops": 4 * r * pairs / fwd.ms / 1e9, "bwd_tflops": 10 * r * pairs / bwd.ms / 1e9,
-            "fwdbwd_tflops": 14 * r * pairs / fwdbwd.ms / 1e9, "peak_mem_gb": peak}
+    return {
+        **row,
+        "note": _note(impl, device),
+        "first_s": first_fwd + first_bwd,
+        **fwd.fields("fwd_"),
+        **bwd.fields("bwd_"),
+        **fwdbwd.fields("fwdbwd_"),
+        "fwd_tflops": 4 * r * pairs / fwd.ms / 1e9,
+        "bwd_tflops": 10 * r * pairs / bwd.ms / 1e9,
+        "fwdbwd_tflops": 14 * r * pairs / fwdbwd.ms / 1e9,
+        "peak_mem_gb": peak,
+    }
 
 
 def measure_decoding(impl, B, T, r, dtype, timer: Timer, copy_gb_per_s) -> dict[str, Any]:
@@ -197,9 +232,14 @@ def measure_decoding(impl, B, T, r, dtype, timer: Timer, copy_gb_per_s) -> dict[
     except RuntimeError as error:
         return {**row, "note": f"skipped: {str(error).splitlines()[0][:80]}"}
     gb_per_s = 2 * k.numel() * k.element_size() / timed.ms / 1e6
-    return {**row, "note": _note(impl, device), "first_s": first, **timed.fields(),
-            "kv_gb_per_s": gb_per_s,
-            "of_copy_bw": gb_per_s / copy_gb_per_s if copy_gb_per_s else None}
+    return {
+        **row,
+        "note": _note(impl, device),
+        "first_s": first,
+        **timed.fields(),
+        "kv_gb_per_s": gb_per_s,
+        "of_copy_bw": gb_per_s / copy_gb_per_s if copy_gb_per_s else None,
+    }
 
 
 def add_ratios(rows: list[dict[str, Any]], peak_tflops: float) -> None:
@@ -208,8 +248,11 @@ def add_ratios(rows: list[dict[str, Any]], peak_tflops: float) -> None:
     for row in rows:
         if row["impl"] != "softplus_triton" or "fwd_ms" not in row:
             continue
-        same = {x["impl"]: x for x in rows
-                if (x["B"], x["S"], x["r"]) == (row["B"], row["S"], row["r"]) and "fwd_ms" in x}
+        same = {
+            x["impl"]: x
+            for x in rows
+            if (x["B"], x["S"], x["r"]) == (row["B"], row["S"], row["r"]) and "fwd_ms" in x
+        }
         preferred = ["sdpa_mem_efficient"]
         if row["r"] <= 256:
             preferred.insert(0, "sdpa_flash")
@@ -240,25 +283,45 @@ def plan(tiny: bool, device: torch.device, main_rows: bool = False) -> dict[str,
         training = [(2, 64, 64), (1, 48, 136)]
         if main_rows:
             impls, training = ["softplus_triton", *SDPA_IMPLS], training[:1]
-        return dict(training=training, decoding=[(2, 128, 64)], timer=Timer(device, repeats=2),
-                    impls=impls, dtype=torch.float32, copy_numel=1 << 22, matmul_n=256)
+        return dict(
+            training=training,
+            decoding=[(2, 128, 64)],
+            timer=Timer(device, repeats=2),
+            impls=impls,
+            dtype=torch.float32,
+            copy_numel=1 << 22,
+            matmul_n=256,
+        )
     design = [(16, 4096, r) for r in (128, 256, 424, 512)]
     sweep = [(65536 // s, s, r) for r in (128, 424) for s in (1024, 2048, 8192, 16384)]
     training, impls = design + sweep, ["softplus_triton", "softplus_reference", *SDPA_IMPLS]
     if main_rows:
         training, impls = [(16, 4096, 128), (16, 4096, 424)], ["softplus_triton", *SDPA_IMPLS]
-    return dict(training=training, decoding=[(64, 4096, 128), (64, 4096, 424)],
-                timer=Timer(device), impls=impls, dtype=torch.bfloat16, copy_numel=1 << 30,
-                matmul_n=8192)
+    return dict(
+        training=training,
+        decoding=[(64, 4096, 128), (64, 4096, 424)],
+        timer=Timer(device),
+        impls=impls,
+        dtype=torch.bfloat16,
+        copy_numel=1 << 30,
+        matmul_n=8192,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.attention",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tiny", action="store_true",
-                        help="tiny shapes that run on a CPU (Triton rows in Triton's interpreter)")
-    parser.add_argument("--main", action="store_true",
-                        help="only the main rows: r = 128 and 424 at B=16, S=4096, and decoding")
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.attention", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--tiny",
+        action="store_true",
+        help="tiny shapes that run on a CPU (Triton rows in Triton's interpreter)",
+    )
+    parser.add_argument(
+        "--main",
+        action="store_true",
+        help="only the main rows: r = 128 and 424 at B=16, S=4096, and decoding",
+    )
     parser.add_argument("--output", default=str(DEFAULT_OUTPUT), help="JSON results file")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -270,25 +333,40 @@ def main(argv: list[str] | None = None) -> None:
 
     peak = matmul_tflops(timer, p["matmul_n"], p["dtype"])
     copy_bw = copy_bandwidth_gb_per_s(timer, p["copy_numel"])
-    print(f"device {environment()['gpu'] or 'cpu'}: {p['dtype']} matmul {peak:.4g} TFLOP/s, "
-          f"copy {copy_bw:.4g} GB/s")
+    print(
+        f"device {environment()['gpu'] or 'cpu'}: {p['dtype']} matmul {peak:.4g} TFLOP/s, "
+        f"copy {copy_bw:.4g} GB/s"
+    )
 
     rows = []
     for B, S, r in p["training"]:
         for impl in p["impls"]:
             rows.append(measure_training(impl, B, S, r, p["dtype"], timer))
-            print(f"  {impl} B={B} S={S} r={r}: fwd+bwd {rows[-1].get('fwdbwd_ms', '-')} ms",
-                  file=sys.stderr, flush=True)
+            print(
+                f"  {impl} B={B} S={S} r={r}: fwd+bwd {rows[-1].get('fwdbwd_ms', '-')} ms",
+                file=sys.stderr,
+                flush=True,
+            )
     add_ratios(rows, peak)
-    decoding = [measure_decoding(impl, B, T, r, p["dtype"], timer, copy_bw)
-                for B, T, r in p["decoding"] for impl in p["impls"]]
+    decoding = [
+        measure_decoding(impl, B, T, r, p["dtype"], timer, copy_bw)
+        for B, T, r in p["decoding"]
+        for impl in p["impls"]
+    ]
 
     print("\nTraining shapes (causal, T = S):\n" + format_table(rows, COLUMNS))
     print("\nDecoding (S = 1):\n" + format_table(decoding, DECODE_COLUMNS))
-    path = write_results(args.output, rows + decoding, timing=timer.record(),
-                         dtype=str(p["dtype"]), seed=seed,
-                         matmul_tflops=peak, copy_gb_per_s=copy_bw, tiny=args.tiny,
-                         main_rows=args.main)
+    path = write_results(
+        args.output,
+        rows + decoding,
+        timing=timer.record(),
+        dtype=str(p["dtype"]),
+        seed=seed,
+        matmul_tflops=peak,
+        copy_gb_per_s=copy_bw,
+        tiny=args.tiny,
+        main_rows=args.main,
+    )
     print(f"\nwrote {path}")
 
 

@@ -18,11 +18,32 @@ import torch
 from llama3.fileio import write_json
 from llama3.reporting import environment, format_table
 
-__all__ = ["BASE", "CONFIGS", "REPO", "RESULTS_DIR", "TINY_BASE", "TINY_CONFIGS",
-           "AUTOTUNE_VARIABLE", "TMA_VARIABLE", "Deadline", "DocsCorpus", "Estimates", "Timed",
-           "Timer", "autotune_enabled", "child_env", "copy_bandwidth_gb_per_s", "device_slug",
-           "environment", "format_table", "matmul_tflops", "module_command",
-           "python_docs_corpus", "wall_clock", "write_results"]
+__all__ = [
+    "BASE",
+    "CONFIGS",
+    "REPO",
+    "RESULTS_DIR",
+    "TINY_BASE",
+    "TINY_CONFIGS",
+    "AUTOTUNE_VARIABLE",
+    "TMA_VARIABLE",
+    "Deadline",
+    "DocsCorpus",
+    "Estimates",
+    "Timed",
+    "Timer",
+    "autotune_enabled",
+    "child_env",
+    "copy_bandwidth_gb_per_s",
+    "device_slug",
+    "environment",
+    "format_table",
+    "matmul_tflops",
+    "module_command",
+    "python_docs_corpus",
+    "wall_clock",
+    "write_results",
+]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -68,15 +89,24 @@ def autotune_enabled() -> bool:
     return os.environ.get(AUTOTUNE_VARIABLE, "1") != "0"
 
 
-def write_results(path: str | Path, rows: Sequence[dict[str, Any]], *, timing: dict[str, Any],
-                  **meta: Any) -> Path:
+def write_results(
+    path: str | Path, rows: Sequence[dict[str, Any]], *, timing: dict[str, Any], **meta: Any
+) -> Path:
     """Write ``{"environment": ..., "kernel_autotune": ..., "kernel_tma": ..., "timing": timing,
     **meta, "rows": rows}`` as JSON (atomically, so a run stopped between rows leaves the rows
     written so far); ``timing`` says how the benchmark timed (:meth:`Timer.record`,
     :func:`wall_clock`)."""
-    return write_json(path, {"environment": environment(), "kernel_autotune": autotune_enabled(),
-                             "kernel_tma": os.environ.get(TMA_VARIABLE, "1") != "0",
-                             "timing": timing, **meta, "rows": list(rows)})
+    return write_json(
+        path,
+        {
+            "environment": environment(),
+            "kernel_autotune": autotune_enabled(),
+            "kernel_tma": os.environ.get(TMA_VARIABLE, "1") != "0",
+            "timing": timing,
+            **meta,
+            "rows": list(rows),
+        },
+    )
 
 
 def device_slug(device: torch.device) -> str:
@@ -104,22 +134,33 @@ class Timed:
 
     @classmethod
     def of(cls, times_ms: Sequence[float]) -> Timed:
-        median, low, high = torch.quantile(torch.tensor(times_ms, dtype=torch.float64),
-                                           torch.tensor(QUANTILES, dtype=torch.float64)).tolist()
+        median, low, high = torch.quantile(
+            torch.tensor(times_ms, dtype=torch.float64),
+            torch.tensor(QUANTILES, dtype=torch.float64),
+        ).tolist()
         return cls(median, low, high, len(times_ms))
 
     def fields(self, prefix: str = "") -> dict[str, float | int]:
         """Row entries: ``PREFIXms`` (the median), ``PREFIXms_q20``, ``PREFIXms_q80``,
         ``PREFIXrepetitions``."""
-        return {f"{prefix}ms": self.ms, f"{prefix}ms_q20": self.q20_ms,
-                f"{prefix}ms_q80": self.q80_ms, f"{prefix}repetitions": self.repetitions}
+        return {
+            f"{prefix}ms": self.ms,
+            f"{prefix}ms_q20": self.q20_ms,
+            f"{prefix}ms_q80": self.q80_ms,
+            f"{prefix}repetitions": self.repetitions,
+        }
 
 
 def wall_clock(spans: str, statistic: str, **details: Any) -> dict[str, Any]:
     """The ``timing`` entry of results read from the host's clock: what one reading spans, what
     is reported, and details such as warm-up and repetitions."""
-    return {"method": "wall clock (time.perf_counter)", "spans": spans, "statistic": statistic,
-            "l2_flush": False, **details}
+    return {
+        "method": "wall clock (time.perf_counter)",
+        "spans": spans,
+        "statistic": statistic,
+        "l2_flush": False,
+        **details,
+    }
 
 
 @dataclass(frozen=True)
@@ -139,8 +180,7 @@ class Timer:
         if self.device.type == "cuda":
             from triton.testing import do_bench  # only the GPU path needs Triton
 
-            return Timed.of(do_bench(fn, warmup=self.warmup_ms, rep=self.rep_ms,
-                                     return_mode="all"))
+            return Timed.of(do_bench(fn, warmup=self.warmup_ms, rep=self.rep_ms, return_mode="all"))
         for _ in range(self.warmup):
             fn()
         times = []
@@ -153,12 +193,16 @@ class Timer:
     def record(self) -> dict[str, Any]:
         """How this timer measures, for the results' ``timing`` entry."""
         if self.device.type != "cuda":
-            return wall_clock("one call", STATISTIC, warmup=self.warmup,
-                              repetitions=self.repeats)
-        return {"method": "triton.testing.do_bench", "spans": "one call, between CUDA events",
-                "statistic": STATISTIC, "l2_flush": True, "warmup_ms": self.warmup_ms,
-                "rep_ms": self.rep_ms,
-                "repetitions": "as many as fit in rep_ms, at least 1 (rows record the count)"}
+            return wall_clock("one call", STATISTIC, warmup=self.warmup, repetitions=self.repeats)
+        return {
+            "method": "triton.testing.do_bench",
+            "spans": "one call, between CUDA events",
+            "statistic": STATISTIC,
+            "l2_flush": True,
+            "warmup_ms": self.warmup_ms,
+            "rep_ms": self.rep_ms,
+            "repetitions": "as many as fit in rep_ms, at least 1 (rows record the count)",
+        }
 
 
 def matmul_tflops(timer: Timer, n: int, dtype: torch.dtype) -> float:
@@ -223,19 +267,39 @@ def python_docs_corpus(work: str | Path, vocab_size: int = 2048) -> DocsCorpus:
     from llama3.data.python_docs import write_corpus
 
     work = Path(work)
-    corpus = DocsCorpus(work / "pretrain_data" / "train", work / "pretrain_data" / "eval",
-                        work / f"tokenizer_{vocab_size}.model")
+    corpus = DocsCorpus(
+        work / "pretrain_data" / "train",
+        work / "pretrain_data" / "eval",
+        work / f"tokenizer_{vocab_size}.model",
+    )
     done = work / f"complete_{vocab_size}"
     if done.exists():
         return corpus
     write_corpus(work / "python_docs.jsonl")
-    steps = [["preprocess", "--input", work / "python_docs.jsonl", "--output",
-              work / "pretrain_data", "--no-progress"],
-             ["train_tokenizer", "--train_corpus", corpus.train, "--model_file", corpus.tokenizer,
-              "--vocab_size", vocab_size, "--no-progress"]]
+    steps = [
+        [
+            "preprocess",
+            "--input",
+            work / "python_docs.jsonl",
+            "--output",
+            work / "pretrain_data",
+            "--no-progress",
+        ],
+        [
+            "train_tokenizer",
+            "--train_corpus",
+            corpus.train,
+            "--model_file",
+            corpus.tokenizer,
+            "--vocab_size",
+            vocab_size,
+            "--no-progress",
+        ],
+    ]
     for argv in steps:
         if main([str(a) for a in argv]) != 0:
-            raise RuntimeError(f"building the Python documentation corpus in {work}: "
-                               f"{argv[0]} failed (see above)")
+            raise RuntimeError(
+                f"building the Python documentation corpus in {work}: {argv[0]} failed (see above)"
+            )
     done.write_text("")
     return corpus

@@ -10,9 +10,10 @@ Run from the repository root (the package need not be installed).
 Stages (--stages takes names or the sets check, tables, all):
   corpus           the quick start's Python documentation corpus and tokenizer (stages 3, 4, 6)
   1 kernel_tests   pytest: the kernels in bf16 and fp16 against the fp32 reference with
-                   FlashAttention's tolerances (tests/test_softplus_kernel_gpu.py, marked gpu),
-                   and the CUDA tests of tests/test_softplus_kernel.py; in parallel processes
-                   (pytest-xdist) where installed, since compiling the kernels dominates
+                   FlashAttention's tolerances (tests/gpu/test_softplus_kernel_gpu.py, marked
+                   gpu), and the CUDA tests of tests/integration/test_softplus_kernel.py; in
+                   parallel processes (pytest-xdist) where installed, since compiling the kernels
+                   dominates
   2 decode         CUDA-graph decoding = eager decoding; static cache = full recomputation
   3 training       train (softmax, softplus) with --amp_bf16 --allow_tf32, again with --compile,
                    and multitrain over NCCL with --bf16: exit 0, finite, the loss falls
@@ -54,8 +55,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import (AUTOTUNE_VARIABLE, REPO, child_env, device_slug, environment,
-                               format_table, module_command, python_docs_corpus)
+from benchmarks.common import (
+    AUTOTUNE_VARIABLE,
+    REPO,
+    child_env,
+    device_slug,
+    environment,
+    format_table,
+    module_command,
+    python_docs_corpus,
+)
 from llama3.fileio import write_json
 
 
@@ -67,18 +76,23 @@ class Stage:
     lane: str  # "tests" and "runs" go side by side; "alone" stages run one at a time afterwards
 
 
-STAGES = {s.name: s for s in [
-    Stage("corpus", 60, 60, "first"),
-    Stage("kernel_tests", 150, 120, "tests"),
-    Stage("decode", 45, 60, "tests"),
-    Stage("training", 120, 120, "runs"),
-    Stage("onnx", 45, 90, "runs"),
-    Stage("kernel_bench", 60, 60, "alone"),
-    Stage("train_table", 200, 90, "alone"),
-    Stage("inference_table", 130, 90, "alone"),
-]}
-SETS = {"check": ["kernel_tests", "decode", "training", "onnx", "kernel_bench"],
-        "tables": ["train_table", "inference_table"]}
+STAGES = {
+    s.name: s
+    for s in [
+        Stage("corpus", 60, 60, "first"),
+        Stage("kernel_tests", 150, 120, "tests"),
+        Stage("decode", 45, 60, "tests"),
+        Stage("training", 120, 120, "runs"),
+        Stage("onnx", 45, 90, "runs"),
+        Stage("kernel_bench", 60, 60, "alone"),
+        Stage("train_table", 200, 90, "alone"),
+        Stage("inference_table", 130, 90, "alone"),
+    ]
+}
+SETS = {
+    "check": ["kernel_tests", "decode", "training", "onnx", "kernel_bench"],
+    "tables": ["train_table", "inference_table"],
+}
 SETS["all"] = SETS["check"] + SETS["tables"]
 NEEDS_CORPUS = {"training", "onnx", "train_table"}
 RESULT_COLUMNS = ("stage", "status", "seconds", "budget_s", "summary")
@@ -112,29 +126,64 @@ def command(ctx: Context, stage: str) -> list[str]:
     if stage == "corpus":
         return module_command("gpu_check", "--work_dir", ctx.work, "--corpus_only")
     if stage == "kernel_tests":
-        argv = [sys.executable, "-m", "pytest", "-v", "-rfE", "-p", "no:cacheprovider",
-                "tests/test_softplus_kernel_gpu.py", "tests/test_softplus_kernel.py",
-                "-k", "gpu or cuda"]
+        argv = [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-v",
+            "-rfE",
+            "-p",
+            "no:cacheprovider",
+            "tests/gpu/test_softplus_kernel_gpu.py",
+            "tests/integration/test_softplus_kernel.py",
+            "-k",
+            "gpu or cuda",
+        ]
         if ctx.device == "cuda" and importlib.util.find_spec("xdist") is not None:
             argv += ["-n", str(min(8, max(1, (os.cpu_count() or 2) // 2)))]  # compile in parallel
         return argv
     if stage in ("decode", "training", "onnx"):
-        return module_command("gpu_stages", stage, "--device", ctx.device, "--work_dir",
-                              ctx.work) + (["--tiny"] if ctx.tiny else [])
+        return module_command(
+            "gpu_stages", stage, "--device", ctx.device, "--work_dir", ctx.work
+        ) + (["--tiny"] if ctx.tiny else [])
     if stage == "kernel_bench":
-        return module_command("attention", "--main", "--output",
-                              ctx.out_file("attention")) + (["--tiny"] if ctx.tiny else [])
+        return module_command("attention", "--main", "--output", ctx.out_file("attention")) + (
+            ["--tiny"] if ctx.tiny else []
+        )
     deadline = ["--deadline_s", f"{max(ctx.budget(stage) - 20, 1):.0f}"]  # room to write results
     if stage == "train_table":
-        argv = module_command("train", "--python_docs", ctx.work / "docs", "--amp_bf16",
-                              "--allow_tf32", *deadline, "--output", ctx.out_file("train"))
-        return argv + (["--tiny", "--device", "cpu", "--seq_lens", "64", "--seconds", "0.5",
-                        "--warmup", "1"] if ctx.tiny else
-                       ["--compile_modes", "eager", "compile", "--seconds", "6", "--warmup", "2"])
+        argv = module_command(
+            "train",
+            "--python_docs",
+            ctx.work / "docs",
+            "--amp_bf16",
+            "--allow_tf32",
+            *deadline,
+            "--output",
+            ctx.out_file("train"),
+        )
+        return argv + (
+            ["--tiny", "--device", "cpu", "--seq_lens", "64", "--seconds", "0.5", "--warmup", "1"]
+            if ctx.tiny
+            else ["--compile_modes", "eager", "compile", "--seconds", "6", "--warmup", "2"]
+        )
     assert stage == "inference_table"
     argv = module_command("inference", *deadline, "--output", ctx.out_file("inference"))
-    return argv + (["--tiny", "--device", "cpu", "--runners", "eager", "onnxruntime", "--models",
-                    "softmax", "softplus-16"] if ctx.tiny else [])
+    return argv + (
+        [
+            "--tiny",
+            "--device",
+            "cpu",
+            "--runners",
+            "eager",
+            "onnxruntime",
+            "--models",
+            "softmax",
+            "softplus-16",
+        ]
+        if ctx.tiny
+        else []
+    )
 
 
 def stage_env(ctx: Context, stage: str) -> dict[str, str]:
@@ -163,9 +212,12 @@ def summarize(ctx: Context, stage: str, code: int | None, log: str) -> dict[str,
     else:
         result = {"status": "passed", "summary": f"built in {ctx.work / 'docs'}"}
     if code is None:
-        return {**result, "status": "over budget",
-                "summary": f"stopped after {ctx.budget(stage):.0f} s; "
-                           + (result.get("summary") or "no result")}
+        return {
+            **result,
+            "status": "over budget",
+            "summary": f"stopped after {ctx.budget(stage):.0f} s; "
+            + (result.get("summary") or "no result"),
+        }
     if code != 0 and result.get("status", "passed") == "passed":
         last = log.strip().splitlines()[-1:] or [""]
         return {**result, "status": "failed", "summary": f"exit {code}: {last[0][:200]}"}
@@ -179,27 +231,39 @@ def read_json(path: Path) -> dict[str, Any] | None:
         return None
 
 
-PYTEST_LINE = re.compile(r"(tests/\S+::\S+)\s+(PASSED|FAILED|ERROR|SKIPPED)"
-                         r"|(PASSED|FAILED|ERROR|SKIPPED)\s+(tests/\S+::\S+)")
+PYTEST_LINE = re.compile(
+    r"(tests/\S+::\S+)\s+(PASSED|FAILED|ERROR|SKIPPED)"
+    r"|(PASSED|FAILED|ERROR|SKIPPED)\s+(tests/\S+::\S+)"
+)
 
 
 def pytest_result(log: str) -> dict[str, Any]:
     """Counts from pytest -v lines (also those of pytest-xdist workers), first failures."""
     outcomes: dict[str, str] = {}
     for match in PYTEST_LINE.finditer(log):
-        test, outcome = (match.group(1), match.group(2)) if match.group(1) else (match.group(4),
-                                                                                  match.group(3))
+        test, outcome = (
+            (match.group(1), match.group(2)) if match.group(1) else (match.group(4), match.group(3))
+        )
         outcomes[test] = outcome
-    counts = {k: sum(v == k for v in outcomes.values()) for k in ("PASSED", "FAILED", "ERROR",
-                                                                  "SKIPPED")}
+    counts = {
+        k: sum(v == k for v in outcomes.values()) for k in ("PASSED", "FAILED", "ERROR", "SKIPPED")
+    }
     failures = [line for line in log.splitlines() if line.startswith(("FAILED ", "ERROR "))]
-    status = ("failed" if counts["FAILED"] or counts["ERROR"] else
-              "passed" if counts["PASSED"] else "skipped")
+    status = (
+        "failed"
+        if counts["FAILED"] or counts["ERROR"]
+        else "passed"
+        if counts["PASSED"]
+        else "skipped"
+    )
     summary = ", ".join(f"{n} {k.lower()}" for k, n in counts.items() if n)
     if failures:
         summary += f"; first: {failures[0][:300]}"
-    return {"status": status, "summary": summary or "no test ran",
-            "details": {"counts": counts, "failures": failures, "outcomes": outcomes}}
+    return {
+        "status": status,
+        "summary": summary or "no test ran",
+        "details": {"counts": counts, "failures": failures, "outcomes": outcomes},
+    }
 
 
 def ratio(value: Any) -> str:
@@ -214,19 +278,27 @@ def kernel_bench_result(data: dict[str, Any] | None) -> dict[str, Any]:
     parts = []
     for r in ours:
         if "fwd_ms" in r:
-            parts.append(f"r={r['r']} fwd {ratio(r.get('fwd_vs_sdpa'))}, fwd+bwd "
-                         f"{ratio(r.get('fwdbwd_vs_sdpa'))} of SDPA ({r['fwd_tflops']:.0f} TFLOP/s, "
-                         f"first call {r['first_s']:.1f} s)")
+            parts.append(
+                f"r={r['r']} fwd {ratio(r.get('fwd_vs_sdpa'))}, fwd+bwd "
+                f"{ratio(r.get('fwdbwd_vs_sdpa'))} of SDPA ({r['fwd_tflops']:.0f} TFLOP/s, "
+                f"first call {r['first_s']:.1f} s)"
+            )
         elif "kv_gb_per_s" in r:
-            parts.append(f"decode r={r['r']} {r['kv_gb_per_s']:.0f} GB/s "
-                         f"({100 * (r.get('of_copy_bw') or 0):.0f}% of copy)")
+            parts.append(
+                f"decode r={r['r']} {r['kv_gb_per_s']:.0f} GB/s "
+                f"({100 * (r.get('of_copy_bw') or 0):.0f}% of copy)"
+            )
     failed = [r for r in ours if not ("fwd_ms" in r or "ms" in r)]
-    return {"status": "failed" if failed or not ours else "passed",
-            "summary": "; ".join(parts) or "no softplus rows",
-            "details": {"matmul_tflops": data.get("matmul_tflops"),
-                        "copy_gb_per_s": data.get("copy_gb_per_s"),
-                        "kernel_autotune": data.get("kernel_autotune"),
-                        "timing": data.get("timing")}}
+    return {
+        "status": "failed" if failed or not ours else "passed",
+        "summary": "; ".join(parts) or "no softplus rows",
+        "details": {
+            "matmul_tflops": data.get("matmul_tflops"),
+            "copy_gb_per_s": data.get("copy_gb_per_s"),
+            "kernel_autotune": data.get("kernel_autotune"),
+            "timing": data.get("timing"),
+        },
+    }
 
 
 def first_row(rows: list[dict[str, Any]], **match: Any) -> dict[str, Any]:
@@ -239,12 +311,18 @@ def train_table_result(data: dict[str, Any] | None) -> dict[str, Any]:
     rows = data["rows"]
     done = [r for r in rows if r.get("tokens_per_s")]
     parts = [f"{len(done)}/{len(rows)} configurations measured"]
-    for row in (r for r in done if r["attention"] == "softplus" and r["seq_len"] == min(
-            x["seq_len"] for x in done)):
-        parts.append(f"{row['model']} {row['mode']} {ratio(row.get('vs_softmax'))} softmax's "
-                     f"tokens/s, MFU {100 * (row.get('mfu') or 0):.0f}%")
-    errors = [f"{r['model']} {r['seq_len']} {r['mode']}: {r['error']}" for r in rows
-              if r.get("error")]
+    for row in (
+        r
+        for r in done
+        if r["attention"] == "softplus" and r["seq_len"] == min(x["seq_len"] for x in done)
+    ):
+        parts.append(
+            f"{row['model']} {row['mode']} {ratio(row.get('vs_softmax'))} softmax's "
+            f"tokens/s, MFU {100 * (row.get('mfu') or 0):.0f}%"
+        )
+    errors = [
+        f"{r['model']} {r['seq_len']} {r['mode']}: {r['error']}" for r in rows if r.get("error")
+    ]
     status = "passed" if done and not any("not run" not in e for e in errors) else "failed"
     return {"status": status, "summary": "; ".join(parts[:4]), "details": {"errors": errors}}
 
@@ -261,28 +339,36 @@ def inference_table_result(data: dict[str, Any] | None) -> dict[str, Any]:
         softmax = first_row(prefill, seq_len=seq, model="softmax")
         for row in (r for r in prefill if r["seq_len"] == seq and r["model"] != "softmax"):
             if softmax:
-                parts.append(f"{row['model']} prefill {ratio(row['calls_per_s'] / softmax['calls_per_s'])}"
-                             f" softmax's at {seq}")
+                parts.append(
+                    f"{row['model']} prefill {ratio(row['calls_per_s'] / softmax['calls_per_s'])}"
+                    f" softmax's at {seq}"
+                )
     for row in (r for r in done if r["phase"] == "decode" and r["batch"] == 1):
         parts.append(f"{row['model']} {row['runner']} {row['decode_tokens_per_s']:,.0f} tok/s")
-    errors = [f"{r['model']} {r['phase']} {r['runner']}: {r['error']}" for r in rows
-              if r.get("error")]
+    errors = [
+        f"{r['model']} {r['phase']} {r['runner']}: {r['error']}" for r in rows if r.get("error")
+    ]
     unexpected = [e for e in errors if "missing" not in e and "not run" not in e]
-    return {"status": "failed" if unexpected or not done else "passed",
-            "summary": "; ".join(parts[:6]), "details": {"errors": errors}}
+    return {
+        "status": "failed" if unexpected or not done else "passed",
+        "summary": "; ".join(parts[:6]),
+        "details": {"errors": errors},
+    }
 
 
 # ------------------------------------------------------------------------------- running
 
 
-def run_process(argv: list[str], env: dict[str, str], budget_s: float,
-                log_path: Path) -> int | None:
+def run_process(
+    argv: list[str], env: dict[str, str], budget_s: float, log_path: Path
+) -> int | None:
     """Run ``argv`` in a process group of its own; None if stopped at the budget."""
     with open(log_path, "w") as log:
         log.write("$ " + " ".join(argv) + "\n")
         log.flush()
-        process = subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+        process = subprocess.Popen(
+            argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         try:
             return process.wait(timeout=budget_s)
         except subprocess.TimeoutExpired:
@@ -323,8 +409,14 @@ class Runner:
         code = run_process(command(ctx, stage), stage_env(ctx, stage), budget, log_path)
         seconds = time.monotonic() - begin
         log = log_path.read_text(errors="replace")
-        record = {"stage": stage, "seconds": round(seconds, 1), "budget_s": budget,
-                  "exit": code, **summarize(ctx, stage, code, log), "log_tail": log[-3000:]}
+        record = {
+            "stage": stage,
+            "seconds": round(seconds, 1),
+            "budget_s": budget,
+            "exit": code,
+            **summarize(ctx, stage, code, log),
+            "log_tail": log[-3000:],
+        }
         with self.lock:
             self.records[stage] = record
             self.write()
@@ -335,11 +427,16 @@ class Runner:
             self.run(stage)
 
     def run_all(self) -> None:
-        lanes = {lane: [s for s in self.names if STAGES[s].lane == lane]
-                 for lane in ("first", "tests", "runs", "alone")}
+        lanes = {
+            lane: [s for s in self.names if STAGES[s].lane == lane]
+            for lane in ("first", "tests", "runs", "alone")
+        }
         self.lane(lanes["first"])
-        threads = [threading.Thread(target=self.lane, args=(lanes[name],))
-                   for name in ("tests", "runs") if lanes[name]]
+        threads = [
+            threading.Thread(target=self.lane, args=(lanes[name],))
+            for name in ("tests", "runs")
+            if lanes[name]
+        ]
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -353,11 +450,18 @@ class Runner:
     def write(self) -> None:
         ctx = self.ctx
         ordered = [self.records[s] for s in self.names if s in self.records]
-        write_json(ctx.out_file(f"gpu_check_{ctx.label}"), {
-            "environment": environment(), "device": ctx.device, "tiny": ctx.tiny,
-            "kernel_autotune": ctx.env.get(AUTOTUNE_VARIABLE) != "0",
-            "elapsed_s": round(time.monotonic() - self.started, 1),
-            "budget_scale": ctx.budget_scale, "stages": ordered})
+        write_json(
+            ctx.out_file(f"gpu_check_{ctx.label}"),
+            {
+                "environment": environment(),
+                "device": ctx.device,
+                "tiny": ctx.tiny,
+                "kernel_autotune": ctx.env.get(AUTOTUNE_VARIABLE) != "0",
+                "elapsed_s": round(time.monotonic() - self.started, 1),
+                "budget_scale": ctx.budget_scale,
+                "stages": ordered,
+            },
+        )
         with open(ctx.out_file(f"gpu_check_{ctx.label}", "log"), "w") as log:
             for stage in (s for s in self.names if s in self.records):
                 log.write(f"===== {stage} =====\n")
@@ -373,8 +477,9 @@ def selected_stages(names: list[str]) -> tuple[list[str], str]:
     for name in names:
         for stage in SETS.get(name, [name]):
             if stage not in STAGES:
-                raise SystemExit(f"--stages: unknown {name!r}; choose from "
-                                 f"{', '.join([*SETS, *STAGES])}")
+                raise SystemExit(
+                    f"--stages: unknown {name!r}; choose from {', '.join([*SETS, *STAGES])}"
+                )
             if stage not in chosen:
                 chosen.append(stage)
     if NEEDS_CORPUS & set(chosen):
@@ -384,21 +489,43 @@ def selected_stages(names: list[str]) -> tuple[list[str], str]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python3 -m benchmarks.gpu_check", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python3 -m benchmarks.gpu_check",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--out", type=Path, help="folder for the JSON record, log and results")
-    parser.add_argument("--stages", nargs="+", default=["check"],
-                        help="stage names, or the sets check (1-5), tables (6-7), all")
-    parser.add_argument("--device", choices=("cuda", "cpu"), default=None,
-                        help="default: cuda when available (cpu needs --tiny)")
-    parser.add_argument("--tiny", action="store_true",
-                        help="tiny shapes and models, for a CPU: checks the command itself")
-    parser.add_argument("--work_dir", type=Path, default=Path(tempfile.gettempdir()) / "llama3-gpu-check",
-                        help="scratch folder: corpus, runs, exports, per-stage logs (reused)")
-    parser.add_argument("--budget_scale", type=float, default=1.0,
-                        help="multiply every stage's time budget by this")
-    parser.add_argument("--autotune", action="store_true",
-                        help="let the kernels autotune (minutes of compilation more)")
+    parser.add_argument(
+        "--stages",
+        nargs="+",
+        default=["check"],
+        help="stage names, or the sets check (1-5), tables (6-7), all",
+    )
+    parser.add_argument(
+        "--device",
+        choices=("cuda", "cpu"),
+        default=None,
+        help="default: cuda when available (cpu needs --tiny)",
+    )
+    parser.add_argument(
+        "--tiny",
+        action="store_true",
+        help="tiny shapes and models, for a CPU: checks the command itself",
+    )
+    parser.add_argument(
+        "--work_dir",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "llama3-gpu-check",
+        help="scratch folder: corpus, runs, exports, per-stage logs (reused)",
+    )
+    parser.add_argument(
+        "--budget_scale", type=float, default=1.0, help="multiply every stage's time budget by this"
+    )
+    parser.add_argument(
+        "--autotune",
+        action="store_true",
+        help="let the kernels autotune (minutes of compilation more)",
+    )
     parser.add_argument("--corpus_only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.corpus_only:
@@ -430,18 +557,30 @@ def main(argv: list[str] | None = None) -> int:
     if not args.autotune:
         env[AUTOTUNE_VARIABLE] = "0"
     args.out.mkdir(parents=True, exist_ok=True)
-    ctx = Context(args.device, args.tiny, args.out, args.work_dir, label, device_name(args.device),
-                  args.budget_scale, env)
+    ctx = Context(
+        args.device,
+        args.tiny,
+        args.out,
+        args.work_dir,
+        label,
+        device_name(args.device),
+        args.budget_scale,
+        env,
+    )
     total = sum(ctx.budget(s) for s in names)
-    print(f"stages: {', '.join(names)}; device {ctx.slug}; budgets add up to {total:.0f} s "
-          f"(stages 1-2 run beside 3-4); autotuning {'on' if args.autotune else 'off'}",
-          flush=True)
+    print(
+        f"stages: {', '.join(names)}; device {ctx.slug}; budgets add up to {total:.0f} s "
+        f"(stages 1-2 run beside 3-4); autotuning {'on' if args.autotune else 'off'}",
+        flush=True,
+    )
     runner = Runner(ctx, names)
     runner.run_all()
     rows = [dict(r, summary=r["summary"][:SUMMARY_WIDTH]) for r in runner.records.values()]
     rows.sort(key=lambda r: names.index(r["stage"]))
-    print(f"\nrecord: {ctx.out_file(f'gpu_check_{label}')}; total "
-          f"{time.monotonic() - runner.started:.0f} s\n")
+    print(
+        f"\nrecord: {ctx.out_file(f'gpu_check_{label}')}; total "
+        f"{time.monotonic() - runner.started:.0f} s\n"
+    )
     print(format_table(rows, RESULT_COLUMNS))
     return 0 if all(r["status"] == "passed" for r in rows) else 1
 

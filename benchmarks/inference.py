@@ -22,7 +22,7 @@ say) or does not fit the budget is recorded with its reason, and the run goes on
 written after every row. A measurement starts only if the time left covers the longest one of its
 kind so far (before the first: 30 s for torch.compile, 60 s for TensorRT, nothing for the
 others).
-"""
+"""  # noqa: E501 - --help prints this text as written
 
 from __future__ import annotations
 
@@ -38,15 +38,35 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import (BASE, CONFIGS, RESULTS_DIR, TINY_BASE, TINY_CONFIGS, Deadline,
-                               Estimates, device_slug, format_table, wall_clock, write_results)
+from benchmarks.common import (
+    BASE,
+    CONFIGS,
+    RESULTS_DIR,
+    TINY_BASE,
+    TINY_CONFIGS,
+    Deadline,
+    Estimates,
+    device_slug,
+    format_table,
+    wall_clock,
+    write_results,
+)
 from llama3 import ModelArgs, Transformer
 from llama3.deploy import latency
 from llama3.deploy.onnx_export import export_onnx
-from llama3.deploy.runners import (OnnxRuntimeRunner, TorchRunner, onnxruntime_providers,
-                                   too_big_for_host)
-from llama3.deploy.tensorrt import (TensorRTRunner, build_engine, import_tensorrt, missing_message,
-                                    profile_shapes)
+from llama3.deploy.runners import (
+    OnnxRuntimeRunner,
+    TorchRunner,
+    onnxruntime_providers,
+    too_big_for_host,
+)
+from llama3.deploy.tensorrt import (
+    TensorRTRunner,
+    build_engine,
+    import_tensorrt,
+    missing_message,
+    profile_shapes,
+)
 from llama3.generate import Generator, SamplingSettings
 
 RUNNERS = ("eager", "compile", "onnxruntime", "tensorrt")
@@ -55,42 +75,93 @@ ORDER = ("eager", "decode", "onnxruntime", "tensorrt", "compile")  # most import
 FIRST_ESTIMATE_S = {"compile": 30.0, "tensorrt": 60.0}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DECODE_MODES = {"static cache, CUDA graph": True, "static cache, eager": False}
-PREFILL_COLUMNS = ("model", "runner", "device", "precision", "batch", "seq_len", "iterations",
-                   "first_call_ms", "p50_ms", "p90_ms", "p95_ms", "p99_ms", "calls_per_s",
-                   "tokens_per_s", "error")
-DECODE_COLUMNS = ("model", "runner", "precision", "batch", "prompt", "new_tokens",
-                  "prefill_tokens_per_s", "decode_tokens_per_s", "error")
+PREFILL_COLUMNS = (
+    "model",
+    "runner",
+    "device",
+    "precision",
+    "batch",
+    "seq_len",
+    "iterations",
+    "first_call_ms",
+    "p50_ms",
+    "p90_ms",
+    "p95_ms",
+    "p99_ms",
+    "calls_per_s",
+    "tokens_per_s",
+    "error",
+)
+DECODE_COLUMNS = (
+    "model",
+    "runner",
+    "precision",
+    "batch",
+    "prompt",
+    "new_tokens",
+    "prefill_tokens_per_s",
+    "decode_tokens_per_s",
+    "error",
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.inference", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--from_checkpoint", metavar="DIR",
-                   help="benchmark this checkpoint instead of the original's configurations")
-    p.add_argument("--models", nargs="+", default=None,
-                   help=f"configurations to run (default: all of {', '.join(CONFIGS)})")
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.inference",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--from_checkpoint",
+        metavar="DIR",
+        help="benchmark this checkpoint instead of the original's configurations",
+    )
+    p.add_argument(
+        "--models",
+        nargs="+",
+        default=None,
+        help=f"configurations to run (default: all of {', '.join(CONFIGS)})",
+    )
     p.add_argument("--batch_size", type=int, default=64, help="prefill batch")
-    p.add_argument("--seq_lens", type=int, nargs="+", default=[4096, 8192],
-                   help="prefill sequence lengths")
-    p.add_argument("--runners", nargs="+", default=list(RUNNERS), choices=RUNNERS,
-                   help="prefill runners")
-    p.add_argument("--precision", choices=tuple(DTYPES), default=None,
-                   help="PyTorch and TensorRT precision (default: bf16 on CUDA, fp32 on CPU); "
-                        "ONNX Runtime runs the fp32 export")
+    p.add_argument(
+        "--seq_lens", type=int, nargs="+", default=[4096, 8192], help="prefill sequence lengths"
+    )
+    p.add_argument(
+        "--runners", nargs="+", default=list(RUNNERS), choices=RUNNERS, help="prefill runners"
+    )
+    p.add_argument(
+        "--precision",
+        choices=tuple(DTYPES),
+        default=None,
+        help="PyTorch and TensorRT precision (default: bf16 on CUDA, fp32 on CPU); "
+        "ONNX Runtime runs the fp32 export",
+    )
     p.add_argument("--warmup", type=int, default=5, help="untimed prefill calls")
     p.add_argument("--iterations", type=int, default=20, help="timed prefill calls")
-    p.add_argument("--decode_batches", type=int, nargs="+", default=[1, 64],
-                   help="generation batch sizes")
+    p.add_argument(
+        "--decode_batches", type=int, nargs="+", default=[1, 64], help="generation batch sizes"
+    )
     p.add_argument("--decode_prompt", type=int, default=128, help="prompt tokens per row")
     p.add_argument("--decode_tokens", type=int, default=128, help="new tokens per row")
-    p.add_argument("--deadline_s", type=float, default=None,
-                   help="time budget of the whole run: measurements that would not fit are "
-                        "recorded as not run")
+    p.add_argument(
+        "--deadline_s",
+        type=float,
+        default=None,
+        help="time budget of the whole run: measurements that would not fit are "
+        "recorded as not run",
+    )
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--tiny", action="store_true",
-                   help="tiny models and shapes, for a CPU: checks the benchmark runs end to end")
-    p.add_argument("--output", type=Path, default=None,
-                   help="JSON results (default: benchmarks/results/inference_DEVICE.json)")
+    p.add_argument(
+        "--tiny",
+        action="store_true",
+        help="tiny models and shapes, for a CPU: checks the benchmark runs end to end",
+    )
+    p.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help="JSON results (default: benchmarks/results/inference_DEVICE.json)",
+    )
     args = p.parse_args(argv)
     if args.tiny:
         args.batch_size, args.seq_lens, args.decode_batches = 2, [64], [1, 4]
@@ -124,8 +195,10 @@ def onnxruntime_missing(device: torch.device) -> str | None:
     except ImportError as err:
         return f"missing: onnxruntime is not installed ({err})"
     if device.type == "cuda" and onnxruntime_providers(device)[0] == "CPUExecutionProvider":
-        return (f"missing: onnxruntime {onnxruntime.__version__} has no CUDAExecutionProvider "
-                "(a CPU-only build; onnxruntime-gpu has it)")
+        return (
+            f"missing: onnxruntime {onnxruntime.__version__} has no CUDAExecutionProvider "
+            "(a CPU-only build; onnxruntime-gpu has it)"
+        )
     return None
 
 
@@ -154,24 +227,37 @@ class Plan:
             trt_missing = missing_message(reason) if trt is None else None
         for seq_len in args.seq_lens:
             for runner in args.runners:
-                row = {"phase": "prefill", "model": name, "runner": runner,
-                       "precision": "fp32" if runner == "onnxruntime" else args.precision,
-                       "batch": args.batch_size, "seq_len": seq_len}
+                row = {
+                    "phase": "prefill",
+                    "model": name,
+                    "runner": runner,
+                    "precision": "fp32" if runner == "onnxruntime" else args.precision,
+                    "batch": args.batch_size,
+                    "seq_len": seq_len,
+                }
                 missing = {"onnxruntime": ort_missing, "tensorrt": trt_missing}.get(runner)
-                out.append(Measurement(runner, row, self.prefill(name, model, runner, seq_len),
-                                       missing))
+                out.append(
+                    Measurement(runner, row, self.prefill(name, model, runner, seq_len), missing)
+                )
         for batch in args.decode_batches:
             for mode, graph in DECODE_MODES.items():
                 if graph and self.device.type != "cuda":
                     continue
-                row = {"phase": "decode", "model": name, "runner": mode,
-                       "precision": args.precision, "batch": batch, "prompt": args.decode_prompt,
-                       "new_tokens": args.decode_tokens}
+                row = {
+                    "phase": "decode",
+                    "model": name,
+                    "runner": mode,
+                    "precision": args.precision,
+                    "batch": batch,
+                    "prompt": args.decode_prompt,
+                    "new_tokens": args.decode_tokens,
+                }
                 out.append(Measurement("decode", row, self.decode(model, batch, graph)))
         return out
 
-    def prefill(self, name: str, model: Transformer, runner: str,
-                seq_len: int) -> Callable[[], dict[str, Any]]:
+    def prefill(
+        self, name: str, model: Transformer, runner: str, seq_len: int
+    ) -> Callable[[], dict[str, Any]]:
         def run() -> dict[str, Any]:
             made = self.make_runner(name, model, runner, seq_len)
             batch, args = self.args.batch_size, self.args
@@ -179,10 +265,14 @@ class Plan:
             if too_big:
                 raise MemoryError(f"skipped: {too_big}")
             first = latency.measure(made, model.args, batch, seq_len, warmup=0, iterations=1)
-            result = latency.measure(made, model.args, batch, seq_len, warmup=args.warmup,
-                                     iterations=args.iterations)
-            measured = {k: v for k, v in result.to_dict().items()
-                        if k.endswith(("_ms", "_per_s")) or k == "iterations"}
+            result = latency.measure(
+                made, model.args, batch, seq_len, warmup=args.warmup, iterations=args.iterations
+            )
+            measured = {
+                k: v
+                for k, v in result.to_dict().items()
+                if k.endswith(("_ms", "_per_s")) or k == "iterations"
+            }
             return {**measured, "first_call_ms": first.mean_ms, "device": str(made.device)}
 
         return run
@@ -216,17 +306,22 @@ class Plan:
     def decode(self, model: Transformer, batch: int, graph: bool) -> Callable[[], dict[str, Any]]:
         def run() -> dict[str, Any]:
             args = self.args
-            generator = Generator(model.to(self.device, self.dtype), device=self.device,
-                                  cuda_graph=graph)
+            generator = Generator(
+                model.to(self.device, self.dtype), device=self.device, cuda_graph=graph
+            )
             g = torch.Generator().manual_seed(0)
-            prompts = torch.randint(0, model.args.vocab_size, (batch, args.decode_prompt),
-                                    generator=g).tolist()
-            settings = SamplingSettings(max_new_tokens=args.decode_tokens, temperature=0.8,
-                                        top_k=50, top_p=1.0)
+            prompts = torch.randint(
+                0, model.args.vocab_size, (batch, args.decode_prompt), generator=g
+            ).tolist()
+            settings = SamplingSettings(
+                max_new_tokens=args.decode_tokens, temperature=0.8, top_k=50, top_p=1.0
+            )
             generator.generate_ids(prompts, settings, stop_at_eos=False)  # warm-up, capture
             result = generator.generate_ids(prompts, settings, stop_at_eos=False)
-            return {"prefill_tokens_per_s": result.prefill_tokens_per_s,
-                    "decode_tokens_per_s": result.decode_tokens_per_s}
+            return {
+                "prefill_tokens_per_s": result.prefill_tokens_per_s,
+                "decode_tokens_per_s": result.decode_tokens_per_s,
+            }
 
         return run
 
@@ -251,11 +346,19 @@ def run_one(measurement: Measurement) -> dict[str, Any]:
 def timing(args: argparse.Namespace) -> dict[str, Any]:
     """How the run timed: prefill calls and generations by the wall clock, the device
     synchronised (a runtime's own CUDA stream included); no L2 flush (whole-model calls)."""
-    prefill = wall_clock("one call, between device-wide synchronisations",
-                         "mean, 50th/90th/95th/99th percentiles", warmup=args.warmup,
-                         repetitions=args.iterations, first_call="one call alone, timed apart")
-    decode = wall_clock("the prefill and the decoding of one generation, the device synchronised",
-                        "tokens/s of each", warmup=1, repetitions=1)
+    prefill = wall_clock(
+        "one call, between device-wide synchronisations",
+        "mean, 50th/90th/95th/99th percentiles",
+        warmup=args.warmup,
+        repetitions=args.iterations,
+        first_call="one call alone, timed apart",
+    )
+    decode = wall_clock(
+        "the prefill and the decoding of one generation, the device synchronised",
+        "tokens/s of each",
+        warmup=1,
+        repetitions=1,
+    )
     return {"prefill": prefill, "decode": decode}
 
 
@@ -281,9 +384,14 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 rows.append(run_one(measurement))
                 estimates.record(measurement.kind, time.monotonic() - begin)
-            write_results(output, rows, timing=timing(args), benchmark="inference",
-                          settings=settings,
-                          elapsed_s=time.monotonic() - started)
+            write_results(
+                output,
+                rows,
+                timing=timing(args),
+                benchmark="inference",
+                settings=settings,
+                elapsed_s=time.monotonic() - started,
+            )
     print("\nprefill (empty cache):")
     print(format_table([r for r in rows if r["phase"] == "prefill"], PREFILL_COLUMNS))
     print("\ndecode (static cache):")

@@ -66,40 +66,52 @@ def keep_values(run: Run) -> None:
             mask = torch.zeros(v.shape[1], 1, dtype=v.dtype)
             mask[:d] = 1
             return q, k, v * mask
+
         layer.project = narrow
 
 
 def keep_scores(run: Run) -> None:
     d, r = widths(run)
     for layer in attention_layers(run):
+
         def narrow(x: Tensor, cos: Tensor, sin: Tensor, layer=layer) -> tuple[Tensor, ...]:
             mask = torch.zeros(r)
             mask[:d] = (r / d) ** 0.25
             q = apply_rotary(layer.wq(x), cos, sin) * mask
             k = (apply_rotary(layer.wk(x), cos, sin) * mask).transpose(1, 2)
             return q, k, layer.wv(x).transpose(1, 2)
+
         layer.project = narrow
 
 
 def learning_rate(*names: str) -> Callable[[Run], None]:
     """Multiply the learning rate of the projections ``names`` of every block by d/r."""
+
     def intervene(run: Run) -> None:
         d, r = widths(run)
-        chosen = {id(getattr(layer, name).weight) for layer in attention_layers(run)
-                  for name in names}
+        chosen = {
+            id(getattr(layer, name).weight) for layer in attention_layers(run) for name in names
+        }
         optimizer = run.parts.step.optimizer
         decay = optimizer.param_groups[0]
         moved = [p for p in decay["params"] if id(p) in chosen]
         decay["params"] = [p for p in decay["params"] if id(p) not in chosen]
-        optimizer.add_param_group({**{k: v for k, v in decay.items() if k != "params"},
-                                   "params": moved, "lr_factor": d / r})
+        optimizer.add_param_group(
+            {
+                **{k: v for k, v in decay.items() if k != "params"},
+                "params": moved,
+                "lr_factor": d / r,
+            }
+        )
         step = optimizer.step
 
         def scaled_step(*args, **kwargs):
             for group in optimizer.param_groups:
                 group["lr"] *= group.get("lr_factor", 1.0)
             return step(*args, **kwargs)
+
         optimizer.step = scaled_step
+
     return intervene
 
 
@@ -111,9 +123,13 @@ def shrink_wo(run: Run) -> None:
 
 
 APPLY: dict[str, Callable[[Run], None]] = {
-    "none": lambda run: None, "values_d": keep_values, "scores_d": keep_scores,
-    "lr_qk": learning_rate("wq", "wk"), "lr_vo": learning_rate("wv", "wo"),
-    "lr_wo": learning_rate("wo"), "init_wo": shrink_wo,
+    "none": lambda run: None,
+    "values_d": keep_values,
+    "scores_d": keep_scores,
+    "lr_qk": learning_rate("wq", "wk"),
+    "lr_vo": learning_rate("wv", "wo"),
+    "lr_wo": learning_rate("wo"),
+    "init_wo": shrink_wo,
 }
 
 
@@ -137,18 +153,24 @@ def trials(plan: ablations.Plan, names: list[str]) -> list[ablations.Trial]:
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_corpus_flags(p)
-    p.add_argument("--interventions", nargs="+", choices=INTERVENTIONS, default=list(INTERVENTIONS),
-                   help="the interventions to train")
+    p.add_argument(
+        "--interventions",
+        nargs="+",
+        choices=INTERVENTIONS,
+        default=list(INTERVENTIONS),
+        help="the interventions to train",
+    )
     p.add_argument("--tiny", action="store_true", help="tiny models (core_dim 40 at dim 32)")
     ablations.add_run_flags(p, "interventions")
     p.add_argument("--one", choices=INTERVENTIONS, help=argparse.SUPPRESS)  # a child's trial
     argv = sys.argv[1:]
     split = argv.index("--") if "--" in argv else len(argv)  # a child: --one NAME -- TRAIN_FLAGS
     args = ablations.checked_run_flags(p, p.parse_args(argv[:split]), "interventions")
-    args.train_argv = argv[split + 1:]
+    args.train_argv = argv[split + 1 :]
     return args
 
 
@@ -171,17 +193,35 @@ def main() -> int:
     start = time.perf_counter()
     ablations.run_all(setup, list(keyed.values()), args.jobs, command)
     results = [ablations.result(setup, t) for t in keyed.values()]
-    rows = [{"intervention": r["model"], "final_eval_loss": r["final_eval_loss"],
-             "eval_loss_first": r["eval_curve"][0]["loss"], "train_minutes": r["train_minutes"]}
-            for r in results]
+    rows = [
+        {
+            "intervention": r["model"],
+            "final_eval_loss": r["final_eval_loss"],
+            "eval_loss_first": r["eval_curve"][0]["loss"],
+            "train_minutes": r["train_minutes"],
+        }
+        for r in results
+    ]
     print(format_table(rows, COLUMNS))
-    settings = {"corpus": setup.data.name, "model": f"{plan.wide}-none", **plan.base,
-                "steps": plan.steps, "threads": args.threads, "jobs": args.jobs,
-                "tiny": args.tiny}
-    path = write_results(args.output, rows, timing=RUN_TIMING, benchmark="interventions",
-                         settings=settings,
-                         total_minutes=(time.perf_counter() - start) / 60,
-                         load_average=os.getloadavg(), trials=results)
+    settings = {
+        "corpus": setup.data.name,
+        "model": f"{plan.wide}-none",
+        **plan.base,
+        "steps": plan.steps,
+        "threads": args.threads,
+        "jobs": args.jobs,
+        "tiny": args.tiny,
+    }
+    path = write_results(
+        args.output,
+        rows,
+        timing=RUN_TIMING,
+        benchmark="interventions",
+        settings=settings,
+        total_minutes=(time.perf_counter() - start) / 60,
+        load_average=os.getloadavg(),
+        trials=results,
+    )
     print(f"results: {path}")
     return 0
 

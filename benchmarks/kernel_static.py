@@ -77,8 +77,13 @@ class Launch:
 
 class _Utils:
     def get_device_properties(self, device: int) -> dict[str, int]:
-        return {"max_shared_mem": SHARED_LIMIT, "multiprocessor_count": SMS,
-                "max_num_regs": 65536, "warpSize": 32, "sm_clock_rate": int(CLOCK_HZ / 1e3)}
+        return {
+            "max_shared_mem": SHARED_LIMIT,
+            "multiprocessor_count": SMS,
+            "max_num_regs": 65536,
+            "warpSize": 32,
+            "sm_clock_rate": int(CLOCK_HZ / 1e3),
+        }
 
     def load_binary(self, name, kernel, shared, device):
         return None, None, 0, 0, 1024
@@ -167,6 +172,7 @@ def _install_compile_timer(timings: dict[str, float]) -> None:
 # Reading the compiled code
 # ---------------------------------------------------------------------------------------------
 
+
 def _tool(name: str) -> str:
     import triton
 
@@ -202,8 +208,7 @@ def loops(code: list[Sass]) -> list[tuple[int, int]]:
     Branches past the kernel's last EXIT are not loops: ptxas puts slow paths there (a barrier's
     retry loop) that jump back into the main code."""
     index = {ins.address: i for i, ins in enumerate(code)}
-    end = max((i for i, ins in enumerate(code) if ins.opcode.startswith("EXIT")),
-              default=len(code))
+    end = max((i for i, ins in enumerate(code) if ins.opcode.startswith("EXIT")), default=len(code))
     found = []
     for i, ins in enumerate(code[:end]):
         if ins.opcode.startswith("BRA"):
@@ -221,10 +226,16 @@ def tile_loop(code: list[Sass]) -> tuple[tuple[int, int] | None, list[tuple[int,
     mask selects) and carries most of the work.
     """
     everything = loops(code)
-    holding = [lp for lp in everything
-               if any(code[j].opcode.startswith("MUFU.EX2") for j in range(lp[0], lp[1] + 1))]
-    innermost = [lp for lp in holding
-                 if not any(o != lp and lp[0] <= o[0] and o[1] <= lp[1] for o in holding)]
+    holding = [
+        lp
+        for lp in everything
+        if any(code[j].opcode.startswith("MUFU.EX2") for j in range(lp[0], lp[1] + 1))
+    ]
+    innermost = [
+        lp
+        for lp in holding
+        if not any(o != lp and lp[0] <= o[0] and o[1] <= lp[1] for o in holding)
+    ]
     if not innermost:
         return None, []
     loop = min(innermost, key=lambda lp: (lp[1] - lp[0], lp[0]))
@@ -263,22 +274,32 @@ def _tensor_flops(ins: Sass, warps: int) -> tuple[float, str]:
     return 0.0, ""
 
 
-_TMA_COPY = re.compile(r"async_tma_copy_global_to_local .*?!tt\.tensordesc<tensor<([0-9x]+)x(\w+?),")
+_TMA_COPY = re.compile(
+    r"async_tma_copy_global_to_local .*?!tt\.tensordesc<tensor<([0-9x]+)x(\w+?),"
+)
 _BYTES = {"bf16": 2, "f16": 2, "f32": 4, "i8": 1}
 
 
 def tma_copy_bytes(ttgir: str, code: list[Sass]) -> float:
     """Mean bytes one TMA load (``UTMALDG``, issued once per block) copies: the boxes of the
     TTGIR's TMA copies over the SASS's TMA loads (ptxas may split a box into several)."""
-    boxes = [math.prod(int(d) for d in dims.split("x")) * _BYTES.get(kind, 4)
-             for dims, kind in _TMA_COPY.findall(ttgir)]
+    boxes = [
+        math.prod(int(d) for d in dims.split("x")) * _BYTES.get(kind, 4)
+        for dims, kind in _TMA_COPY.findall(ttgir)
+    ]
     loads = sum(ins.opcode.startswith("UTMALDG") for ins in code)
     return sum(boxes) / loads if loads else 0.0
 
 
-def count_loop(code: list[Sass], loop: tuple[int, int], nested: list[tuple[int, int]],
-               nested_trips: int, warps: int, tma_bytes: float = 0.0,
-               stages: int = 1) -> dict[str, float]:
+def count_loop(
+    code: list[Sass],
+    loop: tuple[int, int],
+    nested: list[tuple[int, int]],
+    nested_trips: int,
+    warps: int,
+    tma_bytes: float = 0.0,
+    stages: int = 1,
+) -> dict[str, float]:
     """Per-iteration totals of the loop body (a thread's instructions; the block's FLOPs and
     bytes), nested loops weighted by ``nested_trips``; a TMA load copies ``tma_bytes``.
 
@@ -325,8 +346,11 @@ def resources(cubin_path: str) -> dict[str, int]:
     return {k.lower(): int(v) for k, v in found.items()}
 
 
-_LAYOUT = re.compile(r"^#(\w+) = #ttg\.nvidia_mma<\{versionMajor = (\d).*?warpsPerCTA = \[(\d+), "
-                     r"(\d+)\].*?instrShape = \[(\d+), (\d+)", re.M)
+_LAYOUT = re.compile(
+    r"^#(\w+) = #ttg\.nvidia_mma<\{versionMajor = (\d).*?warpsPerCTA = \[(\d+), "
+    r"(\d+)\].*?instrShape = \[(\d+), (\d+)",
+    re.M,
+)
 _DOT = re.compile(r"(?:warp_group_dot|tt\.dot) .*-> tensor<(\d+)x(\d+)xf32, #(\w+)>")
 
 
@@ -355,8 +379,15 @@ def _meta(*shape, dtype):
     return torch.empty(*shape, device="meta", dtype=dtype)
 
 
-def run_launchers(r: int, dtype_name: str, B: int, S: int, decode_B: int, decode_T: int,
-                  shapes: dict[str, list[tuple]] | None = None) -> dict[str, list[Launch]]:
+def run_launchers(
+    r: int,
+    dtype_name: str,
+    B: int,
+    S: int,
+    decode_B: int,
+    decode_T: int,
+    shapes: dict[str, list[tuple]] | None = None,
+) -> dict[str, list[Launch]]:
     """Run forward, backward and decoding at one width; every compiled kernel by launch group.
 
     ``shapes`` replaces the autotune candidates of the named kernels at this width ("what if").
@@ -386,10 +417,14 @@ def run_launchers(r: int, dtype_name: str, B: int, S: int, decode_B: int, decode
         for key, (name, compiled) in _compiled_kernels(kernels).items():
             if key in before:
                 continue
-            launch = Launch(kernel=name, config=_constexprs(compiled), compiled=compiled,
-                            grid=fake.grids.get(compiled.hash),
-                            compile_s=timings.get(compiled.hash, 0.0),
-                            fits=compiled.metadata.shared <= SHARED_LIMIT)
+            launch = Launch(
+                kernel=name,
+                config=_constexprs(compiled),
+                compiled=compiled,
+                grid=fake.grids.get(compiled.hash),
+                compile_s=timings.get(compiled.hash, 0.0),
+                fits=compiled.metadata.shared <= SHARED_LIMIT,
+            )
             groups.setdefault(group, []).append(launch)
 
     q = _meta(B, S, r, dtype=dtype)
@@ -420,8 +455,11 @@ def _compiled_kernels(module) -> dict[tuple, tuple[str, Any]]:
 
 def _constexprs(compiled) -> dict[str, Any]:
     names = compiled.src.fn.arg_names
-    config = {names[path[0]]: value for path, value in compiled.src.constants.items()
-              if isinstance(value, (bool, int, str)) and names[path[0]].isupper()}
+    config = {
+        names[path[0]]: value
+        for path, value in compiled.src.constants.items()
+        if isinstance(value, (bool, int, str)) and names[path[0]].isupper()
+    }
     config["num_warps"] = compiled.metadata.num_warps
     config["num_stages"] = compiled.metadata.num_stages
     return config
@@ -480,15 +518,27 @@ def analyse(launch: Launch, r: int, dtype: str, workdir: str) -> Row:
     stores, loads = spill_bytes(code)
     config = launch.config
     warps = config["num_warps"]
-    mma = ("wgmma" if any(i.opcode.startswith("HGMMA") for i in code)
-           else "mma.sync" if any(i.opcode.startswith("HMMA") for i in code) else "-")
+    mma = (
+        "wgmma"
+        if any(i.opcode.startswith("HGMMA") for i in code)
+        else "mma.sync"
+        if any(i.opcode.startswith("HMMA") for i in code)
+        else "-"
+    )
     per_pair = dict(inst=None, mufu=None, flops=None, bytes=None, clocks=None)
     loop, nested = tile_loop(code)
     pairs = config.get("BLOCK_M", 0) * config.get("BLOCK_N", 0)  # per tile-loop iteration
     if loop is not None and pairs:
         trips = -(-r // config.get("BLOCK_DK", r)) if nested else 1
-        totals = count_loop(code, loop, nested, trips, warps,
-                            tma_copy_bytes(compiled.asm["ttgir"], code), config["num_stages"])
+        totals = count_loop(
+            code,
+            loop,
+            nested,
+            trips,
+            warps,
+            tma_copy_bytes(compiled.asm["ttgir"], code),
+            config["num_stages"],
+        )
         scale = _slices(config, r) / pairs  # every r slice recomputes the tile's pairs
         threads = warps * 32
         per_pair = dict(
@@ -498,24 +548,39 @@ def analyse(launch: Launch, r: int, dtype: str, workdir: str) -> Row:
             bytes=totals["global_bytes"] * scale,
         )
         rate = TENSOR_FLOP_PER_CLOCK.get(
-            {"BF16": "bf16", "F16": "fp16", "TF32": "tf32"}.get(totals["tensor_type"], "bf16"))
+            {"BF16": "bf16", "F16": "fp16", "TF32": "tf32"}.get(totals["tensor_type"], "bf16")
+        )
         issue = max(per_pair["inst"] / ISSUE_PER_CLOCK, per_pair["mufu"] / MUFU_PER_CLOCK)
         least = LEAST_TENSOR_FLOPS.get(_kernel_label(launch.kernel, config), 0) * r
         if per_pair["flops"] >= least:
             per_pair["clocks"] = per_pair["flops"] / rate + issue
         else:  # the reading is not to be trusted: no ceiling from it
-            print(f"r={r} {launch.kernel} {_config_label(config)}: the tile loop counted "
-                  f"{per_pair['flops']:.0f} tensor FLOPs per pair, under {least}", file=sys.stderr)
+            print(
+                f"r={r} {launch.kernel} {_config_label(config)}: the tile loop counted "
+                f"{per_pair['flops']:.0f} tensor FLOPs per pair, under {least}",
+                file=sys.stderr,
+            )
     return Row(
-        r=r, dtype=dtype, kernel=_kernel_label(launch.kernel, config),
-        config=_config_label(config), registers=res.get("reg", 0), stack=res.get("stack", 0),
-        spill_stores=stores, spill_loads=loads,
-        shared_kb=round(compiled.metadata.shared / 1024, 1), fits=launch.fits, mma=mma,
-        dup=duplication(compiled.asm["ttgir"]), dead=sum(map(dead_mma, code)),
+        r=r,
+        dtype=dtype,
+        kernel=_kernel_label(launch.kernel, config),
+        config=_config_label(config),
+        registers=res.get("reg", 0),
+        stack=res.get("stack", 0),
+        spill_stores=stores,
+        spill_loads=loads,
+        shared_kb=round(compiled.metadata.shared / 1024, 1),
+        fits=launch.fits,
+        mma=mma,
+        dup=duplication(compiled.asm["ttgir"]),
+        dead=sum(map(dead_mma, code)),
         inst_per_pair=_round(per_pair["inst"]),
-        mufu_per_pair=_round(per_pair["mufu"]), tensor_flops_per_pair=_round(per_pair["flops"]),
-        global_bytes_per_pair=_round(per_pair["bytes"]), clocks_per_pair=per_pair["clocks"],
-        compile_s=round(launch.compile_s, 2), grid=list(launch.grid) if launch.grid else None,
+        mufu_per_pair=_round(per_pair["mufu"]),
+        tensor_flops_per_pair=_round(per_pair["flops"]),
+        global_bytes_per_pair=_round(per_pair["bytes"]),
+        clocks_per_pair=per_pair["clocks"],
+        compile_s=round(launch.compile_s, 2),
+        grid=list(launch.grid) if launch.grid else None,
     )
 
 
@@ -542,13 +607,13 @@ def tflops(useful_per_pair: float, clocks_per_pair: float) -> float:
 
 
 def _usable(row: Row) -> bool:
-    return (row.fits and row.spill_stores == 0 and row.dead == 0
-            and row.clocks_per_pair is not None)
+    return row.fits and row.spill_stores == 0 and row.dead == 0 and row.clocks_per_pair is not None
 
 
 def ceilings(rows: list[Row], r: int) -> dict[str, float | None]:
     """Best static TFLOP/s of the forward, and of the backward (dK/dV + dQ), over the
     configurations that fit and do not spill."""
+
     def best(kernel: str) -> float | None:
         found = [row.clocks_per_pair for row in rows if row.kernel == kernel and _usable(row)]
         return min(found) if found else None
@@ -559,14 +624,22 @@ def ceilings(rows: list[Row], r: int) -> dict[str, float | None]:
         dkdv = dk + dv
     return {
         "fwd_tflops": round(tflops(USEFUL_FLOPS["fwd"] * r, fwd), 1) if fwd else None,
-        "bwd_tflops": (round(tflops(USEFUL_FLOPS["bwd"] * r, dkdv + dq), 1)
-                       if dkdv and dq else None),
+        "bwd_tflops": (
+            round(tflops(USEFUL_FLOPS["bwd"] * r, dkdv + dq), 1) if dkdv and dq else None
+        ),
     }
 
 
-def report_width(r: int, dtype: str, B: int, S: int, decode_B: int, decode_T: int,
-                 cache_dir: str | None, shapes: dict[str, list[tuple]] | None = None
-                 ) -> dict[str, Any]:
+def report_width(
+    r: int,
+    dtype: str,
+    B: int,
+    S: int,
+    decode_B: int,
+    decode_T: int,
+    cache_dir: str | None,
+    shapes: dict[str, list[tuple]] | None = None,
+) -> dict[str, Any]:
     """Compile and read every kernel at width r (run in a worker process)."""
     if cache_dir:
         os.environ["TRITON_CACHE_DIR"] = cache_dir
@@ -580,48 +653,90 @@ def report_width(r: int, dtype: str, B: int, S: int, decode_B: int, decode_T: in
                 if group == "decode":
                     row.kernel = "decode_" + row.kernel
                 rows.append(row)
-    compile_s = {group: round(sum(launch.compile_s for launch in launches), 1)
-                 for group, launches in groups.items()}
-    return {"r": r, "dtype": dtype, "rows": [asdict(row) for row in rows],
-            "ceilings": ceilings(rows, r), "compile_s": compile_s}
+    compile_s = {
+        group: round(sum(launch.compile_s for launch in launches), 1)
+        for group, launches in groups.items()
+    }
+    return {
+        "r": r,
+        "dtype": dtype,
+        "rows": [asdict(row) for row in rows],
+        "ceilings": ceilings(rows, r),
+        "compile_s": compile_s,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
 
-COLUMNS = ["r", "kernel", "config", "registers", "spill_stores", "shared_kb", "fits", "mma", "dup",
-           "dead", "inst_per_pair", "mufu_per_pair", "tensor_flops_per_pair", "global_bytes_per_pair",
-           "compile_s"]
+COLUMNS = [
+    "r",
+    "kernel",
+    "config",
+    "registers",
+    "spill_stores",
+    "shared_kb",
+    "fits",
+    "mma",
+    "dup",
+    "dead",
+    "inst_per_pair",
+    "mufu_per_pair",
+    "tensor_flops_per_pair",
+    "global_bytes_per_pair",
+    "compile_s",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.kernel_static", description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--r", default="128,256,424,512",
-                        help="core widths to compile, comma-separated (default: %(default)s)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16",
-                        help="input dtype (default: %(default)s)")
+        prog="python -m benchmarks.kernel_static",
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--r",
+        default="128,256,424,512",
+        help="core widths to compile, comma-separated (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), default="bf16", help="input dtype (default: %(default)s)"
+    )
     parser.add_argument("--batch", type=int, default=16, help="training batch B (default: 16)")
-    parser.add_argument("--seq_len", type=int, default=4096,
-                        help="training sequence length S = T (default: 4096)")
-    parser.add_argument("--decode_batch", type=int, default=64,
-                        help="decoding batch (default: 64)")
-    parser.add_argument("--decode_keys", type=int, default=4096,
-                        help="decoding cache length T, S = 1 (default: 4096)")
-    parser.add_argument("--jobs", type=int, default=1,
-                        help="widths compiled in parallel processes (default: 1)")
-    parser.add_argument("--cold", action="store_true",
-                        help="compile with an empty Triton cache, so compile times are honest")
-    parser.add_argument("--cache_dir", default=None,
-                        help="Triton cache directory to use (default: Triton's own)")
-    parser.add_argument("--shapes", default=None, metavar="KERNEL:M,N,DV,WARPS,STAGES;...",
-                        help="try other autotune candidates for a launch (fwd, dkdv, dv, dk, dq) "
-                             "at every width given, e.g. 'dkdv:32,128,128,8,2;16,128,128,8,3'"
-                             " (repeat the flag's groups with '|' for several kernels)")
-    parser.add_argument("--output", default=str(DEFAULT_OUTPUT),
-                        help="JSON file to write (default: %(default)s)")
+    parser.add_argument(
+        "--seq_len", type=int, default=4096, help="training sequence length S = T (default: 4096)"
+    )
+    parser.add_argument("--decode_batch", type=int, default=64, help="decoding batch (default: 64)")
+    parser.add_argument(
+        "--decode_keys",
+        type=int,
+        default=4096,
+        help="decoding cache length T, S = 1 (default: 4096)",
+    )
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="widths compiled in parallel processes (default: 1)"
+    )
+    parser.add_argument(
+        "--cold",
+        action="store_true",
+        help="compile with an empty Triton cache, so compile times are honest",
+    )
+    parser.add_argument(
+        "--cache_dir", default=None, help="Triton cache directory to use (default: Triton's own)"
+    )
+    parser.add_argument(
+        "--shapes",
+        default=None,
+        metavar="KERNEL:M,N,DV,WARPS,STAGES;...",
+        help="try other autotune candidates for a launch (fwd, dkdv, dv, dk, dq) "
+        "at every width given, e.g. 'dkdv:32,128,128,8,2;16,128,128,8,3'"
+        " (repeat the flag's groups with '|' for several kernels)",
+    )
+    parser.add_argument(
+        "--output", default=str(DEFAULT_OUTPUT), help="JSON file to write (default: %(default)s)"
+    )
     return parser
 
 
@@ -632,15 +747,25 @@ def parse_shapes(text: str | None) -> dict[str, list[tuple]] | None:
     found = {}
     for group in text.split("|"):
         name, _, rest = group.partition(":")
-        found[name.strip()] = [tuple(int(x) if x.strip().isdigit() else x.strip()
-                                     for x in shape.split(","))
-                               for shape in rest.split(";") if shape.strip()]
+        found[name.strip()] = [
+            tuple(int(x) if x.strip().isdigit() else x.strip() for x in shape.split(","))
+            for shape in rest.split(";")
+            if shape.strip()
+        ]
     return found
 
 
-def collect(widths: list[int], dtype: str, B: int, S: int, decode_B: int, decode_T: int,
-            jobs: int = 1, cache_dir: str | None = None,
-            shapes: dict[str, list[tuple]] | None = None) -> list[dict[str, Any]]:
+def collect(
+    widths: list[int],
+    dtype: str,
+    B: int,
+    S: int,
+    decode_B: int,
+    decode_T: int,
+    jobs: int = 1,
+    cache_dir: str | None = None,
+    shapes: dict[str, list[tuple]] | None = None,
+) -> list[dict[str, Any]]:
     """Reports for every width, each compiled in a fresh process (a kernel module per target)."""
     args = [(r, dtype, B, S, decode_B, decode_T, cache_dir, shapes) for r in widths]
     with ProcessPoolExecutor(max_workers=max(1, jobs), max_tasks_per_child=1) as pool:
@@ -658,27 +783,60 @@ def main(argv: list[str] | None = None) -> int:
     widths = [int(x) for x in args.r.split(",") if x.strip()]
     with tempfile.TemporaryDirectory() as cold_dir:
         cache_dir = cold_dir if args.cold else args.cache_dir
-        reports = collect(widths, args.dtype, args.batch, args.seq_len, args.decode_batch,
-                          args.decode_keys, args.jobs, cache_dir, parse_shapes(args.shapes))
+        reports = collect(
+            widths,
+            args.dtype,
+            args.batch,
+            args.seq_len,
+            args.decode_batch,
+            args.decode_keys,
+            args.jobs,
+            cache_dir,
+            parse_shapes(args.shapes),
+        )
     rows = [row for report in reports for row in report["rows"]]
     print(format_table(rows, COLUMNS))
     print()
-    summary = [{"r": rep["r"], **rep["ceilings"], **{f"compile_{k}_s": v for k, v in
-                                                      rep["compile_s"].items()}}
-               for rep in reports]
+    summary = [
+        {
+            "r": rep["r"],
+            **rep["ceilings"],
+            **{f"compile_{k}_s": v for k, v in rep["compile_s"].items()},
+        }
+        for rep in reports
+    ]
     print(format_table(summary, list(summary[0])))
     import triton
 
-    timing = wall_clock("one kernel's compilation (with --cold from an empty Triton cache)",
-                        "seconds, one reading each", warmup=0, repetitions=1)
-    path = write_results(args.output, rows, timing=timing, triton=triton.__version__,
-                         dtype=args.dtype,
-                         shapes=dict(batch=args.batch, seq_len=args.seq_len,
-                                     decode_batch=args.decode_batch, decode_keys=args.decode_keys),
-                         model=dict(sms=SMS, clock_hz=CLOCK_HZ, tensor_flop_per_clock=
-                                    TENSOR_FLOP_PER_CLOCK, issue_per_clock=ISSUE_PER_CLOCK,
-                                    mufu_per_clock=MUFU_PER_CLOCK, shared_limit=SHARED_LIMIT),
-                         summary=summary, cold=args.cold)
+    timing = wall_clock(
+        "one kernel's compilation (with --cold from an empty Triton cache)",
+        "seconds, one reading each",
+        warmup=0,
+        repetitions=1,
+    )
+    path = write_results(
+        args.output,
+        rows,
+        timing=timing,
+        triton=triton.__version__,
+        dtype=args.dtype,
+        shapes=dict(
+            batch=args.batch,
+            seq_len=args.seq_len,
+            decode_batch=args.decode_batch,
+            decode_keys=args.decode_keys,
+        ),
+        model=dict(
+            sms=SMS,
+            clock_hz=CLOCK_HZ,
+            tensor_flop_per_clock=TENSOR_FLOP_PER_CLOCK,
+            issue_per_clock=ISSUE_PER_CLOCK,
+            mufu_per_clock=MUFU_PER_CLOCK,
+            shared_limit=SHARED_LIMIT,
+        ),
+        summary=summary,
+        cold=args.cold,
+    )
     print(f"\nwrote {path}")
     return 0
 

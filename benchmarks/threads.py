@@ -30,8 +30,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import (BASE, RESULTS_DIR, TINY_BASE, child_env, format_table,
-                               python_docs_corpus, wall_clock, write_results)
+from benchmarks.common import (
+    BASE,
+    RESULTS_DIR,
+    TINY_BASE,
+    child_env,
+    format_table,
+    python_docs_corpus,
+    wall_clock,
+    write_results,
+)
 
 SITUATIONS = ("alone", "beside a busy process", "two copies")
 SETTINGS = ((1, None), (2, None), (2, "PASSIVE"))  # (threads, OMP_WAIT_POLICY)
@@ -41,25 +49,56 @@ COLUMNS = ("situation", "threads", "wait_policy", "tokens_per_s", "vs_1_thread")
 
 def train_command(data: Any, run: Path, steps: int, tiny: bool) -> list[str]:
     base = TINY_BASE if tiny else BASE
-    shape = ["--n_layers", base["n_layers"], "--dim", base["dim"], "--core_dim",
-             16 if tiny else 128, "--max_seq_len", 32 if tiny else 256]
+    shape = [
+        "--n_layers",
+        base["n_layers"],
+        "--dim",
+        base["dim"],
+        "--core_dim",
+        16 if tiny else 128,
+        "--max_seq_len",
+        32 if tiny else 256,
+    ]
     if tiny:
         shape += ["--multiple_of", 16]
-    return [sys.executable, "-m", "llama3", "train", "--device", "cpu", "--train_corpus",
-            data.train, "--tokenizer", data.tokenizer, *map(str, shape), "--batch_size",
-            "4" if tiny else "16", "--total_steps", str(steps), "--save_steps", str(steps),
-            "--no-tensorboard", "--to_checkpoint", str(run)]
+    return [
+        sys.executable,
+        "-m",
+        "llama3",
+        "train",
+        "--device",
+        "cpu",
+        "--train_corpus",
+        data.train,
+        "--tokenizer",
+        data.tokenizer,
+        *map(str, shape),
+        "--batch_size",
+        "4" if tiny else "16",
+        "--total_steps",
+        str(steps),
+        "--save_steps",
+        str(steps),
+        "--no-tensorboard",
+        "--to_checkpoint",
+        str(run),
+    ]
 
 
-def start(data: Any, run: Path, steps: int, tiny: bool, threads: int,
-          policy: str | None) -> subprocess.Popen:
+def start(
+    data: Any, run: Path, steps: int, tiny: bool, threads: int, policy: str | None
+) -> subprocess.Popen:
     shutil.rmtree(run, ignore_errors=True)
     env = child_env(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     env.pop("OMP_WAIT_POLICY", None)
     if policy:
         env["OMP_WAIT_POLICY"] = policy
-    return subprocess.Popen([str(a) for a in train_command(data, run, steps, tiny)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen(
+        [str(a) for a in train_command(data, run, steps, tiny)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def tokens_per_s(run: Path) -> float:
@@ -70,16 +109,24 @@ def tokens_per_s(run: Path) -> float:
     return per_step * len(steps) / sum(per_step / r["tokens_per_s"] for r in steps)
 
 
-def measure(data: Any, work: Path, steps: int, tiny: bool, situation: str, threads: int,
-            policy: str | None) -> float:
+def measure(
+    data: Any, work: Path, steps: int, tiny: bool, situation: str, threads: int, policy: str | None
+) -> float:
     runs = [work / "run_a", work / "run_b"]
     main = start(data, runs[0], steps, tiny, threads, policy)
     other = None
     if situation != "alone":
-        other_threads, other_policy = (1, None) if situation.startswith("beside") else \
-            (threads, policy)
-        other = start(data, runs[1], steps * 3 if situation.startswith("beside") else steps,
-                      tiny, other_threads, other_policy)
+        other_threads, other_policy = (
+            (1, None) if situation.startswith("beside") else (threads, policy)
+        )
+        other = start(
+            data,
+            runs[1],
+            steps * 3 if situation.startswith("beside") else steps,
+            tiny,
+            other_threads,
+            other_policy,
+        )
     if main.wait() != 0:
         raise SystemExit(f"training failed ({situation}, {threads} threads, {policy})")
     rate = tokens_per_s(runs[0])
@@ -94,21 +141,30 @@ def measure(data: Any, work: Path, steps: int, tiny: bool, situation: str, threa
 
 
 def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.threads", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.threads",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--tiny", action="store_true", help="tiny model, few steps")
-    p.add_argument("--steps", type=int, default=None, help="steps per training (default 60; "
-                                                           "tiny 14)")
+    p.add_argument(
+        "--steps", type=int, default=None, help="steps per training (default 60; tiny 14)"
+    )
     p.add_argument("--work_dir", type=Path, default=RESULTS_DIR.parent / "out" / "threads")
-    p.add_argument("--output", type=Path, default=None,
-                   help="JSON results (default: benchmarks/results/threads_cpu.json; with --tiny "
-                        "WORK_DIR/threads.json)")
+    p.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help="JSON results (default: benchmarks/results/threads_cpu.json; with --tiny "
+        "WORK_DIR/threads.json)",
+    )
     args = p.parse_args()
     args.steps = args.steps or (14 if args.tiny else 60)
     if args.steps <= SKIPPED:
         p.error(f"--steps must exceed {SKIPPED}")
-    args.output = args.output or (args.work_dir / "threads.json" if args.tiny
-                                  else RESULTS_DIR / "threads_cpu.json")
+    args.output = args.output or (
+        args.work_dir / "threads.json" if args.tiny else RESULTS_DIR / "threads_cpu.json"
+    )
     return args
 
 
@@ -120,18 +176,34 @@ def main() -> int:
     for situation in SITUATIONS:
         for threads, policy in SETTINGS:
             rate = measure(data, args.work_dir, args.steps, args.tiny, situation, threads, policy)
-            rows.append({"situation": situation, "threads": threads,
-                         "wait_policy": policy or "default", "tokens_per_s": rate})
+            rows.append(
+                {
+                    "situation": situation,
+                    "threads": threads,
+                    "wait_policy": policy or "default",
+                    "tokens_per_s": rate,
+                }
+            )
         one = rows[-len(SETTINGS)]["tokens_per_s"]
-        for row in rows[-len(SETTINGS):]:
+        for row in rows[-len(SETTINGS) :]:
             row["vs_1_thread"] = row["tokens_per_s"] / one
     print(format_table(rows, COLUMNS))
-    timing = wall_clock("one optimizer step (the train command's own tokens_per_s)",
-                        "tokens / seconds of the steps after the warm-up", warmup=SKIPPED,
-                        repetitions=args.steps - SKIPPED)
-    path = write_results(args.output, rows, timing=timing, benchmark="threads", steps=args.steps,
-                         tiny=args.tiny, cpus=os.cpu_count(),
-                         load_average={"before": load_before, "after": os.getloadavg()})
+    timing = wall_clock(
+        "one optimizer step (the train command's own tokens_per_s)",
+        "tokens / seconds of the steps after the warm-up",
+        warmup=SKIPPED,
+        repetitions=args.steps - SKIPPED,
+    )
+    path = write_results(
+        args.output,
+        rows,
+        timing=timing,
+        benchmark="threads",
+        steps=args.steps,
+        tiny=args.tiny,
+        cpus=os.cpu_count(),
+        load_average={"before": load_before, "after": os.getloadavg()},
+    )
     print(f"results: {path}")
     return 0
 

@@ -42,10 +42,22 @@ from typing import Any
 import torch
 
 from benchmarks.common import BASE as COMMON_BASE
+from benchmarks.common import (
+    CONFIGS,
+    RESULTS_DIR,
+    TINY_CONFIGS,
+    Deadline,
+    Estimates,
+    Timer,
+    device_slug,
+    environment,
+    format_table,
+    matmul_tflops,
+    python_docs_corpus,
+    wall_clock,
+    write_results,
+)
 from benchmarks.common import TINY_BASE as COMMON_TINY_BASE
-from benchmarks.common import (CONFIGS, RESULTS_DIR, TINY_CONFIGS, Deadline, Estimates, Timer,
-                               device_slug, environment, format_table, matmul_tflops,
-                               python_docs_corpus, wall_clock, write_results)
 from llama3 import ModelArgs, Transformer
 from llama3.cli import UsageError, add_precision_flags
 from llama3.model import parameter_counts, training_flops_per_token
@@ -59,45 +71,102 @@ TINY_BASE = dict(**COMMON_TINY_BASE, multiple_of=16)
 ORIGINAL_STEPS = 80_000
 MODES = ("eager", "compile")
 FIRST_COMPILE_S = 30.0  # warm-up assumed for the first compiled configuration under --deadline_s
-COLUMNS = ("model", "seq_len", "mode", "batch", "steps", "tokens_per_s", "vs_softmax", "step_ms",
-           "mfu", "peak_memory_gib", "loss", "warmup_s", "projected_80k_h", "data", "error")
+COLUMNS = (
+    "model",
+    "seq_len",
+    "mode",
+    "batch",
+    "steps",
+    "tokens_per_s",
+    "vs_softmax",
+    "step_ms",
+    "mfu",
+    "peak_memory_gib",
+    "loss",
+    "warmup_s",
+    "projected_80k_h",
+    "data",
+    "error",
+)
 Batches = Iterator[tuple[torch.Tensor, torch.Tensor]]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tiny", action="store_true",
-                   help="tiny models (2 layers, dim 32, seq 128, batch 8) that run on a CPU")
-    p.add_argument("--models", nargs="+", default=None,
-                   help="configurations to run (default: all; see the module docstring)")
-    p.add_argument("--seq_lens", type=int, nargs="+", default=None,
-                   help="window lengths (default: 4096 8192; tiny: 128)")
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.train",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--tiny",
+        action="store_true",
+        help="tiny models (2 layers, dim 32, seq 128, batch 8) that run on a CPU",
+    )
+    p.add_argument(
+        "--models",
+        nargs="+",
+        default=None,
+        help="configurations to run (default: all; see the module docstring)",
+    )
+    p.add_argument(
+        "--seq_lens",
+        type=int,
+        nargs="+",
+        default=None,
+        help="window lengths (default: 4096 8192; tiny: 128)",
+    )
     p.add_argument("--batch_size", type=int, default=None, help="windows per step (default: 64)")
     p.add_argument("--accumulation_steps", type=int, default=1, help="micro-batches per step")
-    p.add_argument("--compile_modes", nargs="+", choices=MODES, default=["eager"],
-                   help="eager, and/or torch.compile of each block")
+    p.add_argument(
+        "--compile_modes",
+        nargs="+",
+        choices=MODES,
+        default=["eager"],
+        help="eager, and/or torch.compile of each block",
+    )
     p.add_argument("--steps", type=int, default=50, help="timed steps per configuration")
-    p.add_argument("--seconds", type=float, default=None,
-                   help="instead of --steps: train each configuration for this wall-clock time")
+    p.add_argument(
+        "--seconds",
+        type=float,
+        default=None,
+        help="instead of --steps: train each configuration for this wall-clock time",
+    )
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
-    p.add_argument("--deadline_s", type=float, default=None,
-                   help="time budget of the whole run: configurations that would not fit are "
-                        "recorded as not run")
+    p.add_argument(
+        "--deadline_s",
+        type=float,
+        default=None,
+        help="time budget of the whole run: configurations that would not fit are "
+        "recorded as not run",
+    )
     p.add_argument("--base_lr", type=float, default=1e-3, help="constant learning rate")
     data = p.add_mutually_exclusive_group()
-    data.add_argument("--train_corpus", metavar="PATH", help="real data (default: synthetic tokens)")
-    data.add_argument("--python_docs", metavar="DIR",
-                      help="the quick start's Python documentation corpus and its tokenizer, "
-                           "built in DIR on first use")
+    data.add_argument(
+        "--train_corpus", metavar="PATH", help="real data (default: synthetic tokens)"
+    )
+    data.add_argument(
+        "--python_docs",
+        metavar="DIR",
+        help="the quick start's Python documentation corpus and its tokenizer, "
+        "built in DIR on first use",
+    )
     p.add_argument("--tokenizer", metavar="MODEL_FILE", help="tokenizer of --train_corpus")
-    p.add_argument("--activation_checkpointing", action="store_true",
-                   help="recompute activations in backward")
-    p.add_argument("--peak_tflops", type=float, default=None,
-                   help="peak TFLOP/s for MFU (default: a bf16 matmul measured in this run, CUDA)")
+    p.add_argument(
+        "--activation_checkpointing", action="store_true", help="recompute activations in backward"
+    )
+    p.add_argument(
+        "--peak_tflops",
+        type=float,
+        default=None,
+        help="peak TFLOP/s for MFU (default: a bf16 matmul measured in this run, CUDA)",
+    )
     p.add_argument("--seed", type=int, default=0, help="initialisation and data order")
-    p.add_argument("--output", type=Path, default=None,
-                   help="JSON results (default: benchmarks/results/train_DEVICE.json)")
+    p.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help="JSON results (default: benchmarks/results/train_DEVICE.json)",
+    )
     add_precision_flags(p)
     args = p.parse_args(argv)
     if (args.train_corpus is None) != (args.tokenizer is None):
@@ -127,8 +196,12 @@ def settings(args: argparse.Namespace, vocab_size: int | None) -> list[Setting]:
         raise UsageError(f"--models: unknown {sorted(unknown)}; choose from {list(configs)}")
     values = dict(base, **({"vocab_size": vocab_size} if vocab_size else {}))
     seq_lens = args.seq_lens or ([128] if args.tiny else [4096, 8192])
-    return [Setting(name, ModelArgs(**values, **configs[name], max_seq_len=seq_len), mode)
-            for mode in args.compile_modes for seq_len in seq_lens for name in names]
+    return [
+        Setting(name, ModelArgs(**values, **configs[name], max_seq_len=seq_len), mode)
+        for mode in args.compile_modes
+        for seq_len in seq_lens
+        for name in names
+    ]
 
 
 def synthetic(vocab_size: int, batch_size: int, seq_len: int, seed: int) -> Batches:
@@ -158,8 +231,10 @@ def batches(data: Data, setting: Setting, batch_size: int, seed: int) -> tuple[B
         windows = TrainWindows(corpus, seq_len, batch_size, seed=seed)  # packed windows
     except UsageError:
         windows_available = max(corpus.n_tokens - 1, 0) // seq_len
-        label = (f"synthetic ({data.name} gives {windows_available} windows of {seq_len}, "
-                 f"fewer than a batch of {batch_size})")
+        label = (
+            f"synthetic ({data.name} gives {windows_available} windows of {seq_len}, "
+            f"fewer than a batch of {batch_size})"
+        )
         print(f"{setting.name} at {seq_len}: {label}", flush=True)
         return synthetic(setting.model_args.vocab_size, batch_size, seq_len, seed), label
     return iter(windows), f"{data.name} ({corpus.n_tokens:,} tokens)"
@@ -168,10 +243,21 @@ def batches(data: Data, setting: Setting, batch_size: int, seed: int) -> tuple[B
 class Runner:
     """Runs each setting with the shared data, precision and device."""
 
-    def __init__(self, args: argparse.Namespace, device: torch.device, precision: Precision,
-                 data: Data, peak: float | None):
-        self.args, self.device, self.precision, self.data, self.peak = (args, device, precision,
-                                                                        data, peak)
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        device: torch.device,
+        precision: Precision,
+        data: Data,
+        peak: float | None,
+    ):
+        self.args, self.device, self.precision, self.data, self.peak = (
+            args,
+            device,
+            precision,
+            data,
+            peak,
+        )
         self.batch_size = args.batch_size or (8 if args.tiny else 64)
         self.warmups = Estimates({"compile": FIRST_COMPILE_S})
 
@@ -184,16 +270,33 @@ class Runner:
         torch.manual_seed(args.seed)
         if setting.mode == "compile":
             torch._dynamo.reset()  # each configuration compiles from scratch, timed in warmup_s
-        model = Transformer.build(setting.model_args, device=device,
-                                  dtype=self.precision.param_dtype)
+        model = Transformer.build(
+            setting.model_args, device=device, dtype=self.precision.param_dtype
+        )
         params = parameter_counts(model)["total"]
-        parallelize(model, ParallelPlan(activation_checkpointing=args.activation_checkpointing,
-                                        compile=setting.mode == "compile"), device)
-        optimizer = build_optimizer(model, OptimizerSettings(lr=args.base_lr, weight_decay=0.1,
-                                                             betas=(0.9, 0.95), eps=1e-8), device)
+        parallelize(
+            model,
+            ParallelPlan(
+                activation_checkpointing=args.activation_checkpointing,
+                compile=setting.mode == "compile",
+            ),
+            device,
+        )
+        optimizer = build_optimizer(
+            model,
+            OptimizerSettings(lr=args.base_lr, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8),
+            device,
+        )
         scaler = torch.amp.GradScaler(device.type, enabled=self.precision.needs_scaler)
-        step = TrainStep(model, optimizer, scaler, self.precision, Distributed(device=device),
-                         accumulation_steps=args.accumulation_steps, max_norm=1.0)
+        step = TrainStep(
+            model,
+            optimizer,
+            scaler,
+            self.precision,
+            Distributed(device=device),
+            accumulation_steps=args.accumulation_steps,
+            max_norm=1.0,
+        )
         stream, data = batches(self.data, setting, self.batch_size, args.seed)
         try:
             warmup_s, first_s = self.warm_up(step, stream)
@@ -227,33 +330,61 @@ class Runner:
             curve.append((seconds, result.loss))
         return curve
 
-    def row(self, setting: Setting, params: int, curve: list[tuple[float, float]],
-            warmup_s: float, first_s: float, data: str) -> dict[str, Any]:
+    def row(
+        self,
+        setting: Setting,
+        params: int,
+        curve: list[tuple[float, float]],
+        warmup_s: float,
+        first_s: float,
+        data: str,
+    ) -> dict[str, Any]:
         model_args, steps = setting.model_args, len(curve)
         seconds = curve[-1][0]
         tokens_per_s = steps * self.batch_size * setting.seq_len / seconds
         flops = training_flops_per_token(model_args, setting.seq_len).total
-        tail = [loss for _, loss in curve[-max(1, steps // 10):]]
-        return {"model": setting.name, "attention": model_args.attention,
-                "core_dim": model_args.core_dim if model_args.attention == "softplus" else None,
-                "params": params, "seq_len": setting.seq_len, "mode": setting.mode,
-                "batch": self.batch_size, "steps": steps, "seconds": seconds,
-                "tokens_per_s": tokens_per_s, "step_ms": 1000 * seconds / steps,
-                "mfu": tokens_per_s * flops / (self.peak * 1e12) if self.peak else None,
-                "peak_memory_gib": (torch.cuda.max_memory_allocated(self.device) / 2**30
-                                    if self.device.type == "cuda" else None),
-                "loss": sum(tail) / len(tail), "warmup_s": warmup_s, "first_step_s": first_s,
-                "projected_80k_h": ORIGINAL_STEPS * seconds / steps / 3600,
-                "loss_curve": [[round(t, 4), loss] for t, loss in curve], "data": data,
-                "error": None}
+        tail = [loss for _, loss in curve[-max(1, steps // 10) :]]
+        return {
+            "model": setting.name,
+            "attention": model_args.attention,
+            "core_dim": model_args.core_dim if model_args.attention == "softplus" else None,
+            "params": params,
+            "seq_len": setting.seq_len,
+            "mode": setting.mode,
+            "batch": self.batch_size,
+            "steps": steps,
+            "seconds": seconds,
+            "tokens_per_s": tokens_per_s,
+            "step_ms": 1000 * seconds / steps,
+            "mfu": tokens_per_s * flops / (self.peak * 1e12) if self.peak else None,
+            "peak_memory_gib": (
+                torch.cuda.max_memory_allocated(self.device) / 2**30
+                if self.device.type == "cuda"
+                else None
+            ),
+            "loss": sum(tail) / len(tail),
+            "warmup_s": warmup_s,
+            "first_step_s": first_s,
+            "projected_80k_h": ORIGINAL_STEPS * seconds / steps / 3600,
+            "loss_curve": [[round(t, 4), loss] for t, loss in curve],
+            "data": data,
+            "error": None,
+        }
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
     """tokens/s of each row relative to softmax's at the same length and mode, in this run."""
     for row in rows:
-        softmax = next((r for r in rows if r.get("attention") == "softmax" and r.get("tokens_per_s")
-                        and (r["seq_len"], r["mode"]) == (row.get("seq_len"), row.get("mode"))),
-                       None)
+        softmax = next(
+            (
+                r
+                for r in rows
+                if r.get("attention") == "softmax"
+                and r.get("tokens_per_s")
+                and (r["seq_len"], r["mode"]) == (row.get("seq_len"), row.get("mode"))
+            ),
+            None,
+        )
         if softmax and row.get("tokens_per_s"):
             row["vs_softmax"] = row["tokens_per_s"] / softmax["tokens_per_s"]
 
@@ -269,8 +400,11 @@ def open_data(args: argparse.Namespace) -> Data:
     from llama3.data.tokens import open_token_corpus
 
     tokenizer = Tokenizer(tokenizer)
-    return Data(open_token_corpus(corpus, tokenizer, progress=False, flag="--train_corpus"), name,
-                tokenizer.vocab_size)
+    return Data(
+        open_token_corpus(corpus, tokenizer, progress=False, flag="--train_corpus"),
+        name,
+        tokenizer.vocab_size,
+    )
 
 
 def peak_tflops(args: argparse.Namespace, timer: Timer) -> tuple[float | None, str]:
@@ -284,10 +418,17 @@ def peak_tflops(args: argparse.Namespace, timer: Timer) -> tuple[float | None, s
 def timing(args: argparse.Namespace, peak_timer: Timer | None) -> dict[str, Any]:
     """How the run timed: every optimizer step by the wall clock, and the peak's matmul (when
     measured) by ``peak_timer``."""
-    repetitions = (f"as many as fit in --seconds {args.seconds} (rows record the count)"
-                   if args.seconds else args.steps)
-    steps = wall_clock("one optimizer step, data included; each step ends by copying its loss to "
-                       "the host", "mean step time", warmup=args.warmup, repetitions=repetitions)
+    repetitions = (
+        f"as many as fit in --seconds {args.seconds} (rows record the count)"
+        if args.seconds
+        else args.steps
+    )
+    steps = wall_clock(
+        "one optimizer step, data included; each step ends by copying its loss to the host",
+        "mean step time",
+        warmup=args.warmup,
+        repetitions=repetitions,
+    )
     return {"steps": steps, "peak_matmul": peak_timer.record() if peak_timer else None}
 
 
@@ -307,20 +448,35 @@ def main(argv: list[str] | None = None) -> int:
     timer = Timer(device)
     peak, source = peak_tflops(args, timer)
     budget = f"{args.seconds} s per configuration" if args.seconds else f"{args.steps} steps"
-    print(f"{environment()['gpu'] or device}, {precision.name}, {budget} after {args.warmup} "
-          f"warm-up steps; peak {peak and round(peak, 1)} TFLOP/s ({source})", flush=True)
+    print(
+        f"{environment()['gpu'] or device}, {precision.name}, {budget} after {args.warmup} "
+        f"warm-up steps; peak {peak and round(peak, 1)} TFLOP/s ({source})",
+        flush=True,
+    )
     output = args.output or RESULTS_DIR / f"train_{device_slug(device)}.json"
     measured = peak is not None and not args.peak_tflops
-    meta = dict(benchmark="train", timing=timing(args, timer if measured else None),
-                precision=precision.name, allow_tf32=args.allow_tf32,
-                budget=budget, seconds=args.seconds, warmup_steps=args.warmup,
-                peak_tflops=peak, peak_source=source, original_steps=ORIGINAL_STEPS,
-                activation_checkpointing=args.activation_checkpointing)
+    meta = dict(
+        benchmark="train",
+        timing=timing(args, timer if measured else None),
+        precision=precision.name,
+        allow_tf32=args.allow_tf32,
+        budget=budget,
+        seconds=args.seconds,
+        warmup_steps=args.warmup,
+        peak_tflops=peak,
+        peak_source=source,
+        original_steps=ORIGINAL_STEPS,
+        activation_checkpointing=args.activation_checkpointing,
+    )
     runner = Runner(args, device, precision, data, peak)
     rows: list[dict[str, Any]] = []
     for setting in plan:
-        base = {"model": setting.name, "attention": setting.model_args.attention,
-                "seq_len": setting.seq_len, "mode": setting.mode}
+        base = {
+            "model": setting.name,
+            "attention": setting.model_args.attention,
+            "seq_len": setting.seq_len,
+            "mode": setting.mode,
+        }
         if not deadline.allows(runner.estimate_s(setting)):
             rows.append({**base, "error": Deadline.skipped()})
         else:

@@ -16,21 +16,41 @@ from llama3.errors import ConfigError, UsageError
 # name → (module defining add_arguments(parser) and run(args), or main(argv) for a command that
 # hands its arguments to another program's command line; one-line summary)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "preprocess": ("llama3.commands.preprocess", "clean and split JSON-lines or parquet corpora into train/eval shards"),
+    "preprocess": (
+        "llama3.commands.preprocess",
+        "clean and split JSON-lines or parquet corpora into train/eval shards",
+    ),
     "train_tokenizer": ("llama3.commands.train_tokenizer", "train a SentencePiece BPE tokenizer"),
-    "pretokenize": ("llama3.commands.pretokenize", "encode a corpus into cached binary token shards"),
+    "pretokenize": (
+        "llama3.commands.pretokenize",
+        "encode a corpus into cached binary token shards",
+    ),
     "train": ("llama3.training.train", "train a model in one process"),
-    "multitrain": ("llama3.training.multitrain", "train with FSDP2 under torchrun (one or many nodes)"),
-    "evaluate": ("llama3.commands.evaluate", "loss, perplexity and bits per byte on an eval corpus"),
+    "multitrain": (
+        "llama3.training.multitrain",
+        "train with FSDP2 under torchrun (one or many nodes)",
+    ),
+    "evaluate": (
+        "llama3.commands.evaluate",
+        "loss, perplexity and bits per byte on an eval corpus",
+    ),
     "generate": ("llama3.commands.generate", "sample text from a checkpoint"),
-    "deploy": ("llama3.deploy.command", "export to ONNX and TensorRT, check accuracy, measure latency"),
+    "deploy": (
+        "llama3.deploy.command",
+        "export to ONNX and TensorRT, check accuracy, measure latency",
+    ),
     "import_meta": ("llama3.commands.import_meta", "convert a Meta Llama 3 checkpoint into ours"),
-    "export_hf": ("llama3.commands.export_hf", "write a checkpoint as a Hugging Face model directory"),
+    "export_hf": (
+        "llama3.commands.export_hf",
+        "write a checkpoint as a Hugging Face model directory",
+    ),
     "import_hf": ("llama3.commands.import_hf", "convert a Hugging Face Llama directory into ours"),
     "lm_eval": ("llama3.interop.lm_eval_cli", "lm-evaluation-harness with our model as llama3"),
     "plot": ("llama3.commands.plot", "draw the loss curves of one or more runs into a PNG"),
-    "plot_lengths": ("llama3.commands.plot_lengths", "draw eval loss by window length and by "
-                                                     "position (evaluate's JSON) into a PNG"),
+    "plot_lengths": (
+        "llama3.commands.plot_lengths",
+        "draw eval loss by window length and by position (evaluate's JSON) into a PNG",
+    ),
 }
 
 
@@ -39,7 +59,8 @@ def _top_parser() -> argparse.ArgumentParser:
     return argparse.ArgumentParser(
         prog="python -m llama3",
         description="Llama 3 pretraining with softmax or softplus attention.\n\nsubcommands:\n"
-        + "\n".join(lines) + "\n\nRun 'python -m llama3 SUBCOMMAND --help' for its flags.",
+        + "\n".join(lines)
+        + "\n\nRun 'python -m llama3 SUBCOMMAND --help' for its flags.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
 
@@ -56,8 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(module_name)
     if hasattr(module, "main"):
         return _guarded(lambda: module.main(rest))
-    parser = ArgumentParser(prog=f"python -m llama3 {name}", description=summary,
-                            formatter_class=HelpFormatter)
+    parser = ArgumentParser(
+        prog=f"python -m llama3 {name}", description=summary, formatter_class=HelpFormatter
+    )
     module.add_arguments(parser)
     args = parser.parse_args(rest)
     return _guarded(lambda: module.run(args))

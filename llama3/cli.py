@@ -74,12 +74,17 @@ class Flag:
     def __init__(self, help: str, *, default: Any = None, **options: Any):
         self.help, self.default, self.options = help, default, options
 
-    def add(self, group: argparse._ActionsContainer, name: str, kind: Any = None,
-            **changes: Any) -> None:
+    def add(
+        self, group: argparse._ActionsContainer, name: str, kind: Any = None, **changes: Any
+    ) -> None:
         """``--name`` on ``group``, typed as a value of type ``kind`` (a field's) unless declared
         otherwise; ``changes`` replace declared options."""
-        group.add_argument(f"--{name}", default=self.default, help=self.help,
-                           **{**_typed(kind), **self.options, **changes})
+        group.add_argument(
+            f"--{name}",
+            default=self.default,
+            help=self.help,
+            **{**_typed(kind), **self.options, **changes},
+        )
 
     def field(self, *, resumable: bool = False) -> Any:
         """A dataclass field declaring this flag, its default the flag's (none if required).
@@ -113,22 +118,33 @@ def add_fields(group: argparse._ActionsContainer, cls: type, skip: tuple[str, ..
 # Model flags, by ModelArgs field: types and defaults come from ModelArgs, one source of truth.
 _MODEL_FLAGS: dict[str, Flag] = {
     "attention": Flag(f"attention layer: {' | '.join(ATTENTIONS)}", choices=ATTENTIONS),
-    "mixer": Flag(f"feed-forward mixer: {' | '.join(MIXERS)} (default: swiglu for softmax, "
-                  "combinator for softplus)", choices=MIXERS),
+    "mixer": Flag(
+        f"feed-forward mixer: {' | '.join(MIXERS)} (default: swiglu for softmax, "
+        "combinator for softplus)",
+        choices=MIXERS,
+    ),
     "n_layers": Flag("number of transformer blocks"),
     "dim": Flag("model width"),
     "n_heads": Flag("query heads (softmax attention)"),
     "n_kv_heads": Flag("key/value heads for grouped-query attention (default: --n_heads)"),
-    "core_dim": Flag("softplus core width r, a multiple of 8 (default: the multiple of 8 nearest "
-                     "to 5·dim − 216)"),
-    "softplus_scale": Flag(f"softplus score scale: {' | '.join(SOFTPLUS_SCALES)} "
-                           "(log(n)/sqrt(r) or 1/sqrt(r))", choices=SOFTPLUS_SCALES),
-    "core_output_scale": Flag("softplus core output before wo: width (× min(1, dim/r), so a core "
-                              "wider than dim does not dominate the residual stream) | none (as "
-                              "checkpoints saved before this setting, which keep it) | a factor "
-                              "such as 0.3"),
-    "init": Flag(f"initial weights: {' | '.join(INITS)} (N(0, 0.02) everywhere; 1/sqrt(fan_in); "
-                 "torchtitan's depth-scaled output projections)", choices=INITS),
+    "core_dim": Flag(
+        "softplus core width r, a multiple of 8 (default: the multiple of 8 nearest to 5·dim − 216)"
+    ),
+    "softplus_scale": Flag(
+        f"softplus score scale: {' | '.join(SOFTPLUS_SCALES)} (log(n)/sqrt(r) or 1/sqrt(r))",
+        choices=SOFTPLUS_SCALES,
+    ),
+    "core_output_scale": Flag(
+        "softplus core output before wo: width (× min(1, dim/r), so a core "
+        "wider than dim does not dominate the residual stream) | none (as "
+        "checkpoints saved before this setting, which keep it) | a factor "
+        "such as 0.3"
+    ),
+    "init": Flag(
+        f"initial weights: {' | '.join(INITS)} (N(0, 0.02) everywhere; 1/sqrt(fan_in); "
+        "torchtitan's depth-scaled output projections)",
+        choices=INITS,
+    ),
     "multiple_of": Flag("SwiGLU hidden width is rounded up to a multiple of this"),
     "ffn_dim_multiplier": Flag("SwiGLU hidden width multiplier"),
     "norm_eps": Flag("RMSNorm epsilon"),
@@ -139,8 +155,9 @@ _MODEL_FLAGS: dict[str, Flag] = {
 }
 
 
-def add_model_flags(parser: argparse.ArgumentParser, *, from_checkpoint: bool = False,
-                    resumable: bool = False) -> None:
+def add_model_flags(
+    parser: argparse.ArgumentParser, *, from_checkpoint: bool = False, resumable: bool = False
+) -> None:
     """Model shape flags.
 
     ``from_checkpoint``: the values come from a checkpoint; flags given must agree with it (see
@@ -152,8 +169,10 @@ def add_model_flags(parser: argparse.ArgumentParser, *, from_checkpoint: bool = 
     if from_checkpoint:
         title = "model (taken from the checkpoint; if given, must agree)"
     elif resumable:
-        title = "model (a new run uses the defaults shown; --from_checkpoint takes the checkpoint's " \
-                "values, and flags given must agree)"
+        title = (
+            "model (a new run uses the defaults shown; --from_checkpoint takes the checkpoint's "
+            "values, and flags given must agree)"
+        )
     else:
         title = "model"
     group = parser.add_argument_group(title)
@@ -168,16 +187,22 @@ def add_model_flags(parser: argparse.ArgumentParser, *, from_checkpoint: bool = 
 
 def model_flag_values(args: argparse.Namespace) -> dict[str, Any]:
     """The model flags given (set, not None), by ModelArgs field name."""
-    return {name: getattr(args, name) for name in _MODEL_FLAGS
-            if getattr(args, name, None) is not None}
+    return {
+        name: getattr(args, name) for name in _MODEL_FLAGS if getattr(args, name, None) is not None
+    }
 
 
 class Spelled(argparse.Action):
     """Stores the value like ``store`` and remembers which of the flag's spellings was given
     (``DEST_flag``), so that a message names the flag the user typed."""
 
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
-                 values: Any, option_string: str | None = None) -> None:
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
         setattr(namespace, self.dest, values)
         setattr(namespace, f"{self.dest}_flag", option_string)
 
@@ -190,11 +215,18 @@ def spelling(args: argparse.Namespace, dest: str) -> str:
 def add_seq_len_flag(group: argparse._ActionsContainer, what: str) -> None:
     """``--seq_len`` of the commands that run a trained model: tokens per sequence, ``what`` they
     are for. ``--max_seq_len`` is accepted as the same flag, for scripts written before."""
-    group.add_argument("--seq_len", "--max_seq_len", dest="seq_len", type=int, default=None,
-                       action=Spelled, metavar="N",
-                       help=f"tokens per sequence: {what} (default: the checkpoint's context, "
-                            "--max_seq_len of training); --max_seq_len is accepted as an older "
-                            "spelling of this flag")
+    group.add_argument(
+        "--seq_len",
+        "--max_seq_len",
+        dest="seq_len",
+        type=int,
+        default=None,
+        action=Spelled,
+        metavar="N",
+        help=f"tokens per sequence: {what} (default: the checkpoint's context, "
+        "--max_seq_len of training); --max_seq_len is accepted as an older "
+        "spelling of this flag",
+    )
 
 
 def seq_len_from_flags(args: argparse.Namespace, model_args: ModelArgs) -> int:
@@ -207,8 +239,11 @@ def seq_len_from_flags(args: argparse.Namespace, model_args: ModelArgs) -> int:
 
 
 DEVICE = Flag("cuda, cuda:N or cpu (default: cuda when available, else cpu)")
-ALLOW_TF32 = Flag("allow TF32 matmuls and convolutions on Ampere and newer GPUs", default=False,
-                  action=argparse.BooleanOptionalAction)
+ALLOW_TF32 = Flag(
+    "allow TF32 matmuls and convolutions on Ampere and newer GPUs",
+    default=False,
+    action=argparse.BooleanOptionalAction,
+)
 
 
 def add_precision_flags(parser: argparse.ArgumentParser) -> None:
@@ -222,18 +257,29 @@ def add_precision_flags(parser: argparse.ArgumentParser) -> None:
 def add_precision_modes(group: argparse._ActionsContainer) -> None:
     """The precision modes, one at most (:func:`llama3.runtime.precision_flag`)."""
     mode = group.add_mutually_exclusive_group()
-    mode.add_argument("--fp32", action="store_true",
-                      help="fp32 parameters and arithmetic (the default when no other mode is given)")
-    mode.add_argument("--amp_fp16", action="store_true",
-                      help="autocast to float16 with fp32 master weights and a gradient scaler")
-    mode.add_argument("--amp_bf16", action="store_true",
-                      help="autocast to bfloat16 with fp32 master weights")
-    mode.add_argument("--bf16", action="store_true",
-                      help="pure bfloat16 parameters and activations (FSDP: fp32 gradient reduction)")
+    mode.add_argument(
+        "--fp32",
+        action="store_true",
+        help="fp32 parameters and arithmetic (the default when no other mode is given)",
+    )
+    mode.add_argument(
+        "--amp_fp16",
+        action="store_true",
+        help="autocast to float16 with fp32 master weights and a gradient scaler",
+    )
+    mode.add_argument(
+        "--amp_bf16", action="store_true", help="autocast to bfloat16 with fp32 master weights"
+    )
+    mode.add_argument(
+        "--bf16",
+        action="store_true",
+        help="pure bfloat16 parameters and activations (FSDP: fp32 gradient reduction)",
+    )
 
 
-TOKENIZER = Flag("SentencePiece model file written by train_tokenizer", required=True,
-                 metavar="MODEL_FILE")
+TOKENIZER = Flag(
+    "SentencePiece model file written by train_tokenizer", required=True, metavar="MODEL_FILE"
+)
 
 
 def add_tokenizer_flag(parser: argparse._ActionsContainer, required: bool = True) -> None:
@@ -247,10 +293,14 @@ START_TOKENS = ("eos", "bos", "none")
 
 def add_start_token_flag(group: argparse._ActionsContainer, what: str) -> None:
     """``--start_token``: the token ``what`` follows (see :func:`start_token`)."""
-    group.add_argument("--start_token", choices=START_TOKENS, default="eos",
-                       help=f"token put before {what}: eos for models trained on packed windows "
-                            "(documents follow an end-of-sequence token), bos for --data_mode "
-                            "padded (documents start with beginning-of-sequence)")
+    group.add_argument(
+        "--start_token",
+        choices=START_TOKENS,
+        default="eos",
+        help=f"token put before {what}: eos for models trained on packed windows "
+        "(documents follow an end-of-sequence token), bos for --data_mode "
+        "padded (documents start with beginning-of-sequence)",
+    )
 
 
 def start_token(args: argparse.Namespace) -> str | None:
@@ -258,19 +308,30 @@ def start_token(args: argparse.Namespace) -> str | None:
     return None if args.start_token == "none" else args.start_token
 
 
-def add_checkpoint_source_flags(group: argparse._ActionsContainer, *,
-                                tokenizer_required: bool = True) -> None:
+def add_checkpoint_source_flags(
+    group: argparse._ActionsContainer, *, tokenizer_required: bool = True
+) -> None:
     """``--from_checkpoint`` and ``--tokenizer`` of the commands that load a trained model."""
-    group.add_argument("--from_checkpoint", required=True, metavar="DIR",
-                       help="run directory (its latest checkpoint), step directory or model.pt")
+    group.add_argument(
+        "--from_checkpoint",
+        required=True,
+        metavar="DIR",
+        help="run directory (its latest checkpoint), step directory or model.pt",
+    )
     add_tokenizer_flag(group, required=tokenizer_required)
 
 
-DATA_MODE = Flag("packed: documents joined (EOS between) into full windows; padded: one document "
-                 "per window, as the original, padding not counted by the loss", default="packed",
-                 choices=DATA_MODES)
-CACHE_DIR = Flag("where the corpus's encoded token shards are kept (default: CORPUS/.tokens/, or "
-                 "the user cache when the corpus folder is read-only)", metavar="DIR")
+DATA_MODE = Flag(
+    "packed: documents joined (EOS between) into full windows; padded: one document "
+    "per window, as the original, padding not counted by the loss",
+    default="packed",
+    choices=DATA_MODES,
+)
+CACHE_DIR = Flag(
+    "where the corpus's encoded token shards are kept (default: CORPUS/.tokens/, or "
+    "the user cache when the corpus folder is read-only)",
+    metavar="DIR",
+)
 
 
 def add_token_cache_flags(group: argparse._ActionsContainer, *, data_mode: bool = True) -> None:
@@ -283,17 +344,24 @@ def add_token_cache_flags(group: argparse._ActionsContainer, *, data_mode: bool 
 def add_bad_input_flags(parser: argparse.ArgumentParser) -> None:
     """What to do with bad input (:class:`~llama3.data.sources.ProblemLog`)."""
     group = parser.add_argument_group("bad input")
-    group.add_argument("--strict", action="store_true",
-                       help="stop with an error at the first bad input (malformed JSON, missing "
-                            "text, invalid UTF-8, empty, truncated or unreadable file, parquet file "
-                            "without a text column) instead of skipping and counting it")
-    group.add_argument("--max_reports", type=int, default=5,
-                       help="bad inputs reported individually (with file and line) before only "
-                            "counting them")
+    group.add_argument(
+        "--strict",
+        action="store_true",
+        help="stop with an error at the first bad input (malformed JSON, missing "
+        "text, invalid UTF-8, empty, truncated or unreadable file, parquet file "
+        "without a text column) instead of skipping and counting it",
+    )
+    group.add_argument(
+        "--max_reports",
+        type=int,
+        default=5,
+        help="bad inputs reported individually (with file and line) before only counting them",
+    )
 
 
-def problem_log_from_flags(args: argparse.Namespace,
-                           report: str | os.PathLike | None = None) -> ProblemLog:
+def problem_log_from_flags(
+    args: argparse.Namespace, report: str | os.PathLike | None = None
+) -> ProblemLog:
     """The log of bad input the flags ask for, listing every problem in ``report``."""
     return ProblemLog(strict=args.strict, max_reports=args.max_reports, report=report)
 
@@ -305,17 +373,28 @@ def add_cleaning_flags(parser: argparse.ArgumentParser, *, recorded: bool = Fals
     if recorded:
         group = parser.add_argument_group(
             "cleaning (default: the steps recorded with the tokenizer, i.e. those the training "
-            "text went through; a flag overrides its step)")
+            "text went through; a flag overrides its step)"
+        )
     else:
         group = parser.add_argument_group("cleaning (each step on by default, as in the original)")
     flag = argparse.BooleanOptionalAction
     default = None if recorded else True
-    group.add_argument("--nfkd", action=flag, default=default,
-                       help="Unicode NFKD normalisation (splits accents from letters, expands "
-                            "ligatures)")
-    group.add_argument("--ascii", action=flag, default=default,
-                       help="keep only ASCII characters (after NFKD, accented letters keep their "
-                            "base letter)")
+    group.add_argument(
+        "--nfkd",
+        action=flag,
+        default=default,
+        help="Unicode NFKD normalisation (splits accents from letters, expands ligatures)",
+    )
+    group.add_argument(
+        "--ascii",
+        action=flag,
+        default=default,
+        help="keep only ASCII characters (after NFKD, accented letters keep their base letter)",
+    )
     group.add_argument("--lowercase", action=flag, default=default, help="lowercase the text")
-    group.add_argument("--drop_empty_brackets", action=flag, default=default,
-                       help='remove empty bracket pairs: "()", "[]", "{}" (also with spaces inside)')
+    group.add_argument(
+        "--drop_empty_brackets",
+        action=flag,
+        default=default,
+        help='remove empty bracket pairs: "()", "[]", "{}" (also with spaces inside)',
+    )

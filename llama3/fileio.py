@@ -58,8 +58,10 @@ def write_error(path: str | os.PathLike, err: OSError, what: str = "") -> UsageE
         hint = "it is a directory: give a file name"
     else:
         hint = "check the path"
-    return UsageError(f"cannot write {what or ''}{path}: {err.strerror or err} ({hint}); nothing "
-                      "was left half-written")
+    return UsageError(
+        f"cannot write {what or ''}{path}: {err.strerror or err} ({hint}); nothing "
+        "was left half-written"
+    )
 
 
 def remove(path: Path) -> None:
@@ -148,8 +150,10 @@ def _publish_directory(tmp: Path, path: Path, what: str) -> None:
     except OSError as err:
         if err.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
             raise
-        raise UsageError(f"{what}{path} was written by another process meanwhile; it is kept and "
-                         "nothing of this run was: choose a new directory") from err
+        raise UsageError(
+            f"{what}{path} was written by another process meanwhile; it is kept and "
+            "nothing of this run was: choose a new directory"
+        ) from err
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -192,8 +196,9 @@ def check_new_output_dir(path: str | os.PathLike, flag: str) -> Path:
     empty, in a directory where it can be made."""
     path = Path(path)
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise UsageError(f"{flag} {path} already exists and is not an empty directory; choose a "
-                         "new one")
+        raise UsageError(
+            f"{flag} {path} already exists and is not an empty directory; choose a new one"
+        )
     _check_parent(path.parent, flag, path)
     return path
 
@@ -211,8 +216,10 @@ def _check_parent(directory: Path, flag: str, path: Path) -> None:
         probe.touch()
         probe.unlink()
     except OSError as err:
-        raise UsageError(f"{flag} {path}: cannot write in {directory} ({err.strerror or err}): "
-                         "choose a writable location") from err
+        raise UsageError(
+            f"{flag} {path}: cannot write in {directory} ({err.strerror or err}): "
+            "choose a writable location"
+        ) from err
 
 
 # ------------------------------------------------------------------------------------ locks

@@ -93,7 +93,9 @@ def sample(logits: Tensor, settings: SamplingSettings, generator: torch.Generato
     """:func:`pick` with noise drawn from ``generator`` (none at temperature 0)."""
     noise = None
     if settings.temperature != 0:
-        noise = torch.empty(logits.shape, device=logits.device).exponential_(1.0, generator=generator)
+        noise = torch.empty(logits.shape, device=logits.device).exponential_(
+            1.0, generator=generator
+        )
     return pick(logits, settings, noise)
 
 
@@ -130,10 +132,12 @@ class GenerationResult:
         return self.decode_tokens / self.decode_s if self.decode_s > 0 else 0.0
 
     def stats_line(self) -> str:
-        return (f"prefill: {self.prompt_tokens} tokens in {self.prefill_s:.3f} s "
-                f"({self.prefill_tokens_per_s:.1f} tokens/s); decode: {self.decode_tokens} tokens "
-                f"in {self.decode_s:.3f} s ({self.decode_tokens_per_s:.1f} tokens/s, batch "
-                f"{len(self.tokens)})")
+        return (
+            f"prefill: {self.prompt_tokens} tokens in {self.prefill_s:.3f} s "
+            f"({self.prefill_tokens_per_s:.1f} tokens/s); decode: {self.decode_tokens} tokens "
+            f"in {self.decode_s:.3f} s ({self.decode_tokens_per_s:.1f} tokens/s, batch "
+            f"{len(self.tokens)})"
+        )
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
@@ -149,9 +153,17 @@ class _DecodeStep:
     token back. On CUDA the step is captured in a CUDA graph (once per sampling settings) and
     replayed; elsewhere the same function runs eagerly."""
 
-    def __init__(self, model: nn.Module, batch: int, capacity: int, n_ids: int,
-                 device: torch.device, dtype: torch.dtype, autocast_dtype: torch.dtype | None,
-                 use_graph: bool):
+    def __init__(
+        self,
+        model: nn.Module,
+        batch: int,
+        capacity: int,
+        n_ids: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        autocast_dtype: torch.dtype | None,
+        use_graph: bool,
+    ):
         self.model, self.batch, self.capacity, self.n_ids = model, batch, capacity, n_ids
         self.device, self.autocast_dtype, self.use_graph = device, autocast_dtype, use_graph
         self.cache = StaticKVCache.allocate(model.args, batch, capacity, device, dtype)
@@ -228,10 +240,18 @@ class Generator:
     decode.
     """
 
-    def __init__(self, model: nn.Module, tokenizer: object | None = None,
-                 device: torch.device | str | None = None, *, cuda_graph: bool = True,
-                 eos_id: int | None = None, pad_id: int = 0,
-                 autocast_dtype: torch.dtype | None = None, start: str | None = "eos"):
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: object | None = None,
+        device: torch.device | str | None = None,
+        *,
+        cuda_graph: bool = True,
+        eos_id: int | None = None,
+        pad_id: int = 0,
+        autocast_dtype: torch.dtype | None = None,
+        start: str | None = "eos",
+    ):
         param = next(model.parameters())
         self.device = torch.device(device) if device is not None else param.device
         self.model = model.to(self.device).eval()
@@ -250,8 +270,12 @@ class Generator:
         as the tokenizer's training text was."""
         return self.start_ids + self.tokenizer.encode(self.tokenizer.clean(prompt))
 
-    def generate(self, prompts: Sequence[str], settings: SamplingSettings = SamplingSettings(),
-                 on_step: Callable[[Tensor], None] | None = None) -> GenerationResult:
+    def generate(
+        self,
+        prompts: Sequence[str],
+        settings: SamplingSettings = SamplingSettings(),
+        on_step: Callable[[Tensor], None] | None = None,
+    ) -> GenerationResult:
         """Text in, text out (see :meth:`encode`)."""
         if self.tokenizer is None:
             raise ValueError("Generator.generate needs a tokenizer; use generate_ids for token ids")
@@ -261,11 +285,15 @@ class Generator:
         return result
 
     @torch.no_grad()
-    def generate_ids(self, prompts: Sequence[Sequence[int]],
-                     settings: SamplingSettings = SamplingSettings(), *,
-                     on_step: Callable[[Tensor], None] | None = None,
-                     stop_at_eos: bool = True,
-                     until: Callable[[int, list[int]], bool] | None = None) -> GenerationResult:
+    def generate_ids(
+        self,
+        prompts: Sequence[Sequence[int]],
+        settings: SamplingSettings = SamplingSettings(),
+        *,
+        on_step: Callable[[Tensor], None] | None = None,
+        stop_at_eos: bool = True,
+        until: Callable[[int, list[int]], bool] | None = None,
+    ) -> GenerationResult:
         """Continue each prompt by up to ``settings.max_new_tokens`` tokens.
 
         ``on_step`` receives each step's sampled tokens (B,) on the CPU (rows already finished
@@ -291,8 +319,14 @@ class Generator:
         tokens, finished = _trim(out.tolist(), eos)
         for row, length in ended.items():
             tokens[row], finished[row] = tokens[row][:length], True
-        return GenerationResult(tokens=tokens, finished=finished, prompt_tokens=sum(lengths),
-                                prefill_s=prefill_s, decode_s=decode_s, decode_steps=n_steps)
+        return GenerationResult(
+            tokens=tokens,
+            finished=finished,
+            prompt_tokens=sum(lengths),
+            prefill_s=prefill_s,
+            decode_s=decode_s,
+            decode_steps=n_steps,
+        )
 
     def buffer_bytes(self, batch: int, longest_prompt: int, max_new_tokens: int) -> int:
         """Bytes :meth:`generate_ids` allocates for a batch: the cache of every layer for prompt
@@ -306,13 +340,27 @@ class Generator:
         step = self._step
         if step is None or step.batch != batch or step.capacity < capacity:
             self._step = None  # free the old buffers (and graph) before allocating new ones
-            step = _DecodeStep(self.model, batch, capacity, self.n_ids, self.device, self.dtype,
-                               self.autocast_dtype, self.use_graph)
+            step = _DecodeStep(
+                self.model,
+                batch,
+                capacity,
+                self.n_ids,
+                self.device,
+                self.dtype,
+                self.autocast_dtype,
+                self.use_graph,
+            )
             self._step = step
         return step
 
-    def _prefill(self, step: _DecodeStep, prompts: Sequence[Sequence[int]], lengths: list[int],
-                 settings: SamplingSettings, generator: torch.Generator) -> Tensor:
+    def _prefill(
+        self,
+        step: _DecodeStep,
+        prompts: Sequence[Sequence[int]],
+        lengths: list[int],
+        settings: SamplingSettings,
+        generator: torch.Generator,
+    ) -> Tensor:
         """Right-padded prompts into the cache; returns the first sampled token per row."""
         width = max(lengths)
         padded = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
@@ -325,15 +373,24 @@ class Generator:
         rows = torch.arange(len(prompts), device=self.device)
         return sample(logits[rows, last, : self.n_ids], settings, generator)
 
-    def _decode(self, step: _DecodeStep, first: Tensor, settings: SamplingSettings,
-                generator: torch.Generator, on_step: Callable[[Tensor], None] | None,
-                until: Callable[[int, list[int]], bool] | None,
-                ) -> tuple[Tensor, int, dict[int, int]]:
+    def _decode(
+        self,
+        step: _DecodeStep,
+        first: Tensor,
+        settings: SamplingSettings,
+        generator: torch.Generator,
+        on_step: Callable[[Tensor], None] | None,
+        until: Callable[[int, list[int]], bool] | None,
+    ) -> tuple[Tensor, int, dict[int, int]]:
         """Decode until every row has finished or the budget is spent; returns the (B, n) ids
         (end-of-sequence included, pad after it), the number of decode steps and the rows
         ``until`` ended, with the number of ids each keeps."""
-        out = torch.full((first.shape[0], settings.max_new_tokens), self.pad_id, dtype=torch.long,
-                         device=self.device)
+        out = torch.full(
+            (first.shape[0], settings.max_new_tokens),
+            self.pad_id,
+            dtype=torch.long,
+            device=self.device,
+        )
         ended: dict[int, int] = {}
         step.start(first)
         for i in range(settings.max_new_tokens):
@@ -350,8 +407,12 @@ class Generator:
         return out, settings.max_new_tokens - 1, ended
 
     @staticmethod
-    def _end_rows(step: _DecodeStep, out: Tensor, until: Callable[[int, list[int]], bool],
-                  ended: dict[int, int]) -> None:
+    def _end_rows(
+        step: _DecodeStep,
+        out: Tensor,
+        until: Callable[[int, list[int]], bool],
+        ended: dict[int, int],
+    ) -> None:
         """Ask ``until`` about every running row; a row it ends gets padding from here on."""
         running = (~step.done).nonzero().flatten().tolist()
         for row, ids in zip(running, out[running].tolist()):
@@ -374,7 +435,7 @@ def completion_text(tokenizer: object, prompt: Sequence[int], new: Sequence[int]
     leading word-boundary token stands for; decoding both and subtracting keeps it."""
     before = tokenizer.decode(list(prompt))
     after = tokenizer.decode(list(prompt) + list(new))
-    return after[len(before):] if after.startswith(before) else tokenizer.decode(list(new))
+    return after[len(before) :] if after.startswith(before) else tokenizer.decode(list(new))
 
 
 def _trim(rows: list[list[int]], eos: int | None) -> tuple[list[list[int]], list[bool]]:

@@ -40,9 +40,11 @@ def read_params(params_path: Path, shard_paths: list[Path], max_seq_len: int) ->
         raise UsageError(f"{params_path}: expected a JSON object")
     if params.get("vocab_size", 0) <= 0:
         rows = embedding_rows(shard_paths)
-        raise UsageError(f"{params_path}: vocab_size is {params.get('vocab_size')}; set it to the "
-                         f"tokenizer's vocabulary size (the embedding in "
-                         f"{', '.join(p.name for p in shard_paths)} has {rows} rows)")
+        raise UsageError(
+            f"{params_path}: vocab_size is {params.get('vocab_size')}; set it to the "
+            f"tokenizer's vocabulary size (the embedding in "
+            f"{', '.join(p.name for p in shard_paths)} has {rows} rows)"
+        )
     try:
         return model_args_from_params(params, max_seq_len=max_seq_len)
     except ConfigError as err:
@@ -60,8 +62,9 @@ def load_shard(path: Path) -> dict[str, torch.Tensor]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise UsageError(f"cannot read {path} as a PyTorch file of tensors: "
-                         f"{_first_line(err)}") from err
+        raise UsageError(
+            f"cannot read {path} as a PyTorch file of tensors: {_first_line(err)}"
+        ) from err
 
 
 def _first_line(err: Exception) -> str:
@@ -91,26 +94,38 @@ def load_shards(shard_paths: list[Path]) -> dict[str, torch.Tensor]:
         raise UsageError(f"{', '.join(p.name for p in shard_paths)}: {err}") from err
 
 
-def build_model(model_args: ModelArgs, state: dict[str, torch.Tensor], source: str,
-                reference: str) -> Transformer:
+def build_model(
+    model_args: ModelArgs, state: dict[str, torch.Tensor], source: str, reference: str
+) -> Transformer:
     """Our model holding ``state``'s tensors (assigned, not copied), after checking their names and
     shapes; ``source`` names the files they came from, ``reference`` the file the shapes follow."""
     with torch.device("meta"):
         model = Transformer(model_args)
-    check_state({k: tuple(v.shape) for k, v in model.state_dict().items()}, state, source, reference)
+    check_state(
+        {k: tuple(v.shape) for k, v in model.state_dict().items()}, state, source, reference
+    )
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval()
 
 
-def check_state(expected: dict[str, tuple[int, ...]], state: dict[str, torch.Tensor], source: str,
-                reference: str) -> None:
+def check_state(
+    expected: dict[str, tuple[int, ...]],
+    state: dict[str, torch.Tensor],
+    source: str,
+    reference: str,
+) -> None:
     """UsageError naming ``source`` and each missing, unexpected or misshapen tensor."""
     problems = [f"missing {k}" for k in expected if k not in state]
     problems += [f"unexpected {k}" for k in state if k not in expected]
-    problems += [f"{k} has shape {tuple(state[k].shape)}, {reference} implies {shape}"
-                 for k, shape in expected.items() if k in state and tuple(state[k].shape) != shape]
+    problems += [
+        f"{k} has shape {tuple(state[k].shape)}, {reference} implies {shape}"
+        for k, shape in expected.items()
+        if k in state and tuple(state[k].shape) != shape
+    ]
     if problems:
-        shown = "; ".join(problems[:5]) + (f"; … {len(problems) - 5} more" if len(problems) > 5 else "")
+        shown = "; ".join(problems[:5]) + (
+            f"; … {len(problems) - 5} more" if len(problems) > 5 else ""
+        )
         raise UsageError(f"{source} do not match {reference}: {shown}")
 
 
@@ -128,5 +143,6 @@ def tokenizer_record(path: Path) -> tuple[dict[str, str] | None, str]:
             "no tokenizer is recorded. Our evaluate and generate commands read SentencePiece "
             "models; the imported checkpoint loads with llama3.load_checkpoint and runs "
             "'python -m llama3 deploy --from_checkpoint CKPT' (export, logits checks, latency) "
-            "without one.")
+            "without one."
+        )
     return tokenizer_fingerprint(path), f"tokenizer: recorded {path} (SentencePiece)"

@@ -22,15 +22,17 @@ def lm_loss_sum(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
 
     Returning the sum, not the mean, lets callers average over every token of an accumulated batch.
     """
-    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
+    loss = F.cross_entropy(
+        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
     return loss, (targets != IGNORE_INDEX).sum()
 
 
 def lm_loss_per_token(logits: Tensor, targets: Tensor) -> Tensor:
     """Next-token cross entropy of every target, (B, S) in fp32; 0 where the target is ignored."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
-                           ignore_index=IGNORE_INDEX, reduction="none").view(targets.shape)
+    return F.cross_entropy(
+        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+    ).view(targets.shape)
 
 
 @dataclass
@@ -56,15 +58,25 @@ class EvalResult:
         for start, end in zip(edges, edges[1:]):
             tokens = sum(self.position_tokens[start:end])
             nats = sum(self.position_nats[start:end])
-            buckets.append({"start": start, "end": end, "tokens": tokens,
-                            "loss": nats / tokens if tokens else None})
+            buckets.append(
+                {
+                    "start": start,
+                    "end": end,
+                    "tokens": tokens,
+                    "loss": nats / tokens if tokens else None,
+                }
+            )
         return buckets
 
 
 @torch.no_grad()
-def evaluate_loss(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], device: torch.device,
-                  precision: Precision = Precision(),
-                  all_reduce: Callable[[Tensor], None] | None = None) -> EvalResult:
+def evaluate_loss(
+    model: nn.Module,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    device: torch.device,
+    precision: Precision = Precision(),
+    all_reduce: Callable[[Tensor], None] | None = None,
+) -> EvalResult:
     """Mean loss of ``model`` over (inputs, targets) batches of one window length, overall and
     by position within the window; restores the model's train/eval mode.
 
@@ -93,5 +105,10 @@ def evaluate_loss(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], de
         all_reduce(nats)
         all_reduce(count)
     tokens = int(count.sum().item())
-    return EvalResult(loss=nats.sum().item() / max(tokens, 1), tokens=tokens, batches=n_batches,
-                      position_nats=nats.tolist(), position_tokens=count.tolist())
+    return EvalResult(
+        loss=nats.sum().item() / max(tokens, 1),
+        tokens=tokens,
+        batches=n_batches,
+        position_nats=nats.tolist(),
+        position_tokens=count.tolist(),
+    )

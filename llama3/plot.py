@@ -18,8 +18,11 @@ from llama3.errors import UsageError
 from llama3.fileio import staged_file
 from llama3.training.metrics import METRICS_FILE
 
-X_AXES = {"step": ("step", "optimizer step"), "tokens": ("tokens", "tokens trained on"),
-          "time": ("elapsed_s", "wall-clock hours")}
+X_AXES = {
+    "step": ("step", "optimizer step"),
+    "tokens": ("tokens", "tokens trained on"),
+    "time": ("elapsed_s", "wall-clock hours"),
+}
 
 
 def read_metrics(run: str | Path) -> list[dict[str, Any]]:
@@ -47,8 +50,11 @@ def series(records: list[dict[str, Any]], kind: str, x: str) -> tuple[list[float
     """(x values, losses) of the records of one kind ("train" or "eval")."""
     key = X_AXES[x][0]
     scale = 1 / 3600 if x == "time" else 1
-    points = [(r[key] * scale, r["loss"]) for r in records
-              if r.get("kind") == kind and r.get(key) is not None and r.get("loss") is not None]
+    points = [
+        (r[key] * scale, r["loss"])
+        for r in records
+        if r.get("kind") == kind and r.get(key) is not None and r.get("loss") is not None
+    ]
     return [p[0] for p in points], [p[1] for p in points]
 
 
@@ -72,8 +78,14 @@ def pyplot() -> Any:
     return plt
 
 
-def draw(curves: list[tuple[str, list[dict[str, Any]]]], output: str | Path, *, x: str = "step",
-         smooth: float = 0.0, title: str | None = None) -> Path:
+def draw(
+    curves: list[tuple[str, list[dict[str, Any]]]],
+    output: str | Path,
+    *,
+    x: str = "step",
+    smooth: float = 0.0,
+    title: str | None = None,
+) -> Path:
     """Write the figure (its type from the extension of ``output``); returns its path."""
     plt = pyplot()
     fig, (train_ax, eval_ax) = plt.subplots(1, 2, figsize=(12, 4.5), sharex=True)

@@ -23,20 +23,37 @@ def read_evaluation(path: str | Path) -> dict[str, Any]:
     except (OSError, ValueError) as err:  # ValueError: not JSON, or not UTF-8
         raise UsageError(f"{path}: cannot read evaluate's JSON ({err})") from err
     lengths = data.get("lengths", [data]) if isinstance(data, dict) else []
-    if (not isinstance(lengths, list) or not lengths or not all(map(_is_length, lengths))
-            or not _is_count(data.get("max_seq_len"), missing=True)):
-        raise UsageError(f"{path}: not a file of evaluate --output with losses by position "
-                         "(write it again with this version's evaluate)")
-    return {"max_seq_len": data.get("max_seq_len"),
-            "lengths": sorted(lengths, key=lambda r: r["seq_len"])}
+    if (
+        not isinstance(lengths, list)
+        or not lengths
+        or not all(map(_is_length, lengths))
+        or not _is_count(data.get("max_seq_len"), missing=True)
+    ):
+        raise UsageError(
+            f"{path}: not a file of evaluate --output with losses by position "
+            "(write it again with this version's evaluate)"
+        )
+    return {
+        "max_seq_len": data.get("max_seq_len"),
+        "lengths": sorted(lengths, key=lambda r: r["seq_len"]),
+    }
 
 
 def _is_length(result: Any) -> bool:
     """Whether ``result`` is what evaluate writes for one window length."""
-    return (isinstance(result, dict) and _is_count(result.get("seq_len"))
-            and _is_number(result.get("loss")) and isinstance(result.get("positions"), list)
-            and all(isinstance(b, dict) and _is_count(b.get("start")) and _is_count(b.get("end"))
-                    and _is_number(b.get("loss"), missing=True) for b in result["positions"]))
+    return (
+        isinstance(result, dict)
+        and _is_count(result.get("seq_len"))
+        and _is_number(result.get("loss"))
+        and isinstance(result.get("positions"), list)
+        and all(
+            isinstance(b, dict)
+            and _is_count(b.get("start"))
+            and _is_count(b.get("end"))
+            and _is_number(b.get("loss"), missing=True)
+            for b in result["positions"]
+        )
+    )
 
 
 def _is_count(value: Any, missing: bool = False) -> bool:
@@ -47,20 +64,35 @@ def _is_number(value: Any, missing: bool = False) -> bool:
     return _is_count(value, missing) or isinstance(value, float)
 
 
-def draw(models: list[tuple[str, dict[str, Any], dict[str, Any]]], output: str | Path, *,
-         title: str | None = None) -> Path:
+def draw(
+    models: list[tuple[str, dict[str, Any], dict[str, Any]]],
+    output: str | Path,
+    *,
+    title: str | None = None,
+) -> Path:
     """``models``: (label, evaluation, the length drawn by position) each. Returns the path."""
     plt = pyplot()
     fig, (by_length, by_position) = plt.subplots(1, 2, figsize=(12, 4.5))
     for i, (label, evaluation, chosen) in enumerate(models):
         color = f"C{i % 10}"
         lengths = evaluation["lengths"]
-        by_length.plot([r["seq_len"] for r in lengths], [r["loss"] for r in lengths], color=color,
-                       marker="o", markersize=4, label=label)
+        by_length.plot(
+            [r["seq_len"] for r in lengths],
+            [r["loss"] for r in lengths],
+            color=color,
+            marker="o",
+            markersize=4,
+            label=label,
+        )
         buckets = [b for b in chosen["positions"] if b["loss"] is not None]
-        by_position.plot([(b["start"] + b["end"] - 1) / 2 for b in buckets],
-                         [b["loss"] for b in buckets], color=color, marker="o", markersize=3,
-                         label=f"{label} ({chosen['seq_len']} tokens)")
+        by_position.plot(
+            [(b["start"] + b["end"] - 1) / 2 for b in buckets],
+            [b["loss"] for b in buckets],
+            color=color,
+            marker="o",
+            markersize=3,
+            label=f"{label} ({chosen['seq_len']} tokens)",
+        )
     contexts = sorted({e["max_seq_len"] for _, e, _ in models if e["max_seq_len"]})
     for ax in (by_length, by_position):
         for context in contexts:

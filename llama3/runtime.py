@@ -20,17 +20,26 @@ def select_device(flag: str | None) -> torch.device:
     try:
         device = torch.device(flag)
     except RuntimeError as err:
-        raise UsageError(f"--device {flag!r} is not a device name (try cuda, cuda:0 or cpu)") from err
+        raise UsageError(
+            f"--device {flag!r} is not a device name (try cuda, cuda:0 or cpu)"
+        ) from err
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {flag}: CUDA is not available on this machine")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise UsageError(f"--device {flag}: only {torch.cuda.device_count()} CUDA device(s) present")
+    if (
+        device.type == "cuda"
+        and device.index is not None
+        and device.index >= torch.cuda.device_count()
+    ):
+        raise UsageError(
+            f"--device {flag}: only {torch.cuda.device_count()} CUDA device(s) present"
+        )
     return device
 
 
 @dataclass(frozen=True)
 class Precision:
-    """How to run: parameter dtype, optional autocast dtype, and whether a gradient scaler is needed."""
+    """How to run: parameter dtype, optional autocast dtype, and whether a gradient scaler is
+    needed."""
 
     param_dtype: torch.dtype = torch.float32
     autocast_dtype: torch.dtype | None = None
@@ -43,8 +52,12 @@ class Precision:
     @classmethod
     def named(cls, name: str) -> "Precision":
         """fp32, amp_bf16, amp_fp16 or bf16 (pure bfloat16 parameters)."""
-        modes = {"fp32": cls(), "amp_bf16": cls(autocast_dtype=torch.bfloat16),
-                 "amp_fp16": cls(autocast_dtype=torch.float16), "bf16": cls(param_dtype=torch.bfloat16)}
+        modes = {
+            "fp32": cls(),
+            "amp_bf16": cls(autocast_dtype=torch.bfloat16),
+            "amp_fp16": cls(autocast_dtype=torch.float16),
+            "bf16": cls(param_dtype=torch.bfloat16),
+        }
         if name not in modes:
             raise UsageError(f"unknown precision {name!r} (one of {', '.join(modes)})")
         return modes[name]
@@ -57,7 +70,9 @@ class Precision:
     def name(self) -> str:
         if self.param_dtype == torch.bfloat16:
             return "bf16"
-        return {None: "fp32", torch.bfloat16: "amp_bf16", torch.float16: "amp_fp16"}[self.autocast_dtype]
+        return {None: "fp32", torch.bfloat16: "amp_bf16", torch.float16: "amp_fp16"}[
+            self.autocast_dtype
+        ]
 
     def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
@@ -68,8 +83,10 @@ class Precision:
 def precision_flag(args: argparse.Namespace) -> str | None:
     """The precision mode named on the command line (--fp32, --amp_bf16, --amp_fp16, --bf16),
     None when no flag was given."""
-    return next((name for name in ("fp32", "amp_bf16", "amp_fp16", "bf16")
-                 if getattr(args, name, False)), None)
+    return next(
+        (name for name in ("fp32", "amp_bf16", "amp_fp16", "bf16") if getattr(args, name, False)),
+        None,
+    )
 
 
 def configure_matmul(allow_tf32: bool) -> None:

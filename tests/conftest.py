@@ -1,6 +1,25 @@
 """Shared fixtures: a tiny text corpus (cleaned by preprocess, as a real one is), a SentencePiece
 tokenizer trained on it (so it records preprocess's default cleaning), and tiny checkpoints of
-both attentions. Built once per pytest run, in temporary directories."""
+both attentions. Built once per pytest run, in temporary directories.
+
+The tests are grouped by what they test, one folder each:
+
+    unit/         one module at a time, in this process, on inputs the test builds itself: the
+                  model, checkpoints, the data pipeline's pieces, training pieces, the ONNX export
+                  and the TensorRT path against stand-ins
+    integration/  pieces working together: training runs, commands end to end on the tiny corpus
+                  and checkpoints below (evaluate, generate, Meta and Hugging Face import and
+                  export, lm-eval, deploy), the kernels in Triton's interpreter, the benchmarks
+    cli/          the command line itself: every flag documented, help, exit codes and one-line
+                  errors (the bad-input table), the shell scripts, the Dockerfile's check and the
+                  README's commands
+    gpu/          tests that need a CUDA GPU (marked ``gpu``; they skip without one)
+
+A file goes where most of its tests belong: a GPU test of code whose other tests run on the CPU
+stays beside them (``pytest -m gpu`` selects every GPU test). Helpers that tests of several
+folders import by name (``data_support``, ``meta_layout``, ``lm_eval_tasks``) sit here, on
+pytest's ``pythonpath``, with the fixtures below, which every folder shares.
+"""
 
 from __future__ import annotations
 
@@ -60,8 +79,21 @@ def tiny_corpus(tmp_path_factory) -> dict[str, Path]:
     splits = {}
     for split, n, seed, ratio in (("train", 300, 0, "1"), ("eval", 60, 1, "0")):
         raw = write_jsonl(root / "raw" / f"{split}.jsonl", n, seed=seed)
-        assert main(["preprocess", "--input", str(raw), "--output", str(root / split),
-                     "--split_ratio", ratio, "--no-progress"]) == 0
+        assert (
+            main(
+                [
+                    "preprocess",
+                    "--input",
+                    str(raw),
+                    "--output",
+                    str(root / split),
+                    "--split_ratio",
+                    ratio,
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
         splits[split] = root / split / split
     return splits
 
@@ -72,13 +104,21 @@ def tiny_tokenizer(tiny_corpus, tmp_path_factory) -> Path:
     from llama3.data.tokenizer import train_tokenizer
 
     path = tmp_path_factory.mktemp("tokenizer") / "tiny.model"
-    return train_tokenizer(tiny_corpus["train"], path, 256, n_most_frequent_words=10,
-                           progress=False)
+    return train_tokenizer(
+        tiny_corpus["train"], path, 256, n_most_frequent_words=10, progress=False
+    )
 
 
 TINY_MODELS = {
-    "softmax": dict(attention="softmax", dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
-                    multiple_of=16, max_seq_len=32),
+    "softmax": dict(
+        attention="softmax",
+        dim=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        multiple_of=16,
+        max_seq_len=32,
+    ),
     "softplus": dict(attention="softplus", dim=32, n_layers=2, core_dim=16, max_seq_len=32),
 }
 
@@ -118,14 +158,24 @@ def one_thread():
 
 @pytest.fixture
 def llama3_cli():
-    """``llama3_cli(*args, stdin=None, env=None)`` → CompletedProcess of ``python -m llama3 ARGS`` run
-    from the repository root (text mode, output captured)."""
+    """``llama3_cli(*args, stdin=None, env=None)`` → CompletedProcess of ``python -m llama3 ARGS``
+    run from the repository root (text mode, output captured)."""
 
-    def run(*args: object, stdin: str | None = None, env: dict[str, str] | None = None,
-            timeout: float = 300) -> subprocess.CompletedProcess:
+    def run(
+        *args: object,
+        stdin: str | None = None,
+        env: dict[str, str] | None = None,
+        timeout: float = 300,
+    ) -> subprocess.CompletedProcess:
         environment = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
-        return subprocess.run([sys.executable, "-m", "llama3", *map(str, args)], cwd=REPO,
-                              input=stdin, capture_output=True, text=True, env=environment,
-                              timeout=timeout)
+        return subprocess.run(
+            [sys.executable, "-m", "llama3", *map(str, args)],
+            cwd=REPO,
+            input=stdin,
+            capture_output=True,
+            text=True,
+            env=environment,
+            timeout=timeout,
+        )
 
     return run

@@ -26,20 +26,29 @@ def local_choice_task(directory: Path, questions: list[tuple[str, list[str], int
     """A multiple-choice task ``tiny_choice`` over ``questions`` (question, choices, index of the
     right one)."""
     rows = [{"question": q, "choices": c, "label": label} for q, c, label in questions]
-    return _task(directory, "tiny_choice", rows, """\
+    return _task(
+        directory,
+        "tiny_choice",
+        rows,
+        """\
 output_type: multiple_choice
 doc_to_text: "{{question}}"
 doc_to_choice: "{{choices}}"
 doc_to_target: label
 metric_list:
   - metric: acc
-""")
+""",
+    )
 
 
 def local_rolling_task(directory: Path, texts: list[str]) -> Path:
     """A perplexity task ``tiny_rolling`` over whole ``texts`` (loglikelihood_rolling, as
     wikitext)."""
-    return _task(directory, "tiny_rolling", [{"text": t} for t in texts], """\
+    return _task(
+        directory,
+        "tiny_rolling",
+        [{"text": t} for t in texts],
+        """\
 output_type: loglikelihood_rolling
 doc_to_text: ""
 doc_to_target: "{{text}}"
@@ -47,4 +56,5 @@ metric_list:
   - metric: word_perplexity
   - metric: byte_perplexity
   - metric: bits_per_byte
-""")
+""",
+    )

@@ -11,15 +11,24 @@ from __future__ import annotations
 import torch
 
 # The module each parameter belongs to in Llama 3's model.py → its fairscale layer.
-LAYERS = {"tok_embeddings": "VocabParallelEmbedding", "wq": "ColumnParallelLinear",
-          "wk": "ColumnParallelLinear", "wv": "ColumnParallelLinear", "wo": "RowParallelLinear",
-          "w1": "ColumnParallelLinear", "w2": "RowParallelLinear", "w3": "ColumnParallelLinear",
-          "output": "ColumnParallelLinear"}
+LAYERS = {
+    "tok_embeddings": "VocabParallelEmbedding",
+    "wq": "ColumnParallelLinear",
+    "wk": "ColumnParallelLinear",
+    "wv": "ColumnParallelLinear",
+    "wo": "RowParallelLinear",
+    "w1": "ColumnParallelLinear",
+    "w2": "RowParallelLinear",
+    "w3": "ColumnParallelLinear",
+    "output": "ColumnParallelLinear",
+}
 # The partition_dim each layer passes to _initialize_affine_weight (weights are (out, in)).
 PARTITION_DIM = {"VocabParallelEmbedding": 0, "ColumnParallelLinear": 0, "RowParallelLinear": 1}
 
 
-def fairscale_shards(state: dict[str, torch.Tensor], world_size: int) -> list[dict[str, torch.Tensor]]:
+def fairscale_shards(
+    state: dict[str, torch.Tensor], world_size: int
+) -> list[dict[str, torch.Tensor]]:
     """The state dict of each of ``world_size`` ranks (RMSNorm weights are plain, replicated)."""
     shards: list[dict[str, torch.Tensor]] = [{} for _ in range(world_size)]
     for name, master in state.items():

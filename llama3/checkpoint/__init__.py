@@ -3,7 +3,8 @@
 A checkpoint is a directory (``--to_checkpoint DIR``)::
 
     DIR/latest                          name of the newest complete step directory
-    DIR/step_00000200/model.pt          consolidated model: args, weights, tokenizer fingerprint, step
+    DIR/step_00000200/model.pt          consolidated model: args, weights, tokenizer fingerprint,
+                                        step
     DIR/step_00000200/trainer.pt        training record: step, number of processes, model args,
                                         tokenizer fingerprint, and the state of each piece the run
                                         shares (progress and metric history, gradient scaler, the
@@ -41,37 +42,100 @@ from torch import nn
 
 from llama3.checkpoint.failures import failure_types, save_error
 from llama3.checkpoint.group import ONE_PROCESS, ProcessGroup, act_together
-from llama3.checkpoint.layout import (LATEST, MODEL_FILE, STATE_DIR, TRAINER_FILE,
-                                      check_new_checkpoint_dir, list_step_dirs, publish_step_dir,
-                                      rank_file_name, resolve_model_file, resolve_step_dir,
-                                      stage_step_dir, step_dir_name, step_of)
+from llama3.checkpoint.layout import (
+    LATEST,
+    MODEL_FILE,
+    STATE_DIR,
+    TRAINER_FILE,
+    check_new_checkpoint_dir,
+    list_step_dirs,
+    publish_step_dir,
+    rank_file_name,
+    resolve_model_file,
+    resolve_step_dir,
+    stage_step_dir,
+    step_dir_name,
+    step_of,
+)
 from llama3.checkpoint.lock import RUN_LOCK, run_directory_lock
-from llama3.checkpoint.model_file import (FORMAT, VERSION, atomic_torch_save, check_model_flags,
-                                          load_model, model_from_record, read_checked_record,
-                                          read_model_file, tokenizer_fingerprint, write_model_file)
+from llama3.checkpoint.model_file import (
+    FORMAT,
+    VERSION,
+    atomic_torch_save,
+    check_model_flags,
+    load_model,
+    model_from_record,
+    read_checked_record,
+    read_model_file,
+    tokenizer_fingerprint,
+    write_model_file,
+)
 from llama3.checkpoint.rng import RandomState, capture_rng_state, restore_rng_state
 from llama3.checkpoint.sharded import load_training_state, save_sharded_state
-from llama3.checkpoint.state import (TRAINER_FORMAT, TRAINER_VERSION, Stateful, TrainingState,
-                                     read_rank_record, read_trainer_record, trainer_record)
+from llama3.checkpoint.state import (
+    TRAINER_FORMAT,
+    TRAINER_VERSION,
+    Stateful,
+    TrainingState,
+    read_rank_record,
+    read_trainer_record,
+    trainer_record,
+)
 from llama3.errors import UsageError
 from llama3.fileio import STAGING_SUFFIX, remove
 from llama3.model.args import ModelArgs
 
 __all__ = [
-    "FORMAT", "LATEST", "MODEL_FILE", "RUN_LOCK", "STATE_DIR", "TRAINER_FILE", "TRAINER_FORMAT",
-    "TRAINER_VERSION", "VERSION", "ProcessGroup", "RandomState", "Stateful", "TrainingState",
-    "act_together", "atomic_torch_save", "capture_rng_state", "check_model_flags",
-    "check_new_checkpoint_dir", "list_step_dirs", "load_model", "load_training_state",
-    "model_from_record", "publish_step_dir", "rank_file_name", "read_checked_record",
-    "read_model_file", "read_rank_record", "read_trainer_record", "resolve_model_file",
-    "resolve_step_dir", "restore_rng_state", "restore_training_checkpoint", "run_directory_lock",
-    "save_model_checkpoint", "save_training_checkpoint", "stage_step_dir", "step_dir_name",
-    "step_of", "tokenizer_fingerprint", "write_model_file",
+    "FORMAT",
+    "LATEST",
+    "MODEL_FILE",
+    "RUN_LOCK",
+    "STATE_DIR",
+    "TRAINER_FILE",
+    "TRAINER_FORMAT",
+    "TRAINER_VERSION",
+    "VERSION",
+    "ProcessGroup",
+    "RandomState",
+    "Stateful",
+    "TrainingState",
+    "act_together",
+    "atomic_torch_save",
+    "capture_rng_state",
+    "check_model_flags",
+    "check_new_checkpoint_dir",
+    "list_step_dirs",
+    "load_model",
+    "load_training_state",
+    "model_from_record",
+    "publish_step_dir",
+    "rank_file_name",
+    "read_checked_record",
+    "read_model_file",
+    "read_rank_record",
+    "read_trainer_record",
+    "resolve_model_file",
+    "resolve_step_dir",
+    "restore_rng_state",
+    "restore_training_checkpoint",
+    "run_directory_lock",
+    "save_model_checkpoint",
+    "save_training_checkpoint",
+    "stage_step_dir",
+    "step_dir_name",
+    "step_of",
+    "tokenizer_fingerprint",
+    "write_model_file",
 ]
 
 
-def save_model_checkpoint(root: str | os.PathLike, model: nn.Module, *,
-                          tokenizer: dict[str, str] | None = None, step: int = 0) -> Path:
+def save_model_checkpoint(
+    root: str | os.PathLike,
+    model: nn.Module,
+    *,
+    tokenizer: dict[str, str] | None = None,
+    step: int = 0,
+) -> Path:
     """A model-only checkpoint (no training state), published atomically in ``root``, which must
     hold none yet (:func:`check_new_checkpoint_dir`); the directory is held meanwhile, as a
     training run holds it (:func:`run_directory_lock`)."""
@@ -79,18 +143,26 @@ def save_model_checkpoint(root: str | os.PathLike, model: nn.Module, *,
         check_new_checkpoint_dir(root)
         staging = stage_step_dir(root, step)
         try:
-            write_model_file(staging / MODEL_FILE, model.state_dict(), model.args,
-                             tokenizer=tokenizer, step=step)
+            write_model_file(
+                staging / MODEL_FILE, model.state_dict(), model.args, tokenizer=tokenizer, step=step
+            )
             return publish_step_dir(root, staging, step)
         except BaseException as err:
             remove(staging)
             raise save_error(err, Path(root) / step_dir_name(step), root)
 
 
-def save_training_checkpoint(root: str | os.PathLike, step: int, state: TrainingState, *,
-                             model_state: dict[str, torch.Tensor], model_args: ModelArgs,
-                             tokenizer: dict[str, str] | None, group: ProcessGroup,
-                             keep_last: int | None = None) -> Path:
+def save_training_checkpoint(
+    root: str | os.PathLike,
+    step: int,
+    state: TrainingState,
+    *,
+    model_state: dict[str, torch.Tensor],
+    model_args: ModelArgs,
+    tokenizer: dict[str, str] | None,
+    group: ProcessGroup,
+    keep_last: int | None = None,
+) -> Path:
     """Write step ``step`` under ``root`` from every process; returns the published directory.
 
     Collective: every process calls it. ``model_state`` is the gathered full state dict (only the
@@ -108,17 +180,28 @@ def save_training_checkpoint(root: str | os.PathLike, step: int, state: Training
         save_sharded_state(staging / STATE_DIR, state.model, state.optimizer, group)
         atomic_torch_save(own, staging / rank_file_name(group.rank))
         if group.rank == 0:
-            write_model_file(staging / MODEL_FILE, model_state, model_args, tokenizer=tokenizer,
-                             step=step)
-            atomic_torch_save(trainer_record(step, group.world_size, model_args, tokenizer, shared),
-                              staging / TRAINER_FILE)
+            write_model_file(
+                staging / MODEL_FILE, model_state, model_args, tokenizer=tokenizer, step=step
+            )
+            atomic_torch_save(
+                trainer_record(step, group.world_size, model_args, tokenizer, shared),
+                staging / TRAINER_FILE,
+            )
 
-    steps = ((lambda: stage_step_dir(root, step), False), (write, True),
-             (lambda: publish_step_dir(root, staging, step, keep_last), False))
+    steps = (
+        (lambda: stage_step_dir(root, step), False),
+        (write, True),
+        (lambda: publish_step_dir(root, staging, step, keep_last), False),
+    )
     try:
         for action, everywhere in steps:
-            act_together(group, action, everywhere=everywhere, failures=failure_types(),
-                         elsewhere="another process could not write its part")
+            act_together(
+                group,
+                action,
+                everywhere=everywhere,
+                failures=failure_types(),
+                elsewhere="another process could not write its part",
+            )
     except failure_types() as err:
         if group.rank == 0:
             remove(staging)
@@ -130,8 +213,9 @@ def save_training_checkpoint(root: str | os.PathLike, step: int, state: Training
     return final
 
 
-def restore_training_checkpoint(step_dir: Path, record: dict[str, Any], state: TrainingState,
-                                group: ProcessGroup) -> None:
+def restore_training_checkpoint(
+    step_dir: Path, record: dict[str, Any], state: TrainingState, group: ProcessGroup
+) -> None:
     """Continue from ``step_dir``, whose training record :func:`read_trainer_record` returned.
 
     In this order: refuse a different number of processes (the data order could not continue);
@@ -140,11 +224,17 @@ def restore_training_checkpoint(step_dir: Path, record: dict[str, Any], state: T
     Collective.
     """
     if record["world_size"] != group.world_size:
-        raise UsageError(f"{step_dir} was written by {record['world_size']} process(es); continue "
-                         f"it with as many (not {group.world_size}) so the data order continues")
-    own = act_together(group, lambda: read_rank_record(step_dir, group.rank), everywhere=True,
-                       failures=failure_types(),
-                       elsewhere=f"{step_dir}: another process could not read its state")
+        raise UsageError(
+            f"{step_dir} was written by {record['world_size']} process(es); continue "
+            f"it with as many (not {group.world_size}) so the data order continues"
+        )
+    own = act_together(
+        group,
+        lambda: read_rank_record(step_dir, group.rank),
+        everywhere=True,
+        failures=failure_types(),
+        elsewhere=f"{step_dir}: another process could not read its state",
+    )
     for name, piece in state.per_process.items():
         piece.load_state_dict(own[name])
     load_training_state(step_dir, state.model, state.optimizer, group)

@@ -24,10 +24,15 @@ def save_error(err: BaseException, final: Path, root: str | os.PathLike) -> Base
     if reason is None:
         return err
     latest = Path(root) / LATEST
-    kept = (f"the newest checkpoint is still {latest.read_text().strip()}" if latest.is_file()
-            else "there is no earlier checkpoint")
-    return UsageError(f"cannot write checkpoint {final}: {reason} (free some disk space there, or "
-                      f"save elsewhere); nothing of it was kept, {kept}")
+    kept = (
+        f"the newest checkpoint is still {latest.read_text().strip()}"
+        if latest.is_file()
+        else "there is no earlier checkpoint"
+    )
+    return UsageError(
+        f"cannot write checkpoint {final}: {reason} (free some disk space there, or "
+        f"save elsewhere); nothing of it was kept, {kept}"
+    )
 
 
 def _write_failure(err: BaseException | None) -> str | None:
@@ -38,8 +43,9 @@ def _write_failure(err: BaseException | None) -> str | None:
         seen.add(id(err))
         if isinstance(err, OSError):
             return err.strerror or str(err)
-        if isinstance(err, RuntimeError) and ("inline_container" in str(err)
-                                              or "PytorchStreamWriter" in str(err)):
+        if isinstance(err, RuntimeError) and (
+            "inline_container" in str(err) or "PytorchStreamWriter" in str(err)
+        ):
             return "the file could not be written in full"
         for failure in _gathered(err):
             reason = _write_failure(failure)
@@ -56,8 +62,10 @@ def reason(err: object) -> str:
 
 
 def damaged(path: Path, err: object) -> UsageError:
-    return UsageError(f"cannot read {path}, the checkpoint is damaged ({reason(err)}): resume "
-                      f"from another step directory of {path.parent.parent}")
+    return UsageError(
+        f"cannot read {path}, the checkpoint is damaged ({reason(err)}): resume "
+        f"from another step directory of {path.parent.parent}"
+    )
 
 
 def first_failure(err: BaseException) -> BaseException:

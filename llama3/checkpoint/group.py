@@ -40,9 +40,14 @@ class OneProcess:
 ONE_PROCESS = OneProcess()
 
 
-def act_together(group: ProcessGroup, action: Callable[[], T], *, elsewhere: str,
-                 everywhere: bool = False,
-                 failures: tuple[type[BaseException], ...] = (UsageError,)) -> T | None:
+def act_together(
+    group: ProcessGroup,
+    action: Callable[[], T],
+    *,
+    elsewhere: str,
+    everywhere: bool = False,
+    failures: tuple[type[BaseException], ...] = (UsageError,),
+) -> T | None:
     """Run ``action`` on the main process (on each with ``everywhere``) and return what it returned
     there (None where it did not run). Collective: if it raised one of ``failures`` on any process,
     every process raises, its own error or a UsageError saying ``elsewhere``, so none waits for

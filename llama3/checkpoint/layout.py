@@ -33,9 +33,11 @@ def stage_step_dir(root: str | os.PathLike, step: int) -> Path:
     return staging
 
 
-def publish_step_dir(root: str | os.PathLike, staging: Path, step: int,
-                     keep_last: int | None = None) -> Path:
-    """Rename a complete staging directory to its final name, point ``latest`` at it, prune old ones."""
+def publish_step_dir(
+    root: str | os.PathLike, staging: Path, step: int, keep_last: int | None = None
+) -> Path:
+    """Rename a complete staging directory to its final name, point ``latest`` at it, prune old
+    ones."""
     root = Path(root)
     final = root / step_dir_name(step)
     for path in staging.rglob("*"):  # make every file durable before the rename commits them
@@ -49,7 +51,7 @@ def publish_step_dir(root: str | os.PathLike, staging: Path, step: int,
     atomic_write_bytes(root / LATEST, (final.name + "\n").encode())
     if keep_last:  # the newest others, and never the one just published
         others = [p for p in list_step_dirs(root) if p != final]
-        for old in others[:max(len(others) - keep_last + 1, 0)]:
+        for old in others[: max(len(others) - keep_last + 1, 0)]:
             shutil.rmtree(old)
     return final
 
@@ -64,8 +66,11 @@ def list_step_dirs(root: str | os.PathLike) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir()
-                  if p.is_dir() and p.name.startswith("step_") and not p.name.endswith(STAGING_SUFFIX))
+    return sorted(
+        p
+        for p in root.iterdir()
+        if p.is_dir() and p.name.startswith("step_") and not p.name.endswith(STAGING_SUFFIX)
+    )
 
 
 def resolve_step_dir(path: str | os.PathLike) -> Path:
@@ -86,12 +91,21 @@ def resolve_step_dir(path: str | os.PathLike) -> Path:
     if name and (path / name / MODEL_FILE).is_file():
         return path / name
     if not steps:
-        raise UsageError(f"--from_checkpoint {path}: no checkpoint there (expected {LATEST}, a "
-                         f"step_* directory or a {MODEL_FILE})")
-    problem = (f"{latest} is missing" if name is None else f"{latest} is empty" if not name
-               else f"{latest} names {name}, which is not a complete checkpoint")
-    raise UsageError(f"--from_checkpoint {path}: {problem}; pass the step directory to use "
-                     f"instead (the newest is {steps[-1]})")
+        raise UsageError(
+            f"--from_checkpoint {path}: no checkpoint there (expected {LATEST}, a "
+            f"step_* directory or a {MODEL_FILE})"
+        )
+    problem = (
+        f"{latest} is missing"
+        if name is None
+        else f"{latest} is empty"
+        if not name
+        else f"{latest} names {name}, which is not a complete checkpoint"
+    )
+    raise UsageError(
+        f"--from_checkpoint {path}: {problem}; pass the step directory to use "
+        f"instead (the newest is {steps[-1]})"
+    )
 
 
 def resolve_model_file(path: str | os.PathLike) -> Path:
@@ -107,6 +121,8 @@ def check_new_checkpoint_dir(root: str | os.PathLike) -> Path:
     held = list_step_dirs(root)
     if held or (root / LATEST).exists():
         found = held[-1].name if held else LATEST
-        raise UsageError(f"--to_checkpoint {root} already holds a checkpoint ({found}); writing "
-                         f"there would repoint its {LATEST}: choose a new directory")
+        raise UsageError(
+            f"--to_checkpoint {root} already holds a checkpoint ({found}); writing "
+            f"there would repoint its {LATEST}: choose a new directory"
+        )
     return root

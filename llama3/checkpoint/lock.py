@@ -21,9 +21,12 @@ def run_directory_lock(root: str | os.PathLike, group: ProcessGroup) -> Iterator
     left by a process that died holds nothing (the operating system released it). Collective."""
     root = Path(root)
     with contextlib.ExitStack() as holder:
-        act_together(group, lambda: _take(root, holder),
-                     elsewhere=f"--to_checkpoint {root}: the first process could not take it (see "
-                               "its message)")
+        act_together(
+            group,
+            lambda: _take(root, holder),
+            elsewhere=f"--to_checkpoint {root}: the first process could not take it (see "
+            "its message)",
+        )
         yield
 
 
@@ -39,8 +42,12 @@ def _take(root: Path, holder: contextlib.ExitStack) -> None:
             lock.flush()
     except BlockingIOError as err:
         pid = (root / RUN_LOCK).read_text().strip() or "unknown"
-        raise UsageError(f"--to_checkpoint {root} is in use by another training process (pid "
-                         f"{pid}): wait for it to finish, or choose another directory") from err
+        raise UsageError(
+            f"--to_checkpoint {root} is in use by another training process (pid "
+            f"{pid}): wait for it to finish, or choose another directory"
+        ) from err
     except OSError as err:
-        raise UsageError(f"--to_checkpoint {root}: cannot lock it ({err.strerror or err}): "
-                         "choose a writable location") from err
+        raise UsageError(
+            f"--to_checkpoint {root}: cannot lock it ({err.strerror or err}): "
+            "choose a writable location"
+        ) from err

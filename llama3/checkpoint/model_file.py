@@ -55,14 +55,24 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
             raise
 
 
-def write_model_file(path: str | os.PathLike, state_dict: dict[str, torch.Tensor],
-                     model_args: ModelArgs, *, tokenizer: dict[str, str] | None = None,
-                     step: int = 0, extra: dict[str, Any] | None = None) -> None:
+def write_model_file(
+    path: str | os.PathLike,
+    state_dict: dict[str, torch.Tensor],
+    model_args: ModelArgs,
+    *,
+    tokenizer: dict[str, str] | None = None,
+    step: int = 0,
+    extra: dict[str, Any] | None = None,
+) -> None:
     """The consolidated model record that evaluate, deploy and generate load."""
     record = {
-        "format": FORMAT, "version": VERSION, "model_args": model_args.to_dict(),
+        "format": FORMAT,
+        "version": VERSION,
+        "model_args": model_args.to_dict(),
         "model": {k: v.detach().cpu() for k, v in state_dict.items()},
-        "tokenizer": tokenizer, "step": step, **(extra or {}),
+        "tokenizer": tokenizer,
+        "step": step,
+        **(extra or {}),
     }
     atomic_torch_save(record, path)
 
@@ -72,8 +82,9 @@ def read_model_file(path: str | os.PathLike) -> dict[str, Any]:
     return read_record(resolve_model_file(path), FORMAT, "model checkpoint")
 
 
-def read_record(file: Path, expected_format: str, what: str,
-                version: int = VERSION) -> dict[str, Any]:
+def read_record(
+    file: Path, expected_format: str, what: str, version: int = VERSION
+) -> dict[str, Any]:
     """A torch-saved dict of the given format, at most ``version``, on CPU; UsageError if
     unreadable, foreign or newer."""
     try:
@@ -83,19 +94,23 @@ def read_record(file: Path, expected_format: str, what: str,
     if not isinstance(record, dict) or record.get("format") != expected_format:
         raise UsageError(f"{file} is not a llama3 {what}")
     if record.get("version", 0) > version:
-        raise UsageError(f"{file} has format version {record['version']}; this code reads up to "
-                         f"{version}: update the code")
+        raise UsageError(
+            f"{file} has format version {record['version']}; this code reads up to "
+            f"{version}: update the code"
+        )
     return record
 
 
-def load_model(path: str | os.PathLike, device: torch.device | str = "cpu",
-               dtype: torch.dtype | None = None) -> Transformer:
+def load_model(
+    path: str | os.PathLike, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+) -> Transformer:
     """A model in eval mode, rebuilt from the checkpoint's args and weights."""
     return model_from_record(read_model_file(path), device, dtype)
 
 
-def model_from_record(record: dict[str, Any], device: torch.device | str = "cpu",
-                      dtype: torch.dtype | None = None) -> Transformer:
+def model_from_record(
+    record: dict[str, Any], device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+) -> Transformer:
     """A model in eval mode from a record :func:`read_model_file` returned (no second read)."""
     model = Transformer.build(ModelArgs.from_dict(record["model_args"]), device=device, init=False)
     model.load_state_dict(record["model"])
@@ -107,14 +122,18 @@ def model_from_record(record: dict[str, Any], device: torch.device | str = "cpu"
 def check_model_flags(given: Mapping[str, Any], model_args: ModelArgs) -> None:
     """Refuse model flags given (``given``: values by ModelArgs field name) that differ from the
     checkpoint's ``model_args``, naming each."""
-    diffs = [f"--{name} {value} (checkpoint: {getattr(model_args, name)})"
-             for name, value in given.items() if value != getattr(model_args, name)]
+    diffs = [
+        f"--{name} {value} (checkpoint: {getattr(model_args, name)})"
+        for name, value in given.items()
+        if value != getattr(model_args, name)
+    ]
     if diffs:
         raise UsageError("model flags disagree with the checkpoint: " + "; ".join(diffs))
 
 
-def read_checked_record(path: str | os.PathLike,
-                        model_flags: Mapping[str, Any]) -> tuple[dict[str, Any], ModelArgs]:
+def read_checked_record(
+    path: str | os.PathLike, model_flags: Mapping[str, Any]
+) -> tuple[dict[str, Any], ModelArgs]:
     """The model record at ``path`` (``--from_checkpoint``) and its ModelArgs, with the model
     flags given (``model_flags``) checked against them."""
     record = read_model_file(path)

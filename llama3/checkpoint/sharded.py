@@ -16,27 +16,33 @@ from llama3.checkpoint.group import ProcessGroup
 from llama3.checkpoint.layout import STATE_DIR
 
 
-def save_sharded_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                       group: ProcessGroup) -> None:
+def save_sharded_state(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, group: ProcessGroup
+) -> None:
     """Write this process's shard of model and optimizer under ``path``. Collective."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model_state, optim_state = get_state_dict(model, optimizer)
     with _single_process_quiet(group):
-        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=path,
-                 no_dist=not group.active)
+        dcp.save(
+            {"model": model_state, "optimizer": optim_state},
+            checkpoint_id=path,
+            no_dist=not group.active,
+        )
 
 
-def load_training_state(step_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                        group: ProcessGroup) -> None:
+def load_training_state(
+    step_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, group: ProcessGroup
+) -> None:
     """Restore model and optimizer from ``step_dir``, resharded to the current processes.
     Collective."""
     _load_sharded_state(step_dir / STATE_DIR, model, optimizer, group)
 
 
-def _load_sharded_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                        group: ProcessGroup) -> None:
+def _load_sharded_state(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, group: ProcessGroup
+) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -49,8 +55,9 @@ def _load_sharded_state(path: Path, model: nn.Module, optimizer: torch.optim.Opt
             dcp.load(state, checkpoint_id=path, no_dist=not group.active)
         except failure_types() as err:  # a missing .metadata, a damaged .distcp file
             raise damaged(path, first_failure(err)) from err
-    set_state_dict(model, optimizer, model_state_dict=state["model"],
-                   optim_state_dict=state["optimizer"])
+    set_state_dict(
+        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"]
+    )
 
 
 @contextlib.contextmanager

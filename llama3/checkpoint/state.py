@@ -52,12 +52,23 @@ class TrainingState:
             raise ValueError(f"shared training state may not be named {', '.join(clash)}")
 
 
-def trainer_record(step: int, world_size: int, model_args: ModelArgs,
-                   tokenizer: dict[str, str] | None, shared: dict[str, Any]) -> dict[str, Any]:
+def trainer_record(
+    step: int,
+    world_size: int,
+    model_args: ModelArgs,
+    tokenizer: dict[str, str] | None,
+    shared: dict[str, Any],
+) -> dict[str, Any]:
     """The training record of step ``step``: its header, then each shared piece under its name."""
-    return {"format": TRAINER_FORMAT, "version": TRAINER_VERSION, "step": step,
-            "world_size": world_size, "model_args": model_args.to_dict(), "tokenizer": tokenizer,
-            **shared}
+    return {
+        "format": TRAINER_FORMAT,
+        "version": TRAINER_VERSION,
+        "step": step,
+        "world_size": world_size,
+        "model_args": model_args.to_dict(),
+        "tokenizer": tokenizer,
+        **shared,
+    }
 
 
 def read_trainer_record(path: str | os.PathLike) -> tuple[Path, dict[str, Any] | None]:
@@ -79,8 +90,10 @@ def read_rank_record(step_dir: Path, rank: int) -> dict[str, Any]:
     generators."""
     rank_file = step_dir / rank_file_name(rank)
     if not rank_file.is_file():
-        raise UsageError(f"{step_dir} has no state for process {rank} ({rank_file.name}): "
-                         "resume with the number of processes that wrote it")
+        raise UsageError(
+            f"{step_dir} has no state for process {rank} ({rank_file.name}): "
+            "resume with the number of processes that wrote it"
+        )
     try:
         record = torch.load(rank_file, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated, damaged, not a torch file

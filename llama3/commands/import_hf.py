@@ -8,9 +8,16 @@ from pathlib import Path
 
 from llama3.cli import add_tokenizer_flag
 from llama3.interop import require
-from llama3.interop.hf_import import (CONFIG_FILE, detect_format, model_args_from_config,
-                                      read_config, read_weights, to_our_names, tokenizer_record,
-                                      untie)
+from llama3.interop.hf_import import (
+    CONFIG_FILE,
+    detect_format,
+    model_args_from_config,
+    read_config,
+    read_weights,
+    to_our_names,
+    tokenizer_record,
+    untie,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,14 +26,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "checkpoint: weights only, step 0, for 'train --from_checkpoint', evaluate, generate and\n"
         "deploy. Directories written by export_hf (softplus attention and the Combinator too)\n"
         "come back exactly. The tokenizer recorded in the checkpoint is --tokenizer, else the\n"
-        "SentencePiece model export_hf put in DIR, if any.")
+        "SentencePiece model export_hf put in DIR, if any."
+    )
     group = parser.add_argument_group("conversion")
-    group.add_argument("--hf_dir", required=True, metavar="DIR",
-                       help="directory holding config.json and model.safetensors (or shards and "
-                            "model.safetensors.index.json)")
-    group.add_argument("--to_checkpoint", required=True, metavar="DIR",
-                       help="new checkpoint directory to write (step_00000000 and latest); one "
-                            "that already holds a checkpoint is refused")
+    group.add_argument(
+        "--hf_dir",
+        required=True,
+        metavar="DIR",
+        help="directory holding config.json and model.safetensors (or shards and "
+        "model.safetensors.index.json)",
+    )
+    group.add_argument(
+        "--to_checkpoint",
+        required=True,
+        metavar="DIR",
+        help="new checkpoint directory to write (step_00000000 and latest); one "
+        "that already holds a checkpoint is refused",
+    )
     add_tokenizer_flag(group, required=False)
 
 

@@ -8,23 +8,45 @@ from pathlib import Path
 
 from llama3.checkpoint import save_model_checkpoint
 from llama3.errors import UsageError
-from llama3.import_meta import (PARAMS_FILE, SHARD_PATTERN, TOKENIZER_FILE, build_model,
-                                load_shards, read_params, tokenizer_record)
+from llama3.import_meta import (
+    PARAMS_FILE,
+    SHARD_PATTERN,
+    TOKENIZER_FILE,
+    build_model,
+    load_shards,
+    read_params,
+    tokenizer_record,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Convert Meta's Llama 3 checkpoint (params.json + consolidated.*.pth) into ours: softmax\n"
-        "attention, SwiGLU, step 0. Llama 3's tokenizer.model is a tiktoken file, not SentencePiece,\n"
-        "so it is not recorded; the result loads with llama3.load_checkpoint and deploys without a\n"
-        "tokenizer.")
+        "attention, SwiGLU, step 0. Llama 3's tokenizer.model is a tiktoken file, "
+        "not SentencePiece,\n"
+        "so it is not recorded; the result loads with llama3.load_checkpoint and deploys "
+        "without a\n"
+        "tokenizer."
+    )
     group = parser.add_argument_group("conversion")
-    group.add_argument("--meta_dir", required=True, metavar="DIR",
-                       help="directory holding params.json and consolidated.00.pth (and more shards)")
-    group.add_argument("--to_checkpoint", required=True, metavar="DIR",
-                       help="checkpoint directory to write (step_00000000 and latest)")
-    group.add_argument("--max_seq_len", type=int, default=8192,
-                       help="context length recorded in the checkpoint (Llama 3: 8192; 3.1: 131072)")
+    group.add_argument(
+        "--meta_dir",
+        required=True,
+        metavar="DIR",
+        help="directory holding params.json and consolidated.00.pth (and more shards)",
+    )
+    group.add_argument(
+        "--to_checkpoint",
+        required=True,
+        metavar="DIR",
+        help="checkpoint directory to write (step_00000000 and latest)",
+    )
+    group.add_argument(
+        "--max_seq_len",
+        type=int,
+        default=8192,
+        help="context length recorded in the checkpoint (Llama 3: 8192; 3.1: 131072)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

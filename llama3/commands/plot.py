@@ -17,18 +17,35 @@ from llama3.training.metrics import METRICS_FILE
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("runs", nargs="+", metavar="RUN",
-                        help="run directories (or their metrics.jsonl files)")
-    parser.add_argument("--output", required=True, metavar="PNG",
-                        help="image file to write; its extension gives the type (.png, .pdf, "
-                             ".svg, ...; .png is added when there is none)")
-    parser.add_argument("--x", choices=tuple(X_AXES), default="step",
-                        help="x axis: optimizer step, tokens trained on, or wall-clock time")
-    parser.add_argument("--labels", nargs="+", metavar="LABEL",
-                        help="legend entries, one per RUN (default: the run directory names)")
-    parser.add_argument("--smooth", type=float, default=0.0,
-                        help="exponential moving average of the training loss, in [0, 1): "
-                             "weight of the past (0: raw)")
+    parser.add_argument(
+        "runs", nargs="+", metavar="RUN", help="run directories (or their metrics.jsonl files)"
+    )
+    parser.add_argument(
+        "--output",
+        required=True,
+        metavar="PNG",
+        help="image file to write; its extension gives the type (.png, .pdf, "
+        ".svg, ...; .png is added when there is none)",
+    )
+    parser.add_argument(
+        "--x",
+        choices=tuple(X_AXES),
+        default="step",
+        help="x axis: optimizer step, tokens trained on, or wall-clock time",
+    )
+    parser.add_argument(
+        "--labels",
+        nargs="+",
+        metavar="LABEL",
+        help="legend entries, one per RUN (default: the run directory names)",
+    )
+    parser.add_argument(
+        "--smooth",
+        type=float,
+        default=0.0,
+        help="exponential moving average of the training loss, in [0, 1): "
+        "weight of the past (0: raw)",
+    )
     parser.add_argument("--title", default=None, help="figure title")
 
 
@@ -50,8 +67,9 @@ def image_path(output: str | Path) -> Path:
     cannot write."""
     output = Path(output)
     if output.is_dir():
-        raise UsageError(f"--output {output} is a directory: give a file name such as "
-                         f"{output / 'curves.png'}")
+        raise UsageError(
+            f"--output {output} is a directory: give a file name such as {output / 'curves.png'}"
+        )
     if not output.suffix:
         return output.with_name(output.name + ".png")
     pyplot()  # matplotlib is there
@@ -59,8 +77,10 @@ def image_path(output: str | Path) -> Path:
 
     types = FigureCanvasBase.get_supported_filetypes()
     if output.suffix[1:].lower() not in types:
-        raise UsageError(f"--output {output}: matplotlib cannot write {output.suffix} images; use "
-                         + ", ".join(f".{t}" for t in sorted(types)))
+        raise UsageError(
+            f"--output {output}: matplotlib cannot write {output.suffix} images; use "
+            + ", ".join(f".{t}" for t in sorted(types))
+        )
     return output
 
 

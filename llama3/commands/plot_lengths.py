@@ -14,21 +14,34 @@ from llama3.plot_lengths import draw, read_evaluation
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("evaluations", nargs="+", metavar="EVAL_JSON",
-                        help="files written by evaluate --output, one per model")
+    parser.add_argument(
+        "evaluations",
+        nargs="+",
+        metavar="EVAL_JSON",
+        help="files written by evaluate --output, one per model",
+    )
     parser.add_argument("--output", required=True, metavar="PNG", help="image file to write")
-    parser.add_argument("--labels", nargs="+", metavar="LABEL",
-                        help="legend entries, one per file (default: the file names)")
-    parser.add_argument("--seq_len", type=int, default=None, metavar="N",
-                        help="window length whose loss by position is drawn (default: the "
-                             "longest in each file)")
+    parser.add_argument(
+        "--labels",
+        nargs="+",
+        metavar="LABEL",
+        help="legend entries, one per file (default: the file names)",
+    )
+    parser.add_argument(
+        "--seq_len",
+        type=int,
+        default=None,
+        metavar="N",
+        help="window length whose loss by position is drawn (default: the longest in each file)",
+    )
     parser.add_argument("--title", default=None, help="figure title")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.labels and len(args.labels) != len(args.evaluations):
-        raise UsageError(f"--labels gives {len(args.labels)} names for "
-                         f"{len(args.evaluations)} files")
+        raise UsageError(
+            f"--labels gives {len(args.labels)} names for {len(args.evaluations)} files"
+        )
     output = check_output_file(image_path(args.output), "--output")
     labels = args.labels or [Path(p).stem for p in args.evaluations]
     evaluations = [read_evaluation(p) for p in args.evaluations]

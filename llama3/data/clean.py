@@ -61,8 +61,12 @@ class Cleaner:
         return not any(asdict(self).values())
 
     def describe(self) -> str:
-        steps = {"nfkd": "NFKD", "ascii": "ASCII", "lowercase": "lowercase",
-                 "drop_empty_brackets": "empty brackets dropped"}
+        steps = {
+            "nfkd": "NFKD",
+            "ascii": "ASCII",
+            "lowercase": "lowercase",
+            "drop_empty_brackets": "empty brackets dropped",
+        }
         done = [text for name, text in steps.items() if getattr(self, name)]
         return ", ".join(done) or "none (text used as given)"
 
@@ -71,5 +75,9 @@ class Cleaner:
         """The steps ``steps`` sets, one attribute each (parsed flags); those it leaves unset
         (None) take ``base``'s."""
         base = base or cls()
-        return cls(**{name: getattr(base, name) if getattr(steps, name) is None
-                      else getattr(steps, name) for name in asdict(base)})
+        return cls(
+            **{
+                name: getattr(base, name) if getattr(steps, name) is None else getattr(steps, name)
+                for name in asdict(base)
+            }
+        )

@@ -80,8 +80,8 @@ class _PaddedSequences:
         buffer[:, 0] = self.corpus.bos_id
         for row, skip, doc in zip(buffer, ignore, self.documents[indices].tolist()):
             tokens = self.corpus.document(doc)
-            row[1:1 + len(tokens)] = tokens
-            skip[len(tokens):] = True  # targets past the EOS are padding
+            row[1 : 1 + len(tokens)] = tokens
+            skip[len(tokens) :] = True  # targets past the EOS are padding
         inputs, targets = _split(buffer)
         targets[torch.from_numpy(ignore)] = IGNORE_INDEX
         return inputs, targets
@@ -89,19 +89,25 @@ class _PaddedSequences:
     def report(self, corpus_flag: str) -> None:
         if self.dropped:
             total = self.dropped + len(self.documents)
-            print(f"padded mode: {self.dropped} of {total} documents of {corpus_flag} "
-                  f"{self.corpus.path} ({100 * self.dropped / total:.1f}%) do not fit "
-                  f"{self.seq_len_flag} {self.seq_len} with BOS and EOS and are dropped", file=sys.stderr)
+            print(
+                f"padded mode: {self.dropped} of {total} documents of {corpus_flag} "
+                f"{self.corpus.path} ({100 * self.dropped / total:.1f}%) do not fit "
+                f"{self.seq_len_flag} {self.seq_len} with BOS and EOS and are dropped",
+                file=sys.stderr,
+            )
 
 
 def _split(buffer: np.ndarray) -> Batch:
     """(B, S + 1) tokens → contiguous inputs (B, S) and targets (B, S)."""
-    return (torch.from_numpy(np.ascontiguousarray(buffer[:, :-1])),
-            torch.from_numpy(np.ascontiguousarray(buffer[:, 1:])))
+    return (
+        torch.from_numpy(np.ascontiguousarray(buffer[:, :-1])),
+        torch.from_numpy(np.ascontiguousarray(buffer[:, 1:])),
+    )
 
 
-def _sequences(corpus: TokenCorpus, seq_len: int, batch_size: int, mode: str, pad_id: int,
-               seq_len_flag: str):
+def _sequences(
+    corpus: TokenCorpus, seq_len: int, batch_size: int, mode: str, pad_id: int, seq_len_flag: str
+):
     if mode not in MODES:
         raise UsageError(f"data mode {mode!r}: choose from {', '.join(MODES)}")
     if seq_len < 1:
@@ -113,19 +119,24 @@ def _sequences(corpus: TokenCorpus, seq_len: int, batch_size: int, mode: str, pa
     return _PaddedSequences(corpus, seq_len, pad_id, seq_len_flag)
 
 
-def _check_batches(n_batches: int, sequences, batch_size: int, world_size: int, flag: str,
-                   seq_len_flag: str) -> None:
+def _check_batches(
+    n_batches: int, sequences, batch_size: int, world_size: int, flag: str, seq_len_flag: str
+) -> None:
     if n_batches >= 1:
         return
     if isinstance(sequences, _PackedSequences):
         gives = f"{len(sequences)} windows of {seq_len_flag} {sequences.seq_len} + 1 tokens"
     else:
-        gives = (f"{len(sequences)} documents that fit in {seq_len_flag} {sequences.seq_len} + 1 "
-                 "tokens with BOS and EOS")
+        gives = (
+            f"{len(sequences)} documents that fit in {seq_len_flag} {sequences.seq_len} + 1 "
+            "tokens with BOS and EOS"
+        )
     raise UsageError(
         f"{flag} {sequences.corpus.path} is too small for one batch: it gives {gives}, and one "
         f"batch needs --batch_size {batch_size} × {world_size} process(es) = "
-        f"{batch_size * world_size}; use a larger corpus or a smaller --batch_size or {seq_len_flag}")
+        f"{batch_size * world_size}; use a larger corpus or a smaller --batch_size or "
+        f"{seq_len_flag}"
+    )
 
 
 def _check_rank(rank: int, world_size: int) -> None:
@@ -142,17 +153,29 @@ class TrainWindows:
     Iterate once at a time; ``load_state_dict`` also repositions a running iterator.
     """
 
-    def __init__(self, corpus: TokenCorpus, seq_len: int, batch_size: int, *, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, mode: str = "packed", pad_id: int = 1,
-                 prefetch: int = 2, flag: str = "--train_corpus"):
+    def __init__(
+        self,
+        corpus: TokenCorpus,
+        seq_len: int,
+        batch_size: int,
+        *,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        mode: str = "packed",
+        pad_id: int = 1,
+        prefetch: int = 2,
+        flag: str = "--train_corpus",
+    ):
         _check_rank(rank, world_size)
         self.corpus, self.seq_len, self.batch_size = corpus, seq_len, batch_size
         self.seed, self.rank, self.world_size, self.mode = seed, rank, world_size, mode
         self.prefetch = prefetch
         self._sequences = _sequences(corpus, seq_len, batch_size, mode, pad_id, "--max_seq_len")
         self.steps_per_epoch: int = len(self._sequences) // (batch_size * world_size)
-        _check_batches(self.steps_per_epoch, self._sequences, batch_size, world_size, flag,
-                       "--max_seq_len")
+        _check_batches(
+            self.steps_per_epoch, self._sequences, batch_size, world_size, flag, "--max_seq_len"
+        )
         if mode == "padded" and rank == 0:
             self._sequences.report(flag)
         self._step = 0  # batches this rank has handed out
@@ -183,7 +206,7 @@ class TrainWindows:
         """The batch this rank gets at ``step`` (counted from the first epoch)."""
         epoch, k = divmod(step, self.steps_per_epoch)
         first = (k * self.world_size + self.rank) * self.batch_size
-        return self._sequences.batch(self._permutation(epoch)[first:first + self.batch_size])
+        return self._sequences.batch(self._permutation(epoch)[first : first + self.batch_size])
 
     def __iter__(self) -> Iterator[Batch]:
         prefetcher: _Prefetcher | None = None
@@ -205,20 +228,36 @@ class TrainWindows:
                 prefetcher.close()
 
     def state_dict(self) -> dict:
-        return {"step": self._step, "seed": self.seed, "seq_len": self.seq_len,
-                "batch_size": self.batch_size, "world_size": self.world_size, "mode": self.mode,
-                "fingerprint": self.corpus.fingerprint}
+        return {
+            "step": self._step,
+            "seed": self.seed,
+            "seq_len": self.seq_len,
+            "batch_size": self.batch_size,
+            "world_size": self.world_size,
+            "mode": self.mode,
+            "fingerprint": self.corpus.fingerprint,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Continue after the last batch handed out when ``state`` was taken."""
-        flags = {"seed": "--seed", "seq_len": "--max_seq_len", "batch_size": "--batch_size",
-                 "world_size": "the number of processes", "mode": "the data mode",
-                 "fingerprint": "the training corpus or tokenizer (content fingerprint)"}
+        flags = {
+            "seed": "--seed",
+            "seq_len": "--max_seq_len",
+            "batch_size": "--batch_size",
+            "world_size": "the number of processes",
+            "mode": "the data mode",
+            "fingerprint": "the training corpus or tokenizer (content fingerprint)",
+        }
         mine = self.state_dict()
-        diffs = [f"{flag}: {state.get(key)} then, {mine[key]} now" for key, flag in flags.items()
-                 if state.get(key) != mine[key]]
+        diffs = [
+            f"{flag}: {state.get(key)} then, {mine[key]} now"
+            for key, flag in flags.items()
+            if state.get(key) != mine[key]
+        ]
         if diffs:
-            raise UsageError("cannot resume the data order exactly, these changed: " + "; ".join(diffs))
+            raise UsageError(
+                "cannot resume the data order exactly, these changed: " + "; ".join(diffs)
+            )
         self._step = int(state["step"])
 
 
@@ -229,8 +268,9 @@ class _Prefetcher:
         self.next_step = step
         self._queue: queue.Queue = queue.Queue(depth)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(batch, step), daemon=True,
-                                        name="TrainWindows-prefetch")
+        self._thread = threading.Thread(
+            target=self._run, args=(batch, step), daemon=True, name="TrainWindows-prefetch"
+        )
         self._thread.start()
 
     def _run(self, batch: Callable[[int], Batch], step: int) -> None:
@@ -271,11 +311,26 @@ class EvalWindows:
     ``seq_len_flag`` names the window length in messages: training's ``--max_seq_len`` (the
     model's context) or the ``--seq_len`` of the commands that run a trained model."""
 
-    def __init__(self, corpus: TokenCorpus, seq_len: int, batch_size: int, *, mode: str = "packed",
-                 pad_id: int = 1, rank: int = 0, world_size: int = 1, flag: str = "--eval_corpus",
-                 seq_len_flag: str = "--max_seq_len"):
+    def __init__(
+        self,
+        corpus: TokenCorpus,
+        seq_len: int,
+        batch_size: int,
+        *,
+        mode: str = "packed",
+        pad_id: int = 1,
+        rank: int = 0,
+        world_size: int = 1,
+        flag: str = "--eval_corpus",
+        seq_len_flag: str = "--max_seq_len",
+    ):
         _check_rank(rank, world_size)
-        self.corpus, self.batch_size, self.rank, self.world_size = corpus, batch_size, rank, world_size
+        self.corpus, self.batch_size, self.rank, self.world_size = (
+            corpus,
+            batch_size,
+            rank,
+            world_size,
+        )
         self._sequences = _sequences(corpus, seq_len, batch_size, mode, pad_id, seq_len_flag)
         self._batches = len(self._sequences) // batch_size // world_size
         _check_batches(self._batches, self._sequences, batch_size, world_size, flag, seq_len_flag)
@@ -297,11 +352,25 @@ class EvalWindows:
             yield self._sequences.batch(np.arange(first, first + self.batch_size))
 
 
-def open_eval_windows(corpus: str, tokenizer: Tokenizer, seq_len: int, batch_size: int,
-                      mode: str = "packed", *, cache_dir: str | None = None,
-                      progress: bool = True) -> EvalWindows:
+def open_eval_windows(
+    corpus: str,
+    tokenizer: Tokenizer,
+    seq_len: int,
+    batch_size: int,
+    mode: str = "packed",
+    *,
+    cache_dir: str | None = None,
+    progress: bool = True,
+) -> EvalWindows:
     """Fixed-order eval windows of ``--eval_corpus`` (encoded once and cached) for one process."""
-    tokens = open_token_corpus(corpus, tokenizer, cache_dir=cache_dir, progress=progress,
-                               flag="--eval_corpus")
-    return EvalWindows(tokens, seq_len, batch_size, mode=mode, pad_id=tokenizer.padding_id,
-                       seq_len_flag="--seq_len")
+    tokens = open_token_corpus(
+        corpus, tokenizer, cache_dir=cache_dir, progress=progress, flag="--eval_corpus"
+    )
+    return EvalWindows(
+        tokens,
+        seq_len,
+        batch_size,
+        mode=mode,
+        pad_id=tokenizer.padding_id,
+        seq_len_flag="--seq_len",
+    )

@@ -41,8 +41,12 @@ class WorkerPool:
     """``workers`` processes (none when ``workers <= 1``: work runs in this process) that each run
     ``initializer(*initargs)`` once. Use as a context manager, before starting progress bars."""
 
-    def __init__(self, workers: int, initializer: Callable[..., None] | None = None,
-                 initargs: tuple[Any, ...] = ()):
+    def __init__(
+        self,
+        workers: int,
+        initializer: Callable[..., None] | None = None,
+        initargs: tuple[Any, ...] = (),
+    ):
         self.workers = max(1, workers)
         self._init = (initializer, initargs)
         self._pool: ProcessPoolExecutor | None = None
@@ -50,9 +54,12 @@ class WorkerPool:
     def __enter__(self) -> WorkerPool:
         initializer, initargs = self._init
         if self.workers > 1:
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=_context(),
-                                             initializer=_start_worker,
-                                             initargs=(initializer, initargs))
+            self._pool = ProcessPoolExecutor(
+                self.workers,
+                mp_context=_context(),
+                initializer=_start_worker,
+                initargs=(initializer, initargs),
+            )
             self._pool.submit(int).result()  # start the workers now, before any progress thread
         elif initializer is not None:
             initializer(*initargs)

@@ -38,8 +38,17 @@ from typing import IO, NamedTuple
 
 from llama3.data.clean import Cleaner
 from llama3.data.parallel import WorkerPool
-from llama3.data.sources import (INCOMPLETE, Chunk, Problem, ProblemLog, chunk_size_for,
-                                 corpus_chunks, parse_lines, total_size, zstandard_module)
+from llama3.data.sources import (
+    INCOMPLETE,
+    Chunk,
+    Problem,
+    ProblemLog,
+    chunk_size_for,
+    corpus_chunks,
+    parse_lines,
+    total_size,
+    zstandard_module,
+)
 from llama3.errors import UsageError
 from llama3.fileio import atomic_write_bytes, write_error
 
@@ -53,15 +62,17 @@ def corpus_cleaning(corpus: str | os.PathLike) -> Cleaner | None:
     shard), from the run's ``preprocess.json``; None when no such record describes it."""
     path = Path(corpus)
     directory = path if path.is_dir() else path.parent
-    manifest = next((d / MANIFEST for d in (directory, directory.parent)
-                     if (d / MANIFEST).is_file()), None)
+    manifest = next(
+        (d / MANIFEST for d in (directory, directory.parent) if (d / MANIFEST).is_file()), None
+    )
     if manifest is None:
         return None
     try:
         return Cleaner.from_dict(json.loads(manifest.read_text(encoding="utf-8"))["cleaning"])
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise UsageError(f"{manifest}: cannot read its cleaning steps ({err}); run preprocess "
-                         "again") from err
+        raise UsageError(
+            f"{manifest}: cannot read its cleaning steps ({err}); run preprocess again"
+        ) from err
 
 
 # ----------------------------------------------------------------------------------- splitting
@@ -112,7 +123,10 @@ def _process_chunk(chunk: Chunk) -> ChunkResult:
     return ChunkResult(
         lines={s: "".join(line + "\n" for line in v).encode("utf-8") for s, v in lines.items()},
         documents={s: len(v) for s, v in lines.items()},
-        empty=empty, problems=problems, raw_bytes=chunk.raw_bytes)
+        empty=empty,
+        problems=problems,
+        raw_bytes=chunk.raw_bytes,
+    )
 
 
 # ------------------------------------------------------------------------------ shard writing
@@ -159,8 +173,11 @@ class ShardWriter:
         self._hasher = _HashingFile(self._file)
         self._sink = self._hasher
         if self.compress:
-            self._sink = zstandard_module().ZstdCompressor(level=self.level).stream_writer(
-                self._hasher, closefd=False)
+            self._sink = (
+                zstandard_module()
+                .ZstdCompressor(level=self.level)
+                .stream_writer(self._hasher, closefd=False)
+            )
         self._written = self._documents = 0
 
     def write(self, data: bytes) -> None:
@@ -170,7 +187,11 @@ class ShardWriter:
             if self._file is None:
                 self._open()
             room = self.shard_bytes - self._written
-            end = len(data) if len(data) - pos < room else data.find(b"\n", pos + max(room - 1, 0)) + 1
+            end = (
+                len(data)
+                if len(data) - pos < room
+                else data.find(b"\n", pos + max(room - 1, 0)) + 1
+            )
             end = end or len(data)
             self._sink.write(view[pos:end])
             self._written += end - pos
@@ -187,8 +208,14 @@ class ShardWriter:
         os.fsync(self._file.fileno())
         self._file.close()
         os.replace(self.directory / f".{name}.tmp", self.directory / name)
-        self.shards.append({"name": name, "documents": self._documents, "bytes": self._written,
-                            "sha256": self._hasher.sha256.hexdigest()})
+        self.shards.append(
+            {
+                "name": name,
+                "documents": self._documents,
+                "bytes": self._written,
+                "sha256": self._hasher.sha256.hexdigest(),
+            }
+        )
         self._file = self._sink = self._hasher = None
 
     def close(self) -> list[dict]:
@@ -230,10 +257,19 @@ class NoDocuments(UsageError):
     """No document survived: every line was bad input, or cleaning emptied every document."""
 
 
-def clean_and_split(files: list[Path], output: Path, cleaner: Cleaner, splitter: Splitter,
-                    log: ProblemLog, *, shard_bytes: int, compress: bool = False,
-                    workers: int = 1, progress: bool = True,
-                    what: str = "") -> tuple[dict[str, list[dict]], Totals]:
+def clean_and_split(
+    files: list[Path],
+    output: Path,
+    cleaner: Cleaner,
+    splitter: Splitter,
+    log: ProblemLog,
+    *,
+    shard_bytes: int,
+    compress: bool = False,
+    workers: int = 1,
+    progress: bool = True,
+    what: str = "",
+) -> tuple[dict[str, list[dict]], Totals]:
     """Clean ``files`` and split them into shards of about ``shard_bytes`` under ``output``, then
     write the manifest; returns the shards of each split and the totals. A failed write (``what``
     names ``output`` in its message) and a run that keeps no document (:class:`NoDocuments`) leave
@@ -265,21 +301,39 @@ def _require_documents(totals: Totals, log: ProblemLog) -> None:
     if sum(totals.documents.values()):
         return
     log.close()
-    why = (f"every line was bad input ({log.breakdown}), each listed in {log.report}"
-           if log.total else "every document was empty after cleaning")
+    why = (
+        f"every line was bad input ({log.breakdown}), each listed in {log.report}"
+        if log.total
+        else "every document was empty after cleaning"
+    )
     raise NoDocuments(f"no documents to write: {why}")
 
 
-def _process(files: list[Path], writers: dict[str, ShardWriter], log: ProblemLog, cleaner: Cleaner,
-             splitter: Splitter, workers: int, progress: bool) -> Totals:
+def _process(
+    files: list[Path],
+    writers: dict[str, ShardWriter],
+    log: ProblemLog,
+    cleaner: Cleaner,
+    splitter: Splitter,
+    workers: int,
+    progress: bool,
+) -> Totals:
     """Stream every chunk through the workers into the shard writers, in input order."""
     from tqdm import tqdm
 
     size, totals = total_size(files), Totals()
     chunks = corpus_chunks(files, log, chunk_size_for(size, workers))
-    with WorkerPool(workers, _init_worker, (cleaner, splitter)) as pool, \
-            tqdm(total=size, unit="B", unit_scale=True, desc="preprocess", disable=not progress,
-                 dynamic_ncols=True) as bar:
+    with (
+        WorkerPool(workers, _init_worker, (cleaner, splitter)) as pool,
+        tqdm(
+            total=size,
+            unit="B",
+            unit_scale=True,
+            desc="preprocess",
+            disable=not progress,
+            dynamic_ncols=True,
+        ) as bar,
+    ):
         for result in pool.map(_process_chunk, chunks):
             log.extend(result.problems)
             for split in SPLITS:
@@ -287,22 +341,40 @@ def _process(files: list[Path], writers: dict[str, ShardWriter], log: ProblemLog
             totals.add(result)
             bar.update(result.raw_bytes)
             docs = sum(totals.documents.values())
-            bar.set_postfix_str(f"{docs} docs, {docs / max(bar.format_dict['elapsed'], 1e-9):.0f} docs/s",
-                                refresh=False)
+            bar.set_postfix_str(
+                f"{docs} docs, {docs / max(bar.format_dict['elapsed'], 1e-9):.0f} docs/s",
+                refresh=False,
+            )
         bar.update(max(size - bar.n, 0))  # files that yielded nothing (empty, unreadable)
     return totals
 
 
-def _write_manifest(output: Path, files: list[Path], cleaner: Cleaner, splitter: Splitter,
-                    shards: dict[str, list[dict]], log: ProblemLog) -> None:
+def _write_manifest(
+    output: Path,
+    files: list[Path],
+    cleaner: Cleaner,
+    splitter: Splitter,
+    shards: dict[str, list[dict]],
+    log: ProblemLog,
+) -> None:
     manifest = {
-        "format": "llama3-preprocess", "version": 1,
+        "format": "llama3-preprocess",
+        "version": 1,
         "inputs": [str(p) for p in files],
         "cleaning": cleaner.to_dict(),
-        "split": {"train_share": splitter.train_share, "seed": splitter.seed,
-                  "hash": "blake2b-64 of the cleaned UTF-8 text, keyed by the seed"},
-        "splits": {s: {"documents": sum(x["documents"] for x in v),
-                       "bytes": sum(x["bytes"] for x in v), "shards": v} for s, v in shards.items()},
+        "split": {
+            "train_share": splitter.train_share,
+            "seed": splitter.seed,
+            "hash": "blake2b-64 of the cleaned UTF-8 text, keyed by the seed",
+        },
+        "splits": {
+            s: {
+                "documents": sum(x["documents"] for x in v),
+                "bytes": sum(x["bytes"] for x in v),
+                "shards": v,
+            }
+            for s, v in shards.items()
+        },
         "bad_input": dict(sorted(log.counts.items())),
     }
     atomic_write_bytes(output / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())

@@ -17,7 +17,15 @@ import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
 
-SKIPPED_PARTS = {"test", "tests", "site-packages", "dist-packages", "idlelib", "lib2to3", "__pycache__"}
+SKIPPED_PARTS = {
+    "test",
+    "tests",
+    "site-packages",
+    "dist-packages",
+    "idlelib",
+    "lib2to3",
+    "__pycache__",
+}
 MIN_DOCSTRING = 40  # characters; shorter docstrings are mostly "Return x." and add little text
 
 

@@ -41,7 +41,9 @@ if TYPE_CHECKING:
     import pyarrow.parquet
 
 SUFFIXES = (".jsonl", ".jsonl.zst", ".jsonl.gz", ".json.gz", ".parquet")
-FORMATS = ", ".join(SUFFIXES[:-1]) + " or " + SUFFIXES[-1]  # for messages: ".jsonl, ... or .parquet"
+FORMATS = (
+    ", ".join(SUFFIXES[:-1]) + " or " + SUFFIXES[-1]
+)  # for messages: ".jsonl, ... or .parquet"
 DEFAULT_CHUNK_BYTES = 4 << 20
 INCOMPLETE = ".preprocess-incomplete"  # in a split directory until preprocess has finished it
 REPORT_SUFFIX = ".bad_input.tsv"  # every bad input of a run, one per line, beside its output
@@ -82,8 +84,19 @@ class Problem(NamedTuple):
         return f"{where}: {REASONS[self.reason]}{detail}"
 
 
-FILE_LEVEL = frozenset({"unreadable", "empty_file", "truncated_zst", "corrupt_zst", "truncated_gzip",
-                        "corrupt_gzip", "corrupt_parquet", "missing_text_column", "text_column_type"})
+FILE_LEVEL = frozenset(
+    {
+        "unreadable",
+        "empty_file",
+        "truncated_zst",
+        "corrupt_zst",
+        "truncated_gzip",
+        "corrupt_gzip",
+        "corrupt_parquet",
+        "missing_text_column",
+        "text_column_type",
+    }
+)
 
 
 class ProblemLog:
@@ -92,8 +105,13 @@ class ProblemLog:
     tab-separated) in ``report``, which :meth:`close` publishes (or removes when there were none,
     so it never describes an earlier run) and :meth:`abort` drops."""
 
-    def __init__(self, strict: bool = False, max_reports: int = 5, stream: IO[str] | None = None,
-                 report: str | os.PathLike | None = None):
+    def __init__(
+        self,
+        strict: bool = False,
+        max_reports: int = 5,
+        stream: IO[str] | None = None,
+        report: str | os.PathLike | None = None,
+    ):
         self.strict = strict
         self.max_reports = max_reports
         self.stream = stream
@@ -159,8 +177,10 @@ class ProblemLog:
             return "bad input: none"
         parts = self.breakdown
         listed = f"; all listed in {self.report}" if self.report is not None else ""
-        return (f"bad input skipped: {parts} (the first {self.max_reports} bad lines and every "
-                f"file-level fault reported above{listed}; --strict stops at the first)")
+        return (
+            f"bad input skipped: {parts} (the first {self.max_reports} bad lines and every "
+            f"file-level fault reported above{listed}; --strict stops at the first)"
+        )
 
 
 def _write_line(text: str, stream: IO[str] | None) -> None:
@@ -185,8 +205,9 @@ def _is_corpus_name(name: str) -> bool:
     return name.endswith(SUFFIXES) and not name.startswith(".")
 
 
-def find_corpus_files(paths: str | os.PathLike | Sequence[str | os.PathLike],
-                      flag: str = "--corpus") -> list[Path]:
+def find_corpus_files(
+    paths: str | os.PathLike | Sequence[str | os.PathLike], flag: str = "--corpus"
+) -> list[Path]:
     """The corpus files named by ``paths``: files as given, directories searched recursively for
     files with one of :data:`SUFFIXES` (hidden entries skipped), each directory's files sorted."""
     if isinstance(paths, (str, os.PathLike)):
@@ -208,8 +229,10 @@ def find_corpus_files(paths: str | os.PathLike | Sequence[str | os.PathLike],
 
 def _check_complete(directory: Path, flag: str, path: Path) -> None:
     if (directory / INCOMPLETE).exists():
-        raise UsageError(f"{flag} {path}: preprocess did not finish writing {directory} (it was "
-                         f"stopped or failed, see {INCOMPLETE} there): run it again")
+        raise UsageError(
+            f"{flag} {path}: preprocess did not finish writing {directory} (it was "
+            f"stopped or failed, see {INCOMPLETE} there): run it again"
+        )
 
 
 def _files_under(root: Path, flag: str) -> list[Path]:
@@ -266,8 +289,10 @@ def zstandard_module():
     try:
         import zstandard
     except ImportError as err:
-        raise UsageError("reading .zst files needs the zstandard package: pip install zstandard "
-                         "(or decompress first: zstd -d FILE)") from err
+        raise UsageError(
+            "reading .zst files needs the zstandard package: pip install zstandard "
+            "(or decompress first: zstd -d FILE)"
+        ) from err
     return zstandard
 
 
@@ -278,8 +303,10 @@ def pyarrow_module() -> ModuleType:
         import pyarrow
         import pyarrow.parquet  # noqa: F401  (makes pyarrow.parquet available)
     except ImportError as err:
-        raise UsageError("reading .parquet files needs pyarrow: pip install pyarrow (or this "
-                         "project's extra: pip install -e '.[parquet]')") from err
+        raise UsageError(
+            "reading .parquet files needs pyarrow: pip install pyarrow (or this "
+            "project's extra: pip install -e '.[parquet]')"
+        ) from err
     return pyarrow
 
 
@@ -288,8 +315,9 @@ def _plain_blocks(f: IO[bytes], size: int) -> Iterator[tuple[bytes, int]]:
         yield block, len(block)
 
 
-def _decompressed_blocks(f: IO[bytes], size: int, codec: str, decompressor: Callable[[], Any],
-                         error: type[Exception]) -> Iterator[tuple[bytes, int]]:
+def _decompressed_blocks(
+    f: IO[bytes], size: int, codec: str, decompressor: Callable[[], Any], error: type[Exception]
+) -> Iterator[tuple[bytes, int]]:
     """Decompressed blocks of a file of one or more zstd frames or gzip members (``codec``), each
     with the compressed bytes it took. Everything decoded is yielded before a _StreamError for data
     that cannot be decoded, or that stops inside a frame (which stream readers take for the end)."""
@@ -382,8 +410,12 @@ def _open_parquet(pa: ModuleType, f: IO[bytes]) -> pyarrow.parquet.ParquetFile:
     if "text" not in schema.names:
         raise _StreamError("missing_text_column", "columns: " + ", ".join(schema.names[:5]), line=0)
     kind = schema.field("text").type
-    if not (types.is_string(kind) or types.is_large_string(kind) or types.is_binary(kind)
-            or types.is_large_binary(kind)):
+    if not (
+        types.is_string(kind)
+        or types.is_large_string(kind)
+        or types.is_binary(kind)
+        or types.is_large_binary(kind)
+    ):
         raise _StreamError("text_column_type", str(kind), line=0)
     return parquet
 
@@ -395,7 +427,9 @@ def _rows_per_batch(parquet: pyarrow.parquet.ParquetFile, chunk_bytes: int) -> i
     return max(1, chunk_bytes * meta.num_rows // max(data, 1))
 
 
-def file_chunks(path: Path, log: ProblemLog, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[Chunk]:
+def file_chunks(
+    path: Path, log: ProblemLog, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+) -> Iterator[Chunk]:
     """Chunks of one file: whole JSON lines, or rows of a parquet file; file-level problems go to
     ``log``."""
     name = str(path)
@@ -427,8 +461,9 @@ def _stopped(err: _StreamError | OSError, name: str, last: Chunk | None) -> Prob
     return Problem(err.reason, name, line if err.line is None else err.line, err.detail)
 
 
-def corpus_chunks(files: Iterable[Path], log: ProblemLog,
-                  chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[Chunk]:
+def corpus_chunks(
+    files: Iterable[Path], log: ProblemLog, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+) -> Iterator[Chunk]:
     for path in files:
         yield from file_chunks(path, log, chunk_bytes)
 
@@ -446,7 +481,7 @@ def _decode(raw: bytes) -> str | tuple[str, str]:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        return "invalid_utf8", f"byte {err.start}: {raw[err.start:err.start + 1]!r}"
+        return "invalid_utf8", f"byte {err.start}: {raw[err.start : err.start + 1]!r}"
 
 
 def parse_line(raw: bytes) -> str | tuple[str, str]:
@@ -457,7 +492,9 @@ def parse_line(raw: bytes) -> str | tuple[str, str]:
     try:
         record = json.loads(line)
     except ValueError as err:
-        return "malformed_json", getattr(err, "msg", str(err)) + f" at column {getattr(err, 'colno', '?')}"
+        return "malformed_json", getattr(
+            err, "msg", str(err)
+        ) + f" at column {getattr(err, 'colno', '?')}"
     if not isinstance(record, dict):
         return "not_an_object", type(record).__name__
     if "text" not in record:
@@ -481,8 +518,10 @@ def parse_value(raw: bytes | None) -> str | tuple[str, str]:
 def parse_lines(chunk: Chunk) -> tuple[list[str], list[Problem]]:
     """Texts of a chunk's lines (blank lines skipped) or rows, and the problems found."""
     if isinstance(chunk.data, bytes):
-        parsed = (parse_line(raw) if raw and not raw.isspace() else None
-                  for raw in chunk.data.split(b"\n"))
+        parsed = (
+            parse_line(raw) if raw and not raw.isspace() else None
+            for raw in chunk.data.split(b"\n")
+        )
     else:
         parsed = map(parse_value, chunk.data)
     texts: list[str] = []
@@ -495,8 +534,9 @@ def parse_lines(chunk: Chunk) -> tuple[list[str], list[Problem]]:
     return texts, problems
 
 
-def iter_texts(files: Iterable[Path], log: ProblemLog,
-               chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[str]:
+def iter_texts(
+    files: Iterable[Path], log: ProblemLog, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+) -> Iterator[str]:
     """Every text of ``files`` in order, in this process (problems go to ``log``)."""
     for chunk in corpus_chunks(files, log, chunk_bytes):
         texts, problems = parse_lines(chunk)

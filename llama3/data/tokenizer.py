@@ -58,9 +58,16 @@ def write_cleaning_record(model_file: str | os.PathLike, cleaner: Cleaner, sourc
     that is known from), bound to the model file by its sha256."""
     from llama3.fileio import file_sha256
 
-    return write_json(cleaning_record_path(model_file), {
-        "format": CLEANING_FORMAT, "version": 1, "tokenizer_sha256": file_sha256(model_file),
-        "cleaning": cleaner.to_dict(), "source": source})
+    return write_json(
+        cleaning_record_path(model_file),
+        {
+            "format": CLEANING_FORMAT,
+            "version": 1,
+            "tokenizer_sha256": file_sha256(model_file),
+            "cleaning": cleaner.to_dict(),
+            "source": source,
+        },
+    )
 
 
 def read_cleaning_record(model_file: Path, sha256: str) -> tuple[Cleaner, str | None]:
@@ -68,19 +75,25 @@ def read_cleaning_record(model_file: Path, sha256: str) -> tuple[Cleaner, str | 
     when there is no record and preprocess's default cleaning is assumed."""
     path = cleaning_record_path(model_file)
     if not path.exists():
-        return Cleaner(), (f"{model_file} has no cleaning record ({path.name}, written by "
-                           "train_tokenizer): assuming its training text was cleaned as preprocess "
-                           f"does by default ({Cleaner().describe()}), and cleaning text so")
+        return Cleaner(), (
+            f"{model_file} has no cleaning record ({path.name}, written by "
+            "train_tokenizer): assuming its training text was cleaned as preprocess "
+            f"does by default ({Cleaner().describe()}), and cleaning text so"
+        )
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
         cleaner = Cleaner.from_dict(record["cleaning"])
         recorded_sha = record["tokenizer_sha256"]
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise UsageError(f"{path}: not a readable cleaning record ({err}); delete it to assume "
-                         "preprocess's default cleaning") from err
+        raise UsageError(
+            f"{path}: not a readable cleaning record ({err}); delete it to assume "
+            "preprocess's default cleaning"
+        ) from err
     if record.get("format") != CLEANING_FORMAT or recorded_sha != sha256:
-        raise UsageError(f"{path} does not belong to {model_file} (it describes another "
-                         "tokenizer): delete it, or put the right one beside the model")
+        raise UsageError(
+            f"{path} does not belong to {model_file} (it describes another "
+            "tokenizer): delete it, or put the right one beside the model"
+        )
     return cleaner, None
 
 
@@ -88,9 +101,11 @@ def unknown_share_warning(what: str, unknown: int, total: int) -> str | None:
     """A warning when more than UNKNOWN_WARNING_SHARE of ``total`` ids are <unk>."""
     if total == 0 or unknown / total <= UNKNOWN_WARNING_SHARE:
         return None
-    return (f"warning: {what}: {unknown:,} of {total:,} tokens ({unknown / total:.1%}) are <unk>, "
-            "characters the tokenizer never saw in training; the model reads them as one unknown "
-            "symbol (is this text cleaned as the training text was?)")
+    return (
+        f"warning: {what}: {unknown:,} of {total:,} tokens ({unknown / total:.1%}) are <unk>, "
+        "characters the tokenizer never saw in training; the model reads them as one unknown "
+        "symbol (is this text cleaned as the training text was?)"
+    )
 
 
 def _sentencepiece():
@@ -102,19 +117,24 @@ def _sentencepiece():
 class Tokenizer:
     """A loaded SentencePiece model. Pickles by path, so worker processes can receive it."""
 
-    def __init__(self, model_file: str | os.PathLike, *, num_threads: int = 1,
-                 flag: str = "--tokenizer"):
+    def __init__(
+        self, model_file: str | os.PathLike, *, num_threads: int = 1, flag: str = "--tokenizer"
+    ):
         self.path = Path(model_file)
         self.num_threads = num_threads  # for encode_batch
         try:
             data = self.path.read_bytes()
         except OSError as err:
-            raise UsageError(f"{flag} {self.path}: cannot read the tokenizer "
-                             f"({err.strerror or err}); train one with "
-                             "'python -m llama3 train_tokenizer'") from err
+            raise UsageError(
+                f"{flag} {self.path}: cannot read the tokenizer "
+                f"({err.strerror or err}); train one with "
+                "'python -m llama3 train_tokenizer'"
+            ) from err
         if not data:
-            raise UsageError(f"{flag} {self.path}: the file is empty, not a SentencePiece model; "
-                             "train one with 'python -m llama3 train_tokenizer'")
+            raise UsageError(
+                f"{flag} {self.path}: the file is empty, not a SentencePiece model; "
+                "train one with 'python -m llama3 train_tokenizer'"
+            )
         try:
             self._sp = _sentencepiece().SentencePieceProcessor(model_proto=data)
         except Exception as err:  # sentencepiece raises RuntimeError or OSError on a bad proto
@@ -133,8 +153,12 @@ class Tokenizer:
         self._token_bytes: np.ndarray | None = None
 
     def __getstate__(self) -> dict:
-        return {"path": self.path, "num_threads": self.num_threads, "flag": self.flag,
-                "sha256": self._sha256}
+        return {
+            "path": self.path,
+            "num_threads": self.num_threads,
+            "flag": self.flag,
+            "sha256": self._sha256,
+        }
 
     def __setstate__(self, state: dict) -> None:
         self.__init__(state["path"], num_threads=state["num_threads"], flag=state["flag"])
@@ -167,7 +191,9 @@ class Tokenizer:
     def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
         return self._sp.encode(text, add_bos=bos, add_eos=eos)
 
-    def encode_batch(self, texts: list[str], *, bos: bool = False, eos: bool = False) -> list[list[int]]:
+    def encode_batch(
+        self, texts: list[str], *, bos: bool = False, eos: bool = False
+    ) -> list[list[int]]:
         return self._sp.encode(texts, add_bos=bos, add_eos=eos, num_threads=self.num_threads)
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -185,8 +211,11 @@ class Tokenizer:
             for i in range(self.vocab_size):
                 if sp.is_control(i) or sp.is_unknown(i):
                     continue
-                sizes[i] = 1 if sp.is_byte(i) else len(
-                    sp.id_to_piece(i).replace(WORD_BOUNDARY, " ").encode("utf-8"))
+                sizes[i] = (
+                    1
+                    if sp.is_byte(i)
+                    else len(sp.id_to_piece(i).replace(WORD_BOUNDARY, " ").encode("utf-8"))
+                )
             self._token_bytes = sizes
         return self._token_bytes
 
@@ -196,16 +225,21 @@ def check_tokenizer(tokenizer: Tokenizer, recorded: dict[str, str] | None, vocab
     sha256, None if it recorded none) or whose ids do not fit the model's ``vocab_size``."""
     expected = (recorded or {}).get("sha256")
     if expected and tokenizer.sha256 != expected:
-        raise UsageError(f"{tokenizer.flag} {tokenizer.path} is not the tokenizer this checkpoint "
-                         f"was trained with ({recorded.get('path')}); pass that one")
+        raise UsageError(
+            f"{tokenizer.flag} {tokenizer.path} is not the tokenizer this checkpoint "
+            f"was trained with ({recorded.get('path')}); pass that one"
+        )
     if tokenizer.vocab_size > vocab_size:
-        raise UsageError(f"{tokenizer.flag} {tokenizer.path} has {tokenizer.vocab_size} tokens but "
-                         f"the model only {vocab_size}: pass the tokenizer the model was trained "
-                         "with")
+        raise UsageError(
+            f"{tokenizer.flag} {tokenizer.path} has {tokenizer.vocab_size} tokens but "
+            f"the model only {vocab_size}: pass the tokenizer the model was trained "
+            "with"
+        )
 
 
-def load_tokenizer(path: str | os.PathLike, recorded: dict[str, str] | None,
-                   vocab_size: int) -> Tokenizer:
+def load_tokenizer(
+    path: str | os.PathLike, recorded: dict[str, str] | None, vocab_size: int
+) -> Tokenizer:
     """``--tokenizer`` for a trained model, checked by :func:`check_tokenizer`."""
     tokenizer = Tokenizer(path)  # first: its error names a missing or unreadable file
     check_tokenizer(tokenizer, recorded, vocab_size)
@@ -263,17 +297,30 @@ class _Reservoir:
             self.items[j] = item
 
 
-def _read_corpus(files: list[Path], *, input_sentence_size: int, max_sentence_length: int,
-                 seed: int, word_sample_bytes: int, log: ProblemLog,
-                 progress: bool) -> tuple[_Reservoir, Counter[str]]:
+def _read_corpus(
+    files: list[Path],
+    *,
+    input_sentence_size: int,
+    max_sentence_length: int,
+    seed: int,
+    word_sample_bytes: int,
+    log: ProblemLog,
+    progress: bool,
+) -> tuple[_Reservoir, Counter[str]]:
     """One pass over the corpus: the sentence sample, and word counts over the first
     ``word_sample_bytes × (file size / corpus size)`` characters of every file."""
     from tqdm import tqdm
 
     reservoir, words = _Reservoir(input_sentence_size, seed), Counter()
     total = total_size(files)
-    with tqdm(total=total, unit="B", unit_scale=True, desc="reading corpus", disable=not progress,
-              dynamic_ncols=True) as bar:
+    with tqdm(
+        total=total,
+        unit="B",
+        unit_scale=True,
+        desc="reading corpus",
+        disable=not progress,
+        dynamic_ncols=True,
+    ) as bar:
         for path in files:
             budget = word_sample_bytes * total_size([path]) / max(total, 1)
             counted = 0
@@ -297,13 +344,23 @@ def most_frequent(words: Counter[str], n: int) -> list[str]:
     return [word for word, _ in ranked[:n]]
 
 
-def train_tokenizer(corpus: str | os.PathLike | Sequence[str | os.PathLike],
-                    model_file: str | os.PathLike, vocab_size: int, *,
-                    input_sentence_size: int = 1_000_000, n_most_frequent_words: int = 100,
-                    max_sentence_length: int = 4192, seed: int = 0, byte_fallback: bool = False,
-                    character_coverage: float = 0.9995, word_sample_mb: float = 64.0,
-                    log: ProblemLog | None = None, progress: bool = True, verbose: bool = False,
-                    flag: str = "--train_corpus") -> Path:
+def train_tokenizer(
+    corpus: str | os.PathLike | Sequence[str | os.PathLike],
+    model_file: str | os.PathLike,
+    vocab_size: int,
+    *,
+    input_sentence_size: int = 1_000_000,
+    n_most_frequent_words: int = 100,
+    max_sentence_length: int = 4192,
+    seed: int = 0,
+    byte_fallback: bool = False,
+    character_coverage: float = 0.9995,
+    word_sample_mb: float = 64.0,
+    log: ProblemLog | None = None,
+    progress: bool = True,
+    verbose: bool = False,
+    flag: str = "--train_corpus",
+) -> Path:
     """Train a BPE model on ``corpus`` (files or directories) and write it atomically to
     ``model_file``, with a readable ``.vocab`` and the cleaning record beside it. Returns the
     model path. ``flag`` names the corpus in messages; a setting out of range raises
@@ -315,9 +372,14 @@ def train_tokenizer(corpus: str | os.PathLike | Sequence[str | os.PathLike],
     log = log or ProblemLog()
     try:
         reservoir, words = _read_corpus(
-            files, input_sentence_size=input_sentence_size,
-            max_sentence_length=max_sentence_length, seed=seed,
-            word_sample_bytes=int(word_sample_mb * 2**20), log=log, progress=progress)
+            files,
+            input_sentence_size=input_sentence_size,
+            max_sentence_length=max_sentence_length,
+            seed=seed,
+            word_sample_bytes=int(word_sample_mb * 2**20),
+            log=log,
+            progress=progress,
+        )
     except BaseException:
         log.abort()
         raise
@@ -326,13 +388,22 @@ def train_tokenizer(corpus: str | os.PathLike | Sequence[str | os.PathLike],
         raise UsageError(f"{flag} {corpus}: no text to train on ({log.summary()})")
     symbols = [WORD_BOUNDARY + w for w in most_frequent(words, n_most_frequent_words)]
     if progress:
-        print(f"training BPE: vocab {vocab_size}, {len(reservoir.items)} of {reservoir.seen} "
-              f"sentences, {len(symbols)} word symbols", file=sys.stderr)
+        print(
+            f"training BPE: vocab {vocab_size}, {len(reservoir.items)} of {reservoir.seen} "
+            f"sentences, {len(symbols)} word symbols",
+            file=sys.stderr,
+        )
     start = time.perf_counter()
-    proto = _train_proto(reservoir.items, vocab_size=vocab_size, symbols=symbols,
-                         byte_fallback=byte_fallback, character_coverage=character_coverage,
-                         max_sentence_length=max_sentence_length, verbose=verbose,
-                         corpus=f"{flag} {corpus}")
+    proto = _train_proto(
+        reservoir.items,
+        vocab_size=vocab_size,
+        symbols=symbols,
+        byte_fallback=byte_fallback,
+        character_coverage=character_coverage,
+        max_sentence_length=max_sentence_length,
+        verbose=verbose,
+        corpus=f"{flag} {corpus}",
+    )
     atomic_write_bytes(model_file, proto)
     _write_vocab(model_file)
     write_cleaning_record(model_file, cleaner, source)
@@ -341,8 +412,9 @@ def train_tokenizer(corpus: str | os.PathLike | Sequence[str | os.PathLike],
     return model_file
 
 
-def _training_text_cleaning(corpus: str | os.PathLike | Sequence[str | os.PathLike],
-                            flag: str) -> tuple[Cleaner, str]:
+def _training_text_cleaning(
+    corpus: str | os.PathLike | Sequence[str | os.PathLike], flag: str
+) -> tuple[Cleaner, str]:
     """The cleaning the corpus went through, from the ``preprocess.json`` of each path, and where
     that comes from; no cleaning when none of them was written by preprocess. Paths cleaned
     differently are refused: a tokenizer records one cleaning."""
@@ -352,10 +424,14 @@ def _training_text_cleaning(corpus: str | os.PathLike | Sequence[str | os.PathLi
     found = {str(path): corpus_cleaning(path) for path in paths}
     kinds = set(found.values())
     if len(kinds) > 1:
-        described = "; ".join(f"{path}: {c.describe() if c else 'not written by preprocess'}"
-                              for path, c in found.items())
-        raise UsageError(f"{flag}: these corpora were cleaned differently ({described}); train "
-                         "on corpora cleaned alike")
+        described = "; ".join(
+            f"{path}: {c.describe() if c else 'not written by preprocess'}"
+            for path, c in found.items()
+        )
+        raise UsageError(
+            f"{flag}: these corpora were cleaned differently ({described}); train "
+            "on corpora cleaned alike"
+        )
     cleaner = kinds.pop()
     if cleaner is None:
         return Cleaner.none(), f"no {MANIFEST} describes the corpus: its text as given"
@@ -366,28 +442,52 @@ def _check_settings(vocab_size: int, n_words: int, max_sentence_length: int) -> 
     if vocab_size < 8:
         raise ConfigError("{vocab_size} {}: too small", vocab_size)
     if not 0 <= n_words < vocab_size // 2:
-        raise ConfigError("{n_most_frequent_words} {}: must be between 0 and half of {vocab_size} "
-                          "({})", n_words, vocab_size // 2)
+        raise ConfigError(
+            "{n_most_frequent_words} {}: must be between 0 and half of {vocab_size} ({})",
+            n_words,
+            vocab_size // 2,
+        )
     if max_sentence_length < 16:
         raise ConfigError("{max_sentence_length} {}: too small (bytes)", max_sentence_length)
 
 
-def _train_proto(sentences: list[str], *, vocab_size: int, symbols: list[str], byte_fallback: bool,
-                 character_coverage: float, max_sentence_length: int, verbose: bool,
-                 corpus: str) -> bytes:
+def _train_proto(
+    sentences: list[str],
+    *,
+    vocab_size: int,
+    symbols: list[str],
+    byte_fallback: bool,
+    character_coverage: float,
+    max_sentence_length: int,
+    verbose: bool,
+    corpus: str,
+) -> bytes:
     sp = _sentencepiece()
     buffer = io.BytesIO()
     try:
         sp.SentencePieceTrainer.train(
-            sentence_iterator=iter(sentences), model_writer=buffer, model_type="bpe",
-            vocab_size=vocab_size, unk_id=UNK_ID, pad_id=PAD_ID, bos_id=BOS_ID, eos_id=EOS_ID,
-            user_defined_symbols=symbols, byte_fallback=byte_fallback,
-            character_coverage=character_coverage, max_sentence_length=max_sentence_length,
-            input_sentence_size=0, shuffle_input_sentence=False, num_threads=1,
-            minloglevel=0 if verbose else 2)
+            sentence_iterator=iter(sentences),
+            model_writer=buffer,
+            model_type="bpe",
+            vocab_size=vocab_size,
+            unk_id=UNK_ID,
+            pad_id=PAD_ID,
+            bos_id=BOS_ID,
+            eos_id=EOS_ID,
+            user_defined_symbols=symbols,
+            byte_fallback=byte_fallback,
+            character_coverage=character_coverage,
+            max_sentence_length=max_sentence_length,
+            input_sentence_size=0,
+            shuffle_input_sentence=False,
+            num_threads=1,
+            minloglevel=0 if verbose else 2,
+        )
     except RuntimeError as err:
-        raise UsageError(f"SentencePiece cannot train on {corpus}: {err} (a smaller "
-                         "--vocab_size or a larger corpus may help)") from err
+        raise UsageError(
+            f"SentencePiece cannot train on {corpus}: {err} (a smaller "
+            "--vocab_size or a larger corpus may help)"
+        ) from err
     return buffer.getvalue()
 
 

@@ -6,10 +6,10 @@ Cache layout, one folder per corpus and tokenizer (default ``CORPUS_DIR/.tokens/
 directory, ``DIR/.tokens/FILE_NAME-TOKENIZER16/`` for a single file; ``--cache_dir`` moves it, and a
 read-only corpus folder falls back to ``$XDG_CACHE_HOME/llama3/tokens/``)::
 
-    meta.json        format, version, tokenizer (path, sha256, vocab size, special ids), token dtype,
-                     the cleaning applied while encoding (or null), and per source file: relative
-                     path, size, mtime_ns, sha256, shard name, documents, tokens, <unk> tokens,
-                     UTF-8 bytes, bad input counts
+    meta.json        format, version, tokenizer (path, sha256, vocab size, special ids), token
+                     dtype, the cleaning applied while encoding (or null), and per source file:
+                     relative path, size, mtime_ns, sha256, shard name, documents, tokens, <unk>
+                     tokens, UTF-8 bytes, bad input counts
     tokens.bad_input.tsv  every bad input of the last build (file, line, reason, detail)
     NAME.tokens      the file's documents in order, each followed by EOS: raw little-endian
                      uint16 (vocabulary ≤ 65536) or uint32
@@ -46,8 +46,17 @@ import numpy as np
 from llama3.data.clean import Cleaner
 from llama3.data.parallel import WorkerPool, available_cpus
 from llama3.data.preprocess import corpus_cleaning
-from llama3.data.sources import (REPORT_SUFFIX, Chunk, Problem, ProblemLog, chunk_size_for,
-                                 file_chunks, find_corpus_files, parse_lines, total_size)
+from llama3.data.sources import (
+    REPORT_SUFFIX,
+    Chunk,
+    Problem,
+    ProblemLog,
+    chunk_size_for,
+    file_chunks,
+    find_corpus_files,
+    parse_lines,
+    total_size,
+)
 from llama3.data.tokenizer import Tokenizer, unknown_share_warning
 from llama3.errors import UsageError
 from llama3.fileio import atomic_write_bytes, file_sha256, locked, write_error
@@ -79,7 +88,11 @@ class TokenCorpus:
         tokenizer = meta["tokenizer"]
         self.tokenizer_sha256: str = tokenizer["sha256"]
         self.vocab_size: int = tokenizer["vocab_size"]
-        self.bos_id, self.eos_id, self.pad_id = tokenizer["bos_id"], tokenizer["eos_id"], tokenizer["pad_id"]
+        self.bos_id, self.eos_id, self.pad_id = (
+            tokenizer["bos_id"],
+            tokenizer["eos_id"],
+            tokenizer["pad_id"],
+        )
         self.dtype = np.dtype(meta["dtype"])
         self.files: list[dict] = meta["files"]
         self.n_tokens = sum(f["tokens"] for f in self.files)
@@ -88,7 +101,9 @@ class TokenCorpus:
         self.n_unknown = sum(f.get("unknown", 0) for f in self.files)  # caches before: unknown
         self.fingerprint: str = corpus_fingerprint(meta)
         used = [f for f in self.files if f["tokens"]]
-        self._tokens = [np.memmap(cache_dir / f"{f['shard']}.tokens", self.dtype, "r") for f in used]
+        self._tokens = [
+            np.memmap(cache_dir / f"{f['shard']}.tokens", self.dtype, "r") for f in used
+        ]
         self._offsets = [np.memmap(cache_dir / f"{f['shard']}.docs", np.int64, "r") for f in used]
         self._token_starts = np.cumsum([0] + [f["tokens"] for f in used]).tolist()
         self._doc_starts = np.cumsum([0] + [f["documents"] for f in used]).tolist()
@@ -97,8 +112,10 @@ class TokenCorpus:
         return TokenCorpus, (self.cache_dir, self._meta, self.path)
 
     def __repr__(self) -> str:
-        return (f"TokenCorpus({str(self.path)!r}, documents={self.n_documents}, "
-                f"tokens={self.n_tokens}, fingerprint={self.fingerprint!r})")
+        return (
+            f"TokenCorpus({str(self.path)!r}, documents={self.n_documents}, "
+            f"tokens={self.n_tokens}, fingerprint={self.fingerprint!r})"
+        )
 
     def tokens(self, start: int, stop: int, out: np.ndarray | None = None) -> np.ndarray:
         """Tokens ``start:stop`` of the whole corpus (across shard boundaries), into ``out`` if
@@ -110,8 +127,8 @@ class TokenCorpus:
         i, pos = bisect_right(self._token_starts, start) - 1, 0
         while start < stop:
             shard, first = self._tokens[i], self._token_starts[i]
-            piece = shard[start - first:min(stop - first, len(shard))]
-            out[pos:pos + len(piece)] = piece
+            piece = shard[start - first : min(stop - first, len(shard))]
+            out[pos : pos + len(piece)] = piece
             pos, start, i = pos + len(piece), start + len(piece), i + 1
         return out
 
@@ -121,7 +138,7 @@ class TokenCorpus:
         if not 0 <= index < self.n_documents:
             raise IndexError(f"document {index} outside 0:{self.n_documents}")
         offsets, k = self._offsets[i], index - self._doc_starts[i]
-        return self._tokens[i][offsets[k]:offsets[k + 1]]
+        return self._tokens[i][offsets[k] : offsets[k + 1]]
 
     def document_lengths(self) -> np.ndarray:
         """(n_documents,) int64: tokens per document, EOS included."""
@@ -131,8 +148,11 @@ class TokenCorpus:
 
 
 def corpus_fingerprint(meta: dict) -> str:
-    content = [meta["tokenizer"]["sha256"], meta["dtype"],
-               [(f["source"], f["sha256"]) for f in meta["files"]]]
+    content = [
+        meta["tokenizer"]["sha256"],
+        meta["dtype"],
+        [(f["source"], f["sha256"]) for f in meta["files"]],
+    ]
     if meta.get("cleaning"):  # text cleaned while encoding gives other tokens
         content.append(meta["cleaning"])
     return hashlib.sha256(json.dumps(content).encode()).hexdigest()[:16]
@@ -209,8 +229,10 @@ def _entry_is_current(entry: dict | None, source: _Source, cache: Path, dtype: n
     expected = {".tokens": entry["tokens"] * dtype.itemsize, ".docs": 8 * (entry["documents"] + 1)}
     try:
         stat = source.path.stat()
-        sizes_ok = all((cache / f"{entry['shard']}{suffix}").stat().st_size == size
-                       for suffix, size in expected.items())
+        sizes_ok = all(
+            (cache / f"{entry['shard']}{suffix}").stat().st_size == size
+            for suffix, size in expected.items()
+        )
     except OSError:
         return False
     if not sizes_ok or stat.st_size != entry["size"]:
@@ -223,20 +245,32 @@ def _entry_is_current(entry: dict | None, source: _Source, cache: Path, dtype: n
     return True
 
 
-def _stale(meta: dict | None, sources: list[_Source], cache: Path, tokenizer: Tokenizer,
-           cleaning: Cleaner | None) -> list[_Source] | None:
+def _stale(
+    meta: dict | None,
+    sources: list[_Source],
+    cache: Path,
+    tokenizer: Tokenizer,
+    cleaning: Cleaner | None,
+) -> list[_Source] | None:
     """Sources whose shards must be (re)built; None when the whole cache must be rebuilt."""
     dtype = token_dtype(tokenizer.vocab_size)
-    if (meta is None or meta["tokenizer"]["sha256"] != tokenizer.sha256
-            or meta["dtype"] != dtype.name or meta.get("cleaning") != _cleaning_record(cleaning)):
+    if (
+        meta is None
+        or meta["tokenizer"]["sha256"] != tokenizer.sha256
+        or meta["dtype"] != dtype.name
+        or meta.get("cleaning") != _cleaning_record(cleaning)
+    ):
         return None
     entries = {f["source"]: f for f in meta["files"]}
     return [s for s in sources if not _entry_is_current(entries.get(s.name), s, cache, dtype)]
 
 
 def _is_current(meta: dict | None, stale: list[_Source] | None, sources: list[_Source]) -> bool:
-    return (meta is not None and stale == []
-            and [f["source"] for f in meta["files"]] == [s.name for s in sources])
+    return (
+        meta is not None
+        and stale == []
+        and [f["source"] for f in meta["files"]] == [s.name for s in sources]
+    )
 
 
 # ---------------------------------------------------------------------------------- encoding
@@ -260,8 +294,7 @@ _ENCODER: dict = {}
 
 
 def _init_encoder(tokenizer: Tokenizer, cleaning: Cleaner | None) -> None:
-    _ENCODER.update(tokenizer=tokenizer, dtype=token_dtype(tokenizer.vocab_size),
-                    cleaning=cleaning)
+    _ENCODER.update(tokenizer=tokenizer, dtype=token_dtype(tokenizer.vocab_size), cleaning=cleaning)
 
 
 def _encode_chunk(item: tuple[int, Chunk]) -> EncodedChunk:
@@ -287,9 +320,13 @@ class _ShardWriter:
         stem = re.sub(r"[^A-Za-z0-9_.-]", "_", source.name.split("/")[-1].split(".")[0])[:40]
         self.shard = f"{stem}-{hashlib.blake2b(source.name.encode(), digest_size=4).hexdigest()}"
         stat = source.path.stat() if source.path.exists() else None
-        self.entry = {"source": source.name, "size": stat.st_size if stat else 0,
-                      "mtime_ns": stat.st_mtime_ns if stat else 0,
-                      "sha256": _sha256_or_empty(source.path), "shard": self.shard}
+        self.entry = {
+            "source": source.name,
+            "size": stat.st_size if stat else 0,
+            "mtime_ns": stat.st_mtime_ns if stat else 0,
+            "sha256": _sha256_or_empty(source.path),
+            "shard": self.shard,
+        }
         self._file = open(self._tmp(".tokens"), "wb")
         self._lengths: list[np.ndarray] = []
         self._bytes = self._unknown = 0
@@ -314,9 +351,14 @@ class _ShardWriter:
         atomic_write_bytes(self._tmp(".docs"), offsets.tobytes())
         for suffix in (".tokens", ".docs"):
             os.replace(self._tmp(suffix), self.cache / f"{self.shard}{suffix}")
-        return {**self.entry, "documents": len(lengths), "tokens": int(offsets[-1]),
-                "unknown": self._unknown, "bytes": self._bytes,
-                "bad_input": dict(sorted(self.problems.items()))}
+        return {
+            **self.entry,
+            "documents": len(lengths),
+            "tokens": int(offsets[-1]),
+            "unknown": self._unknown,
+            "bytes": self._bytes,
+            "bad_input": dict(sorted(self.problems.items())),
+        }
 
     def abort(self) -> None:
         self._file.close()
@@ -352,7 +394,8 @@ class _Builder:
         self._finish_until(len(self.todo))
 
     def _finish_until(self, index: int) -> None:
-        """Finish sources before ``index``; one without data (empty, unreadable) gets an empty shard."""
+        """Finish sources before ``index``; one without data (empty, unreadable) gets an empty
+        shard."""
         while self._next < index:
             writer = self._writer or _ShardWriter(self.cache, self.todo[self._next])
             self.built[self.todo[self._next].name] = writer.finish()
@@ -363,9 +406,18 @@ class _Builder:
             self._writer.abort()
 
 
-def _build(cache: Path, meta: dict | None, stale: list[_Source] | None, sources: list[_Source],
-           tokenizer: Tokenizer, cleaning: Cleaner | None, *, workers: int, log: ProblemLog,
-           progress: bool) -> dict:
+def _build(
+    cache: Path,
+    meta: dict | None,
+    stale: list[_Source] | None,
+    sources: list[_Source],
+    tokenizer: Tokenizer,
+    cleaning: Cleaner | None,
+    *,
+    workers: int,
+    log: ProblemLog,
+    progress: bool,
+) -> dict:
     """Encode the stale sources (all when ``stale`` is None) and write a new meta.json; a write
     that fails (a full disk) leaves the previous cache as it was."""
     from tqdm import tqdm
@@ -374,12 +426,22 @@ def _build(cache: Path, meta: dict | None, stale: list[_Source] | None, sources:
     kept = {} if stale is None else {f["source"]: f for f in meta["files"]}
     size = total_size(s.path for s in todo)
     chunk_bytes = chunk_size_for(size, workers)
-    items = ((i, chunk) for i, s in enumerate(todo) for chunk in file_chunks(s.path, log, chunk_bytes))
+    items = (
+        (i, chunk) for i, s in enumerate(todo) for chunk in file_chunks(s.path, log, chunk_bytes)
+    )
     builder, start = _Builder(cache, todo), time.perf_counter()
     try:
-        with WorkerPool(workers if todo else 1, _init_encoder, (tokenizer, cleaning)) as pool, \
-                tqdm(total=size, unit="B", unit_scale=True, desc="pretokenize", disable=not progress,
-                     dynamic_ncols=True) as bar:
+        with (
+            WorkerPool(workers if todo else 1, _init_encoder, (tokenizer, cleaning)) as pool,
+            tqdm(
+                total=size,
+                unit="B",
+                unit_scale=True,
+                desc="pretokenize",
+                disable=not progress,
+                dynamic_ncols=True,
+            ) as bar,
+        ):
             for chunk in pool.map(_encode_chunk, items):
                 log.extend(chunk.problems)
                 builder.add(chunk)
@@ -388,9 +450,14 @@ def _build(cache: Path, meta: dict | None, stale: list[_Source] | None, sources:
                 bar.set_postfix_str(f"{rate:,.0f} tokens/s", refresh=False)
         builder.finish()
         files = [builder.built.get(s.name) or kept[s.name] for s in sources]
-        meta = {"format": FORMAT, "version": VERSION, "tokenizer": _tokenizer_record(tokenizer),
-                "dtype": token_dtype(tokenizer.vocab_size).name,
-                "cleaning": _cleaning_record(cleaning), "files": files}
+        meta = {
+            "format": FORMAT,
+            "version": VERSION,
+            "tokenizer": _tokenizer_record(tokenizer),
+            "dtype": token_dtype(tokenizer.vocab_size).name,
+            "cleaning": _cleaning_record(cleaning),
+            "files": files,
+        }
         log.close()
         _write_meta(cache, meta)
     except BaseException as err:
@@ -410,9 +477,15 @@ def _write_meta(cache: Path, meta: dict) -> None:
 
 
 def _tokenizer_record(tokenizer: Tokenizer) -> dict:
-    return {"path": str(tokenizer.path.resolve()), "sha256": tokenizer.sha256,
-            "vocab_size": tokenizer.vocab_size, "unk_id": tokenizer.unk_id,
-            "pad_id": tokenizer.pad_id, "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id}
+    return {
+        "path": str(tokenizer.path.resolve()),
+        "sha256": tokenizer.sha256,
+        "vocab_size": tokenizer.vocab_size,
+        "unk_id": tokenizer.unk_id,
+        "pad_id": tokenizer.pad_id,
+        "bos_id": tokenizer.bos_id,
+        "eos_id": tokenizer.eos_id,
+    }
 
 
 def _remove_unused_shards(cache: Path, files: list[dict]) -> None:
@@ -425,15 +498,19 @@ def _remove_unused_shards(cache: Path, files: list[dict]) -> None:
 def _report_build(todo: list[_Source], built: dict[str, dict], cache: Path, seconds: float) -> None:
     tokens = sum(e["tokens"] for e in built.values())
     mb = sum(e["bytes"] for e in built.values()) / 1e6
-    print(f"encoded {len(todo)} file(s): {mb:.1f} MB of text → {tokens:,} tokens in {seconds:.1f} s "
-          f"({mb / max(seconds, 1e-9):.2f} MB/s) → {cache}", file=sys.stderr)
+    print(
+        f"encoded {len(todo)} file(s): {mb:.1f} MB of text → {tokens:,} tokens in {seconds:.1f} s "
+        f"({mb / max(seconds, 1e-9):.2f} MB/s) → {cache}",
+        file=sys.stderr,
+    )
 
 
 # ------------------------------------------------------------------------------------ opening
 
 
-def _current(cache: Path, sources: list[_Source], tokenizer: Tokenizer,
-             cleaning: Cleaner | None) -> dict | None:
+def _current(
+    cache: Path, sources: list[_Source], tokenizer: Tokenizer, cleaning: Cleaner | None
+) -> dict | None:
     """The cache's meta if it is current (its recorded mtimes refreshed where only they changed)."""
     meta = _read_meta(cache)
     before = json.dumps(meta)
@@ -444,10 +521,18 @@ def _current(cache: Path, sources: list[_Source], tokenizer: Tokenizer,
     return meta
 
 
-def open_token_corpus(corpus: str | os.PathLike, tokenizer: Tokenizer, *,
-                      cache_dir: str | os.PathLike | None = None, workers: int | None = None,
-                      progress: bool = True, flag: str = "--corpus", strict: bool = False,
-                      log: ProblemLog | None = None, rebuild: bool = False) -> TokenCorpus:
+def open_token_corpus(
+    corpus: str | os.PathLike,
+    tokenizer: Tokenizer,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    workers: int | None = None,
+    progress: bool = True,
+    flag: str = "--corpus",
+    strict: bool = False,
+    log: ProblemLog | None = None,
+    rebuild: bool = False,
+) -> TokenCorpus:
     """The token corpus of ``corpus`` (a split directory such as ``pretrain_data/train``, or a
     corpus file or directory, see :mod:`llama3.data.sources`), built or refreshed as needed."""
     corpus = Path(corpus)
@@ -456,18 +541,29 @@ def open_token_corpus(corpus: str | os.PathLike, tokenizer: Tokenizer, *,
     if cache_dir is not None:
         candidates = [_keyed_cache_dir(Path(cache_dir), corpus, tokenizer.sha256)]
     else:
-        candidates = [default_cache_dir(corpus, tokenizer.sha256),
-                      _keyed_cache_dir(user_cache_root(), corpus, tokenizer.sha256)]
+        candidates = [
+            default_cache_dir(corpus, tokenizer.sha256),
+            _keyed_cache_dir(user_cache_root(), corpus, tokenizer.sha256),
+        ]
     for cache in candidates if not rebuild else []:  # a current cache serves even if read-only
         meta = _current(cache, sources, tokenizer, cleaning)
         if meta is not None:
             return _checked(TokenCorpus(cache, meta, corpus), flag)
     cache = next((c for c in candidates if _writable(c)), None)
     if cache is None:
-        where = f"--cache_dir {cache_dir}" if cache_dir else f"{candidates[0].parent} or {candidates[1]}"
-        raise UsageError(f"cannot write the token cache of {corpus} to {where}: pass a writable --cache_dir")
+        where = (
+            f"--cache_dir {cache_dir}"
+            if cache_dir
+            else f"{candidates[0].parent} or {candidates[1]}"
+        )
+        raise UsageError(
+            f"cannot write the token cache of {corpus} to {where}: pass a writable --cache_dir"
+        )
     if cache != candidates[0]:
-        print(f"note: {candidates[0].parent} is not writable; caching tokens in {cache}", file=sys.stderr)
+        print(
+            f"note: {candidates[0].parent} is not writable; caching tokens in {cache}",
+            file=sys.stderr,
+        )
     log = log or ProblemLog(strict=strict)
     log.report = cache / f"tokens{REPORT_SUFFIX}"
     with locked(cache / LOCK):
@@ -476,11 +572,22 @@ def open_token_corpus(corpus: str | os.PathLike, tokenizer: Tokenizer, *,
         if rebuild or not _is_current(meta, stale, sources):
             if cleaning is not None:
                 tokenizer.note_cleaning()
-                print(f"note: {flag} {corpus} is encoded with the cleaning of the tokenizer's "
-                      f"training text ({cleaning.describe()})", file=sys.stderr)
-            meta = _build(cache, meta, stale, sources, tokenizer, cleaning,
-                          workers=workers or _auto_workers(sources if stale is None else stale),
-                          log=log, progress=progress)
+                print(
+                    f"note: {flag} {corpus} is encoded with the cleaning of the tokenizer's "
+                    f"training text ({cleaning.describe()})",
+                    file=sys.stderr,
+                )
+            meta = _build(
+                cache,
+                meta,
+                stale,
+                sources,
+                tokenizer,
+                cleaning,
+                workers=workers or _auto_workers(sources if stale is None else stale),
+                log=log,
+                progress=progress,
+            )
             if log.total:
                 print(log.summary(), file=sys.stderr)
     return _checked(TokenCorpus(cache, meta, corpus), flag)

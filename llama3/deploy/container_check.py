@@ -28,8 +28,9 @@ PROJECT = "llama3-softplus"
 LOGITS_TOLERANCE = 1e-4  # fp32 ONNX Runtime against fp32 PyTorch on a tiny model
 TINY_MODELS = {
     "softplus": dict(attention="softplus", dim=32, n_layers=2, core_dim=16),
-    "softmax": dict(attention="softmax", dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
-                    multiple_of=16),
+    "softmax": dict(
+        attention="softmax", dim=32, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=16
+    ),
 }
 
 
@@ -47,12 +48,15 @@ def torch_requirement() -> object:
     try:
         lines = importlib.metadata.requires(PROJECT) or []
     except importlib.metadata.PackageNotFoundError:
-        raise CheckFailed(f"{PROJECT} is not installed: pip install --no-deps the repository "
-                          "first, so its torch requirement can be read") from None
+        raise CheckFailed(
+            f"{PROJECT} is not installed: pip install --no-deps the repository "
+            "first, so its torch requirement can be read"
+        ) from None
     for line in lines:
         requirement = Requirement(line)
-        if requirement.name == "torch" and (not requirement.marker
-                                            or requirement.marker.evaluate()):
+        if requirement.name == "torch" and (
+            not requirement.marker or requirement.marker.evaluate()
+        ):
             return requirement
     raise CheckFailed(f"{PROJECT}'s metadata names no torch requirement")
 
@@ -66,12 +70,15 @@ def check_torch_version(version: str, image: str | None = None) -> str:
     try:
         inside = requirement.specifier.contains(Version(version), prereleases=True)
     except InvalidVersion:
-        raise CheckFailed(f"torch{where} reports version {version!r}, which is not a PEP 440 "
-                          "version") from None
+        raise CheckFailed(
+            f"torch{where} reports version {version!r}, which is not a PEP 440 version"
+        ) from None
     if not inside:
-        raise CheckFailed(f"torch {version}{where} is outside this project's range "
-                          f"({requirement}); build with --build-arg BASE_IMAGE=<an NGC PyTorch "
-                          "image whose torch is in range> (README: Docker)")
+        raise CheckFailed(
+            f"torch {version}{where} is outside this project's range "
+            f"({requirement}); build with --build-arg BASE_IMAGE=<an NGC PyTorch "
+            "image whose torch is in range> (README: Docker)"
+        )
     return f"torch {version}: within {requirement}"
 
 
@@ -100,15 +107,22 @@ def check_onnx_export() -> list[str]:
             model = Transformer.build(args).eval()
             path = export_onnx(model, Path(tmp) / f"{attention}.onnx")
             runner = OnnxRuntimeRunner(path, args, torch.device("cpu"))
-            worst = max(compare_outputs(TorchRunner(model), runner,
-                                        *check_inputs(args, 2, query, cached)).logits_abs
-                        for query, cached in ((7, 0), (1, 6)))
+            worst = max(
+                compare_outputs(
+                    TorchRunner(model), runner, *check_inputs(args, 2, query, cached)
+                ).logits_abs
+                for query, cached in ((7, 0), (1, 6))
+            )
             if not worst <= LOGITS_TOLERANCE:
-                raise CheckFailed(f"ONNX Runtime {ort.__version__} differs from PyTorch by "
-                                  f"{worst:.2e} on a tiny {attention} model (tolerance "
-                                  f"{LOGITS_TOLERANCE})")
-            lines.append(f"ONNX export of a tiny {attention} model: ONNX Runtime {ort.__version__} "
-                         f"matches PyTorch (largest logits difference {worst:.1e})")
+                raise CheckFailed(
+                    f"ONNX Runtime {ort.__version__} differs from PyTorch by "
+                    f"{worst:.2e} on a tiny {attention} model (tolerance "
+                    f"{LOGITS_TOLERANCE})"
+                )
+            lines.append(
+                f"ONNX export of a tiny {attention} model: ONNX Runtime {ort.__version__} "
+                f"matches PyTorch (largest logits difference {worst:.1e})"
+            )
     return lines
 
 
@@ -126,12 +140,16 @@ def check_cuda_provider() -> str:
 
     providers = ort.get_available_providers()
     if CUDA_PROVIDER not in providers:
-        raise CheckFailed(f"onnxruntime {ort.__version__} has no {CUDA_PROVIDER} (it has "
-                          f"{', '.join(providers)}): install {ORT_CUDA_HINT}")
+        raise CheckFailed(
+            f"onnxruntime {ort.__version__} has no {CUDA_PROVIDER} (it has "
+            f"{', '.join(providers)}): install {ORT_CUDA_HINT}"
+        )
     built_for = getattr(build_and_package_info, "cuda_version", None)
     if cuda_major(built_for) != cuda_major(torch.version.cuda):
-        raise CheckFailed(f"onnxruntime {ort.__version__} is built for CUDA {built_for}, the "
-                          f"image's torch for CUDA {torch.version.cuda}: install {ORT_CUDA_HINT}")
+        raise CheckFailed(
+            f"onnxruntime {ort.__version__} is built for CUDA {built_for}, the "
+            f"image's torch for CUDA {torch.version.cuda}: install {ORT_CUDA_HINT}"
+        )
     return f"ONNX Runtime {ort.__version__}: {CUDA_PROVIDER} for CUDA {built_for}, as torch's"
 
 
@@ -140,8 +158,10 @@ def check_tensorrt() -> str:
 
     trt, reason = import_tensorrt()
     if trt is None:
-        raise CheckFailed(f"import tensorrt failed: {reason}; choose an NGC PyTorch image with "
-                          f"TensorRT {SUPPORTED}")
+        raise CheckFailed(
+            f"import tensorrt failed: {reason}; choose an NGC PyTorch image with "
+            f"TensorRT {SUPPORTED}"
+        )
     try:
         engine_typing(trt, "fp32")
     except RuntimeError as err:
@@ -153,24 +173,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m llama3.deploy.container_check",
         description="Check that this environment can run the project; one line per check, exit "
-                    "status 1 and one line on stderr at the first failure.")
-    parser.add_argument("--torch_version", metavar="VERSION",
-                        help="judge this torch version instead of the installed one")
+        "status 1 and one line on stderr at the first failure.",
+    )
+    parser.add_argument(
+        "--torch_version",
+        metavar="VERSION",
+        help="judge this torch version instead of the installed one",
+    )
     parser.add_argument("--image", metavar="NAME", help="image name, for the messages")
-    parser.add_argument("--version_only", action="store_true",
-                        help="stop after the torch version check")
-    parser.add_argument("--require_cuda_provider", action="store_true",
-                        help="also require onnxruntime's CUDA provider, built for torch's CUDA")
-    parser.add_argument("--require_tensorrt", action="store_true",
-                        help="also require an importable, supported TensorRT")
+    parser.add_argument(
+        "--version_only", action="store_true", help="stop after the torch version check"
+    )
+    parser.add_argument(
+        "--require_cuda_provider",
+        action="store_true",
+        help="also require onnxruntime's CUDA provider, built for torch's CUDA",
+    )
+    parser.add_argument(
+        "--require_tensorrt",
+        action="store_true",
+        help="also require an importable, supported TensorRT",
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        print(check_torch_version(args.torch_version or installed_torch_version(), args.image),
-              flush=True)
+        print(
+            check_torch_version(args.torch_version or installed_torch_version(), args.image),
+            flush=True,
+        )
         if args.version_only:
             return 0
         for line in check_onnx_export():

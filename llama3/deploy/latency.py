@@ -45,8 +45,12 @@ class Latency:
         return self.batch * self.query * 1000.0 / self.mean_ms
 
     def to_dict(self) -> dict[str, float | int | str]:
-        return {**asdict(self), "calls_per_s": self.calls_per_s,
-                "sequences_per_s": self.sequences_per_s, "tokens_per_s": self.tokens_per_s}
+        return {
+            **asdict(self),
+            "calls_per_s": self.calls_per_s,
+            "sequences_per_s": self.sequences_per_s,
+            "tokens_per_s": self.tokens_per_s,
+        }
 
 
 def summarize(times_s: Sequence[float]) -> dict[str, float]:
@@ -58,8 +62,9 @@ def summarize(times_s: Sequence[float]) -> dict[str, float]:
     return stats
 
 
-def time_calls(fn: Callable[[], object], device: torch.device, warmup: int,
-               iterations: int) -> list[float]:
+def time_calls(
+    fn: Callable[[], object], device: torch.device, warmup: int, iterations: int
+) -> list[float]:
     """Wall-clock seconds of each of ``iterations`` calls after ``warmup`` untimed ones.
 
     Each call is bracketed by a device-wide synchronisation, so work a runtime queues on its own
@@ -78,13 +83,24 @@ def time_calls(fn: Callable[[], object], device: torch.device, warmup: int,
     return times
 
 
-def measure(runner: Runner, args: ModelArgs, batch: int, query: int, cached: int = 0, *,
-            warmup: int = 10, iterations: int = 100, seed: int = 0) -> Latency:
+def measure(
+    runner: Runner,
+    args: ModelArgs,
+    batch: int,
+    query: int,
+    cached: int = 0,
+    *,
+    warmup: int = 10,
+    iterations: int = 100,
+    seed: int = 0,
+) -> Latency:
     """Latency of ``runner`` on random tokens (batch, query) after ``cached`` cache positions."""
     if iterations < 1:
         raise ValueError(f"iterations must be at least 1, got {iterations}")
     generator = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, args.vocab_size, (batch, query), generator=generator).to(runner.device)
+    tokens = torch.randint(0, args.vocab_size, (batch, query), generator=generator).to(
+        runner.device
+    )
     if cached:
         k, v = empty_cache(runner, args, batch)
         prefix = torch.randint(0, args.vocab_size, (batch, cached), generator=generator)
@@ -94,5 +110,12 @@ def measure(runner: Runner, args: ModelArgs, batch: int, query: int, cached: int
     with torch.no_grad():
         times = time_calls(lambda: runner(tokens, k, v), runner.device, warmup, iterations)
     phase = "decode" if cached else "prefill"
-    return Latency(runner=runner.name, phase=phase, batch=batch, query=query, cached=cached,
-                   iterations=iterations, **summarize(times))
+    return Latency(
+        runner=runner.name,
+        phase=phase,
+        batch=batch,
+        query=query,
+        cached=cached,
+        iterations=iterations,
+        **summarize(times),
+    )

@@ -47,8 +47,9 @@ EXTERNAL_DATA_BYTES = 1 << 30
 EXAMPLE_BATCH, EXAMPLE_QUERY, EXAMPLE_CACHE = 2, 5, 3
 
 
-def example_inputs(args: ModelArgs, device: torch.device | str = "cpu",
-                   dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor, Tensor]:
+def example_inputs(
+    args: ModelArgs, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> tuple[Tensor, Tensor, Tensor]:
     """Inputs to trace with: tokens (2, 5) and caches of 3 positions."""
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, args.vocab_size, (EXAMPLE_BATCH, EXAMPLE_QUERY), generator=generator)
@@ -85,8 +86,9 @@ def parameter_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def cast_copy(model: nn.Module, dtype: torch.dtype,
-              device: torch.device | str = "cpu") -> nn.Module:
+def cast_copy(
+    model: nn.Module, dtype: torch.dtype, device: torch.device | str = "cpu"
+) -> nn.Module:
     """A copy of a :class:`llama3.Transformer` with its weights in ``dtype`` on ``device``.
 
     Buffers keep their dtype: RoPE's fp32 frequencies rounded to fp16 would shift the angles of
@@ -99,8 +101,13 @@ def cast_copy(model: nn.Module, dtype: torch.dtype,
     return copy.eval()
 
 
-def export_onnx(model: nn.Module, path: str | Path, *, opset: int = DEFAULT_OPSET,
-                dtype: torch.dtype | None = None) -> Path:
+def export_onnx(
+    model: nn.Module,
+    path: str | Path,
+    *,
+    opset: int = DEFAULT_OPSET,
+    dtype: torch.dtype | None = None,
+) -> Path:
     """Export ``model``'s export form to ``path`` and check the file; returns the path.
 
     The model is exported as it is (device and dtype), or as a CPU copy in ``dtype`` when given
@@ -115,8 +122,14 @@ def export_onnx(model: nn.Module, path: str | Path, *, opset: int = DEFAULT_OPSE
     inputs = example_inputs(model.args, param.device, param.dtype)
     with _quiet_exporter(), torch.no_grad():
         program = torch.onnx.export(
-            model.eval(), inputs, None, dynamo=True, opset_version=opset, verbose=False,
-            input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES),
+            model.eval(),
+            inputs,
+            None,
+            dynamo=True,
+            opset_version=opset,
+            verbose=False,
+            input_names=list(INPUT_NAMES),
+            output_names=list(OUTPUT_NAMES),
             dynamic_shapes=dynamic_shapes(model.args),
         )
         with staged_file(path, external_data_name(path), what="the ONNX file ") as staging:
@@ -140,8 +153,10 @@ def check_onnx(path: str | Path) -> None:
     inputs = tuple(i.name for i in graph.input)
     outputs = tuple(o.name for o in graph.output)
     if inputs != INPUT_NAMES or outputs != OUTPUT_NAMES:
-        raise ValueError(f"{path}: expected inputs {INPUT_NAMES} and outputs {OUTPUT_NAMES}, "
-                         f"found {inputs} and {outputs}")
+        raise ValueError(
+            f"{path}: expected inputs {INPUT_NAMES} and outputs {OUTPUT_NAMES}, "
+            f"found {inputs} and {outputs}"
+        )
 
 
 _ONNX_PRECISIONS = {1: "fp32", 10: "fp16", 16: "bf16"}  # onnx.TensorProto FLOAT, FLOAT16, BFLOAT16

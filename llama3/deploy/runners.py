@@ -14,8 +14,8 @@ import torch
 from torch import Tensor, nn
 
 from llama3.deploy.onnx_export import INPUT_NAMES, OUTPUT_NAMES
-from llama3.model.transformer import cache_shape, cache_time_axis
 from llama3.model.args import ModelArgs
+from llama3.model.transformer import cache_shape, cache_time_axis
 
 Outputs = tuple[Tensor, Tensor, Tensor]
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -96,8 +96,10 @@ class OnnxRuntimeRunner:
         self.args = args
         types = {i.name: i.type for i in self.session.get_inputs() + self.session.get_outputs()}
         if types[INPUT_NAMES[1]] not in _ORT_TYPES or types[OUTPUT_NAMES[0]] not in _ORT_TYPES:
-            raise ValueError(f"{path}: the ONNX Runtime runner takes fp32 or fp16 files, this one "
-                             f"has {types[INPUT_NAMES[1]]} caches")
+            raise ValueError(
+                f"{path}: the ONNX Runtime runner takes fp32 or fp16 files, this one "
+                f"has {types[INPUT_NAMES[1]]} caches"
+            )
         self.cache_dtype = _ORT_TYPES[types[INPUT_NAMES[1]]]
         self.output_dtype = _ORT_TYPES[types[OUTPUT_NAMES[0]]]
         self.precision = PRECISION_NAMES[self.cache_dtype]
@@ -105,8 +107,10 @@ class OnnxRuntimeRunner:
     def __call__(self, tokens: Tensor, k_cache: Tensor, v_cache: Tensor) -> Outputs:
         if self.device.type == "cuda":
             return self._run_bound(tokens, k_cache, v_cache)
-        feeds = {name: t.detach().cpu().contiguous().numpy()
-                 for name, t in zip(INPUT_NAMES, (tokens, k_cache, v_cache))}
+        feeds = {
+            name: t.detach().cpu().contiguous().numpy()
+            for name, t in zip(INPUT_NAMES, (tokens, k_cache, v_cache))
+        }
         outputs = self.session.run(list(OUTPUT_NAMES), feeds)
         return tuple(torch.from_numpy(o) for o in outputs)
 
@@ -118,15 +122,17 @@ class OnnxRuntimeRunner:
             if t.numel() == 0:  # an empty cache: nothing to point at
                 binding.bind_cpu_input(name, np.empty(tuple(t.shape), dtype=_numpy_dtype(t.dtype)))
             else:
-                binding.bind_input(name, "cuda", index, _numpy_dtype(t.dtype), tuple(t.shape),
-                                   t.data_ptr())
+                binding.bind_input(
+                    name, "cuda", index, _numpy_dtype(t.dtype), tuple(t.shape), t.data_ptr()
+                )
         B, S = tokens.shape
         shapes = output_shapes(self.args, B, S, cached_length(self.args, k_cache))
         dtypes = (self.output_dtype, self.cache_dtype, self.cache_dtype)
         outputs = [torch.empty(s, dtype=d, device=self.device) for s, d in zip(shapes, dtypes)]
         for name, t in zip(OUTPUT_NAMES, outputs):
-            binding.bind_output(name, "cuda", index, _numpy_dtype(t.dtype), tuple(t.shape),
-                                t.data_ptr())
+            binding.bind_output(
+                name, "cuda", index, _numpy_dtype(t.dtype), tuple(t.shape), t.data_ptr()
+            )
         torch.cuda.current_stream(self.device).synchronize()  # inputs written on torch's stream
         self.session.run_with_iobinding(binding)
         return tuple(outputs)
@@ -140,11 +146,15 @@ def provider_warning(provider: str, wanted: torch.device) -> str | None:
     import onnxruntime as ort
 
     if CUDA_PROVIDER in ort.get_available_providers():
-        why = ("its CUDA provider is built in but did not load: the CUDA or cuDNN major version "
-               f"it was built for is missing here ({ORT_CUDA_HINT})")
+        why = (
+            "its CUDA provider is built in but did not load: the CUDA or cuDNN major version "
+            f"it was built for is missing here ({ORT_CUDA_HINT})"
+        )
     else:
-        why = (f"this onnxruntime {ort.__version__} build has no CUDA provider "
-               f"(install {ORT_CUDA_HINT})")
+        why = (
+            f"this onnxruntime {ort.__version__} build has no CUDA provider "
+            f"(install {ORT_CUDA_HINT})"
+        )
     return f"ONNX Runtime: runs on {provider}, not {wanted}: {why}"
 
 
@@ -171,8 +181,9 @@ def available_memory() -> int | None:
     return None
 
 
-def too_big_for_host(runner: Runner, args: ModelArgs, batch: int, query: int,
-                     cached: int) -> str | None:
+def too_big_for_host(
+    runner: Runner, args: ModelArgs, batch: int, query: int, cached: int
+) -> str | None:
     """Why a CPU runner should not attempt this call (a few score-sized temporaries would exhaust
     host memory, and the kernel's out-of-memory killer cannot be caught), or None."""
     available = available_memory()
@@ -181,8 +192,10 @@ def too_big_for_host(runner: Runner, args: ModelArgs, batch: int, query: int,
     need = 3 * dense_attention_bytes(args, batch, query, cached)
     if need <= available // 2:
         return None
-    return (f"{batch}×{query} after {cached} on the CPU needs ~{need / 2**30:.0f} GiB of attention "
-            f"scores, more than half of the {available / 2**30:.0f} GiB available")
+    return (
+        f"{batch}×{query} after {cached} on the CPU needs ~{need / 2**30:.0f} GiB of attention "
+        f"scores, more than half of the {available / 2**30:.0f} GiB available"
+    )
 
 
 def empty_cache(runner: Runner, args: ModelArgs, batch: int) -> tuple[Tensor, Tensor]:

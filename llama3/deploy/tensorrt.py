@@ -57,8 +57,10 @@ def import_tensorrt() -> tuple[ModuleType | None, str]:
 
 def missing_message(reason: str) -> str:
     """The one line printed when TensorRT is unavailable."""
-    return (f"TensorRT: skipped (import tensorrt failed: {reason}); TensorRT {SUPPORTED} ship with "
-            "the NGC PyTorch containers, or: pip install 'llama3-softplus[tensorrt]'")
+    return (
+        f"TensorRT: skipped (import tensorrt failed: {reason}); TensorRT {SUPPORTED} ship with "
+        "the NGC PyTorch containers, or: pip install 'llama3-softplus[tensorrt]'"
+    )
 
 
 def major_version(trt: ModuleType) -> int:
@@ -95,12 +97,19 @@ def engine_typing(trt: ModuleType, precision: str, strongly_typed: bool = False)
         raise ValueError(f"--precision must be one of {PRECISIONS}, got {precision!r}")
     major = major_version(trt)
     if major not in SUPPORTED_MAJORS:
-        raise RuntimeError(f"TensorRT {trt.__version__} is not supported (we support {SUPPORTED}); "
-                           "pip install 'llama3-softplus[tensorrt]' installs a supported one")
+        raise RuntimeError(
+            f"TensorRT {trt.__version__} is not supported (we support {SUPPORTED}); "
+            "pip install 'llama3-softplus[tensorrt]' installs a supported one"
+        )
     strong = strongly_typed or major >= 11
     flag = None if strong or precision == "fp32" else _BUILDER_FLAG[precision]
-    return EngineTyping(version=str(trt.__version__), precision=precision, strongly_typed=strong,
-                        network_flag=strong and major == 10, builder_flag=flag)
+    return EngineTyping(
+        version=str(trt.__version__),
+        precision=precision,
+        strongly_typed=strong,
+        network_flag=strong and major == 10,
+        builder_flag=flag,
+    )
 
 
 @dataclass(frozen=True)
@@ -110,12 +119,16 @@ class ShapeRange:
     max: tuple[int, ...]
 
 
-def profile_shapes(args: ModelArgs, batch_size: int, seq_len: int,
-                   max_cache: int) -> dict[str, ShapeRange]:
+def profile_shapes(
+    args: ModelArgs, batch_size: int, seq_len: int, max_cache: int
+) -> dict[str, ShapeRange]:
     """Optimisation profile per input name (see the module docstring)."""
     tokens = ShapeRange(min=(1, 1), opt=(batch_size, seq_len), max=(batch_size, seq_len))
-    cache = ShapeRange(min=cache_shape(args, 1, 0), opt=cache_shape(args, batch_size, 0),
-                       max=cache_shape(args, batch_size, max_cache))
+    cache = ShapeRange(
+        min=cache_shape(args, 1, 0),
+        opt=cache_shape(args, batch_size, 0),
+        max=cache_shape(args, batch_size, max_cache),
+    )
     return {"input": tokens, "k_cache": cache, "v_cache": cache}
 
 
@@ -127,12 +140,20 @@ def check_graph_precision(onnx_path: str | Path, mode: EngineTyping) -> None:
         raise ValueError(
             f"{onnx_path} was exported in {found}, but the {mode.describe()} build of "
             f"--precision {mode.precision} with TensorRT {mode.version} needs a file exported in "
-            f"{mode.graph_precision} (llama3.deploy.onnx_export.export_onnx(..., dtype=...))")
+            f"{mode.graph_precision} (llama3.deploy.onnx_export.export_onnx(..., dtype=...))"
+        )
 
 
-def build_engine(trt: ModuleType, onnx_path: str | Path, engine_path: str | Path,
-                 shapes: dict[str, ShapeRange], precision: str = "fp32",
-                 workspace_gib: float = 0.0, *, strongly_typed: bool = False) -> Path:
+def build_engine(
+    trt: ModuleType,
+    onnx_path: str | Path,
+    engine_path: str | Path,
+    shapes: dict[str, ShapeRange],
+    precision: str = "fp32",
+    workspace_gib: float = 0.0,
+    *,
+    strongly_typed: bool = False,
+) -> Path:
     """Parse the ONNX file, build a serialized engine with one profile, and write it."""
     mode = engine_typing(trt, precision, strongly_typed)
     check_graph_precision(onnx_path, mode)
@@ -153,8 +174,9 @@ def build_engine(trt: ModuleType, onnx_path: str | Path, engine_path: str | Path
     config.add_optimization_profile(profile)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise RuntimeError(f"TensorRT could not build an engine from {onnx_path} "
-                           "(its log above says why)")
+        raise RuntimeError(
+            f"TensorRT could not build an engine from {onnx_path} (its log above says why)"
+        )
     engine_path = Path(engine_path)
     atomic_write_bytes(engine_path, bytes(serialized))
     return engine_path
@@ -173,17 +195,32 @@ def _set_precision(trt: ModuleType, config: object, mode: EngineTyping) -> None:
         config.set_flag(getattr(trt.BuilderFlag, mode.builder_flag))
 
 
-def trtexec_command(trtexec: str, onnx_path: str | Path, engine_path: str | Path,
-                    shapes: dict[str, ShapeRange], mode: EngineTyping,
-                    workspace_gib: float = 0.0, device_index: int = 0) -> list[str]:
+def trtexec_command(
+    trtexec: str,
+    onnx_path: str | Path,
+    engine_path: str | Path,
+    shapes: dict[str, ShapeRange],
+    mode: EngineTyping,
+    workspace_gib: float = 0.0,
+    device_index: int = 0,
+) -> list[str]:
     """The ``trtexec`` command line equivalent to :func:`build_engine`."""
 
     def spec(which: str) -> str:
-        return ",".join(f"{name}:{'x'.join(map(str, getattr(r, which)))}" for name, r in shapes.items())
+        return ",".join(
+            f"{name}:{'x'.join(map(str, getattr(r, which)))}" for name, r in shapes.items()
+        )
 
-    command = [trtexec, f"--onnx={onnx_path}", f"--saveEngine={engine_path}",
-               f"--minShapes={spec('min')}", f"--optShapes={spec('opt')}",
-               f"--maxShapes={spec('max')}", f"--device={device_index}", "--skipInference"]
+    command = [
+        trtexec,
+        f"--onnx={onnx_path}",
+        f"--saveEngine={engine_path}",
+        f"--minShapes={spec('min')}",
+        f"--optShapes={spec('opt')}",
+        f"--maxShapes={spec('max')}",
+        f"--device={device_index}",
+        "--skipInference",
+    ]
     if mode.precision == "fp32":
         command.append("--noTF32")
     if mode.builder_flag:
@@ -195,21 +232,31 @@ def trtexec_command(trtexec: str, onnx_path: str | Path, engine_path: str | Path
     return command
 
 
-def build_engine_trtexec(trt: ModuleType, onnx_path: str | Path, engine_path: str | Path,
-                         shapes: dict[str, ShapeRange], precision: str = "fp32",
-                         workspace_gib: float = 0.0, *, strongly_typed: bool = False,
-                         device_index: int = 0) -> Path:
+def build_engine_trtexec(
+    trt: ModuleType,
+    onnx_path: str | Path,
+    engine_path: str | Path,
+    shapes: dict[str, ShapeRange],
+    precision: str = "fp32",
+    workspace_gib: float = 0.0,
+    *,
+    strongly_typed: bool = False,
+    device_index: int = 0,
+) -> Path:
     """Build with the ``trtexec`` tool found on PATH (of the same TensorRT as ``trt``, as in the
     NGC containers)."""
     mode = engine_typing(trt, precision, strongly_typed)
     check_graph_precision(onnx_path, mode)
     trtexec = shutil.which("trtexec")
     if trtexec is None:
-        raise RuntimeError("--trtexec: no trtexec on PATH (it is in the NGC containers under "
-                           "/usr/src/tensorrt/bin)")
+        raise RuntimeError(
+            "--trtexec: no trtexec on PATH (it is in the NGC containers under "
+            "/usr/src/tensorrt/bin)"
+        )
     with staged_file(engine_path, what="the engine ") as staging:
-        command = trtexec_command(trtexec, onnx_path, staging, shapes, mode, workspace_gib,
-                                  device_index)
+        command = trtexec_command(
+            trtexec, onnx_path, staging, shapes, mode, workspace_gib, device_index
+        )
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
             tail = "\n".join(done.stdout.splitlines()[-20:] + done.stderr.splitlines()[-20:])
@@ -218,8 +265,15 @@ def build_engine_trtexec(trt: ModuleType, onnx_path: str | Path, engine_path: st
 
 
 def _torch_dtype(trt: ModuleType, dtype: object) -> torch.dtype:
-    table = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-             "int32": torch.int32, "int64": torch.int64, "bool": torch.bool, "int8": torch.int8}
+    table = {
+        "float32": torch.float32,
+        "float16": torch.float16,
+        "bfloat16": torch.bfloat16,
+        "int32": torch.int32,
+        "int64": torch.int64,
+        "bool": torch.bool,
+        "int8": torch.int8,
+    }
     for name, torch_dtype in table.items():
         if getattr(trt, name, None) == dtype:
             return torch_dtype
@@ -232,7 +286,7 @@ def aligned_empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.devi
     itemsize = torch.empty((), dtype=dtype).element_size()
     buffer = torch.empty(numel + TENSOR_ALIGNMENT // itemsize, dtype=dtype, device=device)
     skip = (-buffer.data_ptr() % TENSOR_ALIGNMENT) // itemsize
-    return buffer[skip:skip + numel].view(shape)
+    return buffer[skip : skip + numel].view(shape)
 
 
 def aligned(t: Tensor) -> Tensor:
@@ -252,8 +306,13 @@ class TensorRTRunner:
 
     name = "tensorrt"
 
-    def __init__(self, trt: ModuleType, engine_path: str | Path, device: torch.device,
-                 precision: str = "fp32"):
+    def __init__(
+        self,
+        trt: ModuleType,
+        engine_path: str | Path,
+        device: torch.device,
+        precision: str = "fp32",
+    ):
         self.device, self.precision = device, precision
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
@@ -263,20 +322,25 @@ class TensorRTRunner:
                 raise RuntimeError(f"TensorRT could not load the engine {engine_path}")
             self.context = self.engine.create_execution_context()
             self.stream = torch.cuda.Stream(device=device)
-        self.dtypes = {name: _torch_dtype(trt, self.engine.get_tensor_dtype(name))
-                       for name in INPUT_NAMES + OUTPUT_NAMES}
+        self.dtypes = {
+            name: _torch_dtype(trt, self.engine.get_tensor_dtype(name))
+            for name in INPUT_NAMES + OUTPUT_NAMES
+        }
         self.cache_dtype = self.dtypes[INPUT_NAMES[1]]  # the engine's I/O keeps the ONNX types
         # A valid address for empty inputs (an empty cache), whatever TensorRT makes of null.
         self._placeholder = aligned_empty((64,), torch.float32, device)
 
     def __call__(self, tokens: Tensor, k_cache: Tensor, v_cache: Tensor) -> Outputs:
         with torch.cuda.device(self.device):
-            inputs = [aligned(t.to(self.device, self.dtypes[name]))
-                      for name, t in zip(INPUT_NAMES, (tokens, k_cache, v_cache))]
+            inputs = [
+                aligned(t.to(self.device, self.dtypes[name]))
+                for name, t in zip(INPUT_NAMES, (tokens, k_cache, v_cache))
+            ]
             for name, t in zip(INPUT_NAMES, inputs):
                 if not self.context.set_input_shape(name, tuple(t.shape)):
-                    raise ValueError(f"{name} shape {tuple(t.shape)} is outside the engine's "
-                                     "profile")
+                    raise ValueError(
+                        f"{name} shape {tuple(t.shape)} is outside the engine's profile"
+                    )
                 self._bind(name, t if t.numel() else self._placeholder)
             outputs = []
             for name in OUTPUT_NAMES:
@@ -286,15 +350,18 @@ class TensorRTRunner:
             caller = torch.cuda.current_stream(self.device)
             self.stream.wait_stream(caller)  # the inputs were written on the caller's stream
             if not self.context.execute_async_v3(self.stream.cuda_stream):
-                raise RuntimeError("TensorRT execution failed (shapes outside the engine's "
-                                   "profile?)")
+                raise RuntimeError(
+                    "TensorRT execution failed (shapes outside the engine's profile?)"
+                )
             caller.wait_stream(self.stream)  # the caller's next work sees the outputs
         return tuple(outputs)
 
     def _bind(self, name: str, t: Tensor) -> None:
         address = t.data_ptr()
         if address % TENSOR_ALIGNMENT:
-            raise RuntimeError(f"{name}: address {address:#x} is not {TENSOR_ALIGNMENT}-byte "
-                               "aligned, as TensorRT requires")
+            raise RuntimeError(
+                f"{name}: address {address:#x} is not {TENSOR_ALIGNMENT}-byte "
+                "aligned, as TensorRT requires"
+            )
         if not self.context.set_tensor_address(name, address):
             raise RuntimeError(f"TensorRT has no I/O tensor named {name!r} in this engine")

@@ -13,5 +13,7 @@ def require(extra: str, *modules: str) -> None:
     """UsageError naming the missing packages and the extra that installs them."""
     missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
-        raise UsageError(f"{', '.join(missing)} not installed: pip install -e '.[{extra}]' in this "
-                         "repository, or pip install " + " ".join(missing))
+        raise UsageError(
+            f"{', '.join(missing)} not installed: pip install -e '.[{extra}]' in this "
+            "repository, or pip install " + " ".join(missing)
+        )

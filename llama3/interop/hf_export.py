@@ -27,28 +27,44 @@ from llama3.model.args import ModelArgs
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def cast_weights(state: dict[str, torch.Tensor], dtype: torch.dtype,
-                 name: str | None) -> dict[str, torch.Tensor]:
+def cast_weights(
+    state: dict[str, torch.Tensor], dtype: torch.dtype, name: str | None
+) -> dict[str, torch.Tensor]:
     """The weights in ``dtype`` (called ``name``, a key of :data:`DTYPES`); ConfigError naming a
     weight beyond its range, which would become inf."""
     cast = {key: tensor.to(dtype) for key, tensor in state.items()}
     for key, tensor in state.items():
         if torch.isfinite(tensor).all() and not torch.isfinite(cast[key]).all():
-            raise ConfigError("{dtype} {}: {} holds values up to {:.4g}, beyond {}'s largest "
-                              "{:.4g}; export as bf16 or fp32", name, key,
-                              tensor.abs().max().item(), name, torch.finfo(dtype).max)
+            raise ConfigError(
+                "{dtype} {}: {} holds values up to {:.4g}, beyond {}'s largest "
+                "{:.4g}; export as bf16 or fp32",
+                name,
+                key,
+                tensor.abs().max().item(),
+                name,
+                torch.finfo(dtype).max,
+            )
     return cast
 
 
-def write_directory(directory: Path, tensors: dict[str, torch.Tensor], model_args: ModelArgs,
-                    form: str, special: dict[str, int], dtype: torch.dtype, shard_bytes: int) -> int:
+def write_directory(
+    directory: Path,
+    tensors: dict[str, torch.Tensor],
+    model_args: ModelArgs,
+    form: str,
+    special: dict[str, int],
+    dtype: torch.dtype,
+    shard_bytes: int,
+) -> int:
     """The model's files in ``directory``: weights (:func:`write_weights`), config.json,
     generation_config.json with the ``special`` token ids and, for ``remote``, the modelling code.
     Returns the number of weight files."""
     n_files = write_weights(directory, tensors, shard_bytes)
     write_json(directory / "config.json", hf_format.hf_config(model_args, form, special, dtype))
-    write_json(directory / "generation_config.json",
-               {f"{kind}_token_id": token for kind, token in special.items()})
+    write_json(
+        directory / "generation_config.json",
+        {f"{kind}_token_id": token for kind, token in special.items()},
+    )
     if form == "remote":
         shutil.copyfile(hf_format.MODELING_SOURCE, directory / hf_format.REMOTE_FILE)
     return n_files
@@ -75,8 +91,10 @@ def write_weights(directory: Path, tensors: dict[str, torch.Tensor], shard_bytes
         save_safetensors(shard, directory / file)
         weight_map.update(dict.fromkeys(shard, file))
     total = sum(t.numel() * t.element_size() for t in tensors.values())
-    write_json(directory / hf_format.INDEX_FILE,
-               {"metadata": {"total_size": total}, "weight_map": weight_map})
+    write_json(
+        directory / hf_format.INDEX_FILE,
+        {"metadata": {"total_size": total}, "weight_map": weight_map},
+    )
     return len(shards)
 
 
@@ -95,8 +113,13 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
         raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from err
 
 
-def write_tokenizer(directory: Path, tokenizer: str | os.PathLike, cleaner: Cleaner,
-                    start: str | None, max_seq_len: int) -> None:
+def write_tokenizer(
+    directory: Path,
+    tokenizer: str | os.PathLike,
+    cleaner: Cleaner,
+    start: str | None,
+    max_seq_len: int,
+) -> None:
     """tokenizer.json for the SentencePiece model ``tokenizer``, whose normalizer applies
     ``cleaner`` and which puts ``start`` first, and the model itself with that cleaning recorded
     beside it."""
@@ -106,5 +129,6 @@ def write_tokenizer(directory: Path, tokenizer: str | os.PathLike, cleaner: Clea
     save_tokenizer(directory, tokenizer, cleaner, start, max_seq_len)
     model_file = directory / hf_format.SENTENCEPIECE_FILE
     shutil.copyfile(tokenizer, model_file)
-    write_cleaning_record(model_file, cleaner, "export_hf: the tokenizer's record and the "
-                                               "cleaning flags given")
+    write_cleaning_record(
+        model_file, cleaner, "export_hf: the tokenizer's record and the cleaning flags given"
+    )

@@ -22,8 +22,13 @@ import torch
 from torch import Tensor
 
 from llama3.model.args import ModelArgs
-from llama3.model.transformer import (ROPE_HIGH_FREQ_FACTOR, ROPE_LOW_FREQ_FACTOR,
-                                      ROPE_ORIGINAL_CONTEXT, ROPE_SCALE_FACTOR, Transformer)
+from llama3.model.transformer import (
+    ROPE_HIGH_FREQ_FACTOR,
+    ROPE_LOW_FREQ_FACTOR,
+    ROPE_ORIGINAL_CONTEXT,
+    ROPE_SCALE_FACTOR,
+    Transformer,
+)
 
 FORMATS = ("llama", "remote")
 LLAMA_ARCHITECTURE = "LlamaForCausalLM"
@@ -36,17 +41,28 @@ ARGS_KEY = "llama3_model_args"
 SAFETENSORS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 SENTENCEPIECE_FILE = "sentencepiece.model"  # our tokenizer, kept beside tokenizer.json
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": ROPE_SCALE_FACTOR,
-               "low_freq_factor": ROPE_LOW_FREQ_FACTOR, "high_freq_factor": ROPE_HIGH_FREQ_FACTOR,
-               "original_max_position_embeddings": ROPE_ORIGINAL_CONTEXT}
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": ROPE_SCALE_FACTOR,
+    "low_freq_factor": ROPE_LOW_FREQ_FACTOR,
+    "high_freq_factor": ROPE_HIGH_FREQ_FACTOR,
+    "original_max_position_embeddings": ROPE_ORIGINAL_CONTEXT,
+}
 
 _TOP = {"tok_embeddings": "model.embed_tokens", "norm": "model.norm", "output": "lm_head"}
-_LAYER = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
-          "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
-          "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj",
-          "feed_forward.w2": "mlp.down_proj", "feed_forward.wa": "mlp.up_proj",
-          "feed_forward.wb": "mlp.gate_proj", "attention_norm": "input_layernorm",
-          "ffn_norm": "post_attention_layernorm"}
+_LAYER = {
+    "attention.wq": "self_attn.q_proj",
+    "attention.wk": "self_attn.k_proj",
+    "attention.wv": "self_attn.v_proj",
+    "attention.wo": "self_attn.o_proj",
+    "feed_forward.w1": "mlp.gate_proj",
+    "feed_forward.w3": "mlp.up_proj",
+    "feed_forward.w2": "mlp.down_proj",
+    "feed_forward.wa": "mlp.up_proj",
+    "feed_forward.wb": "mlp.gate_proj",
+    "attention_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
 
 
 def format_for(args: ModelArgs) -> str:
@@ -127,14 +143,21 @@ def from_hf_state(hf_state: dict[str, Tensor], args: ModelArgs, form: str) -> di
     return out
 
 
-def hf_config(args: ModelArgs, form: str, special_ids: dict[str, int],
-              dtype: torch.dtype) -> dict[str, Any]:
+def hf_config(
+    args: ModelArgs, form: str, special_ids: dict[str, int], dtype: torch.dtype
+) -> dict[str, Any]:
     """config.json for ``args`` in ``form``; ``special_ids`` holds bos/eos/pad token ids."""
     common = {
-        "vocab_size": args.vocab_size, "hidden_size": args.dim, "num_hidden_layers": args.n_layers,
-        "num_attention_heads": args.n_heads, "num_key_value_heads": args.n_kv_heads,
-        "intermediate_size": args.hidden_dim, "max_position_embeddings": args.max_seq_len,
-        "rms_norm_eps": args.norm_eps, "tie_word_embeddings": False, "use_cache": True,
+        "vocab_size": args.vocab_size,
+        "hidden_size": args.dim,
+        "num_hidden_layers": args.n_layers,
+        "num_attention_heads": args.n_heads,
+        "num_key_value_heads": args.n_kv_heads,
+        "intermediate_size": args.hidden_dim,
+        "max_position_embeddings": args.max_seq_len,
+        "rms_norm_eps": args.norm_eps,
+        "tie_word_embeddings": False,
+        "use_cache": True,
         # "dtype" for transformers 5, "torch_dtype" for 4
         **dict.fromkeys(("dtype", "torch_dtype"), str(dtype).removeprefix("torch.")),
         **{f"{kind}_token_id": token for kind, token in special_ids.items()},
@@ -142,17 +165,33 @@ def hf_config(args: ModelArgs, form: str, special_ids: dict[str, int],
     }
     if form == "llama":
         rope = {**LLAMA3_ROPE} if args.use_scaled_rope else {"rope_type": "default"}
-        return {"architectures": [LLAMA_ARCHITECTURE], "model_type": "llama", **common,
-                "head_dim": args.head_dim, "hidden_act": "silu", "attention_bias": False,
-                "mlp_bias": False, "rope_parameters": {**rope, "rope_theta": args.rope_theta},
-                # the same for transformers 4, which reads these two keys
-                "rope_theta": args.rope_theta,
-                "rope_scaling": {**LLAMA3_ROPE} if args.use_scaled_rope else None}
+        return {
+            "architectures": [LLAMA_ARCHITECTURE],
+            "model_type": "llama",
+            **common,
+            "head_dim": args.head_dim,
+            "hidden_act": "silu",
+            "attention_bias": False,
+            "mlp_bias": False,
+            "rope_parameters": {**rope, "rope_theta": args.rope_theta},
+            # the same for transformers 4, which reads these two keys
+            "rope_theta": args.rope_theta,
+            "rope_scaling": {**LLAMA3_ROPE} if args.use_scaled_rope else None,
+        }
     module = REMOTE_FILE.removesuffix(".py")
-    return {"architectures": [REMOTE_ARCHITECTURE], "model_type": REMOTE_MODEL_TYPE,
-            "auto_map": {"AutoConfig": f"{module}.{REMOTE_CONFIG}",
-                         "AutoModelForCausalLM": f"{module}.{REMOTE_ARCHITECTURE}"},
-            **common, "attention": args.attention, "mixer": args.mixer,
-            "core_dim": args.core_dim, "softplus_scale": args.softplus_scale,
-            "core_output_scale": args.core_output_scale, "rope_theta": args.rope_theta,
-            "use_scaled_rope": args.use_scaled_rope}
+    return {
+        "architectures": [REMOTE_ARCHITECTURE],
+        "model_type": REMOTE_MODEL_TYPE,
+        "auto_map": {
+            "AutoConfig": f"{module}.{REMOTE_CONFIG}",
+            "AutoModelForCausalLM": f"{module}.{REMOTE_ARCHITECTURE}",
+        },
+        **common,
+        "attention": args.attention,
+        "mixer": args.mixer,
+        "core_dim": args.core_dim,
+        "softplus_scale": args.softplus_scale,
+        "core_output_scale": args.core_output_scale,
+        "rope_theta": args.rope_theta,
+        "use_scaled_rope": args.use_scaled_rope,
+    }

@@ -2,11 +2,12 @@
 ("compressed") attention, and the Combinator mixer with either attention.
 
 ``python -m llama3 export_hf`` copies this file into the exported directory and registers it in
-``config.json`` (``auto_map``), so ``AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)``
-loads it. It depends on torch and transformers only and restates the llama3 model (see the
-project's ``llama3/model/transformer.py``) in transformers' conventions: parameter names of its
-Llama, a ``Cache`` for ``generate()``, left padding through ``attention_mask``. Unlike its Llama,
-queries and keys keep Meta's RoPE layout (adjacent feature pairs rotate together).
+``config.json`` (``auto_map``), so
+``AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`` loads it. It depends on torch
+and transformers only and restates the llama3 model (see the project's
+``llama3/model/transformer.py``) in transformers' conventions: parameter names of its Llama, a
+``Cache`` for ``generate()``, left padding through ``attention_mask``. Unlike its Llama, queries
+and keys keep Meta's RoPE layout (adjacent feature pairs rotate together).
 
 Softplus attention, for a query at position p and its visible keys j (causal, not padding)::
 
@@ -36,7 +37,9 @@ except Exception:  # noqa: BLE001 - without them the dense formula runs
 # Llama 3.1 RoPE frequency rule (use_scaled_rope): factor, low and high frequency factors, context.
 _ROPE_SCALE, _ROPE_LOW, _ROPE_HIGH, _ROPE_CONTEXT = 8.0, 1.0, 4.0, 8192
 # The output field holding the cache: "cache" in newer transformers, "past_key_values" before.
-_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+_CACHE_FIELD = (
+    "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+)
 
 
 class Llama3SoftplusConfig(PretrainedConfig):
@@ -44,19 +47,34 @@ class Llama3SoftplusConfig(PretrainedConfig):
 
     model_type = "llama3_softplus"
 
-    def __init__(self, vocab_size: int = 2048, hidden_size: int = 128, num_hidden_layers: int = 3,
-                 attention: str = "softplus", mixer: str = "combinator",
-                 num_attention_heads: int = 4, num_key_value_heads: int = 4, core_dim: int = 424,
-                 softplus_scale: str = "length", core_output_scale: str = "none",
-                 intermediate_size: int = 512,
-                 rms_norm_eps: float = 1e-5, rope_theta: float = 500000.0,
-                 use_scaled_rope: bool = False, max_position_embeddings: int = 4096,
-                 use_cache: bool = True, **kwargs):
+    def __init__(
+        self,
+        vocab_size: int = 2048,
+        hidden_size: int = 128,
+        num_hidden_layers: int = 3,
+        attention: str = "softplus",
+        mixer: str = "combinator",
+        num_attention_heads: int = 4,
+        num_key_value_heads: int = 4,
+        core_dim: int = 424,
+        softplus_scale: str = "length",
+        core_output_scale: str = "none",
+        intermediate_size: int = 512,
+        rms_norm_eps: float = 1e-5,
+        rope_theta: float = 500000.0,
+        use_scaled_rope: bool = False,
+        max_position_embeddings: int = 4096,
+        use_cache: bool = True,
+        **kwargs,
+    ):
         self.vocab_size, self.hidden_size = vocab_size, hidden_size
         self.num_hidden_layers, self.attention, self.mixer = num_hidden_layers, attention, mixer
         self.core_dim, self.softplus_scale = core_dim, softplus_scale
         self.core_output_scale = core_output_scale  # absent from directories written before it
-        self.num_attention_heads, self.num_key_value_heads = num_attention_heads, num_key_value_heads
+        self.num_attention_heads, self.num_key_value_heads = (
+            num_attention_heads,
+            num_key_value_heads,
+        )
         self.intermediate_size, self.rms_norm_eps = intermediate_size, rms_norm_eps
         self.rope_theta, self.use_scaled_rope = rope_theta, use_scaled_rope
         self.max_position_embeddings, self.use_cache = max_position_embeddings, use_cache
@@ -77,7 +95,8 @@ def rope_frequencies(dim: int, theta: float, scaled: bool) -> Tensor:
 
 
 def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate adjacent feature pairs of x (B, H, S, d) by angles whose cos/sin are (B, 1, S, d/2)."""
+    """Rotate adjacent feature pairs of x (B, H, S, d) by angles whose cos/sin are
+    (B, 1, S, d/2)."""
     pairs = x.float().unflatten(-1, (-1, 2))
     x0, x1 = pairs[..., 0], pairs[..., 1]
     return torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2).type_as(x)
@@ -88,11 +107,17 @@ def kernel_applies(q: Tensor) -> bool:
     return _softplus_kernel is not None and q.is_cuda
 
 
-def softplus_dense(q: Tensor, k: Tensor, v: Tensor, positions: Tensor, visible: Tensor,
-                   scale: str) -> Tensor:
-    """q (B, 1, S, r); k, v (B, 1, T, r); positions (B, S); visible (B|1, 1, S, T) → (B, 1, S, r)."""
+def softplus_dense(
+    q: Tensor, k: Tensor, v: Tensor, positions: Tensor, visible: Tensor, scale: str
+) -> Tensor:
+    """q (B, 1, S, r); k, v (B, 1, T, r); positions (B, S); visible (B|1, 1, S, T)
+    → (B, 1, S, r)."""
     r = q.shape[-1]
-    lam = torch.log(positions.float() + 1) if scale == "length" else torch.ones_like(positions.float())
+    lam = (
+        torch.log(positions.float() + 1)
+        if scale == "length"
+        else torch.ones_like(positions.float())
+    )
     lam = (lam / math.sqrt(r))[:, None, :, None]  # (B, 1, S, 1)
     z = lam * torch.matmul(q.float(), k.float().transpose(-1, -2))  # (B, 1, S, T)
     w = torch.where(visible, F.softplus(z), torch.zeros_like(z))
@@ -137,8 +162,15 @@ class Llama3SoftplusAttention(nn.Module):
         self.o_proj = nn.Linear(self.heads * self.head_dim, dim, bias=False)
         self.output_multiplier = output_multiplier(config) if self.softplus else 1.0
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor,
-                visible: Tensor | None, cache: DynamicCache | None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        positions: Tensor,
+        visible: Tensor | None,
+        cache: DynamicCache | None,
+    ) -> Tensor:
         B, S, _ = x.shape
         q = self.q_proj(x).view(B, S, self.heads, self.head_dim).transpose(1, 2)  # (B, H, S, hd)
         k = self.k_proj(x).view(B, S, self.kv_heads, self.head_dim).transpose(1, 2)
@@ -152,12 +184,14 @@ class Llama3SoftplusAttention(nn.Module):
             out = self._softmax(q, k, v, visible)
         return self.o_proj(out.transpose(1, 2).reshape(B, S, -1) * self.output_multiplier)
 
-    def _softplus(self, q: Tensor, k: Tensor, v: Tensor, positions: Tensor,
-                  visible: Tensor | None) -> Tensor:
+    def _softplus(
+        self, q: Tensor, k: Tensor, v: Tensor, positions: Tensor, visible: Tensor | None
+    ) -> Tensor:
         if visible is None and kernel_applies(q):
             # the kernel's layouts: q (B, S, r), k and v (B, r, T)
-            out = _softplus_kernel(q[:, 0], k[:, 0].transpose(1, 2), v[:, 0].transpose(1, 2),
-                                   scale=self.scale)
+            out = _softplus_kernel(
+                q[:, 0], k[:, 0].transpose(1, 2), v[:, 0].transpose(1, 2), scale=self.scale
+            )
             return out.unsqueeze(1)
         if visible is None:
             visible = causal_visibility(None, q.shape[2], k.shape[2], q.device)
@@ -183,7 +217,9 @@ class Llama3SoftplusMLP(nn.Module):
         hidden = dim if config.mixer == "combinator" else config.intermediate_size
         self.gate_proj = nn.Linear(dim, hidden, bias=False)
         self.up_proj = nn.Linear(dim, hidden, bias=False)
-        self.down_proj = None if config.mixer == "combinator" else nn.Linear(hidden, dim, bias=False)
+        self.down_proj = (
+            None if config.mixer == "combinator" else nn.Linear(hidden, dim, bias=False)
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.up_proj(x) * F.silu(self.gate_proj(x))
@@ -196,15 +232,26 @@ class Llama3SoftplusDecoderLayer(nn.Module):
         self.self_attn = Llama3SoftplusAttention(config, layer_idx)
         self.mlp = Llama3SoftplusMLP(config)
         self.input_layernorm = Llama3SoftplusRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = Llama3SoftplusRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = Llama3SoftplusRMSNorm(
+            config.hidden_size, config.rms_norm_eps
+        )
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor,
-                visible: Tensor | None, cache: DynamicCache | None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        positions: Tensor,
+        visible: Tensor | None,
+        cache: DynamicCache | None,
+    ) -> Tensor:
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, visible, cache)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
-def causal_visibility(attention_mask: Tensor | None, S: int, T: int, device: torch.device) -> Tensor:
+def causal_visibility(
+    attention_mask: Tensor | None, S: int, T: int, device: torch.device
+) -> Tensor:
     """(B|1, 1, S, T) bool: the S newest of T positions see earlier keys that are not padding, and
     always themselves (so padded rows stay finite)."""
     query = torch.arange(T - S, T, device=device).view(-1, 1)
@@ -238,11 +285,15 @@ class Llama3SoftplusModel(Llama3SoftplusPreTrainedModel):
     def __init__(self, config: Llama3SoftplusConfig):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(Llama3SoftplusDecoderLayer(config, i)
-                                    for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            Llama3SoftplusDecoderLayer(config, i) for i in range(config.num_hidden_layers)
+        )
         self.norm = Llama3SoftplusRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rope_dim = config.core_dim if config.attention == "softplus" else \
-            config.hidden_size // config.num_attention_heads
+        self.rope_dim = (
+            config.core_dim
+            if config.attention == "softplus"
+            else config.hidden_size // config.num_attention_heads
+        )
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -251,9 +302,14 @@ class Llama3SoftplusModel(Llama3SoftplusPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embed_tokens = value
 
-    def forward(self, input_ids: Tensor | None, attention_mask: Tensor | None,
-                position_ids: Tensor | None, cache: DynamicCache | None,
-                inputs_embeds: Tensor | None) -> Tensor:
+    def forward(
+        self,
+        input_ids: Tensor | None,
+        attention_mask: Tensor | None,
+        position_ids: Tensor | None,
+        cache: DynamicCache | None,
+        inputs_embeds: Tensor | None,
+    ) -> Tensor:
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, S = h.shape[:2]
         T = S + (cache.get_seq_length() if cache is not None else 0)
@@ -292,21 +348,32 @@ class Llama3SoftplusForCausalLM(Llama3SoftplusPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.lm_head = value
 
-    def forward(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None,
-                position_ids: Tensor | None = None, cache: DynamicCache | None = None,
-                inputs_embeds: Tensor | None = None, labels: Tensor | None = None,
-                use_cache: bool | None = None, logits_to_keep: int = 0,
-                past_key_values: DynamicCache | None = None, **kwargs) -> CausalLMOutputWithPast:
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        cache: DynamicCache | None = None,
+        inputs_embeds: Tensor | None = None,
+        labels: Tensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        past_key_values: DynamicCache | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
         cache = cache if cache is not None else past_key_values
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if use_cache and cache is None:
             cache = DynamicCache()
-        h = self.model(input_ids, attention_mask, position_ids, cache if use_cache else None,
-                       inputs_embeds)
+        h = self.model(
+            input_ids, attention_mask, position_ids, cache if use_cache else None, inputs_embeds
+        )
         logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                                   ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits,
-                                      **{_CACHE_FIELD: cache if use_cache else None})
+            loss = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
+            )
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, **{_CACHE_FIELD: cache if use_cache else None}
+        )

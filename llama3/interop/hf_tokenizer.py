@@ -20,8 +20,8 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from llama3.errors import UsageError
 from llama3.data.clean import Cleaner
+from llama3.errors import UsageError
 
 if TYPE_CHECKING:
     from llama3.data.tokenizer import Tokenizer
@@ -32,7 +32,9 @@ SPECIAL_KINDS = ("bos", "eos", "unk", "pad")
 BPE_MODEL = 2
 WORD_BOUNDARY = "\u2581"
 # Python's \s for str (what the cleaning's bracket pattern matches), as an explicit class
-_PY_SPACE = "[" + "".join(f"\\x{{{ord(c):x}}}" for c in map(chr, range(0x110000)) if c.isspace()) + "]"
+_PY_SPACE = (
+    "[" + "".join(f"\\x{{{ord(c):x}}}" for c in map(chr, range(0x110000)) if c.isspace()) + "]"
+)
 
 
 def read_proto(path: str | Path) -> Any:
@@ -62,8 +64,9 @@ def check_convertible(proto: Any, path: str | Path) -> None:
     if not normalizer.escape_whitespaces:
         problems.append("escape_whitespaces false")
     if problems:
-        raise UsageError(f"--tokenizer {path}: cannot be expressed as tokenizer.json: "
-                         + "; ".join(problems))
+        raise UsageError(
+            f"--tokenizer {path}: cannot be expressed as tokenizer.json: " + "; ".join(problems)
+        )
 
 
 def cleaning_normalizers(cleaner: Cleaner) -> list:
@@ -114,9 +117,14 @@ def bpe_model(proto: Any, *, ignore_merges: bool) -> Any:
     from tokenizers.models import BPE
 
     spec = proto.trainer_spec
-    return BPE(vocab={p.piece: i for i, p in enumerate(proto.pieces)}, merges=bpe_merges(proto),
-               unk_token=spec.unk_piece, fuse_unk=True, byte_fallback=spec.byte_fallback,
-               ignore_merges=ignore_merges)
+    return BPE(
+        vocab={p.piece: i for i, p in enumerate(proto.pieces)},
+        merges=bpe_merges(proto),
+        unk_token=spec.unk_piece,
+        fuse_unk=True,
+        byte_fallback=spec.byte_fallback,
+        ignore_merges=ignore_merges,
+    )
 
 
 def special_text_split(proto: Any) -> str | None:
@@ -127,8 +135,9 @@ def special_text_split(proto: Any) -> str | None:
     model, branches = bpe_model(proto, ignore_merges=False), []
     for piece in (p.piece for p in proto.pieces if p.type not in (NORMAL, USER_DEFINED)):
         char_at = {len(piece[:i].encode()): i for i in range(1, len(piece))}  # byte offset → char
-        cut = next((char_at[t.offsets[1]] for t in model.tokenize(piece)
-                    if t.offsets[1] in char_at), None)
+        cut = next(
+            (char_at[t.offsets[1]] for t in model.tokenize(piece) if t.offsets[1] in char_at), None
+        )
         if cut is not None:
             branches.append(f"{re.escape(piece[:cut])}(?={re.escape(piece[cut:])}\\z)")
     return rf"\A(?:{'|'.join(branches)})" if branches else None
@@ -147,8 +156,10 @@ def build_tokenizer(path: str | Path, cleaner: Cleaner) -> Any:
     if normalizer.precompiled_charsmap:
         steps.append(normalizers.Precompiled(normalizer.precompiled_charsmap))
     if normalizer.remove_extra_whitespaces:
-        steps += [normalizers.Replace(Regex(r"\A +| +\z"), ""),
-                  normalizers.Replace(Regex(" {2,}"), " ")]
+        steps += [
+            normalizers.Replace(Regex(r"\A +| +\z"), ""),
+            normalizers.Replace(Regex(" {2,}"), " "),
+        ]
     tokenizer.normalizer = normalizers.Sequence(steps)
     prepend = "always" if normalizer.add_dummy_prefix else "never"
     splits = [pre_tokenizers.Metaspace(replacement=WORD_BOUNDARY, prepend_scheme=prepend)]
@@ -159,15 +170,19 @@ def build_tokenizer(path: str | Path, cleaner: Cleaner) -> Any:
     if (special_split := special_text_split(proto)) is not None:
         splits.append(pre_tokenizers.Split(Regex(special_split), behavior="isolated"))
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(splits)
-    tokenizer.decoder = decoders.Sequence([
-        decoders.Replace(spec.unk_piece, spec.unk_surface),  # " ⁇ ", as SentencePiece writes it
-        decoders.Metaspace(replacement=WORD_BOUNDARY, prepend_scheme=prepend),
-        *([decoders.ByteFallback(), decoders.Fuse()] if spec.byte_fallback else [])])
+    tokenizer.decoder = decoders.Sequence(
+        [
+            decoders.Replace(spec.unk_piece, spec.unk_surface),  # " ⁇ ", as SentencePiece writes it
+            decoders.Metaspace(replacement=WORD_BOUNDARY, prepend_scheme=prepend),
+            *([decoders.ByteFallback(), decoders.Fuse()] if spec.byte_fallback else []),
+        ]
+    )
     return tokenizer
 
 
-def save_tokenizer(directory: Path, model_file: str | Path, cleaner: Cleaner,
-                   start: str | None, context: int) -> None:
+def save_tokenizer(
+    directory: Path, model_file: str | Path, cleaner: Cleaner, start: str | None, context: int
+) -> None:
     """tokenizer.json and tokenizer_config.json in ``directory``. ``start`` ("eos", "bos" or None)
     is the token put before every text, as our generate command does."""
     from tokenizers.processors import TemplateProcessing
@@ -181,12 +196,21 @@ def save_tokenizer(directory: Path, model_file: str | Path, cleaner: Cleaner,
     if start is not None:  # the template transformers builds from add_bos_token
         piece = ours.piece(ids["bos"])
         tokenizer.post_processor = TemplateProcessing(
-            single=f"{piece}:0 $A:0", pair=f"{piece}:0 $A:0 {piece}:1 $B:1",
-            special_tokens=[(piece, ids["bos"])])
+            single=f"{piece}:0 $A:0",
+            pair=f"{piece}:0 $A:0 {piece}:1 $B:1",
+            special_tokens=[(piece, ids["bos"])],
+        )
     # what tokenizer.save writes, written here so that a failed write is an OSError
     (directory / "tokenizer.json").write_text(tokenizer.to_str(pretty=True), encoding="utf-8")
-    write_json(directory / "tokenizer_config.json", {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        **{f"{kind}_token": ours.piece(i) for kind, i in ids.items()},
-        "add_bos_token": start is not None, "add_eos_token": False, "split_special_tokens": True,
-        "model_max_length": context, "clean_up_tokenization_spaces": False})
+    write_json(
+        directory / "tokenizer_config.json",
+        {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            **{f"{kind}_token": ours.piece(i) for kind, i in ids.items()},
+            "add_bos_token": start is not None,
+            "add_eos_token": False,
+            "split_special_tokens": True,
+            "model_max_length": context,
+            "clean_up_tokenization_spaces": False,
+        },
+    )

@@ -41,8 +41,8 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from llama3.errors import UsageError
 from llama3.data.clean import Cleaner
+from llama3.errors import UsageError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MAX_GEN_TOKS = 256  # the generation budget of tasks that set none, when the context allows it
@@ -51,38 +51,66 @@ Request = tuple[tuple[str | None, str | None], list[int], list[int]]
 
 @register_model("llama3")
 class Llama3LM(TemplateLM):
-    """Our checkpoint and SentencePiece tokenizer as an lm-eval ``LM`` (see the module docstring)."""
+    """Our checkpoint and SentencePiece tokenizer as an lm-eval ``LM`` (see the module
+    docstring)."""
 
-    def __init__(self, checkpoint: str | None = None, tokenizer: str | None = None,
-                 batch_size: int | str = 16, device: str | None = None, dtype: str = "fp32",
-                 max_length: int | None = None, max_gen_toks: int | None = None,
-                 start_token: str = "eos", nfkd: bool | None = None, ascii: bool | None = None,
-                 lowercase: bool | None = None, drop_empty_brackets: bool | None = None,
-                 max_batch_size: int | None = None, **unknown: Any):
+    def __init__(
+        self,
+        checkpoint: str | None = None,
+        tokenizer: str | None = None,
+        batch_size: int | str = 16,
+        device: str | None = None,
+        dtype: str = "fp32",
+        max_length: int | None = None,
+        max_gen_toks: int | None = None,
+        start_token: str = "eos",
+        nfkd: bool | None = None,
+        ascii: bool | None = None,
+        lowercase: bool | None = None,
+        drop_empty_brackets: bool | None = None,
+        max_batch_size: int | None = None,
+        **unknown: Any,
+    ):
         super().__init__()
         from llama3.checkpoint import model_from_record, read_model_file
         from llama3.data.tokenizer import load_tokenizer
         from llama3.model.args import ModelArgs
 
         if unknown:
-            raise UsageError(f"--model_args: the llama3 model has no argument "
-                             f"{', '.join(sorted(unknown))} (see python -m llama3 lm_eval --help)")
+            raise UsageError(
+                f"--model_args: the llama3 model has no argument "
+                f"{', '.join(sorted(unknown))} (see python -m llama3 lm_eval --help)"
+            )
         for name, value in (("checkpoint", checkpoint), ("tokenizer", tokenizer)):
             if not value:
-                raise UsageError(f"--model_args: the llama3 model needs {name}= (give "
-                                 "checkpoint=RUN,tokenizer=MODEL_FILE, as to evaluate)")
+                raise UsageError(
+                    f"--model_args: the llama3 model needs {name}= (give "
+                    "checkpoint=RUN,tokenizer=MODEL_FILE, as to evaluate)"
+                )
         if dtype not in DTYPES or start_token not in ("eos", "bos"):
-            raise UsageError(f"--model_args: dtype must be one of {', '.join(DTYPES)} and "
-                             f"start_token eos or bos (got {dtype}, {start_token})")
-        steps = argparse.Namespace(**{name: _switch(name, value) for name, value in (
-            ("nfkd", nfkd), ("ascii", ascii), ("lowercase", lowercase),
-            ("drop_empty_brackets", drop_empty_brackets))})
+            raise UsageError(
+                f"--model_args: dtype must be one of {', '.join(DTYPES)} and "
+                f"start_token eos or bos (got {dtype}, {start_token})"
+            )
+        steps = argparse.Namespace(
+            **{
+                name: _switch(name, value)
+                for name, value in (
+                    ("nfkd", nfkd),
+                    ("ascii", ascii),
+                    ("lowercase", lowercase),
+                    ("drop_empty_brackets", drop_empty_brackets),
+                )
+            }
+        )
         record = read_model_file(str(checkpoint))
         model_args = ModelArgs.from_dict(record["model_args"])
-        self.max_length, self.max_gen_toks = _lengths(max_length, max_gen_toks,
-                                                      model_args.max_seq_len)
-        self.tokenizer = load_tokenizer(str(tokenizer), record.get("tokenizer"),
-                                        model_args.vocab_size)
+        self.max_length, self.max_gen_toks = _lengths(
+            max_length, max_gen_toks, model_args.max_seq_len
+        )
+        self.tokenizer = load_tokenizer(
+            str(tokenizer), record.get("tokenizer"), model_args.vocab_size
+        )
         self._device = _device(device)
         self.model = model_from_record(record, device=self._device, dtype=DTYPES[dtype])
         self.batch_size = _batch_size(batch_size)
@@ -111,7 +139,9 @@ class Llama3LM(TemplateLM):
     def tokenizer_name(self) -> str:
         return str(self.tokenizer.path)
 
-    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+    def tok_encode(
+        self, string: str, add_special_tokens: bool | None = None, **kwargs
+    ) -> list[int]:
         """The cleaned text's ids, after the start token unless ``add_special_tokens`` is False."""
         ids = self.tokenizer.encode(self.cleaner(string))
         self._ids[0] += ids.count(self.tokenizer.unk_id)
@@ -137,22 +167,26 @@ class Llama3LM(TemplateLM):
         (and lm-eval's encoding of an empty context with it fails)."""
         for context, continuation in (r.args for r in requests):
             if not self.tokenizer.encode(self.cleaner(continuation)):
-                raise UsageError(f"lm-eval asks for the log-likelihood of {continuation!r} after "
-                                 f"{context[-40:]!r}, which has no tokens: the task gives an "
-                                 "empty answer or choice (check its doc_to_target and "
-                                 "doc_to_choice)")
+                raise UsageError(
+                    f"lm-eval asks for the log-likelihood of {continuation!r} after "
+                    f"{context[-40:]!r}, which has no tokens: the task gives an "
+                    "empty answer or choice (check its doc_to_target and "
+                    "doc_to_choice)"
+                )
         return super().loglikelihood(requests, disable_tqdm=disable_tqdm)
 
     @torch.no_grad()
-    def _loglikelihood_tokens(self, requests: list[Request], disable_tqdm: bool = False,
-                              **kwargs) -> list[tuple[float, bool]]:
+    def _loglikelihood_tokens(
+        self, requests: list[Request], disable_tqdm: bool = False, **kwargs
+    ) -> list[tuple[float, bool]]:
         """(sum of log p(continuation | context), whether greedy decoding gives the continuation)
         per request, computed in batches of similar length."""
         results: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
         order = sorted(range(len(requests)), key=lambda i: -len(requests[i][1] + requests[i][2]))
-        for start in tqdm(range(0, len(order), self.batch_size), disable=disable_tqdm,
-                          desc="scoring"):
-            batch = order[start: start + self.batch_size]
+        for start in tqdm(
+            range(0, len(order), self.batch_size), disable=disable_tqdm, desc="scoring"
+        ):
+            batch = order[start : start + self.batch_size]
             for i, result in zip(batch, self._score([requests[i] for i in batch])):
                 results[i] = result
                 if requests[i][0][0] is not None:
@@ -164,10 +198,12 @@ class Llama3LM(TemplateLM):
         rows = []
         for _, context, continuation in batch:
             if len(continuation) > self.max_length:
-                raise UsageError(f"lm-eval asks for a continuation of {len(continuation)} tokens, "
-                                 f"more than max_length {self.max_length}: give a larger "
-                                 "max_length= in --model_args")
-            rows.append((context + continuation)[-(self.max_length + 1):][:-1])
+                raise UsageError(
+                    f"lm-eval asks for a continuation of {len(continuation)} tokens, "
+                    f"more than max_length {self.max_length}: give a larger "
+                    "max_length= in --model_args"
+                )
+            rows.append((context + continuation)[-(self.max_length + 1) :][:-1])
         width = max(len(r) for r in rows)
         inputs = torch.full((len(rows), width), self.tokenizer.padding_id, dtype=torch.long)
         for b, row in enumerate(rows):
@@ -176,7 +212,7 @@ class Llama3LM(TemplateLM):
         out = []
         for b, (row, (_, _, continuation)) in enumerate(zip(rows, batch)):
             n = len(continuation)
-            logprobs = F.log_softmax(logits[b, len(row) - n: len(row)].float(), dim=-1)  # (n, V)
+            logprobs = F.log_softmax(logits[b, len(row) - n : len(row)].float(), dim=-1)  # (n, V)
             target = torch.as_tensor(continuation, device=self.device)
             total = logprobs.gather(-1, target[:, None]).sum().item()
             out.append((total, bool((logprobs.argmax(-1) == target).all())))
@@ -189,14 +225,18 @@ class Llama3LM(TemplateLM):
         counts = []
         for (text,) in (r.args for r in requests):
             tokens = self.tok_encode(text, add_special_tokens=False)
-            pairs = [make_disjoint_window(w) for w in get_rolling_token_windows(
-                tokens, self.prefix_token_id, self.max_length, context_len=1)]
+            pairs = [
+                make_disjoint_window(w)
+                for w in get_rolling_token_windows(
+                    tokens, self.prefix_token_id, self.max_length, context_len=1
+                )
+            ]
             windows += [((None, None), context, continuation) for context, continuation in pairs]
             counts.append(len(pairs))
         scores = self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm)
         totals, done = [], 0
         for request, count in zip(requests, counts):
-            totals.append(sum(score for score, _ in scores[done: done + count]))
+            totals.append(sum(score for score, _ in scores[done : done + count]))
             done += count
             self.cache_hook.add_partial("loglikelihood_rolling", request.args, totals[-1])
         return totals
@@ -214,7 +254,7 @@ class Llama3LM(TemplateLM):
         for indices in groups.values():
             settings, stops = self._generation_settings(requests[indices[0]].args[1])
             for start in range(0, len(indices), self.batch_size):
-                batch = indices[start: start + self.batch_size]
+                batch = indices[start : start + self.batch_size]
                 contexts = [requests[i].args[0] for i in batch]
                 for i, text in zip(batch, self._generate(contexts, settings, stops)):
                     results[i] = text
@@ -230,26 +270,39 @@ class Llama3LM(TemplateLM):
 
         until = kwargs.get("until") or []
         stops = [self.cleaner(s) for s in ([until] if isinstance(until, str) else until)]
-        budget = next((kwargs[k] for k in ("max_gen_toks", "max_new_tokens") if k in kwargs),
-                      self.max_gen_toks)
+        budget = next(
+            (kwargs[k] for k in ("max_gen_toks", "max_new_tokens") if k in kwargs),
+            self.max_gen_toks,
+        )
         sample = kwargs.get("do_sample", float(kwargs.get("temperature", 0.0)) > 0)
         temperature = float(kwargs.get("temperature", 1.0)) if sample else 0.0
         settings = SamplingSettings(
-            max_new_tokens=int(budget), temperature=temperature, top_k=int(kwargs.get("top_k") or 0),
-            top_p=float(kwargs.get("top_p") or 1.0), seed=int(kwargs.get("seed") or 0))
+            max_new_tokens=int(budget),
+            temperature=temperature,
+            top_k=int(kwargs.get("top_k") or 0),
+            top_p=float(kwargs.get("top_p") or 1.0),
+            seed=int(kwargs.get("seed") or 0),
+        )
         return settings, [s for s in stops if s]
 
     def _generate(self, contexts: list[str], settings: Any, stops: list[str]) -> list[str]:
         from llama3.generate import Generator, completion_text
 
         if self._generator is None:
-            self._generator = Generator(self.model, self.tokenizer, self.device,
-                                        eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.padding_id)
+            self._generator = Generator(
+                self.model,
+                self.tokenizer,
+                self.device,
+                eos_id=self.tokenizer.eos_id,
+                pad_id=self.tokenizer.padding_id,
+            )
         room = self.max_length - settings.max_new_tokens
         if room < 1:
-            raise UsageError(f"the task asks for max_gen_toks {settings.max_new_tokens}, which "
-                             f"leaves no room for a context in max_length {self.max_length}: give "
-                             f"--gen_kwargs max_gen_toks=N with N below {self.max_length}")
+            raise UsageError(
+                f"the task asks for max_gen_toks {settings.max_new_tokens}, which "
+                f"leaves no room for a context in max_length {self.max_length}: give "
+                f"--gen_kwargs max_gen_toks=N with N below {self.max_length}"
+            )
         prompts = [self.tok_encode(c)[-room:] for c in contexts]
 
         def until(row: int, ids: list[int]) -> bool:  # a stop string written: the row is done
@@ -273,8 +326,10 @@ def _device(name: str | None) -> torch.device:
     from llama3.runtime import select_device
 
     if name and name.startswith("cuda") and not torch.cuda.is_available():
-        print(f"note: lm-eval asks for device {name}, but CUDA is not available: running on the CPU",
-              file=sys.stderr)
+        print(
+            f"note: lm-eval asks for device {name}, but CUDA is not available: running on the CPU",
+            file=sys.stderr,
+        )
         name = "cpu"
     return select_device(name)
 
@@ -283,11 +338,16 @@ def _lengths(max_length: Any, max_gen_toks: Any, context: int) -> tuple[int, int
     """(max_length, max_gen_toks): the model's context by default, and a generation budget that
     leaves room for a context in it."""
     length = _count("max_length", context if max_length is None else max_length, 2)
-    budget = (min(MAX_GEN_TOKS, length // 2) if max_gen_toks is None
-              else _count("max_gen_toks", max_gen_toks, 1))
+    budget = (
+        min(MAX_GEN_TOKS, length // 2)
+        if max_gen_toks is None
+        else _count("max_gen_toks", max_gen_toks, 1)
+    )
     if budget >= length:
-        raise UsageError(f"--model_args max_gen_toks={budget} leaves no room for a context in "
-                         f"max_length {length}: give a smaller max_gen_toks")
+        raise UsageError(
+            f"--model_args max_gen_toks={budget} leaves no room for a context in "
+            f"max_length {length}: give a smaller max_gen_toks"
+        )
     return length, budget
 
 
@@ -295,8 +355,9 @@ def _count(name: str, value: Any, least: int) -> int:
     """A whole-number model argument, at least ``least``."""
     text = str(value)
     if isinstance(value, bool) or not text.lstrip("-").isdecimal() or int(text) < least:
-        raise UsageError(f"--model_args {name}={value}: expected a whole number of at least "
-                         f"{least}")
+        raise UsageError(
+            f"--model_args {name}={value}: expected a whole number of at least {least}"
+        )
     return int(text)
 
 

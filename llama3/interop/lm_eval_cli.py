@@ -36,8 +36,9 @@ SAVES = ("save_results_aggregated", "save_results_samples")  # lm-eval's tracker
 def main(argv: list[str]) -> int:
     """Run lm-eval's command line on ``argv`` with the llama3 model registered."""
     require("eval", "lm_eval")
-    import llama3.interop.lm_eval  # noqa: F401 - registers the model
     from lm_eval.__main__ import cli_evaluate
+
+    import llama3.interop.lm_eval  # noqa: F401 - registers the model
 
     if not argv or "-h" in argv or "--help" in argv:
         print(USAGE)
@@ -74,8 +75,10 @@ def unknown_tasks_named() -> Iterator[None]:
     except ValueError as err:
         if not str(err).startswith("Tasks not found"):
             raise
-        raise UsageError(f"--tasks: {str(err).split('. ')[0]}: check the names (lm-eval lists "
-                         "its tasks), and give --include_path DIR for tasks of your own") from err
+        raise UsageError(
+            f"--tasks: {str(err).split('. ')[0]}: check the names (lm-eval lists "
+            "its tasks), and give --include_path DIR for tasks of your own"
+        ) from err
 
 
 @contextlib.contextmanager

@@ -12,7 +12,8 @@ COMPONENTS = ("embedding", "attention", "mixer", "norms", "output")
 
 
 def parameter_counts(model: nn.Module) -> dict[str, int]:
-    """Parameters of each component of a :class:`~llama3.model.transformer.Transformer`, and the total."""
+    """Parameters of each component of a :class:`~llama3.model.transformer.Transformer`, and the
+    total."""
     counts = dict.fromkeys(COMPONENTS, 0)
     for name, p in model.named_parameters():
         counts[_component(name)] += p.numel()
@@ -77,13 +78,17 @@ def model_summary(model: nn.Module, seq_len: int) -> str:
     if a.attention == "softmax":
         attn = f"softmax, {a.n_heads} heads ({a.n_kv_heads} kv), head_dim {a.head_dim}"
     else:
-        attn = (f"softplus, core_dim {a.core_dim}, scale {a.softplus_scale}, output × "
-                f"{a.core_output_multiplier:.4g} ({a.core_output_scale})")
+        attn = (
+            f"softplus, core_dim {a.core_dim}, scale {a.softplus_scale}, output × "
+            f"{a.core_output_multiplier:.4g} ({a.core_output_scale})"
+        )
     parts = ", ".join(f"{c} {counts[c]:,}" for c in COMPONENTS)
-    return "\n".join([
-        f"Llama 3: {a.n_layers} layers, dim {a.dim}, vocab {a.vocab_size}; attention {attn}; "
-        f"mixer {a.mixer}; init {a.init}",
-        f"parameters: {counts['total']:,} ({parts})",
-        f"training FLOPs/token at seq {seq_len}: {flops.total / 1e6:.2f} M "
-        f"(dense {flops.dense / 1e6:.2f} M, attention {flops.attention / 1e6:.2f} M)",
-    ])
+    return "\n".join(
+        [
+            f"Llama 3: {a.n_layers} layers, dim {a.dim}, vocab {a.vocab_size}; attention {attn}; "
+            f"mixer {a.mixer}; init {a.init}",
+            f"parameters: {counts['total']:,} ({parts})",
+            f"training FLOPs/token at seq {seq_len}: {flops.total / 1e6:.2f} M "
+            f"(dense {flops.dense / 1e6:.2f} M, attention {flops.attention / 1e6:.2f} M)",
+        ]
+    )

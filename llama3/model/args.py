@@ -96,7 +96,9 @@ class ModelArgs:
         if self.norm_eps <= 0 or self.rope_theta <= 0:
             raise ConfigError("{norm_eps} and {rope_theta} must be positive")
         if self.ffn_dim_multiplier is not None and self.ffn_dim_multiplier <= 0:
-            raise ConfigError("{ffn_dim_multiplier} must be positive, got {}", self.ffn_dim_multiplier)
+            raise ConfigError(
+                "{ffn_dim_multiplier} must be positive, got {}", self.ffn_dim_multiplier
+            )
         if self.attention == "softmax":
             self._validate_heads()
         else:
@@ -106,13 +108,19 @@ class ModelArgs:
 
     def _validate_heads(self) -> None:
         if self.dim % self.n_heads:
-            raise ConfigError("{dim} ({}) must be divisible by {n_heads} ({})", self.dim, self.n_heads)
+            raise ConfigError(
+                "{dim} ({}) must be divisible by {n_heads} ({})", self.dim, self.n_heads
+            )
         if self.n_heads % self.n_kv_heads:
-            raise ConfigError("{n_heads} ({}) must be divisible by {n_kv_heads} ({})", self.n_heads,
-                              self.n_kv_heads)
+            raise ConfigError(
+                "{n_heads} ({}) must be divisible by {n_kv_heads} ({})",
+                self.n_heads,
+                self.n_kv_heads,
+            )
         if (self.dim // self.n_heads) % 2:
-            raise ConfigError("head_dim = {dim} / {n_heads} = {} must be even for RoPE",
-                              self.dim // self.n_heads)
+            raise ConfigError(
+                "head_dim = {dim} / {n_heads} = {} must be even for RoPE", self.dim // self.n_heads
+            )
 
     def _validate_core(self) -> None:
         if self.core_dim is None:
@@ -130,8 +138,11 @@ class ModelArgs:
         except (TypeError, ValueError):
             factor = math.nan
         if not 0 < factor < math.inf:
-            raise ConfigError("{core_output_scale} must be one of {} or a positive number; got {!r}",
-                              ", ".join(CORE_OUTPUT_SCALES), value)
+            raise ConfigError(
+                "{core_output_scale} must be one of {} or a positive number; got {!r}",
+                ", ".join(CORE_OUTPUT_SCALES),
+                value,
+            )
 
     @staticmethod
     def _check_positive(name: str, value: int) -> None:
@@ -141,7 +152,9 @@ class ModelArgs:
     @staticmethod
     def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         if value not in choices:
-            raise ConfigError("{" + name + "} must be one of {}; got {!r}", ", ".join(choices), value)
+            raise ConfigError(
+                "{" + name + "} must be one of {}; got {!r}", ", ".join(choices), value
+            )
 
     @property
     def n_rep(self) -> int:

@@ -21,11 +21,28 @@ import torch
 
 from llama3.model.args import ConfigError, ModelArgs
 
-PARAMS_FIELDS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of",
-                 "ffn_dim_multiplier", "norm_eps", "rope_theta", "use_scaled_rope")
+PARAMS_FIELDS = (
+    "dim",
+    "n_layers",
+    "n_heads",
+    "n_kv_heads",
+    "vocab_size",
+    "multiple_of",
+    "ffn_dim_multiplier",
+    "norm_eps",
+    "rope_theta",
+    "use_scaled_rope",
+)
 IGNORED_KEYS = ("rope.freqs",)  # a precomputed table in some releases; we compute RoPE ourselves
-_ROW_SPLIT = ("tok_embeddings.weight", ".wq.weight", ".wk.weight", ".wv.weight", ".w1.weight",
-              ".w3.weight", "output.weight")
+_ROW_SPLIT = (
+    "tok_embeddings.weight",
+    ".wq.weight",
+    ".wk.weight",
+    ".wv.weight",
+    ".w1.weight",
+    ".w3.weight",
+    "output.weight",
+)
 _COLUMN_SPLIT = (".wo.weight", ".w2.weight")
 
 
@@ -41,7 +58,8 @@ def model_args_from_params(params: dict[str, Any], max_seq_len: int = 8192) -> M
 
 
 def shard_axis(name: str) -> int | None:
-    """The axis along which Meta's model parallelism splits parameter ``name`` (None: replicated)."""
+    """The axis along which Meta's model parallelism splits parameter ``name`` (None:
+    replicated)."""
     if name.endswith(_ROW_SPLIT):
         return 0
     if name.endswith(_COLUMN_SPLIT):
@@ -50,7 +68,8 @@ def shard_axis(name: str) -> int | None:
 
 
 def merge_shards(shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """One state dict from Meta's model-parallel shards (``consolidated.00.pth``, ``.01`` …, in order)."""
+    """One state dict from Meta's model-parallel shards (``consolidated.00.pth``, ``.01`` …, in
+    order)."""
     if not shards:
         raise ConfigError("no consolidated.*.pth shards given")
     names = [k for k in shards[0] if k not in IGNORED_KEYS]

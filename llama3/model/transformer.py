@@ -10,9 +10,9 @@ Three call forms share one forward:
   hold all layers — softmax (n_layers, B, C, n_kv_heads, head_dim), softplus (n_layers, B, r, C) —
   and the returned ones are the inputs with this call's S positions appended.
 * ``model(tokens, cache=StaticKVCache)``: generation over pre-allocated buffers. Row b writes its S
-  new keys at positions ``cache.lengths[b] + 0..S-1`` and attends over ``cache.lengths[b] + S`` keys.
-  Shapes never change between steps, so a decode step can be captured in a CUDA graph. The caller
-  advances ``cache.lengths``.
+  new keys at positions ``cache.lengths[b] + 0..S-1`` and attends over ``cache.lengths[b] + S``
+  keys. Shapes never change between steps, so a decode step can be captured in a CUDA graph. The
+  caller advances ``cache.lengths``.
 """
 
 from __future__ import annotations
@@ -67,7 +67,8 @@ def rope_frequencies(dim: int, theta: float, use_scaled: bool) -> Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for given absolute positions, computed on the fly (any length, export-safe)."""
+    """cos/sin tables for given absolute positions, computed on the fly (any length,
+    export-safe)."""
 
     def __init__(self, dim: int, theta: float, use_scaled: bool):
         super().__init__()
@@ -87,7 +88,8 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate adjacent feature pairs (Meta's convention). x (..., d); cos/sin broadcast to (..., d/2)."""
+    """Rotate adjacent feature pairs (Meta's convention). x (..., d); cos/sin broadcast to
+    (..., d/2)."""
     pairs = x.float().unflatten(-1, (-1, 2))
     x0, x1 = pairs[..., 0], pairs[..., 1]
     out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
@@ -118,7 +120,8 @@ def cache_shape(args: ModelArgs, batch: int, length: int) -> tuple[int, ...]:
 
 @dataclass
 class StaticKVCache:
-    """Pre-allocated keys and values for all layers, in the export-form layouts, plus valid lengths."""
+    """Pre-allocated keys and values for all layers, in the export-form layouts, plus valid
+    lengths."""
 
     k: Tensor
     v: Tensor
@@ -126,10 +129,15 @@ class StaticKVCache:
 
     @classmethod
     def allocate(
-        cls, args: ModelArgs, batch_size: int, capacity: int, device: torch.device | str,
+        cls,
+        args: ModelArgs,
+        batch_size: int,
+        capacity: int,
+        device: torch.device | str,
         dtype: torch.dtype,
     ) -> "StaticKVCache":
-        # Zeros, not empty: masked keys still enter the matmuls of the reference path, and 0·NaN = NaN.
+        # Zeros, not empty: masked keys still enter the matmuls of the reference path, and
+        # 0·NaN = NaN.
         k = torch.zeros(cache_shape(args, batch_size, capacity), device=device, dtype=dtype)
         lengths = torch.zeros(batch_size, device=device, dtype=torch.long)
         return cls(k=k, v=torch.zeros_like(k), lengths=lengths)
@@ -153,7 +161,8 @@ class LayerKV:
 
 
 class SoftmaxAttention(nn.Module):
-    """Grouped-query attention through scaled_dot_product_attention; caches (B, T, n_kv, head_dim)."""
+    """Grouped-query attention through scaled_dot_product_attention; caches
+    (B, T, n_kv, head_dim)."""
 
     time_axis = 1
 
@@ -225,7 +234,8 @@ class SoftplusAttention(nn.Module):
 
 
 def _with_cache(layer: nn.Module, k: Tensor, v: Tensor, kv: LayerKV) -> tuple[Tensor, Tensor]:
-    """Keys/values to attend over: the past with k, v appended, or the static buffer written in place."""
+    """Keys/values to attend over: the past with k, v appended, or the static buffer written in
+    place."""
     axis = layer.time_axis
     if kv.buf_k is None:
         return torch.cat((kv.past_k, k), dim=axis), torch.cat((kv.past_v, v), dim=axis)
@@ -301,10 +311,14 @@ class Transformer(nn.Module):
 
     @classmethod
     def build(
-        cls, args: ModelArgs, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+        cls,
+        args: ModelArgs,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | None = None,
         init: bool = True,
     ) -> "Transformer":
-        """Construct on ``meta``, materialise on ``device`` and (unless ``init=False``) initialise."""
+        """Construct on ``meta``, materialise on ``device`` and (unless ``init=False``)
+        initialise."""
         with torch.device("meta"):
             model = cls(args)
         model = model.to_empty(device=device)
@@ -344,22 +358,27 @@ class Transformer(nn.Module):
         """(standard deviation, weight) of every projection and the embedding under args.init."""
         scheme, dim = self.args.init, self.args.dim
         if scheme == "normal":
-            return [(0.02, m.weight) for m in self.modules()
-                    if isinstance(m, (nn.Linear, nn.Embedding))]
-        stds = [(1.0, self.tok_embeddings.weight), (dim ** -0.5, self.output.weight)]
+            return [
+                (0.02, m.weight) for m in self.modules() if isinstance(m, (nn.Linear, nn.Embedding))
+            ]
+        stds = [(1.0, self.tok_embeddings.weight), (dim**-0.5, self.output.weight)]
         for i, layer in enumerate(self.layers):
             for name, m in layer.named_modules():
                 if not isinstance(m, nn.Linear):
                     continue
                 if scheme == "fan_in":
-                    stds.append((m.in_features ** -0.5, m.weight))
+                    stds.append((m.in_features**-0.5, m.weight))
                 else:
                     writes = name.rsplit(".", 1)[-1] in RESIDUAL_WRITERS
                     stds.append((0.02 / math.sqrt(2 * (i + 1)) if writes else 0.02, m.weight))
         return stds
 
     def forward(
-        self, tokens: Tensor, k_cache: Tensor | None = None, v_cache: Tensor | None = None, *,
+        self,
+        tokens: Tensor,
+        k_cache: Tensor | None = None,
+        v_cache: Tensor | None = None,
+        *,
         cache: StaticKVCache | None = None,
     ):
         """See the module docstring for the three call forms. tokens (B, S) int64."""
@@ -389,12 +408,17 @@ class Transformer(nn.Module):
 
     @staticmethod
     def _layer_kv(
-        i: int, positions: Tensor, k_cache: Tensor | None, v_cache: Tensor | None,
-        cache: StaticKVCache | None, S: int,
+        i: int,
+        positions: Tensor,
+        k_cache: Tensor | None,
+        v_cache: Tensor | None,
+        cache: StaticKVCache | None,
+        S: int,
     ) -> LayerKV | None:
         if cache is not None:
-            return LayerKV(buf_k=cache.k[i], buf_v=cache.v[i], positions=positions,
-                           kv_len=cache.lengths + S)
+            return LayerKV(
+                buf_k=cache.k[i], buf_v=cache.v[i], positions=positions, kv_len=cache.lengths + S
+            )
         if k_cache is not None:
             return LayerKV(past_k=k_cache[i], past_v=v_cache[i], positions=positions)
         return None

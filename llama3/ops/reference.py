@@ -72,7 +72,13 @@ def softplus_attention_reference(
 
 
 def reference_backward(
-    do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, l: Tensor, scale: str = "length",
+    do: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    o: Tensor,
+    l: Tensor,
+    scale: str = "length",
     kv_len: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """dq, dk, dv by the backward formulas, given the output o and l = Σ_j softplus(z_ij), in the
@@ -90,5 +96,8 @@ def reference_backward(
     dq = lam * torch.matmul(dz, k.float().transpose(1, 2))  # (B, S, r)
     dk = torch.matmul(q.float().transpose(1, 2), lam * dz)  # (B, r, T)
     dv = torch.matmul(do.transpose(1, 2), p)  # (B, r, T)
-    return (torch.empty_like(q).copy_(dq), torch.empty_like(k).copy_(dk),
-            torch.empty_like(v).copy_(dv))
+    return (
+        torch.empty_like(q).copy_(dq),
+        torch.empty_like(k).copy_(dk),
+        torch.empty_like(v).copy_(dv),
+    )

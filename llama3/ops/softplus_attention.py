@@ -26,7 +26,10 @@ import torch
 from torch import Tensor
 
 from llama3.ops.reference import (
-    SCALES, reference_backward, reference_forward, softplus_attention_reference,
+    SCALES,
+    reference_backward,
+    reference_forward,
+    softplus_attention_reference,
 )
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -96,7 +99,7 @@ def _warn_once(message: str) -> None:
 
 def _triton_installed() -> bool:
     try:
-        import triton  # noqa: F401
+        import triton  # noqa: F401 - imported only to learn whether it is installed
     except ImportError:
         return False
     return True
@@ -112,13 +115,17 @@ def use_kernels(t: Tensor) -> bool:
     if not (t.device.type == "cuda" or (on_cpu and _cpu_kernels)):
         return False
     if not _triton_installed():
-        _warn_once("Triton is not installed: softplus attention runs the dense PyTorch version, "
-                   "whose memory grows with S×T")
+        _warn_once(
+            "Triton is not installed: softplus attention runs the dense PyTorch version, "
+            "whose memory grows with S×T"
+        )
         return False
     if t.dtype not in KERNEL_DTYPES or (on_cpu and t.dtype == torch.bfloat16):
         where = "Triton's CPU interpreter" if on_cpu else "the softplus attention kernels"
-        _warn_once(f"{where} cannot compute in {t.dtype}: softplus attention runs the dense "
-                   "PyTorch version")
+        _warn_once(
+            f"{where} cannot compute in {t.dtype}: softplus attention runs the dense "
+            "PyTorch version"
+        )
         return False
     return True
 
@@ -146,8 +153,10 @@ def _interpreted_kernels():
     from llama3.ops import softplus_triton
 
     if not softplus_triton.INTERPRETED:
-        raise RuntimeError("the softplus kernels were compiled for the GPU in this process; start "
-                           "it with TRITON_INTERPRET=1 to run them on the CPU")
+        raise RuntimeError(
+            "the softplus kernels were compiled for the GPU in this process; start "
+            "it with TRITON_INTERPRET=1 to run them on the CPU"
+        )
     return softplus_triton
 
 
@@ -176,7 +185,13 @@ def _(q: Tensor, k: Tensor, v: Tensor, scale: str, kv_len: Optional[Tensor]):
 
 @torch.library.custom_op("llama3::softplus_attention_backward", mutates_args=())
 def _attention_backward_op(
-    do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, l: Tensor, scale: str,
+    do: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    o: Tensor,
+    l: Tensor,
+    scale: str,
     kv_len: Optional[Tensor],
 ) -> tuple[Tensor, Tensor, Tensor]:
     """dq, dk, dv in the layouts and dtypes of q, k, v."""

@@ -68,7 +68,6 @@ import triton.language as tl
 from torch import Tensor
 
 
-
 def _interpreted() -> bool:
     """Whether the kernels below run in Triton's CPU interpreter: asked for (TRITON_INTERPRET=1),
     or the only way they can run (no GPU driver, nor a stand-in one such as
@@ -103,9 +102,16 @@ if FP32_PRECISION not in (None, "ieee", "tf32x3", "tf32"):
 _LOG2E = tl.constexpr(1.4426950408889634)
 _LN2 = tl.constexpr(0.6931471805599453)
 # log2(1 + e) / e ≈ Σ_k P_k e^k on [0, 1] (minimax in relative error; see _log2_1p)
-LOG2_1P_COEFFS = (1.4426947832107544, -0.7213100790977478, 0.48006370663642883,
-                  -0.35339483618736267, 0.2560097277164459, -0.15535187721252441,
-                  0.06360789388418198, -0.012319473549723625)
+LOG2_1P_COEFFS = (
+    1.4426947832107544,
+    -0.7213100790977478,
+    0.48006370663642883,
+    -0.35339483618736267,
+    0.2560097277164459,
+    -0.15535187721252441,
+    0.06360789388418198,
+    -0.012319473549723625,
+)
 _P0, _P1, _P2, _P3, _P4, _P5, _P6, _P7 = (tl.constexpr(c) for c in LOG2_1P_COEFFS)
 
 MAX_R = 4096  # widest core the kernels accept (each r slice recomputes the scores)
@@ -122,8 +128,8 @@ def _log2_1p(e):
     """log2(1 + e) for e in [0, 1] as e·P(e), P the degree-7 minimax fit of log2(1 + e)/e.
 
     Eight FMAs instead of a software log2 (about 25 instructions on sm_90); relative error at
-    most 2e-7 from the fit, 4e-7 with fp32 rounding (tests/test_softplus_kernel.py checks it
-    against float64 over the whole interval).
+    most 2e-7 from the fit, 4e-7 with fp32 rounding (tests/integration/test_softplus_kernel.py
+    checks it against float64 over the whole interval).
     """
     p = e * _P7 + _P6
     p = p * e + _P5
@@ -162,8 +168,9 @@ def _sigmoid_from_neg(t, FAST: tl.constexpr):
 def _reciprocal(x, FAST: tl.constexpr):
     """1 / x: the hardware's approximate reciprocal (one op, ~1 ulp) when compiled, else exact."""
     if FAST:
-        r = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [x],
-                                      dtype=tl.float32, is_pure=True, pack=1)
+        r = tl.inline_asm_elementwise(
+            "rcp.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1
+        )
     else:
         r = 1.0 / x
     return r
@@ -219,8 +226,16 @@ def _hinted(stride_b, stride_1, stride_2, UNIT: tl.constexpr):
 
 @triton.jit
 def _dot_over_r(
-    a_ptrs, a_ok, stride_a_r, b_ptrs, b_ok, stride_b_r,
-    R: tl.constexpr, BLOCK_DK: tl.constexpr, PRECISION: tl.constexpr, UNROLL: tl.constexpr,
+    a_ptrs,
+    a_ok,
+    stride_a_r,
+    b_ptrs,
+    b_ok,
+    stride_b_r,
+    R: tl.constexpr,
+    BLOCK_DK: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UNROLL: tl.constexpr,
 ):
     """Σ_{d<R} a[·, d] b[d, ·] in fp32, r in chunks of BLOCK_DK.
 
@@ -249,20 +264,30 @@ def _dot_over_r(
 
 
 @triton.jit
-def _r_desc(base, stride_b, stride_rows, stride_r, n_b, n_rows,
-            R: tl.constexpr, ROWS: tl.constexpr, BLOCK_DK: tl.constexpr, R_UNIT: tl.constexpr):
+def _r_desc(
+    base,
+    stride_b,
+    stride_rows,
+    stride_r,
+    n_b,
+    n_rows,
+    R: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_DK: tl.constexpr,
+    R_UNIT: tl.constexpr,
+):
     """TMA descriptor for (ROWS, BLOCK_DK) tiles of a 3-d tensor (n_b, n_rows, R) given by its
     strides (the launcher checked them: one axis of stride 1, the others 16-byte multiples);
     R_UNIT: the r axis has stride 1, else the rows axis has. Rows past n_rows read as zeros."""
     stride_b = tl.maximum(stride_b, 8)  # a size-1 axis's stride may have been rounded to 0
     if R_UNIT:
-        desc = tl.make_tensor_descriptor(base, [n_b, n_rows, R],
-                                         [stride_b, tl.maximum(stride_rows, 8), 1],
-                                         [1, ROWS, BLOCK_DK])
+        desc = tl.make_tensor_descriptor(
+            base, [n_b, n_rows, R], [stride_b, tl.maximum(stride_rows, 8), 1], [1, ROWS, BLOCK_DK]
+        )
     else:
-        desc = tl.make_tensor_descriptor(base, [n_b, R, n_rows],
-                                         [stride_b, tl.maximum(stride_r, 8), 1],
-                                         [1, BLOCK_DK, ROWS])
+        desc = tl.make_tensor_descriptor(
+            base, [n_b, R, n_rows], [stride_b, tl.maximum(stride_r, 8), 1], [1, BLOCK_DK, ROWS]
+        )
     return desc
 
 
@@ -277,9 +302,20 @@ def _r_tile(desc, b, row0, d0, ROWS: tl.constexpr, BLOCK_DK: tl.constexpr, R_UNI
 
 
 @triton.jit
-def _dot_over_r_tma(a_desc, a_row0, b_desc, b_row0, b,
-                    M: tl.constexpr, N: tl.constexpr, R: tl.constexpr, BLOCK_DK: tl.constexpr,
-                    A_R_UNIT: tl.constexpr, B_R_UNIT: tl.constexpr, PRECISION: tl.constexpr):
+def _dot_over_r_tma(
+    a_desc,
+    a_row0,
+    b_desc,
+    b_row0,
+    b,
+    M: tl.constexpr,
+    N: tl.constexpr,
+    R: tl.constexpr,
+    BLOCK_DK: tl.constexpr,
+    A_R_UNIT: tl.constexpr,
+    B_R_UNIT: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """Σ_{d<R} a[i, d] b[j, d] (M, N) in fp32, r in chunks of BLOCK_DK that the TMA unit copies
     (rows a_row0.. of batch row b from a_desc, rows b_row0.. from b_desc): no addresses, no
     masks (the tail chunk reads zeros past R), one set of buffers whatever r."""
@@ -293,23 +329,48 @@ def _dot_over_r_tma(a_desc, a_row0, b_desc, b_row0, b,
 
 @triton.jit
 def _descriptors(
-    Q, K, V, DO, stride_qb, stride_qs, stride_qr, stride_kb, stride_kr, stride_kt,
-    stride_vb, stride_vr, stride_vt, stride_dob, stride_dos, stride_dor, S, kv_len,
-    R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr,
-    Q_LAYOUT: tl.constexpr, KV_LAYOUT: tl.constexpr, TMA: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    stride_qb,
+    stride_qs,
+    stride_qr,
+    stride_kb,
+    stride_kr,
+    stride_kt,
+    stride_vb,
+    stride_vr,
+    stride_vt,
+    stride_dob,
+    stride_dos,
+    stride_dor,
+    S,
+    kv_len,
+    R: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_DK: tl.constexpr,
+    Q_LAYOUT: tl.constexpr,
+    KV_LAYOUT: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     """TMA descriptors (k, v, q, dO) of the r-wide products' chunks: key tiles (keys past kv_len
     read as zeros) and query-row tiles; None where the launch takes r whole or has no TMA."""
     if TMA and BLOCK_DK < R:
         nb = tl.num_programs(1)
-        descs = (_r_desc(K, stride_kb, stride_kt, stride_kr, nb, kv_len, R, BLOCK_N, BLOCK_DK,
-                         KV_LAYOUT == 1),
-                 _r_desc(V, stride_vb, stride_vt, stride_vr, nb, kv_len, R, BLOCK_N, BLOCK_DK,
-                         KV_LAYOUT == 1),
-                 _r_desc(Q, stride_qb, stride_qs, stride_qr, nb, S, R, BLOCK_M, BLOCK_DK,
-                         Q_LAYOUT == 2),
-                 _r_desc(DO, stride_dob, stride_dos, stride_dor, nb, S, R, BLOCK_M, BLOCK_DK,
-                         Q_LAYOUT == 2))
+        descs = (
+            _r_desc(
+                K, stride_kb, stride_kt, stride_kr, nb, kv_len, R, BLOCK_N, BLOCK_DK, KV_LAYOUT == 1
+            ),
+            _r_desc(
+                V, stride_vb, stride_vt, stride_vr, nb, kv_len, R, BLOCK_N, BLOCK_DK, KV_LAYOUT == 1
+            ),
+            _r_desc(Q, stride_qb, stride_qs, stride_qr, nb, S, R, BLOCK_M, BLOCK_DK, Q_LAYOUT == 2),
+            _r_desc(
+                DO, stride_dob, stride_dos, stride_dor, nb, S, R, BLOCK_M, BLOCK_DK, Q_LAYOUT == 2
+            ),
+        )
     else:
         descs = None
     return descs
@@ -322,10 +383,33 @@ def _descriptors(
 
 @triton.jit
 def _fwd_step(
-    acc, l, q, q_ptrs, row_ok, k_ptrs, vt_ptrs, keys, pos, lam2, d_ok, col_ok, kv_len,
-    stride_qr, stride_kr, descs, b, m0, n0,
-    R: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr, BLOCK_DK: tl.constexpr,
-    UNROLL: tl.constexpr, TMA: tl.constexpr, Q_LAYOUT: tl.constexpr, KV_LAYOUT: tl.constexpr,
+    acc,
+    l,
+    q,
+    q_ptrs,
+    row_ok,
+    k_ptrs,
+    vt_ptrs,
+    keys,
+    pos,
+    lam2,
+    d_ok,
+    col_ok,
+    kv_len,
+    stride_qr,
+    stride_kr,
+    descs,
+    b,
+    m0,
+    n0,
+    R: tl.constexpr,
+    MASKED: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_DK: tl.constexpr,
+    UNROLL: tl.constexpr,
+    TMA: tl.constexpr,
+    Q_LAYOUT: tl.constexpr,
+    KV_LAYOUT: tl.constexpr,
 ):
     """Add one key tile (k_ptrs (BLOCK_DK, BLOCK_N), vt_ptrs (BLOCK_N, BLOCK_DV)) to acc and l."""
     if MASKED:
@@ -336,11 +420,33 @@ def _fwd_step(
         k = tl.load(k_ptrs, mask=d_ok[:, None] & key_ok[None, :], other=0.0)
         z = tl.dot(q, k, input_precision=PRECISION)
     elif TMA:
-        z = _dot_over_r_tma(descs[2], m0, descs[0], n0, b, pos.shape[0], keys.shape[0], R,
-                            BLOCK_DK, Q_LAYOUT == 2, KV_LAYOUT == 1, PRECISION)
+        z = _dot_over_r_tma(
+            descs[2],
+            m0,
+            descs[0],
+            n0,
+            b,
+            pos.shape[0],
+            keys.shape[0],
+            R,
+            BLOCK_DK,
+            Q_LAYOUT == 2,
+            KV_LAYOUT == 1,
+            PRECISION,
+        )
     else:
-        z = _dot_over_r(q_ptrs, row_ok[:, None], stride_qr, k_ptrs, key_ok[None, :], stride_kr,
-                        R, BLOCK_DK, PRECISION, UNROLL)
+        z = _dot_over_r(
+            q_ptrs,
+            row_ok[:, None],
+            stride_qr,
+            k_ptrs,
+            key_ok[None, :],
+            stride_kr,
+            R,
+            BLOCK_DK,
+            PRECISION,
+            UNROLL,
+        )
     w = _softplus2(z * lam2[:, None])  # (BLOCK_M, BLOCK_N)
     if MASKED:
         w = tl.where(keys[None, :] <= pos[:, None], w, 0.0)
@@ -352,17 +458,44 @@ def _fwd_step(
 
 @triton.jit(do_not_specialize=["S", "T"])
 def _fwd_kernel(
-    Q, K, V, KV_LEN, O, L, O_PART, L_PART,
-    stride_qb, stride_qs, stride_qr,
-    stride_kb, stride_kr, stride_kt,
-    stride_vb, stride_vr, stride_vt,
-    stride_ob, stride_os, stride_or,
+    Q,
+    K,
+    V,
+    KV_LEN,
+    O,
+    L,
+    O_PART,
+    L_PART,
+    stride_qb,
+    stride_qs,
+    stride_qr,
+    stride_kb,
+    stride_kr,
+    stride_kt,
+    stride_vb,
+    stride_vr,
+    stride_vt,
+    stride_ob,
+    stride_os,
+    stride_or,
     stride_kvl,
-    S, T, num_splits, inv_sqrt_r, S_BUCKET,
-    R: tl.constexpr, LENGTH_SCALE: tl.constexpr, HAS_KV_LEN: tl.constexpr,
-    PARTIAL: tl.constexpr, PRECISION: tl.constexpr,
-    Q_LAYOUT: tl.constexpr, KV_LAYOUT: tl.constexpr, TMA: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    S,
+    T,
+    num_splits,
+    inv_sqrt_r,
+    S_BUCKET,
+    R: tl.constexpr,
+    LENGTH_SCALE: tl.constexpr,
+    HAS_KV_LEN: tl.constexpr,
+    PARTIAL: tl.constexpr,
+    PRECISION: tl.constexpr,
+    Q_LAYOUT: tl.constexpr,
+    KV_LAYOUT: tl.constexpr,
+    TMA: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_DK: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
     UNROLL: tl.constexpr,
 ):
     """Grid (row blocks × r slices, B, key splits). Writes o and l, or per-split partials."""
@@ -396,10 +529,33 @@ def _fwd_kernel(
         q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     else:
         q = None
-    descs = _descriptors(Q, K, K, Q, stride_qb, stride_qs, stride_qr, stride_kb, stride_kr,
-                         stride_kt, stride_kb, stride_kr, stride_kt, stride_qb, stride_qs,
-                         stride_qr, S, kv_len, R, BLOCK_M, BLOCK_N, BLOCK_DK, Q_LAYOUT, KV_LAYOUT,
-                         TMA)  # k and q: the scores need only those (the others compile away)
+    descs = _descriptors(
+        Q,
+        K,
+        K,
+        Q,
+        stride_qb,
+        stride_qs,
+        stride_qr,
+        stride_kb,
+        stride_kr,
+        stride_kt,
+        stride_kb,
+        stride_kr,
+        stride_kt,
+        stride_qb,
+        stride_qs,
+        stride_qr,
+        S,
+        kv_len,
+        R,
+        BLOCK_M,
+        BLOCK_N,
+        BLOCK_DK,
+        Q_LAYOUT,
+        KV_LAYOUT,
+        TMA,
+    )  # k and q: the scores need only those (the others compile away)
 
     # keys [0, end) are seen by some row of the block, keys [0, full) by all of them
     end = tl.minimum(first + m0 + BLOCK_M, kv_len)
@@ -417,15 +573,65 @@ def _fwd_kernel(
     acc = tl.full([BLOCK_M, BLOCK_DV], 0.0, tl.float32)
     l = tl.full([BLOCK_M], 0.0, tl.float32)
     for n0 in range(lo, mid, BLOCK_N):
-        acc, l = _fwd_step(acc, l, q, q_ptrs, row_ok, k_ptrs + n0 * stride_kt,
-                           vt_ptrs + n0 * stride_vt, n0 + n, pos, lam2, d_ok, col_ok, kv_len,
-                           stride_qr, stride_kr, descs, b, m0, n0, R, False, PRECISION,
-                           BLOCK_DK, UNROLL, TMA, Q_LAYOUT, KV_LAYOUT)
+        acc, l = _fwd_step(
+            acc,
+            l,
+            q,
+            q_ptrs,
+            row_ok,
+            k_ptrs + n0 * stride_kt,
+            vt_ptrs + n0 * stride_vt,
+            n0 + n,
+            pos,
+            lam2,
+            d_ok,
+            col_ok,
+            kv_len,
+            stride_qr,
+            stride_kr,
+            descs,
+            b,
+            m0,
+            n0,
+            R,
+            False,
+            PRECISION,
+            BLOCK_DK,
+            UNROLL,
+            TMA,
+            Q_LAYOUT,
+            KV_LAYOUT,
+        )
     for n0 in range(mid, hi, BLOCK_N):
-        acc, l = _fwd_step(acc, l, q, q_ptrs, row_ok, k_ptrs + n0 * stride_kt,
-                           vt_ptrs + n0 * stride_vt, n0 + n, pos, lam2, d_ok, col_ok, kv_len,
-                           stride_qr, stride_kr, descs, b, m0, n0, R, True, PRECISION,
-                           BLOCK_DK, UNROLL, TMA, Q_LAYOUT, KV_LAYOUT)
+        acc, l = _fwd_step(
+            acc,
+            l,
+            q,
+            q_ptrs,
+            row_ok,
+            k_ptrs + n0 * stride_kt,
+            vt_ptrs + n0 * stride_vt,
+            n0 + n,
+            pos,
+            lam2,
+            d_ok,
+            col_ok,
+            kv_len,
+            stride_qr,
+            stride_kr,
+            descs,
+            b,
+            m0,
+            n0,
+            R,
+            True,
+            PRECISION,
+            BLOCK_DK,
+            UNROLL,
+            TMA,
+            Q_LAYOUT,
+            KV_LAYOUT,
+        )
 
     out_ok = row_ok[:, None] & col_ok[None, :]
     if PARTIAL:  # unnormalised, into (num_splits, B, S, R) and (num_splits, B, S) fp32 buffers
@@ -434,8 +640,9 @@ def _fwd_kernel(
         if r_slice == 0:
             tl.store(L_PART + part, l, mask=row_ok)
     else:
-        o_ptrs = (O + b.to(tl.int64) * stride_ob + rows[:, None] * stride_os
-                  + cols[None, :] * stride_or)
+        o_ptrs = (
+            O + b.to(tl.int64) * stride_ob + rows[:, None] * stride_os + cols[None, :] * stride_or
+        )
         tl.store(o_ptrs, (acc / l[:, None]).to(O.dtype.element_ty), mask=out_ok)
         if r_slice == 0:
             tl.store(L + b.to(tl.int64) * S + rows, l * _LN2, mask=row_ok)
@@ -443,8 +650,17 @@ def _fwd_kernel(
 
 @triton.jit(do_not_specialize=["S"])
 def _combine_kernel(
-    O_PART, L_PART, O, L, stride_ob, stride_os, stride_or, S, num_splits,
-    R: tl.constexpr, BLOCK_R: tl.constexpr,
+    O_PART,
+    L_PART,
+    O,
+    L,
+    stride_ob,
+    stride_os,
+    stride_or,
+    S,
+    num_splits,
+    R: tl.constexpr,
+    BLOCK_R: tl.constexpr,
 ):
     """Grid (S, B): o = Σ_splits acc / Σ_splits l for one query row."""
     row = tl.program_id(0)
@@ -469,11 +685,28 @@ def _combine_kernel(
 
 @triton.jit(do_not_specialize=["S", "T"])
 def _bwd_rows_kernel(
-    O, DO, L, KV_LEN, ROWS, DO_SCALED,
-    stride_ob, stride_os, stride_or, stride_dob, stride_dos, stride_dor, stride_kvl,
-    S, T, inv_sqrt_r,
-    R: tl.constexpr, LENGTH_SCALE: tl.constexpr, HAS_KV_LEN: tl.constexpr,
-    SCALE_DO: tl.constexpr, Q_LAYOUT: tl.constexpr, BLOCK_M: tl.constexpr,
+    O,
+    DO,
+    L,
+    KV_LEN,
+    ROWS,
+    DO_SCALED,
+    stride_ob,
+    stride_os,
+    stride_or,
+    stride_dob,
+    stride_dos,
+    stride_dor,
+    stride_kvl,
+    S,
+    T,
+    inv_sqrt_r,
+    R: tl.constexpr,
+    LENGTH_SCALE: tl.constexpr,
+    HAS_KV_LEN: tl.constexpr,
+    SCALE_DO: tl.constexpr,
+    Q_LAYOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
     BLOCK_DK: tl.constexpr,
 ):
     """Grid (row blocks, B): what the backward needs per query row, computed once.
@@ -492,7 +725,9 @@ def _bwd_rows_kernel(
     row_ok = rows < S
     d = tl.arange(0, BLOCK_DK)
     o_ptrs = O + b.to(tl.int64) * stride_ob + rows[:, None] * stride_os + d[None, :] * stride_or
-    do_ptrs = DO + b.to(tl.int64) * stride_dob + rows[:, None] * stride_dos + d[None, :] * stride_dor
+    do_ptrs = (
+        DO + b.to(tl.int64) * stride_dob + rows[:, None] * stride_dos + d[None, :] * stride_dor
+    )
     scaled_ptrs = DO_SCALED + (b.to(tl.int64) * S + rows[:, None]) * R + d[None, :]
     c = _LN2 / tl.load(L + b.to(tl.int64) * S + rows, mask=row_ok, other=1.0)
     delta = tl.full([BLOCK_M], 0.0, tl.float32)
@@ -502,8 +737,7 @@ def _bwd_rows_kernel(
         do = tl.load(do_ptrs + d0 * stride_dor, mask=mask, other=0.0).to(tl.float32)
         delta += _row_sum(o * do)
         if SCALE_DO:
-            tl.store(scaled_ptrs + d0, (do * c[:, None]).to(DO_SCALED.dtype.element_ty),
-                     mask=mask)
+            tl.store(scaled_ptrs + d0, (do * c[:, None]).to(DO_SCALED.dtype.element_ty), mask=mask)
     kv_len = _valid_keys(KV_LEN, stride_kvl, b, T, HAS_KV_LEN)
     c_y = _row_scale(kv_len - S + rows, inv_sqrt_r, LENGTH_SCALE) * _LOG2E
     out = ROWS + b.to(tl.int64) * S + rows
@@ -531,13 +765,44 @@ def _load_rows(rows_ptrs, plane, ok, SCALE_DO: tl.constexpr):
 
 @triton.jit
 def _dkdv_step(
-    dk, dv, kt, vt, kt_ptrs, vt_ptrs, key_ok, keys, qt_ptrs, dot_ptrs, q_ptrs, do_ptrs,
-    rows_ptrs, plane, rows, first, S, col_ok,
-    stride_kr, stride_vr, stride_qr, stride_dor, descs, b, n0, m0,
-    R: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_DK: tl.constexpr, UNROLL: tl.constexpr, SCALE_DO: tl.constexpr,
-    GRAD_K: tl.constexpr, GRAD_V: tl.constexpr, FAST: tl.constexpr,
-    TMA: tl.constexpr, Q_LAYOUT: tl.constexpr, KV_LAYOUT: tl.constexpr,
+    dk,
+    dv,
+    kt,
+    vt,
+    kt_ptrs,
+    vt_ptrs,
+    key_ok,
+    keys,
+    qt_ptrs,
+    dot_ptrs,
+    q_ptrs,
+    do_ptrs,
+    rows_ptrs,
+    plane,
+    rows,
+    first,
+    S,
+    col_ok,
+    stride_kr,
+    stride_vr,
+    stride_qr,
+    stride_dor,
+    descs,
+    b,
+    n0,
+    m0,
+    R: tl.constexpr,
+    MASKED: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_DK: tl.constexpr,
+    UNROLL: tl.constexpr,
+    SCALE_DO: tl.constexpr,
+    GRAD_K: tl.constexpr,
+    GRAD_V: tl.constexpr,
+    FAST: tl.constexpr,
+    TMA: tl.constexpr,
+    Q_LAYOUT: tl.constexpr,
+    KV_LAYOUT: tl.constexpr,
 ):
     """Add one query tile (rows) to the key tile's dk and/or dv; scores are kept transposed.
 
@@ -555,11 +820,33 @@ def _dkdv_step(
     if BLOCK_DK >= R:  # the slice is all of r
         zt = tl.dot(kt, tl.trans(q), input_precision=PRECISION)  # (BLOCK_N, BLOCK_M)
     elif TMA:
-        zt = _dot_over_r_tma(descs[0], n0, descs[2], m0, b, keys.shape[0], rows.shape[0], R,
-                             BLOCK_DK, KV_LAYOUT == 1, Q_LAYOUT == 2, PRECISION)
+        zt = _dot_over_r_tma(
+            descs[0],
+            n0,
+            descs[2],
+            m0,
+            b,
+            keys.shape[0],
+            rows.shape[0],
+            R,
+            BLOCK_DK,
+            KV_LAYOUT == 1,
+            Q_LAYOUT == 2,
+            PRECISION,
+        )
     else:
-        zt = _dot_over_r(kt_ptrs, key_ok[:, None], stride_kr, qt_ptrs, row_ok[None, :], stride_qr,
-                         R, BLOCK_DK, PRECISION, UNROLL)
+        zt = _dot_over_r(
+            kt_ptrs,
+            key_ok[:, None],
+            stride_kr,
+            qt_ptrs,
+            row_ok[None, :],
+            stride_qr,
+            R,
+            BLOCK_DK,
+            PRECISION,
+            UNROLL,
+        )
     yt = zt * c_y[None, :]
     if MASKED:
         seen = keys[:, None] <= (first + rows)[None, :]
@@ -579,11 +866,33 @@ def _dkdv_step(
         if BLOCK_DK >= R:
             dpt = tl.dot(vt, tl.trans(do), input_precision=PRECISION)
         elif TMA:
-            dpt = _dot_over_r_tma(descs[1], n0, descs[3], m0, b, keys.shape[0], rows.shape[0], R,
-                                  BLOCK_DK, KV_LAYOUT == 1, Q_LAYOUT == 2, PRECISION)
+            dpt = _dot_over_r_tma(
+                descs[1],
+                n0,
+                descs[3],
+                m0,
+                b,
+                keys.shape[0],
+                rows.shape[0],
+                R,
+                BLOCK_DK,
+                KV_LAYOUT == 1,
+                Q_LAYOUT == 2,
+                PRECISION,
+            )
         else:
-            dpt = _dot_over_r(vt_ptrs, key_ok[:, None], stride_vr, dot_ptrs, row_ok[None, :],
-                              stride_dor, R, BLOCK_DK, PRECISION, UNROLL)
+            dpt = _dot_over_r(
+                vt_ptrs,
+                key_ok[:, None],
+                stride_vr,
+                dot_ptrs,
+                row_ok[None, :],
+                stride_dor,
+                R,
+                BLOCK_DK,
+                PRECISION,
+                UNROLL,
+            )
         if MASKED:
             sig = tl.where(seen, sig, 0.0)
         dzt = (dpt * c_dp[None, :] - c_sh[None, :]) * sig  # (λ_i dz_ij)ᵀ
@@ -593,19 +902,50 @@ def _dkdv_step(
 
 @triton.jit(do_not_specialize=["S", "T"])
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, ROWS, KV_LEN, DK, DV,
-    stride_qb, stride_qs, stride_qr,
-    stride_kb, stride_kr, stride_kt,
-    stride_vb, stride_vr, stride_vt,
-    stride_dob, stride_dos, stride_dor,
-    stride_dkb, stride_dkr, stride_dkt,
-    stride_dvb, stride_dvr, stride_dvt,
+    Q,
+    K,
+    V,
+    DO,
+    ROWS,
+    KV_LEN,
+    DK,
+    DV,
+    stride_qb,
+    stride_qs,
+    stride_qr,
+    stride_kb,
+    stride_kr,
+    stride_kt,
+    stride_vb,
+    stride_vr,
+    stride_vt,
+    stride_dob,
+    stride_dos,
+    stride_dor,
+    stride_dkb,
+    stride_dkr,
+    stride_dkt,
+    stride_dvb,
+    stride_dvr,
+    stride_dvt,
     stride_kvl,
-    S, T, S_BUCKET,
-    R: tl.constexpr, HAS_KV_LEN: tl.constexpr, SCALE_DO: tl.constexpr,
-    PRECISION: tl.constexpr, Q_LAYOUT: tl.constexpr, KV_LAYOUT: tl.constexpr,
-    GRAD_K: tl.constexpr, GRAD_V: tl.constexpr, FAST: tl.constexpr, TMA: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    S,
+    T,
+    S_BUCKET,
+    R: tl.constexpr,
+    HAS_KV_LEN: tl.constexpr,
+    SCALE_DO: tl.constexpr,
+    PRECISION: tl.constexpr,
+    Q_LAYOUT: tl.constexpr,
+    KV_LAYOUT: tl.constexpr,
+    GRAD_K: tl.constexpr,
+    GRAD_V: tl.constexpr,
+    FAST: tl.constexpr,
+    TMA: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_DK: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
     UNROLL: tl.constexpr,
 ):
     """Grid (key blocks × r slices, B): dk and/or dv of one key tile, over the query rows that
@@ -649,10 +989,33 @@ def _bwd_dkdv_kernel(
     else:
         kt = None
         vt = None
-    descs = _descriptors(Q, K, V, DO, stride_qb, stride_qs, stride_qr, stride_kb, stride_kr,
-                         stride_kt, stride_vb, stride_vr, stride_vt, stride_dob, stride_dos,
-                         stride_dor, S, kv_len, R, BLOCK_M, BLOCK_N, BLOCK_DK, Q_LAYOUT, KV_LAYOUT,
-                         TMA)
+    descs = _descriptors(
+        Q,
+        K,
+        V,
+        DO,
+        stride_qb,
+        stride_qs,
+        stride_qr,
+        stride_kb,
+        stride_kr,
+        stride_kt,
+        stride_vb,
+        stride_vr,
+        stride_vt,
+        stride_dob,
+        stride_dos,
+        stride_dor,
+        S,
+        kv_len,
+        R,
+        BLOCK_M,
+        BLOCK_N,
+        BLOCK_DK,
+        Q_LAYOUT,
+        KV_LAYOUT,
+        TMA,
+    )
 
     # rows from n0 − first on see a key of the tile, rows from m_full on see all of them; the
     # tiles between m_full and the last whole tile need no check at all
@@ -669,19 +1032,54 @@ def _bwd_dkdv_kernel(
         else:  # rows past the last whole tile, if S is not a multiple of BLOCK_M
             lo, hi = m_whole, S
         for m0 in range(lo, hi, BLOCK_M):
-            dk, dv = _dkdv_step(dk, dv, kt, vt, kt_ptrs, vt_ptrs, key_ok, keys,
-                                qt_ptrs + m0 * stride_qs, dot_ptrs + m0 * stride_dos,
-                                q_ptrs + m0 * stride_qs, do_ptrs + m0 * stride_dos,
-                                rows_ptrs + m0, plane, m0 + m, first, S, col_ok,
-                                stride_kr, stride_vr, stride_qr, stride_dor, descs, b, n0, m0,
-                                R, phase != 1, PRECISION, BLOCK_DK, UNROLL, SCALE_DO,
-                                GRAD_K, GRAD_V, FAST, TMA, Q_LAYOUT, KV_LAYOUT)
+            dk, dv = _dkdv_step(
+                dk,
+                dv,
+                kt,
+                vt,
+                kt_ptrs,
+                vt_ptrs,
+                key_ok,
+                keys,
+                qt_ptrs + m0 * stride_qs,
+                dot_ptrs + m0 * stride_dos,
+                q_ptrs + m0 * stride_qs,
+                do_ptrs + m0 * stride_dos,
+                rows_ptrs + m0,
+                plane,
+                m0 + m,
+                first,
+                S,
+                col_ok,
+                stride_kr,
+                stride_vr,
+                stride_qr,
+                stride_dor,
+                descs,
+                b,
+                n0,
+                m0,
+                R,
+                phase != 1,
+                PRECISION,
+                BLOCK_DK,
+                UNROLL,
+                SCALE_DO,
+                GRAD_K,
+                GRAD_V,
+                FAST,
+                TMA,
+                Q_LAYOUT,
+                KV_LAYOUT,
+            )
 
     out_ok = (keys < T)[:, None] & col_ok[None, :]  # keys past kv_len get zero gradients
-    dk_ptrs = (DK + b.to(tl.int64) * stride_dkb + keys[:, None] * stride_dkt
-               + cols[None, :] * stride_dkr)
-    dv_ptrs = (DV + b.to(tl.int64) * stride_dvb + keys[:, None] * stride_dvt
-               + cols[None, :] * stride_dvr)
+    dk_ptrs = (
+        DK + b.to(tl.int64) * stride_dkb + keys[:, None] * stride_dkt + cols[None, :] * stride_dkr
+    )
+    dv_ptrs = (
+        DV + b.to(tl.int64) * stride_dvb + keys[:, None] * stride_dvt + cols[None, :] * stride_dvr
+    )
     if GRAD_K:
         tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=out_ok)
     if GRAD_V:
@@ -690,11 +1088,40 @@ def _bwd_dkdv_kernel(
 
 @triton.jit
 def _dq_step(
-    dq, q, do, q_ptrs, do_ptrs, row_ok, k_ptrs, v_ptrs, kt_ptrs, keys, pos, c_dp, neg_c_y, c_sh,
-    d_ok, col_ok, kv_len, stride_qr, stride_dor, stride_kr, stride_vr, descs, b, m0, n0,
-    R: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr, BLOCK_DK: tl.constexpr,
-    UNROLL: tl.constexpr, FAST: tl.constexpr,
-    TMA: tl.constexpr, Q_LAYOUT: tl.constexpr, KV_LAYOUT: tl.constexpr,
+    dq,
+    q,
+    do,
+    q_ptrs,
+    do_ptrs,
+    row_ok,
+    k_ptrs,
+    v_ptrs,
+    kt_ptrs,
+    keys,
+    pos,
+    c_dp,
+    neg_c_y,
+    c_sh,
+    d_ok,
+    col_ok,
+    kv_len,
+    stride_qr,
+    stride_dor,
+    stride_kr,
+    stride_vr,
+    descs,
+    b,
+    m0,
+    n0,
+    R: tl.constexpr,
+    MASKED: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_DK: tl.constexpr,
+    UNROLL: tl.constexpr,
+    FAST: tl.constexpr,
+    TMA: tl.constexpr,
+    Q_LAYOUT: tl.constexpr,
+    KV_LAYOUT: tl.constexpr,
 ):
     """Add one key tile to the row block's Σ_j λ_i dz_ij k_j."""
     if MASKED:
@@ -708,16 +1135,60 @@ def _dq_step(
         dp = tl.dot(do, v, input_precision=PRECISION)
         kt = tl.trans(k)
     elif TMA:
-        z = _dot_over_r_tma(descs[2], m0, descs[0], n0, b, pos.shape[0], keys.shape[0], R,
-                            BLOCK_DK, Q_LAYOUT == 2, KV_LAYOUT == 1, PRECISION)
-        dp = _dot_over_r_tma(descs[3], m0, descs[1], n0, b, pos.shape[0], keys.shape[0], R,
-                             BLOCK_DK, Q_LAYOUT == 2, KV_LAYOUT == 1, PRECISION)
+        z = _dot_over_r_tma(
+            descs[2],
+            m0,
+            descs[0],
+            n0,
+            b,
+            pos.shape[0],
+            keys.shape[0],
+            R,
+            BLOCK_DK,
+            Q_LAYOUT == 2,
+            KV_LAYOUT == 1,
+            PRECISION,
+        )
+        dp = _dot_over_r_tma(
+            descs[3],
+            m0,
+            descs[1],
+            n0,
+            b,
+            pos.shape[0],
+            keys.shape[0],
+            R,
+            BLOCK_DK,
+            Q_LAYOUT == 2,
+            KV_LAYOUT == 1,
+            PRECISION,
+        )
         kt = tl.load(kt_ptrs, mask=key_ok[:, None] & col_ok[None, :], other=0.0)  # (N, BLOCK_DV)
     else:
-        z = _dot_over_r(q_ptrs, row_ok[:, None], stride_qr, k_ptrs, key_ok[None, :], stride_kr,
-                        R, BLOCK_DK, PRECISION, UNROLL)
-        dp = _dot_over_r(do_ptrs, row_ok[:, None], stride_dor, v_ptrs, key_ok[None, :], stride_vr,
-                         R, BLOCK_DK, PRECISION, UNROLL)
+        z = _dot_over_r(
+            q_ptrs,
+            row_ok[:, None],
+            stride_qr,
+            k_ptrs,
+            key_ok[None, :],
+            stride_kr,
+            R,
+            BLOCK_DK,
+            PRECISION,
+            UNROLL,
+        )
+        dp = _dot_over_r(
+            do_ptrs,
+            row_ok[:, None],
+            stride_dor,
+            v_ptrs,
+            key_ok[None, :],
+            stride_vr,
+            R,
+            BLOCK_DK,
+            PRECISION,
+            UNROLL,
+        )
         kt = tl.load(kt_ptrs, mask=key_ok[:, None] & col_ok[None, :], other=0.0)  # (N, BLOCK_DV)
     sig = _sigmoid_from_neg(z * neg_c_y[:, None], FAST)  # softplus itself not needed
     if MASKED:
@@ -729,18 +1200,45 @@ def _dq_step(
 
 @triton.jit(do_not_specialize=["S", "T"])
 def _bwd_dq_kernel(
-    Q, K, V, DO, ROWS, KV_LEN, DQ,
-    stride_qb, stride_qs, stride_qr,
-    stride_kb, stride_kr, stride_kt,
-    stride_vb, stride_vr, stride_vt,
-    stride_dob, stride_dos, stride_dor,
-    stride_dqb, stride_dqs, stride_dqr,
+    Q,
+    K,
+    V,
+    DO,
+    ROWS,
+    KV_LEN,
+    DQ,
+    stride_qb,
+    stride_qs,
+    stride_qr,
+    stride_kb,
+    stride_kr,
+    stride_kt,
+    stride_vb,
+    stride_vr,
+    stride_vt,
+    stride_dob,
+    stride_dos,
+    stride_dor,
+    stride_dqb,
+    stride_dqs,
+    stride_dqr,
     stride_kvl,
-    S, T, S_BUCKET,
-    R: tl.constexpr, HAS_KV_LEN: tl.constexpr, SCALE_DO: tl.constexpr,
-    PRECISION: tl.constexpr, Q_LAYOUT: tl.constexpr, KV_LAYOUT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    UNROLL: tl.constexpr, FAST: tl.constexpr, TMA: tl.constexpr,
+    S,
+    T,
+    S_BUCKET,
+    R: tl.constexpr,
+    HAS_KV_LEN: tl.constexpr,
+    SCALE_DO: tl.constexpr,
+    PRECISION: tl.constexpr,
+    Q_LAYOUT: tl.constexpr,
+    KV_LAYOUT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_DK: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    UNROLL: tl.constexpr,
+    FAST: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     """Grid (row blocks × r slices, B): dq of one query tile, over the keys it sees."""
     stride_qb, stride_qs, stride_qr = _hinted(stride_qb, stride_qs, stride_qr, Q_LAYOUT)
@@ -760,8 +1258,9 @@ def _bwd_dq_kernel(
     rows = m0 + tl.arange(0, BLOCK_M)
     row_ok = rows < S
     pos = first + rows
-    c_y, c_dp, c_sh, _ = _load_rows(ROWS + b.to(tl.int64) * S + rows,
-                                    tl.num_programs(1).to(tl.int64) * S, row_ok, SCALE_DO)
+    c_y, c_dp, c_sh, _ = _load_rows(
+        ROWS + b.to(tl.int64) * S + rows, tl.num_programs(1).to(tl.int64) * S, row_ok, SCALE_DO
+    )
     neg_c_y = -c_y
     n = tl.arange(0, BLOCK_N)
     d = tl.arange(0, BLOCK_DK)
@@ -771,7 +1270,9 @@ def _bwd_dq_kernel(
     k_b = K + b.to(tl.int64) * stride_kb
     v_b = V + b.to(tl.int64) * stride_vb
     q_ptrs = Q + b.to(tl.int64) * stride_qb + rows[:, None] * stride_qs + d[None, :] * stride_qr
-    do_ptrs = DO + b.to(tl.int64) * stride_dob + rows[:, None] * stride_dos + d[None, :] * stride_dor
+    do_ptrs = (
+        DO + b.to(tl.int64) * stride_dob + rows[:, None] * stride_dos + d[None, :] * stride_dor
+    )
     k_ptrs = k_b + d[:, None] * stride_kr + n[None, :] * stride_kt  # (BLOCK_DK, BLOCK_N), keys 0..
     v_ptrs = v_b + d[:, None] * stride_vr + n[None, :] * stride_vt
     kt_ptrs = k_b + n[:, None] * stride_kt + cols[None, :] * stride_kr  # (BLOCK_N, BLOCK_DV)
@@ -781,29 +1282,115 @@ def _bwd_dq_kernel(
     else:
         q = None
         do = None
-    descs = _descriptors(Q, K, V, DO, stride_qb, stride_qs, stride_qr, stride_kb, stride_kr,
-                         stride_kt, stride_vb, stride_vr, stride_vt, stride_dob, stride_dos,
-                         stride_dor, S, kv_len, R, BLOCK_M, BLOCK_N, BLOCK_DK, Q_LAYOUT, KV_LAYOUT,
-                         TMA)
+    descs = _descriptors(
+        Q,
+        K,
+        V,
+        DO,
+        stride_qb,
+        stride_qs,
+        stride_qr,
+        stride_kb,
+        stride_kr,
+        stride_kt,
+        stride_vb,
+        stride_vr,
+        stride_vt,
+        stride_dob,
+        stride_dos,
+        stride_dor,
+        S,
+        kv_len,
+        R,
+        BLOCK_M,
+        BLOCK_N,
+        BLOCK_DK,
+        Q_LAYOUT,
+        KV_LAYOUT,
+        TMA,
+    )
 
     end = tl.minimum(first + m0 + BLOCK_M, kv_len)
     full = (tl.maximum(first + m0 + 1, 0) // BLOCK_N) * BLOCK_N
     dq = tl.full([BLOCK_M, BLOCK_DV], 0.0, tl.float32)
     for n0 in range(0, full, BLOCK_N):
-        dq = _dq_step(dq, q, do, q_ptrs, do_ptrs, row_ok, k_ptrs + n0 * stride_kt,
-                      v_ptrs + n0 * stride_vt, kt_ptrs + n0 * stride_kt, n0 + n, pos, c_dp,
-                      neg_c_y, c_sh, d_ok, col_ok, kv_len, stride_qr, stride_dor, stride_kr,
-                      stride_vr, descs, b, m0, n0, R, False, PRECISION, BLOCK_DK, UNROLL, FAST,
-                      TMA, Q_LAYOUT, KV_LAYOUT)
+        dq = _dq_step(
+            dq,
+            q,
+            do,
+            q_ptrs,
+            do_ptrs,
+            row_ok,
+            k_ptrs + n0 * stride_kt,
+            v_ptrs + n0 * stride_vt,
+            kt_ptrs + n0 * stride_kt,
+            n0 + n,
+            pos,
+            c_dp,
+            neg_c_y,
+            c_sh,
+            d_ok,
+            col_ok,
+            kv_len,
+            stride_qr,
+            stride_dor,
+            stride_kr,
+            stride_vr,
+            descs,
+            b,
+            m0,
+            n0,
+            R,
+            False,
+            PRECISION,
+            BLOCK_DK,
+            UNROLL,
+            FAST,
+            TMA,
+            Q_LAYOUT,
+            KV_LAYOUT,
+        )
     for n0 in range(full, end, BLOCK_N):
-        dq = _dq_step(dq, q, do, q_ptrs, do_ptrs, row_ok, k_ptrs + n0 * stride_kt,
-                      v_ptrs + n0 * stride_vt, kt_ptrs + n0 * stride_kt, n0 + n, pos, c_dp,
-                      neg_c_y, c_sh, d_ok, col_ok, kv_len, stride_qr, stride_dor, stride_kr,
-                      stride_vr, descs, b, m0, n0, R, True, PRECISION, BLOCK_DK, UNROLL, FAST,
-                      TMA, Q_LAYOUT, KV_LAYOUT)
+        dq = _dq_step(
+            dq,
+            q,
+            do,
+            q_ptrs,
+            do_ptrs,
+            row_ok,
+            k_ptrs + n0 * stride_kt,
+            v_ptrs + n0 * stride_vt,
+            kt_ptrs + n0 * stride_kt,
+            n0 + n,
+            pos,
+            c_dp,
+            neg_c_y,
+            c_sh,
+            d_ok,
+            col_ok,
+            kv_len,
+            stride_qr,
+            stride_dor,
+            stride_kr,
+            stride_vr,
+            descs,
+            b,
+            m0,
+            n0,
+            R,
+            True,
+            PRECISION,
+            BLOCK_DK,
+            UNROLL,
+            FAST,
+            TMA,
+            Q_LAYOUT,
+            KV_LAYOUT,
+        )
 
-    dq_ptrs = (DQ + b.to(tl.int64) * stride_dqb + rows[:, None] * stride_dqs
-               + cols[None, :] * stride_dqr)
+    dq_ptrs = (
+        DQ + b.to(tl.int64) * stride_dqb + rows[:, None] * stride_dqs + cols[None, :] * stride_dqr
+    )
     tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
@@ -814,7 +1401,8 @@ def _bwd_dq_kernel(
 # Shapes are (BLOCK_M, BLOCK_N, BLOCK_DV, num_warps, num_stages[, ROLLED]) per launch role, input
 # class ("16" for fp16/bf16, "32" for fp32) and padded width: the autotuner's candidates, keyed on
 # r, the power of two above S, the layouts and the dot precision. Rules, each checked on the
-# compiled sm_90 code by benchmarks/kernel_static.py (tests/test_kernel_static.py in CI):
+# compiled sm_90 code by benchmarks/kernel_static.py (tests/integration/test_kernel_static.py in
+# CI):
 #  * the rows of a chained dot (BLOCK_M in the forward and dQ, BLOCK_N in dK/dV) are at least
 #    16 × num_warps, so every warp owns its own rows (Triton lays a chained dot's warps along
 #    its rows; fewer rows would make warpgroups compute the same scores twice);
@@ -854,10 +1442,16 @@ SHAPES = {
     },
     "dv": {
         ("16", 256): [(32, 64, 256, 4, 2, NOT_FP16), (32, 128, 256, 8, 2)],
-        ("16", 512): [(64, 128, 256, 8, 2, TMA, "dk128", NOT_FP16),
-                      (32, 128, 256, 8, 2, TMA, "dk128"), (32, 128, 256, 8, 2, "dk64")],
-        ("16", 1024): [(64, 128, 256, 8, 2, TMA, "dk128", NOT_FP16),
-                       (32, 128, 256, 8, 2, TMA, "dk128"), (32, 128, 256, 8, 2, ROLLED, "dk64")],
+        ("16", 512): [
+            (64, 128, 256, 8, 2, TMA, "dk128", NOT_FP16),
+            (32, 128, 256, 8, 2, TMA, "dk128"),
+            (32, 128, 256, 8, 2, "dk64"),
+        ],
+        ("16", 1024): [
+            (64, 128, 256, 8, 2, TMA, "dk128", NOT_FP16),
+            (32, 128, 256, 8, 2, TMA, "dk128"),
+            (32, 128, 256, 8, 2, ROLLED, "dk64"),
+        ],
         ("32", 256): [(32, 64, 64, 4, 2)],
         ("32", 512): [(32, 64, 64, 4, 2)],
         ("32", 1024): [(32, 64, 64, 4, 2, ROLLED)],
@@ -887,8 +1481,11 @@ SHAPES = {
         ("16", 64): [(128, 64, 64, 8, 3), (64, 64, 64, 4, 3)],
         ("16", 128): [(128, 64, 128, 8, 2), (128, 32, 128, 8, 3), (64, 64, 128, 4, 3)],
         ("16", 256): [(128, 32, 256, 8, 2)],
-        ("16", 424): [(128, 64, 256, 8, 2, TMA, "dk128"), (128, 32, 256, 8, 2, ROLLED),
-                      (128, 16, 256, 8, 2, ROLLED)],
+        ("16", 424): [
+            (128, 64, 256, 8, 2, TMA, "dk128"),
+            (128, 32, 256, 8, 2, ROLLED),
+            (128, 16, 256, 8, 2, ROLLED),
+        ],
         ("16", 512): [(128, 64, 256, 8, 2, TMA, "dk128"), (128, 16, 256, 8, 2, ROLLED, "dk64")],
         ("16", 1024): [(128, 64, 256, 8, 2, TMA, "dk128"), (128, 32, 256, 8, 2, ROLLED)],
         ("32", 64): [(64, 32, 64, 4, 2)],
@@ -898,11 +1495,21 @@ SHAPES = {
         ("32", 1024): [(64, 32, 128, 4, 2, ROLLED)],
     },
 }
-_KERNELS = {"fwd": "_fwd_kernel", "dkdv": "_bwd_dkdv_kernel", "dv": "_bwd_dkdv_kernel",
-            "dk": "_bwd_dkdv_kernel", "dq": "_bwd_dq_kernel"}
+_KERNELS = {
+    "fwd": "_fwd_kernel",
+    "dkdv": "_bwd_dkdv_kernel",
+    "dv": "_bwd_dkdv_kernel",
+    "dk": "_bwd_dkdv_kernel",
+    "dq": "_bwd_dq_kernel",
+}
 # The interpreter runs one small shape per role (no autotuning): diagonals cross tiles, r is sliced.
-_INTERPRETER_SHAPES = {"fwd": (64, 32, 128), "dkdv": (32, 64, 128), "dv": (32, 64, 128),
-                       "dk": (32, 64, 128), "dq": (64, 32, 128)}
+_INTERPRETER_SHAPES = {
+    "fwd": (64, 32, 128),
+    "dkdv": (32, 64, 128),
+    "dv": (32, 64, 128),
+    "dk": (32, 64, 128),
+    "dq": (64, 32, 128),
+}
 
 
 def split_key_gradients(r: int) -> bool:
@@ -939,8 +1546,11 @@ def table_key(role: str, r: int, dtype: torch.dtype) -> tuple[str, int]:
     """Key of ``role``'s shape table for width r and inputs of ``dtype``: r itself where the
     table has an entry for it (424, the default core at dim 128), else r's padded width."""
     exact = (input_class(dtype), r)
-    return exact if exact in SHAPES[role] else (input_class(dtype), min(max(padded_width(r), 64),
-                                                                         1024))
+    return (
+        exact
+        if exact in SHAPES[role]
+        else (input_class(dtype), min(max(padded_width(r), 64), 1024))
+    )
 
 
 def configs(role: str, r: int, dtype: torch.dtype, tma: bool = False) -> list[triton.Config]:
@@ -954,8 +1564,11 @@ def _configs(role: str, r: int, dtype: torch.dtype, tma: bool) -> list[triton.Co
     """The shapes of ``role``'s table for width r and ``dtype`` as Triton configurations: its
     TMA shapes where ``tma`` and it has some, else its others."""
     width = padded_width(r)
-    table = [shape for shape in SHAPES[role][table_key(role, r, dtype)]
-             if not (dtype == torch.float16 and NOT_FP16 in shape[5:])]
+    table = [
+        shape
+        for shape in SHAPES[role][table_key(role, r, dtype)]
+        if not (dtype == torch.float16 and NOT_FP16 in shape[5:])
+    ]
     use_tma = tma and any(TMA in shape[5:] for shape in table)
     found = []
     for m, n, dv, warps, stages, *flags in table:
@@ -964,8 +1577,14 @@ def _configs(role: str, r: int, dtype: torch.dtype, tma: bool) -> list[triton.Co
         dv = min(dv, width)
         chunk = next((int(f[2:]) for f in flags if f.startswith("dk")), chunk_width(r, dv))
         rolled = ROLLED in flags or TMA in flags
-        meta = dict(BLOCK_M=m, BLOCK_N=n, BLOCK_DV=dv, BLOCK_DK=min(chunk, width),
-                    UNROLL=unrolled(r) and not rolled, TMA=TMA in flags)
+        meta = dict(
+            BLOCK_M=m,
+            BLOCK_N=n,
+            BLOCK_DV=dv,
+            BLOCK_DK=min(chunk, width),
+            UNROLL=unrolled(r) and not rolled,
+            TMA=TMA in flags,
+        )
         found.append(triton.Config(meta, num_warps=warps, num_stages=stages))
     return found
 
@@ -974,8 +1593,7 @@ def _configs(role: str, r: int, dtype: torch.dtype, tma: bool) -> list[triton.Co
 def _autotuned(role: str, r: int, dtype: torch.dtype, tma: bool):
     """The kernel of launch ``role`` in an autotuner over its shapes for width r and ``dtype``."""
     key = ["R", "S_BUCKET", "Q_LAYOUT", "KV_LAYOUT", "PRECISION"]
-    return triton.autotune(configs=configs(role, r, dtype, tma), key=key)(
-        globals()[_KERNELS[role]])
+    return triton.autotune(configs=configs(role, r, dtype, tma), key=key)(globals()[_KERNELS[role]])
 
 
 def _launch(role: str, grid, args: tuple, r: int, dtype: torch.dtype, **meta) -> None:
@@ -992,8 +1610,15 @@ def _launch(role: str, grid, args: tuple, r: int, dtype: torch.dtype, **meta) ->
     dv = width if width <= 128 else min(block_dv, width)
     tma = tma and _configs(role, r, dtype, tma)[0].kwargs["TMA"]
     globals()[_KERNELS[role]][grid](
-        *args, **meta, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DK=chunk_width(r, dv),
-        BLOCK_DV=dv, UNROLL=unrolled(r) and not tma, TMA=tma)
+        *args,
+        **meta,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_DK=chunk_width(r, dv),
+        BLOCK_DV=dv,
+        UNROLL=unrolled(r) and not tma,
+        TMA=tma,
+    )
 
 
 def descriptors_allowed(q_layout: int, kv_layout: int) -> bool:
@@ -1062,7 +1687,8 @@ def _dot_precision(dtype: torch.dtype) -> str:
 def _check_width(r: int) -> None:
     if r > MAX_R:
         raise ValueError(
-            f"the softplus attention kernels support core widths r ≤ {MAX_R}, got r={r}")
+            f"the softplus attention kernels support core widths r ≤ {MAX_R}, got r={r}"
+        )
 
 
 def unit_axis(*tensors: Tensor) -> int:
@@ -1091,7 +1717,11 @@ def _kv_len_args(kv_len: Tensor | None, fallback: Tensor) -> tuple[Tensor, int]:
 
 
 def forward(
-    q: Tensor, k: Tensor, v: Tensor, scale: str, kv_len: Tensor | None = None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    scale: str,
+    kv_len: Tensor | None = None,
     num_splits: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Output (B, S, r) in q's dtype and l (B, S) fp32 = Σ_j softplus(z_ij).
@@ -1105,14 +1735,33 @@ def forward(
     if B == 0 or S == 0:
         return o, l
     kv, stride_kvl = _kv_len_args(kv_len, l)
-    meta = dict(R=r, LENGTH_SCALE=scale == "length", HAS_KV_LEN=kv_len is not None,
-                PRECISION=_dot_precision(q.dtype), Q_LAYOUT=unit_axis(q, o),
-                KV_LAYOUT=unit_axis(k, v))
+    meta = dict(
+        R=r,
+        LENGTH_SCALE=scale == "length",
+        HAS_KV_LEN=kv_len is not None,
+        PRECISION=_dot_precision(q.dtype),
+        Q_LAYOUT=unit_axis(q, o),
+        KV_LAYOUT=unit_axis(k, v),
+    )
     strides = (*q.stride(), *k.stride(), *v.stride(), *o.stride(), stride_kvl)
     if S > _DECODE_MAX_S:
         grid = lambda m: (triton.cdiv(S, m["BLOCK_M"]) * triton.cdiv(r, m["BLOCK_DV"]), B, 1)
-        args = (q, k, v, kv, o, l, o, l, *strides, S, T, 1, 1.0 / math.sqrt(r),
-                triton.next_power_of_2(S))
+        args = (
+            q,
+            k,
+            v,
+            kv,
+            o,
+            l,
+            o,
+            l,
+            *strides,
+            S,
+            T,
+            1,
+            1.0 / math.sqrt(r),
+            triton.next_power_of_2(S),
+        )
         _launch("fwd", grid, args, r, q.dtype, **meta, PARTIAL=False)
         return o, l
     _decode_forward(q, k, v, kv, o, l, strides, meta, num_splits)
@@ -1120,8 +1769,15 @@ def forward(
 
 
 def _decode_forward(
-    q: Tensor, k: Tensor, v: Tensor, kv: Tensor, o: Tensor, l: Tensor, strides: tuple,
-    meta: dict, num_splits: int | None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    kv: Tensor,
+    o: Tensor,
+    l: Tensor,
+    strides: tuple,
+    meta: dict,
+    num_splits: int | None,
 ) -> None:
     """S ≤ 16: one 16-row block per batch row, an accumulator up to 512 wide, keys split across
     programs."""
@@ -1130,8 +1786,14 @@ def _decode_forward(
     width = padded_width(r)
     if INTERPRETED:
         block_dv = min(width, 512)
-        shape = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_DV=block_dv, BLOCK_DK=chunk_width(r, block_dv),
-                     UNROLL=unrolled(r), TMA=False)
+        shape = dict(
+            BLOCK_M=16,
+            BLOCK_N=16,
+            BLOCK_DV=block_dv,
+            BLOCK_DK=chunk_width(r, block_dv),
+            UNROLL=unrolled(r),
+            TMA=False,
+        )
         warps, stages = 4, 1
     else:  # the first shape of the table: decoding is not autotuned (CUDA graphs capture it)
         first = _configs("decode", r, q.dtype, tma=False)[0]
@@ -1145,16 +1807,40 @@ def _decode_forward(
     else:
         o_part, l_part = o, l
     _fwd_kernel[(slices, B, splits)](
-        q, k, v, kv, o, l, o_part, l_part, *strides, S, T, splits, 1.0 / math.sqrt(r),
-        triton.next_power_of_2(S), **meta, PARTIAL=partial, **shape,
-        num_warps=warps, num_stages=stages)
+        q,
+        k,
+        v,
+        kv,
+        o,
+        l,
+        o_part,
+        l_part,
+        *strides,
+        S,
+        T,
+        splits,
+        1.0 / math.sqrt(r),
+        triton.next_power_of_2(S),
+        **meta,
+        PARTIAL=partial,
+        **shape,
+        num_warps=warps,
+        num_stages=stages,
+    )
     if partial:
-        _combine_kernel[(S, B)](o_part, l_part, o, l, *o.stride(), S, splits, R=r,
-                                BLOCK_R=width, num_warps=4)
+        _combine_kernel[(S, B)](
+            o_part, l_part, o, l, *o.stride(), S, splits, R=r, BLOCK_R=width, num_warps=4
+        )
 
 
 def backward(
-    do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, l: Tensor, scale: str,
+    do: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    o: Tensor,
+    l: Tensor,
+    scale: str,
     kv_len: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """dq, dk, dv (in the layouts and dtypes of q, k, v) given the output gradient dO."""
@@ -1171,14 +1857,37 @@ def backward(
     kv, stride_kvl = _kv_len_args(kv_len, l)
     rows_block = 64 if r <= 512 else 16  # the r loop is unrolled: fewer rows for wide cores
     _bwd_rows_kernel[(triton.cdiv(S, rows_block), B)](
-        o, do, l, kv, rows, do_scaled, *o.stride(), *do.stride(), stride_kvl, S, T,
-        1.0 / math.sqrt(r), R=r, LENGTH_SCALE=scale == "length", HAS_KV_LEN=kv_len is not None,
-        SCALE_DO=scale_do, Q_LAYOUT=unit_axis(o, do), BLOCK_M=rows_block,
-        BLOCK_DK=min(padded_width(r), 128), num_warps=4)
+        o,
+        do,
+        l,
+        kv,
+        rows,
+        do_scaled,
+        *o.stride(),
+        *do.stride(),
+        stride_kvl,
+        S,
+        T,
+        1.0 / math.sqrt(r),
+        R=r,
+        LENGTH_SCALE=scale == "length",
+        HAS_KV_LEN=kv_len is not None,
+        SCALE_DO=scale_do,
+        Q_LAYOUT=unit_axis(o, do),
+        BLOCK_M=rows_block,
+        BLOCK_DK=min(padded_width(r), 128),
+        num_warps=4,
+    )
 
-    meta = dict(R=r, HAS_KV_LEN=kv_len is not None, SCALE_DO=scale_do,
-                PRECISION=_dot_precision(q.dtype), Q_LAYOUT=unit_axis(q, do_scaled, dq),
-                KV_LAYOUT=unit_axis(k, v, dk, dv), FAST=not INTERPRETED)
+    meta = dict(
+        R=r,
+        HAS_KV_LEN=kv_len is not None,
+        SCALE_DO=scale_do,
+        PRECISION=_dot_precision(q.dtype),
+        Q_LAYOUT=unit_axis(q, do_scaled, dq),
+        KV_LAYOUT=unit_axis(k, v, dk, dv),
+        FAST=not INTERPRETED,
+    )
     inputs = (q, k, v, do_scaled, rows, kv)
     in_strides = (*q.stride(), *k.stride(), *v.stride(), *do_scaled.stride())
     tail = (stride_kvl, S, T, triton.next_power_of_2(S))
@@ -1190,8 +1899,14 @@ def backward(
         _launch("dk", key_grid, dkdv_args, r, q.dtype, **meta, GRAD_K=True, GRAD_V=False)
     else:
         _launch("dkdv", key_grid, dkdv_args, r, q.dtype, **meta, GRAD_K=True, GRAD_V=True)
-    _launch("dq", lambda m: (triton.cdiv(S, m["BLOCK_M"]) * slices(m), B),
-            (*inputs, dq, *in_strides, *dq.stride(), *tail), r, q.dtype, **meta)
+    _launch(
+        "dq",
+        lambda m: (triton.cdiv(S, m["BLOCK_M"]) * slices(m), B),
+        (*inputs, dq, *in_strides, *dq.stride(), *tail),
+        r,
+        q.dtype,
+        **meta,
+    )
     return dq, dk, dv
 
 

@@ -73,8 +73,9 @@ class _Recorder:
     @contextlib.contextmanager
     def wrapping(self, model: nn.Module) -> Iterator[None]:
         blocks = [m for m in model.modules() if isinstance(m, TransformerBlock)]
-        hooks = [block.register_forward_pre_hook(self._input_hook(i))
-                 for i, block in enumerate(blocks)]
+        hooks = [
+            block.register_forward_pre_hook(self._input_hook(i)) for i, block in enumerate(blocks)
+        ]
         for i, block in enumerate(blocks):
             self._wrap(i, block.attention)
         try:
@@ -88,6 +89,7 @@ class _Recorder:
     def _input_hook(self, i: int):
         def hook(_module: nn.Module, inputs: tuple[Any, ...]) -> None:
             self.calls.setdefault(i, {})["x"] = inputs[0].detach()
+
         return hook
 
     def _wrap(self, i: int, layer: nn.Module) -> None:
@@ -111,8 +113,11 @@ def attention_statistics(model: nn.Module, tokens: Tensor) -> list[dict[str, flo
     recorder = _Recorder()
     was_training = model.training
     model.eval()
-    stance = torch.compiler.set_stance("force_eager") if hasattr(torch.compiler, "set_stance") \
+    stance = (
+        torch.compiler.set_stance("force_eager")
+        if hasattr(torch.compiler, "set_stance")
         else contextlib.nullcontext()
+    )
     try:
         with recorder.wrapping(model), stance:
             model(tokens)
@@ -129,8 +134,11 @@ def _layer_statistics(layer: nn.Module, call: dict[str, Tensor]) -> dict[str, fl
         z, p, visible = _softmax_weights(call["q"], call["k"])
     else:
         raise TypeError(f"no diagnostics for {type(layer).__name__}")
-    return {**_weight_statistics(p, visible), **_score_statistics(z, visible),
-            "branch_ratio": _rms(call["branch"]) / max(_rms(call["x"]), 1e-30)}
+    return {
+        **_weight_statistics(p, visible),
+        **_score_statistics(z, visible),
+        "branch_ratio": _rms(call["branch"]) / max(_rms(call["x"]), 1e-30),
+    }
 
 
 def _softplus_weights(q: Tensor, k: Tensor, scale: str) -> tuple[Tensor, Tensor, Tensor]:
@@ -146,8 +154,9 @@ def _softmax_weights(q: Tensor, k: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     S, T = q.shape[2], k.shape[2]
     z = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
-    visible = (torch.arange(T, device=q.device) <= torch.arange(S, device=q.device)[:, None]
-               + (T - S))[None, None]
+    visible = (
+        torch.arange(T, device=q.device) <= torch.arange(S, device=q.device)[:, None] + (T - S)
+    )[None, None]
     return z, torch.softmax(z.masked_fill(~visible, float("-inf")), dim=-1), visible
 
 
@@ -158,9 +167,11 @@ def _weight_statistics(p: Tensor, visible: Tensor) -> dict[str, float]:
     entropy = -(p * torch.log(p.clamp_min(1e-30))).sum(-1) / torch.log(n.clamp_min(2))
     previous = torch.diagonal(p, offset=p.shape[-1] - p.shape[-2] - 1, dim1=-2, dim2=-1)
     rows_expanded = rows.expand_as(entropy)
-    return {"entropy": entropy[rows_expanded].mean().item(),
-            "top_share": p.amax(-1)[rows_expanded].mean().item(),
-            "previous_share": previous.mean().item()}
+    return {
+        "entropy": entropy[rows_expanded].mean().item(),
+        "top_share": p.amax(-1)[rows_expanded].mean().item(),
+        "previous_share": previous.mean().item(),
+    }
 
 
 def _score_statistics(z: Tensor, visible: Tensor) -> dict[str, float]:

@@ -42,7 +42,9 @@ class Distributed:
         missing = [name for name in TORCHRUN_VARIABLES if name not in os.environ]
         if missing:
             raise UsageError(
-                "multitrain must be launched by torchrun (missing " + ", ".join(missing) + "), e.g. "
+                "multitrain must be launched by torchrun (missing "
+                + ", ".join(missing)
+                + "), e.g. "
                 "torchrun --nproc_per_node N -m llama3 multitrain ...; for one process use "
                 "python -m llama3 train"
             )
@@ -53,8 +55,13 @@ class Distributed:
             dist.init_process_group("nccl", device_id=device)
         else:
             dist.init_process_group("gloo")
-        return cls(device=device, rank=dist.get_rank(), local_rank=local_rank,
-                   world_size=dist.get_world_size(), sharded=True)
+        return cls(
+            device=device,
+            rank=dist.get_rank(),
+            local_rank=local_rank,
+            world_size=dist.get_world_size(),
+            sharded=True,
+        )
 
     @property
     def is_main(self) -> bool:
@@ -96,12 +103,16 @@ class Distributed:
 def _process_device(device_flag: str | None, local_rank: int) -> torch.device:
     """``cuda:LOCAL_RANK`` when CUDA is present (or asked for), else the CPU."""
     if device_flag and ":" in device_flag:
-        raise UsageError(f"--device {device_flag}: under multitrain give only the type (cuda or "
-                         "cpu); each process uses GPU number LOCAL_RANK")
+        raise UsageError(
+            f"--device {device_flag}: under multitrain give only the type (cuda or "
+            "cpu); each process uses GPU number LOCAL_RANK"
+        )
     kind = select_device(device_flag).type
     if kind == "cuda":
         if local_rank >= torch.cuda.device_count():
-            raise UsageError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPU(s) "
-                             "on this node: lower --nproc_per_node")
+            raise UsageError(
+                f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPU(s) "
+                "on this node: lower --nproc_per_node"
+            )
         return torch.device("cuda", local_rank)
     return torch.device("cpu")

@@ -17,8 +17,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from llama3.cli import (ALLOW_TF32, CACHE_DIR, DATA_MODE, DEVICE, TOKENIZER, Flag, add_fields,
-                        add_model_flags, add_precision_modes, declared_flags, model_flag_values)
+from llama3.cli import (
+    ALLOW_TF32,
+    CACHE_DIR,
+    DATA_MODE,
+    DEVICE,
+    TOKENIZER,
+    Flag,
+    add_fields,
+    add_model_flags,
+    add_precision_modes,
+    declared_flags,
+    model_flag_values,
+)
 from llama3.errors import UsageError
 from llama3.runtime import Precision, precision_flag
 from llama3.training.optim import SCHEDULES, LRSchedule, OptimizerSettings
@@ -59,14 +70,18 @@ def add_training_flags(parser: argparse.ArgumentParser, *, multiprocess: bool) -
     device = parser.add_argument_group("device and precision")
     add_fields(device, DeviceConfig)
     add_precision_modes(device)
-    add_fields(parser.add_argument_group("performance"), PerformanceConfig,
-               skip=() if multiprocess else ("prefetching",))
+    add_fields(
+        parser.add_argument_group("performance"),
+        PerformanceConfig,
+        skip=() if multiprocess else ("prefetching",),
+    )
     add_fields(parser.add_argument_group("metrics"), MetricsConfig)
     add_fields(parser, TrainingConfig)  # --seed
 
 
-def _resolve(args: argparse.Namespace,
-             recorded: Mapping[str, Any]) -> tuple[argparse.Namespace, list[str]]:
+def _resolve(
+    args: argparse.Namespace, recorded: Mapping[str, Any]
+) -> tuple[argparse.Namespace, list[str]]:
     """The flags with RESUMABLE ones filled in (given, else the checkpoint's ``recorded`` value,
     else a new run's default), and a line per flag given that differs from the checkpoint."""
     values, changed = {}, []
@@ -78,9 +93,11 @@ def _resolve(args: argparse.Namespace,
         values[name] = given
         if name in recorded and given != recorded[name]:
             if name in DATA_ORDER:
-                raise UsageError(f"--{name} {given} (checkpoint: {recorded[name]}) would change the "
-                                 "order of the training data: resume without it, or start a new "
-                                 "run")
+                raise UsageError(
+                    f"--{name} {given} (checkpoint: {recorded[name]}) would change the "
+                    "order of the training data: resume without it, or start a new "
+                    "run"
+                )
             changed.append(f"--{name} {given} (checkpoint: {recorded[name]})")
     if changed:
         changed = ["changed since the checkpoint, following the flags: " + ", ".join(changed)]
@@ -95,13 +112,19 @@ def _precision(given: str | None, saved: str | None) -> tuple[Precision, list[st
         return precision, []
     before = Precision.named(saved)
     if before.param_dtype != precision.param_dtype:
-        dtypes = {name: str(p.param_dtype).removeprefix("torch.")
-                  for name, p in ((given, precision), (saved, before))}
-        raise UsageError(f"--{given} would keep the parameters in {dtypes[given]}, but the "
-                         f"checkpoint (precision {saved}) keeps them in {dtypes[saved]}: resume "
-                         f"with --{saved} (or no precision flag)")
-    return precision, [f"precision {given} (checkpoint: {saved}): the arithmetic changes, so the "
-                       "continuation is no longer exact"]
+        dtypes = {
+            name: str(p.param_dtype).removeprefix("torch.")
+            for name, p in ((given, precision), (saved, before))
+        }
+        raise UsageError(
+            f"--{given} would keep the parameters in {dtypes[given]}, but the "
+            f"checkpoint (precision {saved}) keeps them in {dtypes[saved]}: resume "
+            f"with --{saved} (or no precision flag)"
+        )
+    return precision, [
+        f"precision {given} (checkpoint: {saved}): the arithmetic changes, so the "
+        "continuation is no longer exact"
+    ]
 
 
 def _from_flags(cls: type[Config], args: argparse.Namespace, **values: Any) -> Config:
@@ -127,10 +150,14 @@ def _refuse_non_finite(config: Any) -> None:
 
 @dataclass(frozen=True, kw_only=True)
 class DataConfig:
-    train_corpus: str = flag("training corpus: a directory of shards or a file written by "
-                             "preprocess", required=True, metavar="PATH")
-    eval_corpus: str | None = flag("held-out corpus for periodic evaluation (none: no evaluation)",
-                                   metavar="PATH")
+    train_corpus: str = flag(
+        "training corpus: a directory of shards or a file written by preprocess",
+        required=True,
+        metavar="PATH",
+    )
+    eval_corpus: str | None = flag(
+        "held-out corpus for periodic evaluation (none: no evaluation)", metavar="PATH"
+    )
     tokenizer: str = TOKENIZER.field()
     data_mode: str = DATA_MODE.field(resumable=True)
     cache_dir: str | None = CACHE_DIR.field()
@@ -141,24 +168,38 @@ class DataConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class BatchConfig:
-    batch_size: int = flag("windows per optimizer step and process (global batch: × processes)",
-                           default=64, resumable=True)
-    accumulation_steps: int = flag("micro-batches --batch_size is split into (must divide it)",
-                                   default=1, resumable=True)
-    total_steps: int = flag("optimizer steps of the whole run, the steps before a resume "
-                            "included", default=20000, resumable=True)
-    eval_steps: int = flag("evaluate every this many steps, and at the end", default=500,
-                           resumable=True)
-    eval_batches: int = flag("batches of --eval_corpus per evaluation: the same first windows "
-                             "every time, so eval curves of runs with equal --batch_size are "
-                             "comparable", default=20, resumable=True)
+    batch_size: int = flag(
+        "windows per optimizer step and process (global batch: × processes)",
+        default=64,
+        resumable=True,
+    )
+    accumulation_steps: int = flag(
+        "micro-batches --batch_size is split into (must divide it)", default=1, resumable=True
+    )
+    total_steps: int = flag(
+        "optimizer steps of the whole run, the steps before a resume included",
+        default=20000,
+        resumable=True,
+    )
+    eval_steps: int = flag(
+        "evaluate every this many steps, and at the end", default=500, resumable=True
+    )
+    eval_batches: int = flag(
+        "batches of --eval_corpus per evaluation: the same first windows "
+        "every time, so eval curves of runs with equal --batch_size are "
+        "comparable",
+        default=20,
+        resumable=True,
+    )
 
     def __post_init__(self) -> None:
         for name, value in dataclasses.asdict(self).items():
             _refuse(value <= 0, name, value, "must be positive")
         if self.batch_size % self.accumulation_steps:
-            raise UsageError(f"--accumulation_steps {self.accumulation_steps} must divide "
-                             f"--batch_size {self.batch_size}")
+            raise UsageError(
+                f"--accumulation_steps {self.accumulation_steps} must divide "
+                f"--batch_size {self.batch_size}"
+            )
 
     @property
     def micro_batch_size(self) -> int:
@@ -171,20 +212,28 @@ class BatchConfig:
 @dataclass(frozen=True, kw_only=True)
 class OptimConfig:
     base_lr: float = flag("peak learning rate", default=1e-3, resumable=True)
-    wd_rate: float = flag("decoupled weight decay of matrices and embeddings (not norm gains)",
-                          default=0.1, resumable=True)
-    max_norm: float = flag("clip the global gradient norm to this (0: no clipping)", default=1.0,
-                           resumable=True)
+    wd_rate: float = flag(
+        "decoupled weight decay of matrices and embeddings (not norm gains)",
+        default=0.1,
+        resumable=True,
+    )
+    max_norm: float = flag(
+        "clip the global gradient norm to this (0: no clipping)", default=1.0, resumable=True
+    )
     beta1: float = flag("AdamW first-moment decay", default=0.9, resumable=True)
     beta2: float = flag("AdamW second-moment decay", default=0.95, resumable=True)
     adam_eps: float = flag("AdamW epsilon", default=1e-8, resumable=True)
-    lr_schedule: str = flag("decay after warm-up: linear or cosine, down to --min_lr_ratio × "
-                            "--base_lr", default="linear", resumable=True, choices=SCHEDULES)
+    lr_schedule: str = flag(
+        "decay after warm-up: linear or cosine, down to --min_lr_ratio × --base_lr",
+        default="linear",
+        resumable=True,
+        choices=SCHEDULES,
+    )
     # resolved: the flag, or 5% of --total_steps
-    warmup_steps: int = flag("linear warm-up steps (default: 5%% of --total_steps)",
-                             resumable=True)
-    min_lr_ratio: float = flag("learning rate at the last step, as a fraction of --base_lr",
-                               default=0.0, resumable=True)
+    warmup_steps: int = flag("linear warm-up steps (default: 5%% of --total_steps)", resumable=True)
+    min_lr_ratio: float = flag(
+        "learning rate at the last step, as a fraction of --base_lr", default=0.0, resumable=True
+    )
 
     def __post_init__(self) -> None:
         _refuse_non_finite(self)
@@ -192,13 +241,18 @@ class OptimConfig:
             _refuse(getattr(self, name) < 0, name, getattr(self, name), "must not be negative")
         _refuse(self.min_lr_ratio > 1, "min_lr_ratio", self.min_lr_ratio, "must be at most 1")
         for name in ("beta1", "beta2"):
-            _refuse(not 0 <= getattr(self, name) < 1, name, getattr(self, name),
-                    "must be in [0, 1)")
+            _refuse(
+                not 0 <= getattr(self, name) < 1, name, getattr(self, name), "must be in [0, 1)"
+            )
         _refuse(self.adam_eps <= 0, "adam_eps", self.adam_eps, "must be positive")
 
     def optimizer_settings(self) -> OptimizerSettings:
-        return OptimizerSettings(lr=self.base_lr, weight_decay=self.wd_rate,
-                                 betas=(self.beta1, self.beta2), eps=self.adam_eps)
+        return OptimizerSettings(
+            lr=self.base_lr,
+            weight_decay=self.wd_rate,
+            betas=(self.beta1, self.beta2),
+            eps=self.adam_eps,
+        )
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -206,16 +260,24 @@ class OptimConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class CheckpointConfig:
-    to_checkpoint: str = flag("run directory: step_* checkpoints, metrics.jsonl, summary.json, "
-                              "tensorboard/ (on a filesystem every node shares)", required=True,
-                              metavar="DIR")
-    from_checkpoint: str | None = flag("continue a run exactly (DIR, DIR/step_N), or start from "
-                                       "the weights of a model-only checkpoint (e.g. written by "
-                                       "import_meta)", metavar="PATH")
-    save_steps: int = flag("save a checkpoint every this many steps, and at the end",
-                           default=1000, resumable=True)
-    keep_last: int = flag("keep only the newest N checkpoints (0: keep all)", default=0,
-                          resumable=True)
+    to_checkpoint: str = flag(
+        "run directory: step_* checkpoints, metrics.jsonl, summary.json, "
+        "tensorboard/ (on a filesystem every node shares)",
+        required=True,
+        metavar="DIR",
+    )
+    from_checkpoint: str | None = flag(
+        "continue a run exactly (DIR, DIR/step_N), or start from "
+        "the weights of a model-only checkpoint (e.g. written by "
+        "import_meta)",
+        metavar="PATH",
+    )
+    save_steps: int = flag(
+        "save a checkpoint every this many steps, and at the end", default=1000, resumable=True
+    )
+    keep_last: int = flag(
+        "keep only the newest N checkpoints (0: keep all)", default=0, resumable=True
+    )
 
     def __post_init__(self) -> None:
         _refuse(self.save_steps <= 0, "save_steps", self.save_steps, "must be positive")
@@ -244,14 +306,18 @@ class DeviceConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class PerformanceConfig:
-    compile: bool = flag("torch.compile each transformer block", default=False,
-                         action="store_true")
-    activation_checkpointing: bool = flag("recompute each block's activations in backward (less "
-                                          "memory, ~1/3 more compute)", default=False,
-                                          action="store_true")
+    compile: bool = flag("torch.compile each transformer block", default=False, action="store_true")
+    activation_checkpointing: bool = flag(
+        "recompute each block's activations in backward (less memory, ~1/3 more compute)",
+        default=False,
+        action="store_true",
+    )
     # multitrain only: train, which has no FSDP, has 0
-    prefetching: int = flag("FSDP: blocks whose parameters are all-gathered ahead, in forward and "
-                            "backward (0: none beyond FSDP's default)", default=1)
+    prefetching: int = flag(
+        "FSDP: blocks whose parameters are all-gathered ahead, in forward and "
+        "backward (0: none beyond FSDP's default)",
+        default=1,
+    )
 
     def __post_init__(self) -> None:
         _refuse(self.prefetching < 0, "prefetching", self.prefetching, "must not be negative")
@@ -262,22 +328,37 @@ class PerformanceConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class MetricsConfig:
-    peak_tflops: float | None = flag("peak TFLOP/s of one device for MFU (default: NVIDIA's "
-                                     "datasheet value for known GPUs at the run's precision; none "
-                                     "on the CPU)")
-    tensorboard: bool = flag("write TensorBoard event files to DIR/tensorboard (needs "
-                             "tensorboard)", default=True)
-    diagnostics_steps: int = flag("every this many steps, record per layer the attention's "
-                                  "sharpness (entropy, top and previous-key weight), the range of "
-                                  "its scores and its branch's size against the residual stream, "
-                                  "and each parameter role's gradient norm (kind \"diagnostics\" "
-                                  "in metrics.jsonl; 0: off)", default=0, resumable=True)
+    peak_tflops: float | None = flag(
+        "peak TFLOP/s of one device for MFU (default: NVIDIA's "
+        "datasheet value for known GPUs at the run's precision; none "
+        "on the CPU)"
+    )
+    tensorboard: bool = flag(
+        "write TensorBoard event files to DIR/tensorboard (needs tensorboard)", default=True
+    )
+    diagnostics_steps: int = flag(
+        "every this many steps, record per layer the attention's "
+        "sharpness (entropy, top and previous-key weight), the range of "
+        "its scores and its branch's size against the residual stream, "
+        'and each parameter role\'s gradient norm (kind "diagnostics" '
+        "in metrics.jsonl; 0: off)",
+        default=0,
+        resumable=True,
+    )
 
     def __post_init__(self) -> None:
-        _refuse(self.peak_tflops is not None and not 0 < self.peak_tflops < math.inf,
-                "peak_tflops", self.peak_tflops, "must be a positive number")
-        _refuse(self.diagnostics_steps < 0, "diagnostics_steps", self.diagnostics_steps,
-                "must not be negative")
+        _refuse(
+            self.peak_tflops is not None and not 0 < self.peak_tflops < math.inf,
+            "peak_tflops",
+            self.peak_tflops,
+            "must be a positive number",
+        )
+        _refuse(
+            self.diagnostics_steps < 0,
+            "diagnostics_steps",
+            self.diagnostics_steps,
+            "must not be negative",
+        )
 
 
 # --------------------------------------------------------------------------- all together
@@ -309,20 +390,27 @@ class TrainingConfig:
     device: DeviceConfig
     performance: PerformanceConfig
     metrics: MetricsConfig
-    seed: int = flag("random seed (data order, initialisation, sampling)", default=0,
-                     resumable=True, type=seed_value)
+    seed: int = flag(
+        "random seed (data order, initialisation, sampling)",
+        default=0,
+        resumable=True,
+        type=seed_value,
+    )
     flags: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     changes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _refuse(not 0 <= self.seed < 2**63, "seed", self.seed, "must be between 0 and 2**63 - 1")
         if not 0 <= self.optim.warmup_steps < self.batch.total_steps:
-            raise UsageError(f"--warmup_steps {self.optim.warmup_steps} must be below "
-                             f"--total_steps {self.batch.total_steps}")
+            raise UsageError(
+                f"--warmup_steps {self.optim.warmup_steps} must be below "
+                f"--total_steps {self.batch.total_steps}"
+            )
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace,
-                  recorded: Mapping[str, Any] | None = None) -> TrainingConfig:
+    def from_args(
+        cls, args: argparse.Namespace, recorded: Mapping[str, Any] | None = None
+    ) -> TrainingConfig:
         """The configuration the parsed flags give, the values a checkpoint ``recorded`` filling
         in those not given; UsageError names a flag no run can use."""
         recorded = recorded or {}
@@ -331,33 +419,59 @@ class TrainingConfig:
         batch = _from_flags(BatchConfig, resolved)
         warmup = resolved.warmup_steps
         warmup = warmup if warmup is not None else batch.total_steps // 20
-        flags = {**{name: getattr(resolved, name) for name in RESUMABLE}, "warmup_steps": warmup,
-                 "precision": precision.name}
-        return cls(data=_from_flags(DataConfig, resolved), model=model_flag_values(args),
-                   batch=batch, optim=_from_flags(OptimConfig, resolved, warmup_steps=warmup),
-                   checkpoints=_from_flags(CheckpointConfig, resolved),
-                   device=_from_flags(DeviceConfig, resolved, precision=precision),
-                   performance=_from_flags(PerformanceConfig, resolved,
-                                           prefetching=getattr(args, "prefetching", 0)),
-                   metrics=_from_flags(MetricsConfig, resolved), seed=resolved.seed, flags=flags,
-                   changes=tuple(changes + precision_change))
+        flags = {
+            **{name: getattr(resolved, name) for name in RESUMABLE},
+            "warmup_steps": warmup,
+            "precision": precision.name,
+        }
+        return cls(
+            data=_from_flags(DataConfig, resolved),
+            model=model_flag_values(args),
+            batch=batch,
+            optim=_from_flags(OptimConfig, resolved, warmup_steps=warmup),
+            checkpoints=_from_flags(CheckpointConfig, resolved),
+            device=_from_flags(DeviceConfig, resolved, precision=precision),
+            performance=_from_flags(
+                PerformanceConfig, resolved, prefetching=getattr(args, "prefetching", 0)
+            ),
+            metrics=_from_flags(MetricsConfig, resolved),
+            seed=resolved.seed,
+            flags=flags,
+            changes=tuple(changes + precision_change),
+        )
 
     @property
     def schedule(self) -> LRSchedule:
         optim = self.optim
-        return LRSchedule(base_lr=optim.base_lr, warmup_steps=optim.warmup_steps,
-                          total_steps=self.batch.total_steps, kind=optim.lr_schedule,
-                          min_ratio=optim.min_lr_ratio)
+        return LRSchedule(
+            base_lr=optim.base_lr,
+            warmup_steps=optim.warmup_steps,
+            total_steps=self.batch.total_steps,
+            kind=optim.lr_schedule,
+            min_ratio=optim.min_lr_ratio,
+        )
 
 
 def _resumable(*groups: type) -> dict[str, Any]:
     """Each flag the groups declare resumable, with a new run's value; the data order's first."""
-    declared = {field.name: declared.default for group in groups
-                for field, declared in declared_flags(group) if field.metadata["resumable"]}
+    declared = {
+        field.name: declared.default
+        for group in groups
+        for field, declared in declared_flags(group)
+        if field.metadata["resumable"]
+    }
     return {**{name: declared[name] for name in DATA_ORDER}, **declared}
 
 
 # Flags that decide how a run continues, with a new run's value: a resumed run takes them from its
 # checkpoint unless given.
-RESUMABLE = _resumable(DataConfig, BatchConfig, OptimConfig, CheckpointConfig, DeviceConfig,
-                       PerformanceConfig, MetricsConfig, TrainingConfig)
+RESUMABLE = _resumable(
+    DataConfig,
+    BatchConfig,
+    OptimConfig,
+    CheckpointConfig,
+    DeviceConfig,
+    PerformanceConfig,
+    MetricsConfig,
+    TrainingConfig,
+)

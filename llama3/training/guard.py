@@ -29,8 +29,15 @@ def first_nonfinite_grad(model: nn.Module, dist: Distributed) -> str | None:
     return named[int(bad[0])][0] if len(bad) else None
 
 
-def check_finite(step: int, loss: float, grad_norm: float, model: nn.Module, dist: Distributed,
-                 *, overflow_expected: bool = False) -> None:
+def check_finite(
+    step: int,
+    loss: float,
+    grad_norm: float,
+    model: nn.Module,
+    dist: Distributed,
+    *,
+    overflow_expected: bool = False,
+) -> None:
     """Raise :class:`NonFiniteError` for a non-finite loss or gradient at optimizer step ``step``.
 
     With an fp16 gradient scaler (``overflow_expected``) an overflowing gradient is normal: the
@@ -45,5 +52,8 @@ def check_finite(step: int, loss: float, grad_norm: float, model: nn.Module, dis
         what.append(f"first non-finite gradient: {name}")
     elif not grads_ok:
         what.append(f"gradient norm is {grad_norm}")
-    raise NonFiniteError(f"non-finite values at step {step}: " + "; ".join(what)
-                         + ". The optimizer step was not taken; the last checkpoint is unchanged.")
+    raise NonFiniteError(
+        f"non-finite values at step {step}: "
+        + "; ".join(what)
+        + ". The optimizer step was not taken; the last checkpoint is unchanged."
+    )

@@ -33,5 +33,9 @@ class StopRequest:
         self.requested = True
         signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
         if self.announce:
-            print(f"\n{signal.Signals(signum).name}: stopping after this step and saving a "
-                  "checkpoint (send it again to quit without saving)", file=sys.stderr, flush=True)
+            print(
+                f"\n{signal.Signals(signum).name}: stopping after this step and saving a "
+                "checkpoint (send it again to quit without saving)",
+                file=sys.stderr,
+                flush=True,
+            )

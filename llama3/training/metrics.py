@@ -38,8 +38,9 @@ PEAK_TFLOPS: list[tuple[str, dict[str, float]]] = [
 ]
 
 
-def peak_tflops(device: torch.device, precision: str, allow_tf32: bool,
-                flag: float | None) -> tuple[float | None, str]:
+def peak_tflops(
+    device: torch.device, precision: str, allow_tf32: bool, flag: float | None
+) -> tuple[float | None, str]:
     """Peak TFLOP/s of one device for MFU, and where the number comes from."""
     if flag is not None:
         return flag, "--peak_tflops"
@@ -99,8 +100,16 @@ class MetricsLog:
     """Records go to memory (the checkpointed history) on every process, and on the main process
     also to ``metrics.jsonl``, TensorBoard and a tqdm progress bar."""
 
-    def __init__(self, run_dir: Path, *, main: bool, history: list[dict[str, Any]],
-                 start_step: int, total_steps: int, tensorboard: bool = True):
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        main: bool,
+        history: list[dict[str, Any]],
+        start_step: int,
+        total_steps: int,
+        tensorboard: bool = True,
+    ):
         self.run_dir, self.main, self.history = Path(run_dir), main, history
         self._file = self._tb = self._bar = None
         if not main:
@@ -114,8 +123,14 @@ class MetricsLog:
             self._tb = _tensorboard_writer(self.run_dir / TENSORBOARD_DIR, start_step, self.note)
         from tqdm import tqdm
 
-        self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step",
-                         dynamic_ncols=True, file=sys.stdout)
+        self._bar = tqdm(
+            total=total_steps,
+            initial=start_step,
+            desc="train",
+            unit="step",
+            dynamic_ncols=True,
+            file=sys.stdout,
+        )
 
     def write(self, record: dict[str, Any]) -> None:
         self.history.append(record)
@@ -134,8 +149,11 @@ class MetricsLog:
     def progress(self, record: dict[str, Any]) -> None:
         """Advance the bar by one step, showing loss, learning rate and throughput."""
         if self._bar is not None:
-            self._bar.set_postfix_str(f"loss {record['loss']:.4f} lr {record['lr']:.2e} "
-                                      f"tok/s {record['tokens_per_s']:,.0f}", refresh=False)
+            self._bar.set_postfix_str(
+                f"loss {record['loss']:.4f} lr {record['lr']:.2e} "
+                f"tok/s {record['tokens_per_s']:,.0f}",
+                refresh=False,
+            )
             self._bar.update(1)
 
     def note(self, text: str) -> None:
@@ -174,8 +192,10 @@ def _tensorboard_writer(path: Path, start_step: int, note: Callable[[str], None]
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        note("tensorboard is not installed: no TensorBoard logs (pip install tensorboard); "
-             f"metrics are still written to {METRICS_FILE}")
+        note(
+            "tensorboard is not installed: no TensorBoard logs (pip install tensorboard); "
+            f"metrics are still written to {METRICS_FILE}"
+        )
         return None
     return SummaryWriter(log_dir=str(path), purge_step=start_step + 1 if start_step else None)
 

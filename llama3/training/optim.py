@@ -27,13 +27,19 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, settings: OptimizerSettings,
-                    device: torch.device) -> torch.optim.AdamW:
+def build_optimizer(
+    model: nn.Module, settings: OptimizerSettings, device: torch.device
+) -> torch.optim.AdamW:
     """AdamW, fused on CUDA."""
     fused = device.type == "cuda"
-    return torch.optim.AdamW(parameter_groups(model, settings.weight_decay), lr=settings.lr,
-                             betas=settings.betas, eps=settings.eps, fused=fused,
-                             foreach=None if fused else True)
+    return torch.optim.AdamW(
+        parameter_groups(model, settings.weight_decay),
+        lr=settings.lr,
+        betas=settings.betas,
+        eps=settings.eps,
+        fused=fused,
+        foreach=None if fused else True,
+    )
 
 
 def apply_settings(optimizer: torch.optim.Optimizer, settings: OptimizerSettings) -> None:

@@ -72,8 +72,10 @@ def check_compile_supported(device: torch.device) -> None:
     if device.type == "cpu":
         compilers = [os.environ.get("CXX"), "c++", "g++", "clang++"]
         if not any(c and shutil.which(c) for c in compilers):
-            raise UsageError("--compile on the CPU needs a C++ compiler (g++ or clang++, or set CXX); "
-                             "install one or drop --compile")
+            raise UsageError(
+                "--compile on the CPU needs a C++ compiler (g++ or clang++, or set CXX); "
+                "install one or drop --compile"
+            )
 
 
 def apply_fsdp(model: nn.Module, device: torch.device, *, bf16: bool, prefetching: int) -> None:
@@ -86,9 +88,11 @@ def apply_fsdp(model: nn.Module, device: torch.device, *, bf16: bool, prefetchin
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None,
-                                  reduce_dtype=torch.float32 if bf16 else None,
-                                  cast_forward_inputs=False)
+    policy = MixedPrecisionPolicy(
+        param_dtype=torch.bfloat16 if bf16 else None,
+        reduce_dtype=torch.float32 if bf16 else None,
+        cast_forward_inputs=False,
+    )
     blocks = list(model.layers)
     for block in blocks:
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
@@ -96,8 +100,8 @@ def apply_fsdp(model: nn.Module, device: torch.device, *, bf16: bool, prefetchin
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
     if prefetching > 0:
         for i, block in enumerate(blocks):
-            block.set_modules_to_forward_prefetch(blocks[i + 1:i + 1 + prefetching])
-            block.set_modules_to_backward_prefetch(blocks[max(0, i - prefetching):i][::-1])
+            block.set_modules_to_forward_prefetch(blocks[i + 1 : i + 1 + prefetching])
+            block.set_modules_to_backward_prefetch(blocks[max(0, i - prefetching) : i][::-1])
 
 
 def set_gradient_sync(model: nn.Module, enabled: bool) -> None:

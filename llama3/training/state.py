@@ -40,8 +40,12 @@ class Progress:
         return self._elapsed_before + running
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "tokens": self.tokens, "elapsed_s": self.elapsed(),
-                "history": self.history}
+        return {
+            "step": self.step,
+            "tokens": self.tokens,
+            "elapsed_s": self.elapsed(),
+            "history": self.history,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = self.saved_step = state["step"]
@@ -58,15 +62,19 @@ class RecordedSettings:
         self.schedule, self.precision, self.flags = schedule, precision, flags
 
     def state_dict(self) -> dict[str, Any]:
-        return {"schedule": dataclasses.asdict(self.schedule), "precision": self.precision.name,
-                "flags": dict(self.flags)}
+        return {
+            "schedule": dataclasses.asdict(self.schedule),
+            "precision": self.precision.name,
+            "flags": dict(self.flags),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Nothing to restore: the run was configured from these values before it was built."""
 
 
-def recorded_flags(record: dict[str, Any] | None,
-                   data: dict[str, Any] | None = None) -> dict[str, Any]:
+def recorded_flags(
+    record: dict[str, Any] | None, data: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The flag values a training record holds (upgraded by :func:`upgrade_record`): all of them
     since they were recorded, else those the schedule, the precision and ``data`` (the first
     process's data position, which records the data order) give."""
@@ -76,9 +84,14 @@ def recorded_flags(record: dict[str, Any] | None,
     if "flags" in settings:
         return dict(settings["flags"])
     schedule = settings["schedule"]
-    flags = {"base_lr": schedule["base_lr"], "warmup_steps": schedule["warmup_steps"],
-             "total_steps": schedule["total_steps"], "lr_schedule": schedule["kind"],
-             "min_lr_ratio": schedule["min_ratio"], "precision": settings["precision"]}
+    flags = {
+        "base_lr": schedule["base_lr"],
+        "warmup_steps": schedule["warmup_steps"],
+        "total_steps": schedule["total_steps"],
+        "lr_schedule": schedule["kind"],
+        "min_lr_ratio": schedule["min_ratio"],
+        "precision": settings["precision"],
+    }
     if data is not None:
         flags.update(seed=data["seed"], batch_size=data["batch_size"], data_mode=data["mode"])
     return flags
@@ -92,14 +105,23 @@ class GradScaler(torch.amp.GradScaler):
             super().load_state_dict(state_dict)
 
 
-def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, *, progress: Progress,
-                   scaler: GradScaler, settings: RecordedSettings, data: Stateful,
-                   device: torch.device) -> TrainingState:
+def training_state(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    progress: Progress,
+    scaler: GradScaler,
+    settings: RecordedSettings,
+    data: Stateful,
+    device: torch.device,
+) -> TrainingState:
     """The pieces of a run that a checkpoint keeps, by name, in their restore order."""
     return TrainingState(
-        model=model, optimizer=optimizer,
+        model=model,
+        optimizer=optimizer,
         shared={"progress": progress, "scaler": scaler, "settings": settings},
-        per_process={"data": data, "rng": RandomState(device)})
+        per_process={"data": data, "rng": RandomState(device)},
+    )
 
 
 def upgrade_record(record: dict[str, Any]) -> dict[str, Any]:
@@ -107,7 +129,9 @@ def upgrade_record(record: dict[str, Any]) -> dict[str, Any]:
     the entries of the shared pieces side by side."""
     if record["version"] >= 2:
         return record
-    return {**record,
-            "progress": {key: record[key] for key in ("step", "tokens", "elapsed_s", "history")},
-            "scaler": record["scaler"] or {},
-            "settings": {"schedule": record["schedule"], "precision": record["precision"]}}
+    return {
+        **record,
+        "progress": {key: record[key] for key in ("step", "tokens", "elapsed_s", "history")},
+        "scaler": record["scaler"] or {},
+        "settings": {"schedule": record["schedule"], "precision": record["precision"]},
+    }

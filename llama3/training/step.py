@@ -34,15 +34,31 @@ class StepResult:
 
 
 class TrainStep:
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 scaler: torch.amp.GradScaler, precision: Precision, dist: Distributed, *,
-                 accumulation_steps: int = 1, max_norm: float = 0.0):
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scaler: torch.amp.GradScaler,
+        precision: Precision,
+        dist: Distributed,
+        *,
+        accumulation_steps: int = 1,
+        max_norm: float = 0.0,
+    ):
         self.model, self.optimizer, self.scaler = model, optimizer, scaler
         self.precision, self.dist = precision, dist
         self.accumulation_steps, self.max_norm = accumulation_steps, max_norm
 
-    def __call__(self, inputs: Tensor, targets: Tensor, *, lr: float, step: int,
-                 stop_requested: bool = False, grad_norms: bool = False) -> StepResult:
+    def __call__(
+        self,
+        inputs: Tensor,
+        targets: Tensor,
+        *,
+        lr: float,
+        step: int,
+        stop_requested: bool = False,
+        grad_norms: bool = False,
+    ) -> StepResult:
         """Train on (inputs, targets) (B, S) at learning rate ``lr``; ``step`` (1-based) names the
         step in errors; ``grad_norms`` adds each parameter role's gradient norm to the result.
         Raises NonFiniteError before updating if loss or gradients are not finite."""
@@ -51,13 +67,20 @@ class TrainStep:
         roles = gradient_norms(self.model) if grad_norms else None
         norm = total_grad_norm(self.model.parameters())
         loss_value, stop_votes, grad_norm = torch.stack([loss, stop, norm.double()]).tolist()
-        check_finite(step, loss_value, grad_norm, self.model, self.dist,
-                     overflow_expected=self.scaler.is_enabled())
+        check_finite(
+            step,
+            loss_value,
+            grad_norm,
+            self.model,
+            self.dist,
+            overflow_expected=self.scaler.is_enabled(),
+        )
         skipped = self._update(norm, grad_norm, lr)
         return StepResult(loss_value, grad_norm, stop_votes > 0, skipped, roles)
 
-    def _forward_backward(self, inputs: Tensor, targets: Tensor,
-                          stop_requested: bool) -> tuple[Tensor, Tensor]:
+    def _forward_backward(
+        self, inputs: Tensor, targets: Tensor, stop_requested: bool
+    ) -> tuple[Tensor, Tensor]:
         """Accumulate gradients of all micro-batches; returns the step's mean loss and the number
         of processes that asked to stop (both as device scalars, combined over processes)."""
         dist, device, model = self.dist, self.dist.device, self.model
@@ -65,8 +88,9 @@ class TrainStep:
         grad_scale = dist.world_size / n_targets  # FSDP averages gradients over processes
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         model.train()
-        micro_batches = list(zip(inputs.chunk(self.accumulation_steps),
-                                 targets.chunk(self.accumulation_steps)))
+        micro_batches = list(
+            zip(inputs.chunk(self.accumulation_steps), targets.chunk(self.accumulation_steps))
+        )
         for i, (x, y) in enumerate(micro_batches):
             set_gradient_sync(model, i == len(micro_batches) - 1)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)

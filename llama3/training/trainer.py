@@ -17,10 +17,10 @@ from typing import Any
 import torch
 
 from llama3.checkpoint import run_directory_lock, save_training_checkpoint
+from llama3.errors import UsageError
 from llama3.loss import evaluate_loss
 from llama3.model import ModelArgs, Transformer, parameter_counts
 from llama3.runtime import configure_matmul
-from llama3.errors import UsageError
 from llama3.training.build import Run, Source, build_run
 from llama3.training.diagnostics import WINDOWS as DIAGNOSTIC_WINDOWS
 from llama3.training.diagnostics import attention_statistics
@@ -28,16 +28,24 @@ from llama3.training.distributed import Distributed
 from llama3.training.flags import TrainingConfig
 from llama3.training.guard import NonFiniteError
 from llama3.training.interrupt import StopRequest
-from llama3.training.metrics import (MetricsLog, format_summary, last_value, memory_measure,
-                                     peak_memory_gib, reset_peak_memory, write_summary)
+from llama3.training.metrics import (
+    MetricsLog,
+    format_summary,
+    last_value,
+    memory_measure,
+    peak_memory_gib,
+    reset_peak_memory,
+    write_summary,
+)
 from llama3.training.parallel import full_state_dict
 
 EXIT_NON_FINITE = 3
 EXIT_INTERRUPTED = 130
 
 
-def run_training(args: argparse.Namespace, dist: Distributed,
-                 prepare: Callable[[Run], None] | None = None) -> int:
+def run_training(
+    args: argparse.Namespace, dist: Distributed, prepare: Callable[[Run], None] | None = None
+) -> int:
     """Build the run from the flags (and the checkpoint it resumes), train to ``--total_steps``
     holding the run directory, return the exit status. ``prepare`` (experiments) gets the built
     run before its first step."""
@@ -58,11 +66,15 @@ def _finished(run: Run) -> bool:
     are); one past it is refused."""
     step, total = run.progress.step, run.config.batch.total_steps
     if step > total:
-        raise UsageError(f"--total_steps {total} is below step {step} of the checkpoint: give a "
-                         "larger one to continue")
+        raise UsageError(
+            f"--total_steps {total} is below step {step} of the checkpoint: give a "
+            "larger one to continue"
+        )
     if step == total and run.parts.dist.is_main:
-        print(f"the run is complete: the checkpoint is at step {step} of --total_steps {total}; "
-              "give a larger --total_steps to continue it")
+        print(
+            f"the run is complete: the checkpoint is at step {step} of --total_steps {total}; "
+            "give a larger --total_steps to continue it"
+        )
     return step == total
 
 
@@ -71,9 +83,14 @@ def _train(run: Run) -> int:
     reset_peak_memory(dist.device)
     if dist.is_main:
         print("\n".join(_header(run) + list(run.notes)), flush=True)
-    metrics = MetricsLog(run.run_dir, main=dist.is_main, history=run.progress.history,
-                         start_step=run.progress.step, total_steps=config.batch.total_steps,
-                         tensorboard=config.metrics.tensorboard)
+    metrics = MetricsLog(
+        run.run_dir,
+        main=dist.is_main,
+        history=run.progress.history,
+        start_step=run.progress.step,
+        total_steps=config.batch.total_steps,
+        tensorboard=config.metrics.tensorboard,
+    )
     stop = StopRequest(announce=dist.is_main).install()
     batches = iter(run.parts.train_windows)
     run.progress.start_clock()
@@ -87,8 +104,12 @@ def _train(run: Run) -> int:
     return {"completed": 0, "interrupted": EXIT_INTERRUPTED}.get(status, EXIT_NON_FINITE)
 
 
-def _loop(run: Run, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], metrics: MetricsLog,
-          stop: StopRequest) -> str:
+def _loop(
+    run: Run,
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    metrics: MetricsLog,
+    stop: StopRequest,
+) -> str:
     """Train until the last step, a stop request or a non-finite value; returns which."""
     batch, progress = run.config.batch, run.progress
     every = run.config.metrics.diagnostics_steps
@@ -98,11 +119,18 @@ def _loop(run: Run, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], metric
         try:
             begin = time.perf_counter()  # the step's time includes waiting for its data
             window = next(batches)
-            record, stop_requested, grad_norms = train_step(run, window, stop.requested, begin,
-                                                            diagnose)
+            record, stop_requested, grad_norms = train_step(
+                run, window, stop.requested, begin, diagnose
+            )
         except NonFiniteError as err:
-            metrics.write({"kind": "error", "step": progress.step + 1, "message": str(err),
-                           "elapsed_s": progress.elapsed()})
+            metrics.write(
+                {
+                    "kind": "error",
+                    "step": progress.step + 1,
+                    "message": str(err),
+                    "elapsed_s": progress.elapsed(),
+                }
+            )
             if run.parts.dist.is_main:
                 print(f"error: {err}", file=sys.stderr, flush=True)
             return "non-finite"
@@ -124,31 +152,44 @@ def _loop(run: Run, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], metric
     return status
 
 
-def train_step(run: Run, batch: tuple[torch.Tensor, torch.Tensor], stop_requested: bool,
-               begin: float, grad_norms: bool = False
-               ) -> tuple[dict[str, Any], bool, dict[str, float] | None]:
+def train_step(
+    run: Run,
+    batch: tuple[torch.Tensor, torch.Tensor],
+    stop_requested: bool,
+    begin: float,
+    grad_norms: bool = False,
+) -> tuple[dict[str, Any], bool, dict[str, float] | None]:
     """One optimizer step on ``batch`` at the scheduled learning rate; returns its metric record,
     whether any process asked to stop, and (if ``grad_norms``) each parameter role's gradient
     norm."""
     parts, progress = run.parts, run.progress
     lr = parts.schedule(progress.step)
-    result = parts.step(*batch, lr=lr, step=progress.step + 1, stop_requested=stop_requested,
-                        grad_norms=grad_norms)
+    result = parts.step(
+        *batch, lr=lr, step=progress.step + 1, stop_requested=stop_requested, grad_norms=grad_norms
+    )
     progress.step += 1
     progress.tokens += parts.throughput.tokens_per_step
     tokens_per_s, mfu = parts.throughput.add(time.perf_counter() - begin)
-    record = {"kind": "train", "step": progress.step, "loss": result.loss, "lr": lr,
-              "grad_norm": result.grad_norm, "tokens": progress.tokens,
-              "tokens_per_s": tokens_per_s, "mfu": mfu,
-              "peak_memory_gib": peak_memory_gib(parts.dist.device),
-              "elapsed_s": progress.elapsed()}
+    record = {
+        "kind": "train",
+        "step": progress.step,
+        "loss": result.loss,
+        "lr": lr,
+        "grad_norm": result.grad_norm,
+        "tokens": progress.tokens,
+        "tokens_per_s": tokens_per_s,
+        "mfu": mfu,
+        "peak_memory_gib": peak_memory_gib(parts.dist.device),
+        "elapsed_s": progress.elapsed(),
+    }
     if result.skipped:
         record["skipped"] = True
     return record, result.stop_requested, result.grad_norms
 
 
-def diagnostics(run: Run, inputs: torch.Tensor, grad_norms: dict[str, float] | None
-                ) -> dict[str, Any]:
+def diagnostics(
+    run: Run, inputs: torch.Tensor, grad_norms: dict[str, float] | None
+) -> dict[str, Any]:
     """The diagnostics record of the step just taken (see :mod:`llama3.training.diagnostics`):
     attention measured on the first windows of the first eval batch, else of ``inputs``."""
     parts, progress = run.parts, run.progress
@@ -157,36 +198,59 @@ def diagnostics(run: Run, inputs: torch.Tensor, grad_norms: dict[str, float] | N
     tokens = inputs[:DIAGNOSTIC_WINDOWS].to(parts.dist.device)
     with run.config.device.precision.autocast(parts.dist.device):
         layers = attention_statistics(parts.model, tokens)
-    return {"kind": "diagnostics", "step": progress.step, "tokens": progress.tokens,
-            "layers": layers, "grad_norms": grad_norms}
+    return {
+        "kind": "diagnostics",
+        "step": progress.step,
+        "tokens": progress.tokens,
+        "layers": layers,
+        "grad_norms": grad_norms,
+    }
 
 
 def evaluate(run: Run) -> dict[str, Any]:
     """Mean loss over the fixed held-out batches (the same ones at every evaluation)."""
     parts, progress = run.parts, run.progress
     dist = parts.dist
-    result = evaluate_loss(parts.model, parts.eval_windows.batches(max_batches=parts.eval_batches),
-                           dist.device, run.config.device.precision,
-                           all_reduce=dist.all_reduce_sum if dist.active else None)
-    return {"kind": "eval", "step": progress.step, "loss": result.loss,
-            "perplexity": result.perplexity, "eval_tokens": result.tokens,
-            "tokens": progress.tokens, "elapsed_s": progress.elapsed()}
+    result = evaluate_loss(
+        parts.model,
+        parts.eval_windows.batches(max_batches=parts.eval_batches),
+        dist.device,
+        run.config.device.precision,
+        all_reduce=dist.all_reduce_sum if dist.active else None,
+    )
+    return {
+        "kind": "eval",
+        "step": progress.step,
+        "loss": result.loss,
+        "perplexity": result.perplexity,
+        "eval_tokens": result.tokens,
+        "tokens": progress.tokens,
+        "elapsed_s": progress.elapsed(),
+    }
 
 
 def save(run: Run, metrics: MetricsLog) -> None:
     """Write a checkpoint of the current step (every process takes part)."""
     parts, progress = run.parts, run.progress
     path = save_training_checkpoint(
-        run.run_dir, progress.step, run.checkpointed, model_state=full_state_dict(parts.model),
-        model_args=parts.model_args, tokenizer=parts.tokenizer_fingerprint, group=parts.dist,
-        keep_last=run.config.checkpoints.keep_last or None)
+        run.run_dir,
+        progress.step,
+        run.checkpointed,
+        model_state=full_state_dict(parts.model),
+        model_args=parts.model_args,
+        tokenizer=parts.tokenizer_fingerprint,
+        group=parts.dist,
+        keep_last=run.config.checkpoints.keep_last or None,
+    )
     progress.saved_step = progress.step
     metrics.note(f"step {progress.step}: saved {path}")
 
 
 def _eval_line(record: dict[str, Any]) -> str:
-    return (f"step {record['step']}: eval loss {record['loss']:.4f} "
-            f"(perplexity {record['perplexity']:.2f}, {record['eval_tokens']:,} tokens)")
+    return (
+        f"step {record['step']}: eval loss {record['loss']:.4f} "
+        f"(perplexity {record['perplexity']:.2f}, {record['eval_tokens']:,} tokens)"
+    )
 
 
 def _header(run: Run) -> list[str]:
@@ -199,7 +263,8 @@ def _header(run: Run) -> list[str]:
         f"{batch.accumulation_steps} micro-batch(es) of {batch.micro_batch_size}; "
         f"{parts.throughput.tokens_per_step:,} tokens per step",
         f"MFU against {peak / 1e12 / dist.world_size:g} TFLOP/s per device ({parts.peak_source})"
-        if peak else f"MFU: {parts.peak_source}",
+        if peak
+        else f"MFU: {parts.peak_source}",
         f"run directory: {run.run_dir}",
     ]
 

@@ -19,21 +19,28 @@ DEFAULT_OUTPUT = "pretrain_data"
 def main(argv: list[str]) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # this repository's llama3
     from llama3.__main__ import main as llama3_main
-
     from llama3.data.sources import FORMATS, SUFFIXES
 
     given = {arg.split("=")[0] for arg in argv}
     inputs = [DEFAULT_INPUT]
     if not given & {"--input", "-h", "--help"} and not Path(DEFAULT_INPUT).exists():
-        inputs = sorted(p.name for p in Path.cwd().iterdir()
-                        if p.is_file() and p.name.endswith(SUFFIXES) and not p.name.startswith("."))
+        inputs = sorted(
+            p.name
+            for p in Path.cwd().iterdir()
+            if p.is_file() and p.name.endswith(SUFFIXES) and not p.name.startswith(".")
+        )
         if not inputs:
-            print(f"error: neither {DEFAULT_INPUT} nor any other {FORMATS} file is in "
-                  f"{Path.cwd()}: run ./download_the_pile.sh first, or pass --input FILES",
-                  file=sys.stderr)
+            print(
+                f"error: neither {DEFAULT_INPUT} nor any other {FORMATS} file is in "
+                f"{Path.cwd()}: run ./download_the_pile.sh first, or pass --input FILES",
+                file=sys.stderr,
+            )
             return 2
-        print(f"note: {DEFAULT_INPUT} is not here; preprocessing the {len(inputs)} corpus file(s) "
-              "of this folder", file=sys.stderr)
+        print(
+            f"note: {DEFAULT_INPUT} is not here; preprocessing the {len(inputs)} corpus file(s) "
+            "of this folder",
+            file=sys.stderr,
+        )
     # later flags win, so the user's --input/--output replace these defaults
     return llama3_main(["preprocess", "--input", *inputs, "--output", DEFAULT_OUTPUT, *argv])
 

@@ -1,6 +1,7 @@
-"""python -m benchmarks.ablations --tiny: the trials of a few groups end to end, the best rate and its
-seeds, figures; a rerun finds every trial completed and reports the same numbers. And
-python -m benchmarks.interventions --tiny: with no intervention it repeats the ablation's trial exactly."""
+"""python -m benchmarks.ablations --tiny: the trials of a few groups end to end, the best rate and
+its seeds, figures; a rerun finds every trial completed and reports the same numbers. And
+python -m benchmarks.interventions --tiny: with no intervention it repeats the ablation's trial
+exactly."""
 
 from __future__ import annotations
 
@@ -12,16 +13,37 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
-def benchmark(name: str, corpus: dict[str, Path], tokenizer: Path, work: Path,
-              *flags: str) -> tuple[dict, str]:
-    done = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", "--tiny",
-                           *flags, "--train_corpus", str(corpus["train"]),
-                           "--eval_corpus", str(corpus["eval"]), "--tokenizer", str(tokenizer),
-                           "--work_dir", str(work), "--jobs", "2", "--threads", "1"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+def benchmark(
+    name: str, corpus: dict[str, Path], tokenizer: Path, work: Path, *flags: str
+) -> tuple[dict, str]:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            f"benchmarks.{name}",
+            "--tiny",
+            *flags,
+            "--train_corpus",
+            str(corpus["train"]),
+            "--eval_corpus",
+            str(corpus["eval"]),
+            "--tokenizer",
+            str(tokenizer),
+            "--work_dir",
+            str(work),
+            "--jobs",
+            "2",
+            "--threads",
+            "1",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
     return json.loads((work / f"{name}.json").read_text()), done.stdout
 
@@ -42,8 +64,11 @@ def test_tiny_ablations_run_resume_and_agree(first, tiny_corpus, tiny_tokenizer)
     groups = {g for t in trials.values() for g in t["groups"]}
     assert groups == {"width", "lr", "seeds"}
     # width: r = 16 ≤ dim 32 runs once; r = 40 with and without the output scale
-    width = sorted((t["model"], t["flags"].get("core_output_scale")) for t in trials.values()
-                   if "width" in t["groups"])
+    width = sorted(
+        (t["model"], t["flags"].get("core_output_scale"))
+        for t in trials.values()
+        if "width" in t["groups"]
+    )
     assert width == [("softplus-16", None), ("softplus-40", "width"), ("softplus-40-none", "none")]
     for model, best in first["best_rates"].items():
         sweep = [t for t in trials.values() if "lr" in t["groups"] and t["model"] == model]
@@ -65,14 +90,27 @@ def test_tiny_ablations_run_resume_and_agree(first, tiny_corpus, tiny_tokenizer)
     assert second["rows"] == first["rows"] and second["trials"] == first["trials"]
 
 
-def test_interventions_start_from_the_ablations_trial(first, tiny_corpus, tiny_tokenizer,
-                                                      tmp_path):
+def test_interventions_start_from_the_ablations_trial(first, tiny_corpus, tiny_tokenizer, tmp_path):
     """No intervention: the ablation's softplus-40-none trial to the last digit; the others
     change the run."""
-    ablation = next(t for t in first[0]["trials"] if t["model"] == "softplus-40-none"
-                    and "lr" in t["groups"] and t["lr"] == 3e-3 and t["seed"] == 0)
-    results, _ = benchmark("interventions", tiny_corpus, tiny_tokenizer, tmp_path,
-                           "--interventions", "none", "values_d", "lr_vo")
+    ablation = next(
+        t
+        for t in first[0]["trials"]
+        if t["model"] == "softplus-40-none"
+        and "lr" in t["groups"]
+        and t["lr"] == 3e-3
+        and t["seed"] == 0
+    )
+    results, _ = benchmark(
+        "interventions",
+        tiny_corpus,
+        tiny_tokenizer,
+        tmp_path,
+        "--interventions",
+        "none",
+        "values_d",
+        "lr_vo",
+    )
     trials = {t["model"]: t for t in results["trials"]}
     assert trials["none"]["eval_curve"] == ablation["eval_curve"]
     assert trials["none"]["diagnostics"] == ablation["diagnostics"]

@@ -27,8 +27,7 @@ def parser_of(command: str) -> argparse.ArgumentParser:
 
 
 # commands whose flags are ours (lm_eval passes its arguments on to lm-evaluation-harness)
-PARSED = [c for c in COMMANDS
-          if hasattr(importlib.import_module(COMMANDS[c][0]), "add_arguments")]
+PARSED = [c for c in COMMANDS if hasattr(importlib.import_module(COMMANDS[c][0]), "add_arguments")]
 
 
 @pytest.mark.parametrize("command", PARSED)
@@ -44,9 +43,11 @@ def test_help_runs(command, capsys):
     assert exit_.value.code == 0 and "--" in capsys.readouterr().out
 
 
-REQUIRED = {"evaluate": ["--from_checkpoint", "c", "--tokenizer", "t", "--eval_corpus", "e"],
-            "deploy": ["--from_checkpoint", "c"],
-            "generate": ["--from_checkpoint", "c", "--tokenizer", "t"]}
+REQUIRED = {
+    "evaluate": ["--from_checkpoint", "c", "--tokenizer", "t", "--eval_corpus", "e"],
+    "deploy": ["--from_checkpoint", "c"],
+    "generate": ["--from_checkpoint", "c", "--tokenizer", "t"],
+}
 
 
 @pytest.mark.parametrize("command", list(REQUIRED))
@@ -68,19 +69,34 @@ def test_evaluated_batches_keep_their_older_spelling():
     assert parser.parse_args(REQUIRED["evaluate"]).eval_batches == 0
 
 
-LIBRARIES = ["llama3.loss", "llama3.checkpoint", "llama3.runtime", "llama3.data.dataset",
-             "llama3.data.preprocess", "llama3.data.tokenizer", "llama3.data.tokens",
-             "llama3.generate", "llama3.import_meta", "llama3.plot", "llama3.plot_lengths",
-             "llama3.interop.hf_export", "llama3.interop.hf_import", "llama3.training.parallel",
-             "llama3.training.step", "llama3.training.state"]
+LIBRARIES = [
+    "llama3.loss",
+    "llama3.checkpoint",
+    "llama3.runtime",
+    "llama3.data.dataset",
+    "llama3.data.preprocess",
+    "llama3.data.tokenizer",
+    "llama3.data.tokens",
+    "llama3.generate",
+    "llama3.import_meta",
+    "llama3.plot",
+    "llama3.plot_lengths",
+    "llama3.interop.hf_export",
+    "llama3.interop.hf_import",
+    "llama3.training.parallel",
+    "llama3.training.step",
+    "llama3.training.state",
+]
 
 
 def test_lower_layers_import_no_command_line():
     """The libraries (loss, data, checkpoints, runtime, generation, import and export, figures,
     training's pieces) import neither llama3.cli nor a command."""
-    code = (f"import sys, {', '.join(LIBRARIES)}; "
-            "print(sorted(m for m in sys.modules if m in ('llama3.cli', 'llama3.deploy.command') "
-            "or m.startswith('llama3.commands')))")
+    code = (
+        f"import sys, {', '.join(LIBRARIES)}; "
+        "print(sorted(m for m in sys.modules if m in ('llama3.cli', 'llama3.deploy.command') "
+        "or m.startswith('llama3.commands')))"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
@@ -90,17 +106,25 @@ def test_configuration_errors_name_the_flag_a_user_typed(capsys):
     """A library's ConfigError names fields; the command line names the flag that sets each."""
     error = ConfigError("{dim} ({}) must be divisible by {n_heads} ({})", 30, 4)
     assert str(error) == "dim (30) must be divisible by n_heads (4)"
-    assert error.at("params.json").naming(flag_of) == \
-        "params.json: --dim (30) must be divisible by --n_heads (4)"
+    assert (
+        error.at("params.json").naming(flag_of)
+        == "params.json: --dim (30) must be divisible by --n_heads (4)"
+    )
     assert pickle.loads(pickle.dumps(error)).fields == ("dim", "n_heads")
     argv = ["generate", "--from_checkpoint", "c", "--tokenizer", "t", "--prompt", "p"]
     assert main([*argv, "--nucleus_prob", "2"]) == 2  # SamplingSettings.top_p
     assert capsys.readouterr().err == "error: --nucleus_prob must be in (0, 1], got 2.0\n"
 
 
-REPO = Path(__file__).resolve().parents[1]
-SCRIPTS = ["quickstart.sh", "train_tokenizer.sh", "train_llama3.sh", "eval_llama3.sh",
-           "deploy_llama3.sh", "generate_llama3.sh"]
+REPO = Path(__file__).resolve().parents[2]
+SCRIPTS = [
+    "quickstart.sh",
+    "train_tokenizer.sh",
+    "train_llama3.sh",
+    "eval_llama3.sh",
+    "deploy_llama3.sh",
+    "generate_llama3.sh",
+]
 FLAG = re.compile(r"(?<![\w-])--[a-z][\w-]*")
 
 
@@ -122,18 +146,24 @@ def readme_commands() -> list[tuple[str, list[str]]]:
     """(subcommand, flags) of the README's parameter table and of its ``python -m llama3``
     commands."""
     text = (REPO / "README.md").read_text().replace("\\\n", " ")
-    found = [(m.group(1), FLAG.findall(m.group(2)))
-             for m in re.finditer(r"^\| `(\w+)` \|[^|]*\|(.*)\|$", text, re.MULTILINE)
-             if m.group(1) in PARSED]
-    found += [(m.group(1), FLAG.findall(m.group(2)))
-              for m in re.finditer(r"python -m llama3 (\w+)(.*)", text) if m.group(1) in PARSED]
+    found = [
+        (m.group(1), FLAG.findall(m.group(2)))
+        for m in re.finditer(r"^\| `(\w+)` \|[^|]*\|(.*)\|$", text, re.MULTILINE)
+        if m.group(1) in PARSED
+    ]
+    found += [
+        (m.group(1), FLAG.findall(m.group(2)))
+        for m in re.finditer(r"python -m llama3 (\w+)(.*)", text)
+        if m.group(1) in PARSED
+    ]
     return found
 
 
 @pytest.mark.parametrize("source", [*SCRIPTS, "README.md"])
 def test_scripts_and_readme_use_flags_that_exist(source):
-    commands = (readme_commands() if source == "README.md"
-                else script_commands((REPO / source).read_text()))
+    commands = (
+        readme_commands() if source == "README.md" else script_commands((REPO / source).read_text())
+    )
     assert commands
     for command, flags in commands:
         known = parser_of(command)._option_string_actions
@@ -146,10 +176,13 @@ def test_project_metadata_reads_without_deprecation_warnings():
     setuptools = pytest.importorskip("setuptools")
     if int(setuptools.__version__.split(".")[0]) < 77:
         pytest.skip(f"setuptools {setuptools.__version__} predates SPDX license strings (77)")
-    code = ("import warnings; warnings.simplefilter('error'); "
-            "from setuptools.config.pyprojecttoml import apply_configuration; "
-            "from setuptools.dist import Distribution; "
-            "apply_configuration(Distribution(), 'pyproject.toml')")
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
-                          timeout=120)
+    code = (
+        "import warnings; warnings.simplefilter('error'); "
+        "from setuptools.config.pyprojecttoml import apply_configuration; "
+        "from setuptools.dist import Distribution; "
+        "apply_configuration(Distribution(), 'pyproject.toml')"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr[-2000:]

@@ -18,7 +18,8 @@ from llama3.ops.softplus_attention import cpu_kernels, use_kernels
 
 # Relative error ‖actual − expected‖ / ‖expected‖ allowed per dtype. Measured on the CPU: about 3e-7
 # (fp32), 4e-4 (fp16, interpreter) and 2e-3 (bf16, dense path; the GPU kernels also round weights
-# to bf16). A 0.1% change of the scores exceeds the fp32 bound (test_tolerance_detects_a_small_error).
+# to bf16). A 0.1% change of the scores exceeds the fp32 bound
+# (test_tolerance_detects_a_small_error).
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 2e-2}
 
 
@@ -152,8 +153,9 @@ def test_tensor_descriptor_path(interpret, seed, keys_along):
     do = torch.randn(B, S, r, dtype=torch.float16)
     tail = (torch.arange(T).view(1, 1, T) >= kv_len.view(B, 1, 1)).expand(B, r, T)
     expected = reference(q, k.masked_fill(tail, 0.0), v.masked_fill(tail, 0.0), do, kv_len=kv_len)
-    o, (dq, dk, dv) = run(q, k.masked_fill(tail, float("nan")), v.masked_fill(tail, float("nan")),
-                          do, kv_len=kv_len)
+    o, (dq, dk, dv) = run(
+        q, k.masked_fill(tail, float("nan")), v.masked_fill(tail, float("nan")), do, kv_len=kv_len
+    )
     assert_close((o, dq, dk, dv), flat(*expected), torch.float16, seed)
     assert (dk[tail] == 0).all() and (dv[tail] == 0).all()
 
@@ -222,21 +224,24 @@ def test_descriptor_memory_allocator_is_per_thread_and_defers_to_the_programs_ow
 
 @pytest.mark.parametrize("S, r", [(5, 64), (1, 64), (1, 136)])
 def test_kv_len_ignores_the_unwritten_tail(interpret, seed, S, r):
-    """A cache of capacity T holding kv_len[b] keys per row; NaN garbage past kv_len is never read."""
+    """A cache of capacity T holding kv_len[b] keys per row; NaN garbage past kv_len is never
+    read."""
     B, T = 3, 40
     kv_len = torch.tensor([S, 23, T])
     q, k, v = random_inputs(B, S, r, T, torch.float32)
     do = torch.randn(B, S, r)
     tail = torch.arange(T).view(1, 1, T) >= kv_len.view(B, 1, 1)
     expected = reference(q, k.masked_fill(tail, 0.0), v.masked_fill(tail, 0.0), do, kv_len=kv_len)
-    o, (dq, dk, dv) = run(q, k.masked_fill(tail, float("nan")), v.masked_fill(tail, float("nan")),
-                          do, kv_len=kv_len)
+    o, (dq, dk, dv) = run(
+        q, k.masked_fill(tail, float("nan")), v.masked_fill(tail, float("nan")), do, kv_len=kv_len
+    )
     assert_close((o, dq, dk, dv), flat(*expected), torch.float32, seed)
     assert (dk.masked_select(tail) == 0).all() and (dv.masked_select(tail) == 0).all()
 
 
 def test_layout_detection():
-    """The stride hints the kernels give the compiler: a unit-stride axis, the rest multiples of 8."""
+    """The stride hints the kernels give the compiler: a unit-stride axis, the rest multiples of
+    8."""
     pytest.importorskip("triton")
     from llama3.ops.softplus_triton import unit_axis
 
@@ -278,7 +283,8 @@ def test_normaliser_matches_float64(interpret, seed):
 
 
 def large_score_inputs(r: int, n: int, dtype: torch.dtype):
-    """q, k with scores z = ⟨q_i, k_j⟩/sqrt(r) in [−80, 80]; row 5's first six keys at exactly −80."""
+    """q, k with scores z = ⟨q_i, k_j⟩/sqrt(r) in [−80, 80]; row 5's first six keys at exactly
+    −80."""
     bound = (80 * r**0.5) ** 0.5
     q = torch.nn.functional.normalize(torch.randn(1, n, r), dim=-1) * bound
     k = torch.nn.functional.normalize(torch.randn(1, r, n), dim=1) * bound
@@ -290,7 +296,8 @@ def large_score_inputs(r: int, n: int, dtype: torch.dtype):
 
 
 def test_large_scores_are_finite_and_accurate(interpret, seed):
-    """|z| up to 80 in fp32: no inf or NaN, and the exact result even where every weight is ~e^-80."""
+    """|z| up to 80 in fp32: no inf or NaN, and the exact result even where every weight is
+    ~e^-80."""
     q, k, v = large_score_inputs(64, 24, torch.float32)
     do = torch.randn(1, 24, 64)
     o, grads = run(q, k, v, do, scale="constant")
@@ -387,8 +394,9 @@ def test_kernel_width_limit(interpret):
 
 
 def train_losses(steps: int = 3, seed: int = 0) -> list[float]:
-    args = ModelArgs(attention="softplus", dim=32, n_layers=2, core_dim=136, vocab_size=61,
-                     max_seq_len=32)
+    args = ModelArgs(
+        attention="softplus", dim=32, n_layers=2, core_dim=136, vocab_size=61, max_seq_len=32
+    )
     torch.manual_seed(seed)
     model = Transformer.build(args)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -451,19 +459,20 @@ def _elementwise_kernel(monkeypatch):
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # Triton fixes the mode at definition
     # the interpreter resolves a kernel's names in its module's globals
-    globals().update(_log2_1p=kernels._log2_1p, _softplus2=kernels._softplus2,
-                     _sigmoid2=kernels._sigmoid2)
+    globals().update(
+        _log2_1p=kernels._log2_1p, _softplus2=kernels._softplus2, _sigmoid2=kernels._sigmoid2
+    )
 
     @triton.jit
     def apply(X, OUT, N, WHICH: tl.constexpr, BLOCK: tl.constexpr):
         i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         x = tl.load(X + i, mask=i < N)
         if WHICH == 0:
-            y = _log2_1p(x)
+            y = _log2_1p(x)  # noqa: F821 - in globals(), put there above
         elif WHICH == 1:
-            y = _softplus2(x)
+            y = _softplus2(x)  # noqa: F821 - in globals(), put there above
         else:
-            y = _sigmoid2(x, _softplus2(x))
+            y = _sigmoid2(x, _softplus2(x))  # noqa: F821 - in globals(), put there above
         tl.store(OUT + i, y, mask=i < N)
 
     return apply
@@ -524,6 +533,9 @@ def test_decoding_splits_fill_whole_waves():
     for batch in (5, 16, 50, 100, 200, 300):
         splits = num_key_splits(batch, 4096, 32, 132)
         assert batch * splits <= max(batch, 264)
-        better = [s for s in range(1, 65) if batch * s <= 264 and
-                  fill(batch * s) > fill(batch * splits) + 0.02]
+        better = [
+            s
+            for s in range(1, 65)
+            if batch * s <= 264 and fill(batch * s) > fill(batch * splits) + 0.02
+        ]
         assert not better, (batch, splits, better)

@@ -8,19 +8,33 @@ from pathlib import Path
 
 import pytest
 import torch
+from meta_layout import fairscale_shards
 
 from llama3 import Transformer, load_checkpoint
 from llama3.checkpoint import read_model_file
 from llama3.model.meta import model_args_from_params
-from meta_layout import fairscale_shards
 
-PARAMS = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 320,
-          "multiple_of": 32, "ffn_dim_multiplier": 1.3, "norm_eps": 1e-5, "rope_theta": 500000.0,
-          "use_scaled_rope": True}
+PARAMS = {
+    "dim": 64,
+    "n_layers": 2,
+    "n_heads": 4,
+    "n_kv_heads": 2,
+    "vocab_size": 320,
+    "multiple_of": 32,
+    "ffn_dim_multiplier": 1.3,
+    "norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "use_scaled_rope": True,
+}
 
 
-def meta_checkpoint(directory: Path, params: dict = PARAMS, tokenizer: bytes | None = None,
-                    seed: int = 0, n_shards: int = 2) -> dict[str, torch.Tensor]:
+def meta_checkpoint(
+    directory: Path,
+    params: dict = PARAMS,
+    tokenizer: bytes | None = None,
+    seed: int = 0,
+    n_shards: int = 2,
+) -> dict[str, torch.Tensor]:
     """Write ``params`` as params.json and weights of :data:`PARAMS`'s shape as consolidated.*.pth,
     split over ``n_shards`` ranks as Meta's fairscale layers split them (bf16); returns the merged
     state."""
@@ -51,8 +65,17 @@ def test_round_trip_gives_the_same_logits(tmp_path, capsys, n_shards):
     state = meta_checkpoint(tmp_path / "meta", tokenizer=TIKTOKEN_LINES, n_shards=n_shards)
     shard = torch.load(tmp_path / "meta" / "consolidated.00.pth", weights_only=True)
     assert shard["tok_embeddings.weight"].shape == (320 // n_shards, 64)
-    code = main(["import_meta", "--meta_dir", str(tmp_path / "meta"), "--to_checkpoint",
-                 str(tmp_path / "ours"), "--max_seq_len", "512"])
+    code = main(
+        [
+            "import_meta",
+            "--meta_dir",
+            str(tmp_path / "meta"),
+            "--to_checkpoint",
+            str(tmp_path / "ours"),
+            "--max_seq_len",
+            "512",
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     assert "not a SentencePiece model" in out and "tiktoken" in out
@@ -73,8 +96,18 @@ def test_sentencepiece_tokenizer_is_recorded(tmp_path, tiny_tokenizer, capsys):
     from llama3.__main__ import main
 
     meta_checkpoint(tmp_path / "meta", tokenizer=Path(tiny_tokenizer).read_bytes())
-    assert main(["import_meta", "--meta_dir", str(tmp_path / "meta"), "--to_checkpoint",
-                 str(tmp_path / "ours")]) == 0
+    assert (
+        main(
+            [
+                "import_meta",
+                "--meta_dir",
+                str(tmp_path / "meta"),
+                "--to_checkpoint",
+                str(tmp_path / "ours"),
+            ]
+        )
+        == 0
+    )
     record = read_model_file(tmp_path / "ours")
     assert record["tokenizer"]["sha256"] and "recorded" in capsys.readouterr().out
 
@@ -82,8 +115,15 @@ def test_sentencepiece_tokenizer_is_recorded(tmp_path, tiny_tokenizer, capsys):
 def _error(tmp_path: Path, capsys) -> str:
     from llama3.__main__ import main
 
-    code = main(["import_meta", "--meta_dir", str(tmp_path / "meta"), "--to_checkpoint",
-                 str(tmp_path / "ours")])
+    code = main(
+        [
+            "import_meta",
+            "--meta_dir",
+            str(tmp_path / "meta"),
+            "--to_checkpoint",
+            str(tmp_path / "ours"),
+        ]
+    )
     assert code == 2 and not (tmp_path / "ours").exists()
     return capsys.readouterr().err
 
@@ -107,7 +147,9 @@ def test_errors_name_the_file(tmp_path, capsys):
     (meta / "params.json").write_text(json.dumps({**PARAMS, "n_kv_heads": 4}))
     message = _error(tmp_path, capsys)
     assert "consolidated.00.pth, consolidated.01.pth do not match params.json" in message
-    assert "layers.0.attention.wk.weight has shape (32, 64), params.json implies (64, 64)" in message
+    assert (
+        "layers.0.attention.wk.weight has shape (32, 64), params.json implies (64, 64)" in message
+    )
 
 
 @pytest.mark.parametrize("broken", [b"not a torch file", b""])

@@ -18,16 +18,16 @@ import torch
 import torch.nn.functional as F
 from lm_eval_tasks import local_choice_task, local_rolling_task
 
+from llama3 import load_checkpoint
+from llama3.__main__ import main
+from llama3.data.clean import Cleaner
+from llama3.data.tokenizer import Tokenizer
+
 pytest.importorskip("lm_eval")
 
-from lm_eval.api.instance import Instance  # noqa: E402
+from lm_eval.api.instance import Instance  # noqa: E402 - lm-eval is optional: after the skip
 
-from llama3 import load_checkpoint  # noqa: E402
-from llama3.__main__ import main  # noqa: E402
-from llama3.data.clean import Cleaner  # noqa: E402
-from llama3.data.tokenizer import Tokenizer  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 WINDOW = 8  # tokens per window of the rolling log-likelihood
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -35,8 +35,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def harness_model(checkpoint: Path, tokenizer: Path, **settings):
     from llama3.interop.lm_eval import Llama3LM
 
-    return Llama3LM(checkpoint=str(checkpoint), tokenizer=str(tokenizer), batch_size=3,
-                    device="cpu", **settings)
+    return Llama3LM(
+        checkpoint=str(checkpoint), tokenizer=str(tokenizer), batch_size=3, device="cpu", **settings
+    )
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +47,9 @@ def lm(tiny_checkpoint, tiny_tokenizer):
 
 
 def requests(kind: str, *arguments: tuple) -> list[Instance]:
-    return [Instance(request_type=kind, doc={}, arguments=a, idx=i) for i, a in enumerate(arguments)]
+    return [
+        Instance(request_type=kind, doc={}, arguments=a, idx=i) for i, a in enumerate(arguments)
+    ]
 
 
 def test_registered_beside_the_built_in_models():
@@ -68,14 +71,23 @@ def test_cleaning_is_the_tokenizers_unless_a_step_is_given(lm, tiny_checkpoint, 
 
 @torch.no_grad()
 def test_loglikelihood_equals_direct_computation(lm, tiny_checkpoint, tiny_tokenizer):
-    pairs = [("The River", " flows"), ("A quiet Morning in the", " Garden by the old mill"),
-             ("", "Music"), ("Café", " au lait"), ("x y " * 20, " the end")]  # the last: truncated
+    pairs = [
+        ("The River", " flows"),
+        ("A quiet Morning in the", " Garden by the old mill"),
+        ("", "Music"),
+        ("Café", " au lait"),
+        ("x y " * 20, " the end"),
+    ]  # the last: truncated
     results = lm.loglikelihood(requests("loglikelihood", *pairs), disable_tqdm=True)
-    model, sp, clean = load_checkpoint(tiny_checkpoint("softplus")), Tokenizer(tiny_tokenizer), Cleaner()
+    model, sp, clean = (
+        load_checkpoint(tiny_checkpoint("softplus")),
+        Tokenizer(tiny_tokenizer),
+        Cleaner(),
+    )
     for (context, continuation), (logprob, greedy) in zip(pairs, results):
         whole = [sp.eos_id, *sp.encode(clean(context + continuation))]
         n = len(whole) - 1 - len(sp.encode(clean(context))) if context else len(whole) - 1
-        window = whole[-(lm.max_length + 1):]
+        window = whole[-(lm.max_length + 1) :]
         logits = model(torch.tensor([window[:-1]]))[0, -n:]
         target = torch.tensor(window[-n:])
         expected = F.log_softmax(logits.float(), -1).gather(-1, target[:, None]).sum()
@@ -84,8 +96,9 @@ def test_loglikelihood_equals_direct_computation(lm, tiny_checkpoint, tiny_token
     # scored tokens: the model's own greedy choice, and another one
     ids = [sp.eos_id, *sp.encode(clean("The River"))]
     best = int(model(torch.tensor([ids]))[0, -1].argmax())
-    scored = lm._loglikelihood_tokens([((None, None), ids, [best]),
-                                       ((None, None), ids, [(best + 1) % sp.vocab_size])])
+    scored = lm._loglikelihood_tokens(
+        [((None, None), ids, [best]), ((None, None), ids, [(best + 1) % sp.vocab_size])]
+    )
     assert [greedy for _, greedy in scored] == [True, False]
 
 
@@ -104,15 +117,33 @@ def test_rolling_equals_evaluate_loss(tiny_checkpoint, tiny_tokenizer, tmp_path)
         corpus = tmp_path / name
         corpus.mkdir()
         (corpus / "part.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-        assert main(["evaluate", "--from_checkpoint", str(tiny_checkpoint("softplus")),
-                     "--tokenizer", str(tiny_tokenizer), "--eval_corpus", str(corpus),
-                     "--max_seq_len", str(WINDOW), "--batch_size", "1", "--no-progress",
-                     "--output", str(tmp_path / f"{name}.json")]) == 0
+        assert (
+            main(
+                [
+                    "evaluate",
+                    "--from_checkpoint",
+                    str(tiny_checkpoint("softplus")),
+                    "--tokenizer",
+                    str(tiny_tokenizer),
+                    "--eval_corpus",
+                    str(corpus),
+                    "--max_seq_len",
+                    str(WINDOW),
+                    "--batch_size",
+                    "1",
+                    "--no-progress",
+                    "--output",
+                    str(tmp_path / f"{name}.json"),
+                ]
+            )
+            == 0
+        )
         result = json.loads((tmp_path / f"{name}.json").read_text())
         totals.append(result["loss"] * result["tokens"])
     lm = harness_model(tiny_checkpoint("softplus"), tiny_tokenizer, max_length=WINDOW)
-    rolling, = lm.loglikelihood_rolling(requests("loglikelihood_rolling", (b_text,)),
-                                        disable_tqdm=True)
+    (rolling,) = lm.loglikelihood_rolling(
+        requests("loglikelihood_rolling", (b_text,)), disable_tqdm=True
+    )
     assert -rolling == pytest.approx(totals[1] - totals[0], rel=1e-5)
 
 
@@ -129,13 +160,19 @@ def test_generate_until_stops_at_the_strings(lm, tiny_checkpoint, tiny_tokenizer
         return completion_text(sp, ids, result.tokens[0])
 
     context = "The River and the"
-    free, = lm.generate_until(requests("generate_until", (context, {"until": [], "max_gen_toks": 12})),
-                              disable_tqdm=True)
+    (free,) = lm.generate_until(
+        requests("generate_until", (context, {"until": [], "max_gen_toks": 12})), disable_tqdm=True
+    )
     assert free == greedy(context, 12) and len(free) > 6
     stop = free[3:5]
-    stopped, short = lm.generate_until(requests(
-        "generate_until", (context, {"until": [stop, "zzz"], "max_gen_toks": 12}),
-        ("The Garden", {"until": "\n", "max_gen_toks": 3, "do_sample": False})), disable_tqdm=True)
+    stopped, short = lm.generate_until(
+        requests(
+            "generate_until",
+            (context, {"until": [stop, "zzz"], "max_gen_toks": 12}),
+            ("The Garden", {"until": "\n", "max_gen_toks": 3, "do_sample": False}),
+        ),
+        disable_tqdm=True,
+    )
     assert stopped == free[: free.find(stop)]
     assert short == greedy("The Garden", 3)  # no newline ever: max_gen_toks ends it
 
@@ -155,57 +192,111 @@ def test_generate_until_stops_decoding_once_a_string_is_written(lm, monkeypatch)
 
     monkeypatch.setattr(Generator, "generate_ids", counting)
     context = "The River and the"
-    free, = lm.generate_until(requests("generate_until", (context, {"until": [], "max_gen_toks": 24})),
-                              disable_tqdm=True)
+    (free,) = lm.generate_until(
+        requests("generate_until", (context, {"until": [], "max_gen_toks": 24})), disable_tqdm=True
+    )
     stop = free[3:5]
-    stopped, = lm.generate_until(requests("generate_until", (context, {"until": [stop], "max_gen_toks": 24})),
-                                 disable_tqdm=True)
+    (stopped,) = lm.generate_until(
+        requests("generate_until", (context, {"until": [stop], "max_gen_toks": 24})),
+        disable_tqdm=True,
+    )
     assert stopped == free[: free.find(stop)]
     assert steps[1] == CHECK_EVERY - 1 < steps[0], steps
 
 
-def test_requests_mostly_unknown_to_the_tokenizer_are_said_once(tiny_checkpoint, tiny_tokenizer,
-                                                                 capsys):
+def test_requests_mostly_unknown_to_the_tokenizer_are_said_once(
+    tiny_checkpoint, tiny_tokenizer, capsys
+):
     lm = harness_model(tiny_checkpoint("softplus"), tiny_tokenizer, ascii=False, nfkd=False)
     seen = ("The River", " and the")
     lm.loglikelihood(requests("loglikelihood", seen), disable_tqdm=True)
     assert "<unk>" not in capsys.readouterr().err
     unseen = ("The River", " ЖЖЖ ЖЖЖ ЖЖЖ ЖЖЖ")  # letters the tiny corpus never had
     lm.loglikelihood(requests("loglikelihood", unseen, unseen), disable_tqdm=True)
-    lm.generate_until(requests("generate_until", (unseen[1], {"max_gen_toks": 2})),
-                      disable_tqdm=True)
+    lm.generate_until(
+        requests("generate_until", (unseen[1], {"max_gen_toks": 2})), disable_tqdm=True
+    )
     err = capsys.readouterr().err
     assert err.count("are <unk>") == 1 and "lm-eval requests" in err, err
 
 
-def run_harness(command: list[str], model_args: str, tasks: Path, names: str, output: Path,
-                *flags: str, preexec_fn=None) -> subprocess.CompletedProcess:
+def run_harness(
+    command: list[str],
+    model_args: str,
+    tasks: Path,
+    names: str,
+    output: Path,
+    *flags: str,
+    preexec_fn=None,
+) -> subprocess.CompletedProcess:
     """lm-eval's command line (``command``: the module and model) on the tasks ``names`` in
     ``tasks``, offline, with the datasets cache beside the tasks."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
-           "OMP_NUM_THREADS": "1", "HF_DATASETS_CACHE": str(tasks / "datasets")}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "HF_DATASETS_CACHE": str(tasks / "datasets"),
+    }
     return subprocess.run(
-        [sys.executable, "-m", *command, "--model_args", model_args, "--tasks", names,
-         "--include_path", str(tasks), "--device", "cpu", "--batch_size", "4", "--output_path",
-         str(output), *flags],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300, preexec_fn=preexec_fn)
+        [
+            sys.executable,
+            "-m",
+            *command,
+            "--model_args",
+            model_args,
+            "--tasks",
+            names,
+            "--include_path",
+            str(tasks),
+            "--device",
+            "cpu",
+            "--batch_size",
+            "4",
+            "--output_path",
+            str(output),
+            *flags,
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=preexec_fn,
+    )
 
 
-def run_lm_eval(tiny_checkpoint, tokenizer: Path, tasks: Path, output: Path, *flags: str,
-                names: str = "tiny_choice", attention: str = "softplus",
-                preexec_fn=None) -> subprocess.CompletedProcess:
+def run_lm_eval(
+    tiny_checkpoint,
+    tokenizer: Path,
+    tasks: Path,
+    output: Path,
+    *flags: str,
+    names: str = "tiny_choice",
+    attention: str = "softplus",
+    preexec_fn=None,
+) -> subprocess.CompletedProcess:
     """``python -m llama3 lm_eval`` on a tiny checkpoint and the tasks ``names`` in ``tasks``."""
-    return run_harness(["llama3", "lm_eval", "--model", "llama3"],
-                       f"checkpoint={tiny_checkpoint(attention)},tokenizer={tokenizer}", tasks,
-                       names, output, *flags, preexec_fn=preexec_fn)
+    return run_harness(
+        ["llama3", "lm_eval", "--model", "llama3"],
+        f"checkpoint={tiny_checkpoint(attention)},tokenizer={tokenizer}",
+        tasks,
+        names,
+        output,
+        *flags,
+        preexec_fn=preexec_fn,
+    )
 
 
 def logged_loglikelihoods(output: Path, task: str) -> list[float]:
     """Every log-likelihood lm-eval logged for ``task`` (--log_samples), in document order: one
     per text of a rolling task, one per choice of a multiple-choice task."""
-    samples, = output.rglob(f"samples_{task}_*.jsonl")
-    rows = sorted((json.loads(line) for line in samples.read_text().splitlines()),
-                  key=lambda row: row["doc_id"])
+    (samples,) = output.rglob(f"samples_{task}_*.jsonl")
+    rows = sorted(
+        (json.loads(line) for line in samples.read_text().splitlines()),
+        key=lambda row: row["doc_id"],
+    )
     responses = [r for row in rows for r in row["filtered_resps"]]
     return [float(r[0] if isinstance(r, list) else r) for r in responses]  # r: ll or (ll, greedy)
 
@@ -213,46 +304,83 @@ def logged_loglikelihoods(output: Path, task: str) -> list[float]:
 def test_the_lm_eval_command_runs_a_local_task(tiny_checkpoint, tiny_tokenizer, tmp_path, lm):
     """``python -m llama3 lm_eval`` with a multiple-choice task read from a local JSON file; its
     accuracy is the share of questions whose right answer our loglikelihood scores highest."""
-    questions = [("The River", [" flows", " music"], 0), ("The city", [" of", " garden"], 1),
-                 ("A quiet", [" morning", " the"], 0), ("Old stone", [" bridge", " window"], 1)]
+    questions = [
+        ("The River", [" flows", " music"], 0),
+        ("The city", [" of", " garden"], 1),
+        ("A quiet", [" morning", " the"], 0),
+        ("Old stone", [" bridge", " window"], 1),
+    ]
     task = local_choice_task(tmp_path, questions)
     done = run_lm_eval(tiny_checkpoint, tiny_tokenizer, task, tmp_path / "out")
     assert done.returncode == 0, done.stderr[-3000:]
-    result, = (tmp_path / "out").rglob("results_*.json")
+    (result,) = (tmp_path / "out").rglob("results_*.json")
     accuracy = json.loads(result.read_text())["results"]["tiny_choice"]["acc,none"]
     right = 0
     for question, choices, label in questions:
-        scores = lm.loglikelihood(requests("loglikelihood", *[(question, c) for c in choices]),
-                                  disable_tqdm=True)
+        scores = lm.loglikelihood(
+            requests("loglikelihood", *[(question, c) for c in choices]), disable_tqdm=True
+        )
         right += max(range(len(choices)), key=lambda i: scores[i][0]) == label
     assert accuracy == pytest.approx(right / len(questions))
 
 
-def test_lm_evals_hf_backend_on_the_export_gives_our_scores(tiny_checkpoint, tiny_tokenizer,
-                                                            tmp_path):
+def test_lm_evals_hf_backend_on_the_export_gives_our_scores(
+    tiny_checkpoint, tiny_tokenizer, tmp_path
+):
     """lm-eval's own ``hf`` model on an export_hf directory scores as our ``llama3`` model does:
     multiple choice with default settings, and whole texts (perplexity) with add_bos_token=False,
     since its loglikelihood_rolling puts the start token (the declared bos) before the text's own
     encoding, which holds the start token already when the tokenizer adds it, as ours does."""
     directory = tmp_path / "hf"
-    assert main(["export_hf", "--from_checkpoint", str(tiny_checkpoint("softmax")), "--tokenizer",
-                 str(tiny_tokenizer), "--output", str(directory)]) == 0
+    assert (
+        main(
+            [
+                "export_hf",
+                "--from_checkpoint",
+                str(tiny_checkpoint("softmax")),
+                "--tokenizer",
+                str(tiny_tokenizer),
+                "--output",
+                str(directory),
+            ]
+        )
+        == 0
+    )
     config = json.loads((directory / "config.json").read_text())
     generation = json.loads((directory / "generation_config.json").read_text())
     start = Tokenizer(tiny_tokenizer).eos_id  # the start token of packed training
     assert config["bos_token_id"] == generation["bos_token_id"] == start
 
-    questions = [("The River", [" flows", " music"], 0), ("A quiet", [" morning", " the"], 0),
-                 ("Old stone", [" bridge", " window"], 1)]
-    texts = ["The river and the garden of the old city by the water. " * 4,
-             "Music school in the <unk> village, a quiet morning.", "Stone"]
+    questions = [
+        ("The River", [" flows", " music"], 0),
+        ("A quiet", [" morning", " the"], 0),
+        ("Old stone", [" bridge", " window"], 1),
+    ]
+    texts = [
+        "The river and the garden of the old city by the water. " * 4,
+        "Music school in the <unk> village, a quiet morning.",
+        "Stone",
+    ]
     tasks = local_rolling_task(local_choice_task(tmp_path, questions), texts)
-    ours = run_lm_eval(tiny_checkpoint, tiny_tokenizer, tasks, tmp_path / "ours", "--log_samples",
-                       names="tiny_choice,tiny_rolling", attention="softmax")
+    ours = run_lm_eval(
+        tiny_checkpoint,
+        tiny_tokenizer,
+        tasks,
+        tmp_path / "ours",
+        "--log_samples",
+        names="tiny_choice,tiny_rolling",
+        attention="softmax",
+    )
     assert ours.returncode == 0, ours.stderr[-3000:]
     for task, settings in (("tiny_choice", ""), ("tiny_rolling", ",add_bos_token=False")):
-        theirs = run_harness(["lm_eval", "--model", "hf"], f"pretrained={directory}{settings}",
-                             tasks, task, tmp_path / task, "--log_samples")
+        theirs = run_harness(
+            ["lm_eval", "--model", "hf"],
+            f"pretrained={directory}{settings}",
+            tasks,
+            task,
+            tmp_path / task,
+            "--log_samples",
+        )
         assert theirs.returncode == 0, theirs.stderr[-3000:]
         expected = logged_loglikelihoods(tmp_path / "ours", task)
         assert len(expected) == (6 if task == "tiny_choice" else len(texts))
@@ -265,20 +393,25 @@ def test_the_generation_budget_fits_the_context_unless_a_task_asks_for_more(lm):
     from llama3.errors import UsageError
 
     assert (lm.max_length, lm.max_gen_toks) == (32, 16)
-    text, = lm.generate_until(requests("generate_until", ("The River", {"until": []})),
-                              disable_tqdm=True)
+    (text,) = lm.generate_until(
+        requests("generate_until", ("The River", {"until": []})), disable_tqdm=True
+    )
     assert 0 < len(lm.tok_encode(text, add_special_tokens=False)) <= 16
     with pytest.raises(UsageError, match="--gen_kwargs max_gen_toks"):
-        lm.generate_until(requests("generate_until", ("The River", {"max_gen_toks": 32})),
-                          disable_tqdm=True)
+        lm.generate_until(
+            requests("generate_until", ("The River", {"max_gen_toks": 32})), disable_tqdm=True
+        )
 
 
-@pytest.mark.parametrize("context, continuation, words", [
-    ("The River", " the" * 40, "more than max_length 32"),
-    ("The River", "", "no tokens"),
-    ("The River", " ", "no tokens"),  # an empty choice after the target delimiter
-    ("", "", "no tokens"),
-])
+@pytest.mark.parametrize(
+    "context, continuation, words",
+    [
+        ("The River", " the" * 40, "more than max_length 32"),
+        ("The River", "", "no tokens"),
+        ("The River", " ", "no tokens"),  # an empty choice after the target delimiter
+        ("", "", "no tokens"),
+    ],
+)
 def test_requests_that_cannot_be_scored_are_one_line(lm, context, continuation, words):
     from llama3.errors import UsageError
 
@@ -298,8 +431,14 @@ def test_results_the_disk_cannot_hold_are_one_line(tiny_checkpoint, tiny_tokeniz
     def full_disk() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (1024, resource.RLIM_INFINITY))
 
-    done = run_lm_eval(tiny_checkpoint, tiny_tokenizer, task, tmp_path / "full", "--log_samples",
-                       preexec_fn=full_disk)
+    done = run_lm_eval(
+        tiny_checkpoint,
+        tiny_tokenizer,
+        task,
+        tmp_path / "full",
+        "--log_samples",
+        preexec_fn=full_disk,
+    )
     errors = [line for line in done.stderr.splitlines() if line.startswith("error")]
     assert done.returncode == 2 and len(errors) == 1, done.stderr[-3000:]
     assert "--output_path" in errors[0] and "tiny_choice" in done.stdout

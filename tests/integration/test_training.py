@@ -8,7 +8,7 @@ stored loss trajectory that a change must reproduce.
 
 Regenerate the stored trajectory (after a deliberate change of the numerics) with::
 
-    python tests/test_training.py --regenerate
+    python tests/integration/test_training.py --regenerate
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
+# run as a script (--regenerate), the imports below take llama3 from this checkout
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
@@ -38,20 +39,59 @@ from llama3.checkpoint import list_step_dirs, read_model_file, resolve_step_dir 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TRAJECTORY = Path(__file__).parent / "data" / "training_trajectory.json"
-TINY = ["--dim", "32", "--n_layers", "2", "--n_heads", "4", "--core_dim", "16", "--max_seq_len",
-        "32", "--batch_size", "8", "--base_lr", "3e-3", "--warmup_steps", "2", "--no-tensorboard"]
+TRAJECTORY = Path(__file__).parents[1] / "data" / "training_trajectory.json"
+TINY = [
+    "--dim",
+    "32",
+    "--n_layers",
+    "2",
+    "--n_heads",
+    "4",
+    "--core_dim",
+    "16",
+    "--max_seq_len",
+    "32",
+    "--batch_size",
+    "8",
+    "--base_lr",
+    "3e-3",
+    "--warmup_steps",
+    "2",
+    "--no-tensorboard",
+]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
 # ------------------------------------------------------------------------------ tiny data
 
-SUBJECTS = ["the cat", "a dog", "the old man", "my sister", "the teacher", "a small bird",
-            "the farmer", "our neighbour"]
+SUBJECTS = [
+    "the cat",
+    "a dog",
+    "the old man",
+    "my sister",
+    "the teacher",
+    "a small bird",
+    "the farmer",
+    "our neighbour",
+]
 VERBS = ["sees", "likes", "finds", "carries", "paints", "follows", "feeds", "remembers"]
-OBJECTS = ["the red ball", "a green apple", "the long road", "a quiet river", "the wooden table",
-           "an open door", "the warm bread", "a bright star"]
-PLACES = ["in the morning", "at night", "near the house", "by the lake", "after lunch",
-          "in the garden"]
+OBJECTS = [
+    "the red ball",
+    "a green apple",
+    "the long road",
+    "a quiet river",
+    "the wooden table",
+    "an open door",
+    "the warm bread",
+    "a bright star",
+]
+PLACES = [
+    "in the morning",
+    "at night",
+    "near the house",
+    "by the lake",
+    "after lunch",
+    "in the garden",
+]
 
 
 def documents(n: int, seed: int):
@@ -65,8 +105,10 @@ def documents(n: int, seed: int):
 
     for _ in range(n):
         sentences = draw(range(1, 7))
-        yield " ".join(f"{draw(SUBJECTS).capitalize()} {draw(VERBS)} {draw(OBJECTS)} "
-                       f"{draw(PLACES)}." for _ in range(sentences))
+        yield " ".join(
+            f"{draw(SUBJECTS).capitalize()} {draw(VERBS)} {draw(OBJECTS)} {draw(PLACES)}."
+            for _ in range(sentences)
+        )
 
 
 def write_corpus(path: Path, n: int, seed: int) -> Path:
@@ -82,13 +124,33 @@ class TinyData:
         self.train = write_corpus(root / "train", 600, seed=1)
         self.eval = write_corpus(root / "eval", 60, seed=2)
         self.tokenizer = root / "tokenizer.model"
-        assert main(["train_tokenizer", "--train_corpus", str(self.train), "--model_file",
-                     str(self.tokenizer), "--vocab_size", "128", "--n_most_frequent_words", "10",
-                     "--no-progress"]) == 0
+        assert (
+            main(
+                [
+                    "train_tokenizer",
+                    "--train_corpus",
+                    str(self.train),
+                    "--model_file",
+                    str(self.tokenizer),
+                    "--vocab_size",
+                    "128",
+                    "--n_most_frequent_words",
+                    "10",
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
 
     def flags(self, run_dir: Path, *, eval_corpus: bool = True) -> list[str]:
-        flags = ["--train_corpus", str(self.train), "--tokenizer", str(self.tokenizer),
-                 "--to_checkpoint", str(run_dir)]
+        flags = [
+            "--train_corpus",
+            str(self.train),
+            "--tokenizer",
+            str(self.tokenizer),
+            "--to_checkpoint",
+            str(run_dir),
+        ]
         return flags + (["--eval_corpus", str(self.eval)] if eval_corpus else [])
 
 
@@ -112,8 +174,17 @@ def losses(run_dir: Path, kind: str = "train") -> list[float]:
 
 
 def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-               str(nproc), "-m", "llama3", *args]  # --standalone: a free local port
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(nproc),
+        "-m",
+        "llama3",
+        *args,
+    ]  # --standalone: a free local port
     return subprocess.run(command, env=ENV, cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
@@ -125,9 +196,22 @@ def finished_run(data, tmp_path_factory) -> Path:
     """40 steps through ``python -m llama3 train`` in a fresh interpreter, TensorBoard on."""
     run_dir = tmp_path_factory.mktemp("runs") / "softplus"
     flags = [f for f in TINY if f != "--no-tensorboard"]
-    command = [sys.executable, "-m", "llama3", "train", *data.flags(run_dir), *flags,
-               "--total_steps", "40", "--eval_steps", "10", "--eval_batches", "2",
-               "--save_steps", "20"]
+    command = [
+        sys.executable,
+        "-m",
+        "llama3",
+        "train",
+        *data.flags(run_dir),
+        *flags,
+        "--total_steps",
+        "40",
+        "--eval_steps",
+        "10",
+        "--eval_batches",
+        "2",
+        "--save_steps",
+        "20",
+    ]
     done = subprocess.run(command, env=ENV, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return run_dir
@@ -146,8 +230,12 @@ def test_run_directory(finished_run):
     assert [p.name for p in list_step_dirs(finished_run)] == ["step_00000020", "step_00000040"]
     assert resolve_step_dir(finished_run).name == "step_00000040"
     for step_dir in list_step_dirs(finished_run):
-        assert {p.name for p in step_dir.iterdir()} == {"model.pt", "trainer.pt", "state",
-                                                       "rank_00000.pt"}
+        assert {p.name for p in step_dir.iterdir()} == {
+            "model.pt",
+            "trainer.pt",
+            "state",
+            "rank_00000.pt",
+        }
     summary = json.loads((finished_run / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["steps"] == 40
     assert summary["tokens"] == 40 * 8 * 32
@@ -165,8 +253,25 @@ def test_run_directory(finished_run):
 
 def test_plot_writes_png(finished_run, tmp_path):
     png = tmp_path / "curves.png"
-    assert main(["plot", str(finished_run), str(finished_run / "metrics.jsonl"), "--output",
-                 str(png), "--x", "tokens", "--labels", "a", "b", "--smooth", "0.5"]) == 0
+    assert (
+        main(
+            [
+                "plot",
+                str(finished_run),
+                str(finished_run / "metrics.jsonl"),
+                "--output",
+                str(png),
+                "--x",
+                "tokens",
+                "--labels",
+                "a",
+                "b",
+                "--smooth",
+                "0.5",
+            ]
+        )
+        == 0
+    )
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
@@ -204,8 +309,12 @@ def test_accumulation_equals_one_batch(data, tmp_path):
     runs = {}
     for accumulation in (1, 2, 4):
         run_dir = tmp_path / f"acc{accumulation}"
-        assert train(data, run_dir, *flags, "--accumulation_steps", str(accumulation),
-                     eval_corpus=False) == 0
+        assert (
+            train(
+                data, run_dir, *flags, "--accumulation_steps", str(accumulation), eval_corpus=False
+            )
+            == 0
+        )
         runs[accumulation] = records(run_dir)
     for accumulation in (2, 4):
         for one, many in zip(runs[1], runs[accumulation]):
@@ -222,8 +331,9 @@ def _targets_per_micro_batch_differ(data: TinyData) -> bool:
 
     tokenizer = Tokenizer(data.tokenizer)
     corpus = open_token_corpus(data.train, tokenizer, progress=False)
-    _, targets = TrainWindows(corpus, 64, 8, mode="padded", pad_id=tokenizer.pad_id,
-                              prefetch=0).batch(0)
+    _, targets = TrainWindows(
+        corpus, 64, 8, mode="padded", pad_id=tokenizer.pad_id, prefetch=0
+    ).batch(0)
     counts = [int((t != IGNORE_INDEX).sum()) for t in targets.chunk(2)]
     return counts[0] != counts[1]
 
@@ -232,22 +342,54 @@ def _targets_per_micro_batch_differ(data: TinyData) -> bool:
 def straight_run(data, tmp_path_factory) -> Path:
     """6 steps with dropout (so generator state matters), saved at steps 3 and 6."""
     run_dir = tmp_path_factory.mktemp("straight") / "run"
-    assert train(data, run_dir, "--dropout", "0.1", "--total_steps", "6", "--save_steps", "3",
-                 "--eval_steps", "3", "--eval_batches", "2") == 0
+    assert (
+        train(
+            data,
+            run_dir,
+            "--dropout",
+            "0.1",
+            "--total_steps",
+            "6",
+            "--save_steps",
+            "3",
+            "--eval_steps",
+            "3",
+            "--eval_batches",
+            "2",
+        )
+        == 0
+    )
     return run_dir
 
 
 def test_resume_is_exact(data, straight_run, tmp_path):
     resumed = tmp_path / "resumed"
-    assert train(data, resumed, "--dropout", "0.1", "--total_steps", "6", "--save_steps", "3",
-                 "--eval_steps", "3", "--eval_batches", "2", "--from_checkpoint",
-                 str(straight_run / "step_00000003")) == 0
+    assert (
+        train(
+            data,
+            resumed,
+            "--dropout",
+            "0.1",
+            "--total_steps",
+            "6",
+            "--save_steps",
+            "3",
+            "--eval_steps",
+            "3",
+            "--eval_batches",
+            "2",
+            "--from_checkpoint",
+            str(straight_run / "step_00000003"),
+        )
+        == 0
+    )
     for kind in ("train", "eval"):
         a, b = records(straight_run, kind), records(resumed, kind)
         assert [r["step"] for r in a] == [r["step"] for r in b]
         assert [r["loss"] for r in a] == [r["loss"] for r in b]  # bit for bit
     assert [r["grad_norm"] for r in records(straight_run)] == [
-        r["grad_norm"] for r in records(resumed)]
+        r["grad_norm"] for r in records(resumed)
+    ]
     final_a, final_b = load_checkpoint(straight_run), load_checkpoint(resumed)
     for (name, a), b in zip(final_a.state_dict().items(), final_b.state_dict().values()):
         assert torch.equal(a, b), name
@@ -259,15 +401,39 @@ def test_resume_from_a_version_1_training_record(data, straight_run, tmp_path):
     old = tmp_path / "old" / "step_00000003"
     shutil.copytree(straight_run / "step_00000003", old)
     record = torch.load(old / "trainer.pt", weights_only=True)
-    version_1 = {"format": record["format"], "version": 1, "step": record["step"],
-                 "model_args": record["model_args"], "tokenizer": record["tokenizer"],
-                 "world_size": record["world_size"], **record["progress"],
-                 "scaler": record["scaler"] or None, **record["settings"], "train_args": {},
-                 "corpus": "fingerprint"}
+    version_1 = {
+        "format": record["format"],
+        "version": 1,
+        "step": record["step"],
+        "model_args": record["model_args"],
+        "tokenizer": record["tokenizer"],
+        "world_size": record["world_size"],
+        **record["progress"],
+        "scaler": record["scaler"] or None,
+        **record["settings"],
+        "train_args": {},
+        "corpus": "fingerprint",
+    }
     torch.save(version_1, old / "trainer.pt")
     resumed = tmp_path / "resumed"  # batch, seed and schedule from the checkpoint, not repeated
-    assert main(["train", *data.flags(resumed), "--from_checkpoint", str(old), "--no-tensorboard",
-                 "--save_steps", "3", "--eval_steps", "3", "--eval_batches", "2"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                *data.flags(resumed),
+                "--from_checkpoint",
+                str(old),
+                "--no-tensorboard",
+                "--save_steps",
+                "3",
+                "--eval_steps",
+                "3",
+                "--eval_batches",
+                "2",
+            ]
+        )
+        == 0
+    )
     for kind in ("train", "eval"):
         assert losses(resumed, kind) == losses(straight_run, kind)
 
@@ -288,16 +454,33 @@ def test_resume_takes_its_training_flags_from_the_checkpoint(data, straight_run,
     longer exact; flags given win and are listed."""
     step_3 = str(straight_run / "step_00000003")
     resumed = tmp_path / "resumed"
-    assert main(["train", *data.flags(resumed), "--from_checkpoint", step_3, "--no-tensorboard"]) == 0
+    assert (
+        main(["train", *data.flags(resumed), "--from_checkpoint", step_3, "--no-tensorboard"]) == 0
+    )
     for kind in ("train", "eval"):
         assert records(resumed, kind) and losses(resumed, kind) == losses(straight_run, kind)
     assert "changed since the checkpoint" not in capsys.readouterr().out
     autocast = tmp_path / "autocast"
-    assert main(["train", *data.flags(autocast), "--from_checkpoint", step_3, "--no-tensorboard",
-                 "--amp_bf16", "--base_lr", "1e-3"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                *data.flags(autocast),
+                "--from_checkpoint",
+                step_3,
+                "--no-tensorboard",
+                "--amp_bf16",
+                "--base_lr",
+                "1e-3",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
-    assert "precision amp_bf16 (checkpoint: fp32): the arithmetic changes, so the continuation " \
-           "is no longer exact" in out
+    assert (
+        "precision amp_bf16 (checkpoint: fp32): the arithmetic changes, so the continuation "
+        "is no longer exact" in out
+    )
     assert "--base_lr 0.001 (checkpoint: 0.003)" in out
     assert [r["step"] for r in records(autocast)] == list(range(1, 7))
     assert all(w.dtype == torch.float32 for w in read_model_file(autocast)["model"].values())
@@ -310,8 +493,19 @@ def test_resuming_a_finished_run_changes_nothing(data, straight_run, tmp_path, c
     run_dir = tmp_path / "finished"
     shutil.copytree(straight_run, run_dir)
     before = {name: (run_dir / name).read_bytes() for name in ("summary.json", "metrics.jsonl")}
-    assert train(data, run_dir, "--dropout", "0.1", "--total_steps", "6", "--from_checkpoint",
-                 str(run_dir)) == 0
+    assert (
+        train(
+            data,
+            run_dir,
+            "--dropout",
+            "0.1",
+            "--total_steps",
+            "6",
+            "--from_checkpoint",
+            str(run_dir),
+        )
+        == 0
+    )
     assert "the run is complete: the checkpoint is at step 6" in capsys.readouterr().out
     assert {name: (run_dir / name).read_bytes() for name in before} == before
 
@@ -323,14 +517,38 @@ def test_resuming_an_older_step_never_mixes_it_with_newer_ones(data, tmp_path, c
     run_dir = tmp_path / "run"
     assert train(data, run_dir, "--total_steps", "4", "--save_steps", "2", eval_corpus=False) == 0
     older = str(run_dir / "step_00000002")
-    assert train(data, run_dir, "--from_checkpoint", older, "--keep_last", "1", "--total_steps",
-                 "3", eval_corpus=False) == 2
+    assert (
+        train(
+            data,
+            run_dir,
+            "--from_checkpoint",
+            older,
+            "--keep_last",
+            "1",
+            "--total_steps",
+            "3",
+            eval_corpus=False,
+        )
+        == 2
+    )
     assert "holds step_00000004, newer than step_00000002" in capsys.readouterr().err
     assert [p.name for p in list_step_dirs(run_dir)] == ["step_00000002", "step_00000004"]
     assert resolve_step_dir(run_dir).name == "step_00000004"
     branch = tmp_path / "branch"
-    assert train(data, branch, "--from_checkpoint", older, "--keep_last", "1", "--total_steps",
-                 "3", eval_corpus=False) == 0
+    assert (
+        train(
+            data,
+            branch,
+            "--from_checkpoint",
+            older,
+            "--keep_last",
+            "1",
+            "--total_steps",
+            "3",
+            eval_corpus=False,
+        )
+        == 0
+    )
     assert [p.name for p in list_step_dirs(branch)] == ["step_00000003"]
     assert resolve_step_dir(branch).name == "step_00000003"
 
@@ -343,8 +561,10 @@ def test_one_writer_per_run_directory(data, tmp_path, capsys):
     try:
         assert train(data, run_dir, "--total_steps", "3", eval_corpus=False) == 2
         err = capsys.readouterr().err
-        assert f"--to_checkpoint {run_dir} is in use by another training process (pid " \
-               f"{child.pid})" in err
+        assert (
+            f"--to_checkpoint {run_dir} is in use by another training process (pid "
+            f"{child.pid})" in err
+        )
         assert len(err.strip().splitlines()) == 1
     finally:
         child.kill()
@@ -356,12 +576,23 @@ def test_one_writer_per_run_directory(data, tmp_path, capsys):
 ENDLESS = 100000  # steps of a run that a test stops
 
 
-def endless_run(data: TinyData, run_dir: Path, first_steps: int,
-                stderr: int = subprocess.PIPE) -> subprocess.Popen:
+def endless_run(
+    data: TinyData, run_dir: Path, first_steps: int, stderr: int = subprocess.PIPE
+) -> subprocess.Popen:
     """A training run in a child process, returned once it has done ``first_steps`` steps; it
     would go on for ENDLESS steps, saving nothing on the way."""
-    command = [sys.executable, "-m", "llama3", "train", *data.flags(run_dir, eval_corpus=False),
-               *TINY, "--total_steps", str(ENDLESS), "--save_steps", str(ENDLESS)]
+    command = [
+        sys.executable,
+        "-m",
+        "llama3",
+        "train",
+        *data.flags(run_dir, eval_corpus=False),
+        *TINY,
+        "--total_steps",
+        str(ENDLESS),
+        "--save_steps",
+        str(ENDLESS),
+    ]
     child = subprocess.Popen(command, env=ENV, cwd=REPO, stdout=subprocess.PIPE, stderr=stderr)
     shown, seen = re.compile(rf"(\d+)/{ENDLESS}\b"), ""
     try:  # its progress bar on stdout shows the steps done
@@ -390,16 +621,37 @@ def test_ctrl_c_saves_then_resumes(data, tmp_path):
     assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 3
     assert resolve_step_dir(run_dir).name == f"step_{steps[-1]:08d}"
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "interrupted"
-    assert train(data, run_dir, "--total_steps", str(steps[-1] + 2), "--from_checkpoint",
-                 str(run_dir), eval_corpus=False) == 0
+    assert (
+        train(
+            data,
+            run_dir,
+            "--total_steps",
+            str(steps[-1] + 2),
+            "--from_checkpoint",
+            str(run_dir),
+            eval_corpus=False,
+        )
+        == 0
+    )
     assert [r["step"] for r in records(run_dir)] == list(range(1, steps[-1] + 3))
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(data, tmp_path, capsys):
     run_dir = tmp_path / "exploding"
     # An absurd learning rate: the first update is finite, the second step's loss is not.
-    status = train(data, run_dir, "--base_lr", "1e20", "--warmup_steps", "0", "--total_steps", "5",
-                   "--save_steps", "1", eval_corpus=False)
+    status = train(
+        data,
+        run_dir,
+        "--base_lr",
+        "1e20",
+        "--warmup_steps",
+        "0",
+        "--total_steps",
+        "5",
+        "--save_steps",
+        "1",
+        eval_corpus=False,
+    )
     err = capsys.readouterr().err
     assert status == 3
     assert "non-finite values at step 2" in err and "first non-finite gradient: " in err
@@ -442,28 +694,53 @@ def test_multitrain_needs_torchrun(data, tmp_path, capsys, monkeypatch):
 def test_fsdp_two_processes_match_one_and_resume(data, tmp_path):
     """Two gloo processes × 4 windows (FSDP2) = one process × 8 windows: same windows per step,
     same losses; the sharded checkpoint resumes exactly and its model.pt loads without torchrun."""
-    common = [*TINY, "--accumulation_steps", "2", "--total_steps", "4", "--save_steps", "2",
-              "--eval_steps", "2", "--eval_batches", "2"]
+    common = [
+        *TINY,
+        "--accumulation_steps",
+        "2",
+        "--total_steps",
+        "4",
+        "--save_steps",
+        "2",
+        "--eval_steps",
+        "2",
+        "--eval_batches",
+        "2",
+    ]
     single = tmp_path / "single"
     assert train(data, single, *common) == 0
     sharded = tmp_path / "fsdp"
     done = torchrun("multitrain", *data.flags(sharded), *common, "--batch_size", "4")
     assert done.returncode == 0, done.stderr[-3000:]
     for kind in ("train", "eval"):
-        assert [r["step"] for r in records(single, kind)] == [r["step"] for r in records(sharded, kind)]
+        assert [r["step"] for r in records(single, kind)] == [
+            r["step"] for r in records(sharded, kind)
+        ]
         for a, b in zip(losses(single, kind), losses(sharded, kind)):
             assert b == pytest.approx(a, rel=1e-5)
     step_dir = sharded / "step_00000004"
-    assert {p.name for p in step_dir.iterdir()} == {"model.pt", "trainer.pt", "state",
-                                                   "rank_00000.pt", "rank_00001.pt"}
+    assert {p.name for p in step_dir.iterdir()} == {
+        "model.pt",
+        "trainer.pt",
+        "state",
+        "rank_00000.pt",
+        "rank_00001.pt",
+    }
     assert len(list((step_dir / "state").glob("*.distcp"))) == 2
     one, two = load_checkpoint(single), load_checkpoint(sharded)
     for (name, a), b in zip(one.state_dict().items(), two.state_dict().values()):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6, msg=name)
 
     resumed = tmp_path / "fsdp_resumed"
-    done = torchrun("multitrain", *data.flags(resumed), *common, "--batch_size", "4",
-                    "--from_checkpoint", str(sharded / "step_00000002"))
+    done = torchrun(
+        "multitrain",
+        *data.flags(resumed),
+        *common,
+        "--batch_size",
+        "4",
+        "--from_checkpoint",
+        str(sharded / "step_00000002"),
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert losses(resumed) == losses(sharded)
     assert losses(resumed, "eval") == losses(sharded, "eval")
@@ -476,8 +753,9 @@ def test_fsdp_bf16_matches_one_process(data, tmp_path):
     single = tmp_path / "single"
     assert train(data, single, *common, eval_corpus=False) == 0
     sharded = tmp_path / "fsdp"
-    done = torchrun("multitrain", *data.flags(sharded, eval_corpus=False), *common,
-                    "--batch_size", "4")
+    done = torchrun(
+        "multitrain", *data.flags(sharded, eval_corpus=False), *common, "--batch_size", "4"
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "precision bf16, FSDP2" in done.stdout
     assert losses(sharded) == pytest.approx(losses(single), rel=1e-3)
@@ -496,13 +774,20 @@ def test_compile_matches_eager(data, tmp_path):
     assert train(data, eager, *flags) == 0
     compiled = tmp_path / "compiled"
     command = [sys.executable, "-m", "llama3", "train", *data.flags(compiled), *flags, "--compile"]
-    done = subprocess.run(command, env={**ENV, "TORCHINDUCTOR_COMPILE_THREADS": "1"}, cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        command,
+        env={**ENV, "TORCHINDUCTOR_COMPILE_THREADS": "1"},
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     for kind in ("train", "eval"):
         assert losses(compiled, kind) == pytest.approx(losses(eager, kind), rel=1e-5)
-    for (name, a), b in zip(load_checkpoint(eager).state_dict().items(),
-                            load_checkpoint(compiled).state_dict().values()):
+    for (name, a), b in zip(
+        load_checkpoint(eager).state_dict().items(), load_checkpoint(compiled).state_dict().values()
+    ):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6, msg=name)
 
 
@@ -512,24 +797,38 @@ def test_amp_fp16_skips_overflowing_steps_and_resumes_its_scaler(data, tmp_path,
     checkpoint holds, so it repeats the uninterrupted run exactly."""
     from llama3.training import build
 
-    init_scale = 2.0 ** 24  # far above what these gradients allow in fp16
+    init_scale = 2.0**24  # far above what these gradients allow in fp16
     monkeypatch.setattr(build, "GradScaler", partial(build.GradScaler, init_scale=init_scale))
     flags = ["--amp_fp16", "--total_steps", "8", "--save_steps", "4"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert train(data, straight, *flags, eval_corpus=False) == 0
-    assert train(data, resumed, *flags, "--from_checkpoint", str(straight / "step_00000004"),
-                 eval_corpus=False) == 0
+    assert (
+        train(
+            data,
+            resumed,
+            *flags,
+            "--from_checkpoint",
+            str(straight / "step_00000004"),
+            eval_corpus=False,
+        )
+        == 0
+    )
 
     def outcome(run_dir: Path, first: int = 1) -> list[tuple]:
-        return [(r["step"], r["loss"], str(r["grad_norm"]), r.get("skipped", False))
-                for r in records(run_dir) if r["step"] >= first]
+        return [
+            (r["step"], r["loss"], str(r["grad_norm"]), r.get("skipped", False))
+            for r in records(run_dir)
+            if r["step"] >= first
+        ]
 
     skipped = [step for step, _, _, skip in outcome(straight) if skip]
     assert skipped and skipped[0] == 1
     assert all(math.isfinite(loss) for loss in losses(straight))  # only gradients overflowed
     assert outcome(resumed) == outcome(straight)
-    scale = {run: torch.load(run / "step_00000008" / "trainer.pt",
-                             weights_only=True)["scaler"]["scale"] for run in (straight, resumed)}
+    scale = {
+        run: torch.load(run / "step_00000008" / "trainer.pt", weights_only=True)["scaler"]["scale"]
+        for run in (straight, resumed)
+    }
     saved = torch.load(straight / "step_00000004" / "trainer.pt", weights_only=True)
     assert saved["scaler"]["scale"] < init_scale
     assert scale[resumed] == scale[straight] < init_scale
@@ -558,7 +857,8 @@ def test_loss_trajectory_matches_stored(data, tmp_path):
     for name, expected in stored["losses"].items():
         assert current[name] == pytest.approx(expected, rel=2e-5, abs=1e-5), (
             f"{name}: the loss trajectory changed; if intended, regenerate it "
-            "(python tests/test_training.py --regenerate)")
+            "(python tests/integration/test_training.py --regenerate)"
+        )
 
 
 def regenerate() -> None:
@@ -568,16 +868,20 @@ def regenerate() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         current = trajectory(TinyData(Path(tmp) / "data"), Path(tmp) / "runs")
     TRAJECTORY.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"about": "training losses of the tiny configurations in tests/test_training.py "
-                        "(one CPU thread, fp32); regenerate with "
-                        "python tests/test_training.py --regenerate",
-               "torch": torch.__version__, "flags": TINY, "runs": TRAJECTORY_FLAGS,
-               "losses": current}
+    payload = {
+        "about": "training losses of the tiny configurations in tests/integration/test_training.py "
+        "(one CPU thread, fp32); regenerate with "
+        "python tests/integration/test_training.py --regenerate",
+        "torch": torch.__version__,
+        "flags": TINY,
+        "runs": TRAJECTORY_FLAGS,
+        "losses": current,
+    }
     TRAJECTORY.write_text(json.dumps(payload, indent=1) + "\n")
     print(f"wrote {TRAJECTORY}")
 
 
 if __name__ == "__main__":
     if sys.argv[1:] != ["--regenerate"]:
-        sys.exit("usage: python tests/test_training.py --regenerate")
+        sys.exit("usage: python tests/integration/test_training.py --regenerate")
     regenerate()

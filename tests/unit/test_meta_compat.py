@@ -8,14 +8,23 @@ functions over a Meta-layout state dict, so our modules are checked against an i
 import pytest
 import torch
 import torch.nn.functional as F
+from meta_layout import fairscale_shards
 
 from llama3 import Transformer
 from llama3.model.meta import merge_shards, model_args_from_params
-from meta_layout import fairscale_shards
 
-PARAMS = {"dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 96,
-          "multiple_of": 32, "ffn_dim_multiplier": 1.3, "norm_eps": 1e-5, "rope_theta": 500000.0,
-          "use_scaled_rope": True}
+PARAMS = {
+    "dim": 64,
+    "n_layers": 2,
+    "n_heads": 4,
+    "n_kv_heads": 2,
+    "vocab_size": 96,
+    "multiple_of": 32,
+    "ffn_dim_multiplier": 1.3,
+    "norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "use_scaled_rope": True,
+}
 
 
 def _rms(x, w, eps):
@@ -24,6 +33,7 @@ def _rms(x, w, eps):
 
 def _freqs_cis(head_dim, end, theta, use_scaled):
     from llama3.model.transformer import rope_frequencies  # the scaling rule is tested on its own
+
     freqs = rope_frequencies(head_dim, theta, use_scaled)
     t = torch.arange(end, dtype=torch.float32)
     return torch.polar(torch.ones(end, head_dim // 2), torch.outer(t, freqs))
@@ -50,11 +60,13 @@ def meta_forward(sd, params, tokens):
         q, k = _rope(q, fc), _rope(k, fc)
         k = k.repeat_interleave(H // Hkv, dim=2)
         v = v.repeat_interleave(H // Hkv, dim=2)
-        scores = q.transpose(1, 2) @ k.permute(0, 2, 3, 1) / hd ** 0.5 + mask
+        scores = q.transpose(1, 2) @ k.permute(0, 2, 3, 1) / hd**0.5 + mask
         att = F.softmax(scores.float(), dim=-1) @ v.transpose(1, 2)
         h = h + att.transpose(1, 2).reshape(B, S, -1) @ sd[p + "attention.wo.weight"].T
         x = _rms(h, sd[p + "ffn_norm.weight"], params["norm_eps"])
-        ff = F.silu(x @ sd[p + "feed_forward.w1.weight"].T) * (x @ sd[p + "feed_forward.w3.weight"].T)
+        ff = F.silu(x @ sd[p + "feed_forward.w1.weight"].T) * (
+            x @ sd[p + "feed_forward.w3.weight"].T
+        )
         h = h + ff @ sd[p + "feed_forward.w2.weight"].T
     return (_rms(h, sd["norm.weight"], params["norm_eps"]) @ sd["output.weight"].T).float()
 

@@ -22,8 +22,17 @@ CPU = torch.device("cpu")
 
 def tiny_model(seed: int = 0) -> Transformer:
     torch.manual_seed(seed)
-    return Transformer.build(ModelArgs(attention="softmax", dim=32, n_layers=2, n_heads=4,
-                                       vocab_size=50, multiple_of=16, max_seq_len=16))
+    return Transformer.build(
+        ModelArgs(
+            attention="softmax",
+            dim=32,
+            n_layers=2,
+            n_heads=4,
+            vocab_size=50,
+            multiple_of=16,
+            max_seq_len=16,
+        )
+    )
 
 
 def backward(model: Transformer, seed: int = 1) -> torch.Tensor:
@@ -68,8 +77,11 @@ def test_guard_names_the_first_parameter_with_a_non_finite_gradient():
     model.output.weight.grad[0, 0] = float("nan")
     norm = total_grad_norm(model.parameters()).item()
     assert not math.isfinite(norm)
-    with pytest.raises(NonFiniteError, match=r"step 7: first non-finite gradient: "
-                                             r"layers\.1\.feed_forward\.w3\.weight"):
+    with pytest.raises(
+        NonFiniteError,
+        match=r"step 7: first non-finite gradient: "
+        r"layers\.1\.feed_forward\.w3\.weight",
+    ):
         check_finite(7, 2.5, norm, model, Distributed.single("cpu"))
 
 
@@ -109,8 +121,9 @@ def test_mfu_from_flops_and_peak():
 def test_metrics_log_rewrites_history_and_appends(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"kind": "train", "step": 9, "loss": 0.0}\n')
     history = [{"kind": "train", "step": 1, "loss": 3.0}]  # as restored from a checkpoint
-    log = MetricsLog(tmp_path, main=True, history=history, start_step=1, total_steps=3,
-                     tensorboard=False)
+    log = MetricsLog(
+        tmp_path, main=True, history=history, start_step=1, total_steps=3, tensorboard=False
+    )
     log.write({"kind": "train", "step": 2, "loss": 2.0, "lr": 0.1, "tokens_per_s": 10.0})
     log.close()
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -124,17 +137,21 @@ def test_metrics_log_rewrites_history_and_appends(tmp_path):
 def parse(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     add_training_flags(parser, multiprocess=True)
-    return parser.parse_args(["--train_corpus", "c", "--tokenizer", "t", "--to_checkpoint", "r",
-                              *argv])
+    return parser.parse_args(
+        ["--train_corpus", "c", "--tokenizer", "t", "--to_checkpoint", "r", *argv]
+    )
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--batch_size", "0"], "--batch_size"),
-    (["--batch_size", "6", "--accumulation_steps", "4"], "--accumulation_steps 4 must divide"),
-    (["--total_steps", "10", "--warmup_steps", "10"], "--warmup_steps 10"),
-    (["--min_lr_ratio", "2"], "--min_lr_ratio"),
-    (["--prefetching", "-1"], "--prefetching"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--batch_size", "0"], "--batch_size"),
+        (["--batch_size", "6", "--accumulation_steps", "4"], "--accumulation_steps 4 must divide"),
+        (["--total_steps", "10", "--warmup_steps", "10"], "--warmup_steps 10"),
+        (["--min_lr_ratio", "2"], "--min_lr_ratio"),
+        (["--prefetching", "-1"], "--prefetching"),
+    ],
+)
 def test_bad_flags_are_refused(argv, message):
     with pytest.raises(UsageError, match=message):
         TrainingConfig.from_args(parse(*argv))

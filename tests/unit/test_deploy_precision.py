@@ -17,10 +17,19 @@ from llama3.model.transformer import cache_shape
 
 FP16_MAX = torch.finfo(torch.float16).max  # 65504
 TINY = {
-    "softmax": dict(attention="softmax", dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=61,
-                    multiple_of=16, max_seq_len=64),
-    "softplus": dict(attention="softplus", dim=32, n_layers=2, core_dim=16, vocab_size=61,
-                     max_seq_len=64),
+    "softmax": dict(
+        attention="softmax",
+        dim=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        vocab_size=61,
+        multiple_of=16,
+        max_seq_len=64,
+    ),
+    "softplus": dict(
+        attention="softplus", dim=32, n_layers=2, core_dim=16, vocab_size=61, max_seq_len=64
+    ),
 }
 ONNX_FLOAT = onnx.TensorProto.FLOAT
 
@@ -34,16 +43,19 @@ def tiny_model(attention: str) -> Transformer:
 def softplus_fp16(tmp_path_factory):
     """(fp32 model, path of its fp16 export)."""
     model = tiny_model("softplus")
-    path = export_onnx(model, tmp_path_factory.mktemp("fp16") / "model_fp16.onnx",
-                       dtype=torch.float16)
+    path = export_onnx(
+        model, tmp_path_factory.mktemp("fp16") / "model_fp16.onnx", dtype=torch.float16
+    )
     return model, path
 
 
 def input_types(path) -> dict[str, list[int]]:
     """Per operator type, the element types of its first inputs, after shape inference."""
     graph = onnx.shape_inference.infer_shapes(onnx.load(str(path))).graph
-    types = {v.name: v.type.tensor_type.elem_type
-             for v in list(graph.value_info) + list(graph.input) + list(graph.output)}
+    types = {
+        v.name: v.type.tensor_type.elem_type
+        for v in list(graph.value_info) + list(graph.input) + list(graph.output)
+    }
     types.update({i.name: i.data_type for i in graph.initializer})
     found: dict[str, list[int]] = {}
     for node in graph.node:
@@ -59,11 +71,16 @@ def test_cast_copy_keeps_rope_frequencies_fp32():
     torch.testing.assert_close(copy.rope.inv_freq, model.rope.inv_freq, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("precision, dtype, elem_type", [
-    ("fp16", torch.float16, onnx.TensorProto.FLOAT16),
-    ("bf16", torch.bfloat16, onnx.TensorProto.BFLOAT16)])
-def test_reduced_export_carries_its_dtype_and_an_fp32_normaliser(precision, dtype, elem_type,
-                                                                  softplus_fp16, tmp_path):
+@pytest.mark.parametrize(
+    "precision, dtype, elem_type",
+    [
+        ("fp16", torch.float16, onnx.TensorProto.FLOAT16),
+        ("bf16", torch.bfloat16, onnx.TensorProto.BFLOAT16),
+    ],
+)
+def test_reduced_export_carries_its_dtype_and_an_fp32_normaliser(
+    precision, dtype, elem_type, softplus_fp16, tmp_path
+):
     if precision == "fp16":
         path = softplus_fp16[1]
     else:
@@ -93,8 +110,10 @@ def test_fp16_export_matches_pytorch_in_onnxruntime(attention, softplus_fp16, tm
     g = torch.Generator().manual_seed(0)
     for batch, query, cached in [(3, 7, 0), (2, 1, 9)]:
         tokens = torch.randint(0, 61, (batch, query), generator=g)
-        k, v = (torch.randn(cache_shape(model.args, batch, cached), generator=g).half()
-                for _ in range(2))
+        k, v = (
+            torch.randn(cache_shape(model.args, batch, cached), generator=g).half()
+            for _ in range(2)
+        )
         expected = reference(tokens, k.float(), v.float())[0]
         got = runner(tokens, k, v)[0]
         assert got.dtype == torch.float16
@@ -116,9 +135,10 @@ def test_fp16_long_context_normaliser_exceeds_fp16_range_and_stays_exact(softplu
     sums = [n.output[0] for n in proto.graph.node if n.op_type == "ReduceSum"]
     proto.graph.output.extend(onnx.helper.make_tensor_value_info(s, ONNX_FLOAT, None) for s in sums)
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    outputs = session.run(None, {"input": tokens.numpy(), "k_cache": k.numpy(),
-                                 "v_cache": v.numpy()})
-    normalisers = outputs[len(OUTPUT_NAMES):]
+    outputs = session.run(
+        None, {"input": tokens.numpy(), "k_cache": k.numpy(), "v_cache": v.numpy()}
+    )
+    normalisers = outputs[len(OUTPUT_NAMES) :]
     assert len(normalisers) == model.args.n_layers
     for l in normalisers:
         assert l.dtype == np.float32 and np.isfinite(l).all() and l.min() > FP16_MAX

@@ -18,24 +18,43 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.kernel_static import LEAST_TENSOR_FLOPS, count_loop, parse_sass, tile_loop
+
 triton = pytest.importorskip("triton")
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from benchmarks.kernel_static import (  # noqa: E402
-    LEAST_TENSOR_FLOPS, count_loop, parse_sass, tile_loop)
+REPO = Path(__file__).resolve().parents[2]
 
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-pytestmark = pytest.mark.skipif(not (BIN / "cuobjdump").exists() or not (BIN / "ptxas").exists(),
-                                reason="this Triton build has no CUDA tools (ptxas, cuobjdump)")
+pytestmark = pytest.mark.skipif(
+    not (BIN / "cuobjdump").exists() or not (BIN / "ptxas").exists(),
+    reason="this Triton build has no CUDA tools (ptxas, cuobjdump)",
+)
 
 
 def static_report(folder: Path, dtype: str, widths: str) -> dict:
     """The static report for ``widths`` in ``dtype``, compiled in two processes."""
     out = folder / f"report_{dtype}.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    subprocess.run([sys.executable, "-m", "benchmarks.kernel_static", "--r", widths,
-                    "--dtype", dtype, "--jobs", "2", "--output", str(out)], check=True, env=env,
-                   cwd=REPO, capture_output=True, text=True, timeout=600)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.kernel_static",
+            "--r",
+            widths,
+            "--dtype",
+            dtype,
+            "--jobs",
+            "2",
+            "--output",
+            str(out),
+        ],
+        check=True,
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     return json.loads(out.read_text())
 
 
@@ -79,15 +98,17 @@ def test_one_special_function_op_per_pair_in_the_forward(report):
 def test_sass_reading_counts_a_known_loop():
     """A loop of exactly one exp2 and one FMA per element: the reader finds that loop and counts
     its special-function op, and every instruction it counts belongs to the loop."""
-    text = "\n".join([
-        "        /*0000*/                   MOV R1, c[0x0][0x28] ;",
-        "        /*0010*/                   FMUL R2, R1, R1 ;",
-        "        /*0020*/                   MUFU.EX2 R3, R2 ;",
-        "        /*0030*/                   FFMA R4, R3, R2, R4 ;",
-        "        /*0040*/                   HGMMA.64x64x16.F32.BF16 R8, gdesc[UR4], R8 ;",
-        "        /*0050*/               @P0 BRA 0x10 ;",
-        "        /*0060*/                   EXIT ;",
-    ])
+    text = "\n".join(
+        [
+            "        /*0000*/                   MOV R1, c[0x0][0x28] ;",
+            "        /*0010*/                   FMUL R2, R1, R1 ;",
+            "        /*0020*/                   MUFU.EX2 R3, R2 ;",
+            "        /*0030*/                   FFMA R4, R3, R2, R4 ;",
+            "        /*0040*/                   HGMMA.64x64x16.F32.BF16 R8, gdesc[UR4], R8 ;",
+            "        /*0050*/               @P0 BRA 0x10 ;",
+            "        /*0060*/                   EXIT ;",
+        ]
+    )
     code = parse_sass(text)
     assert [i.opcode for i in code][:3] == ["MOV", "FMUL", "MUFU.EX2"]
     loop, nested = tile_loop(code)

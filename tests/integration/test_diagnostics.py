@@ -19,8 +19,17 @@ S = 12
 def blind_model(attention: str, **overrides) -> Transformer:
     """A model whose queries are zero: every score is 0, so every row weighs its keys alike."""
     torch.manual_seed(0)
-    args = ModelArgs(attention=attention, dim=32, n_layers=2, n_heads=4, vocab_size=61, core_dim=16,
-                     multiple_of=16, max_seq_len=S, **overrides)
+    args = ModelArgs(
+        attention=attention,
+        dim=32,
+        n_layers=2,
+        n_heads=4,
+        vocab_size=61,
+        core_dim=16,
+        multiple_of=16,
+        max_seq_len=S,
+        **overrides,
+    )
     model = Transformer.build(args)
     with torch.no_grad():
         for layer in model.layers:
@@ -72,9 +81,19 @@ def test_gradient_norms_by_role():
     tokens = torch.randint(0, 61, (2, S))
     model(tokens).logsumexp(-1).mean().backward()
     norms = gradient_norms(model)
-    assert set(norms) == {"tok_embeddings", "attention.wq", "attention.wk", "attention.wv",
-                          "attention.wo", "feed_forward.wa", "feed_forward.wb", "attention_norm",
-                          "ffn_norm", "norm", "output"}
+    assert set(norms) == {
+        "tok_embeddings",
+        "attention.wq",
+        "attention.wk",
+        "attention.wv",
+        "attention.wo",
+        "feed_forward.wa",
+        "feed_forward.wb",
+        "attention_norm",
+        "ffn_norm",
+        "norm",
+        "output",
+    }
     total = total_grad_norm(model.parameters()).item()
     assert math.sqrt(sum(v * v for v in norms.values())) == pytest.approx(total, rel=1e-5)
     assert parameter_role("layers.3._orig_mod.attention.wq.weight") == "attention.wq"
@@ -88,8 +107,14 @@ def test_train_records_diagnostics_and_trains_the_same(train_run):
     records = [r for r in kept if r["kind"] == "diagnostics"]
     assert [r["step"] for r in records] == [2, 4]
     assert len(records[0]["layers"]) == 2 and "attention.wo" in records[0]["grad_norms"]
-    losses = [[r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
-               if r["kind"] in ("train", "eval")] for run in (plain, diagnosed)]
+    losses = [
+        [
+            r["loss"]
+            for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+            if r["kind"] in ("train", "eval")
+        ]
+        for run in (plain, diagnosed)
+    ]
     assert losses[0] == losses[1]
 
 
@@ -99,11 +124,42 @@ def train_run(tiny_corpus, tiny_tokenizer, tmp_path, one_thread):
 
     def run(name: str, *extra: str):
         out = tmp_path / name
-        assert main(["train", "--device", "cpu", "--train_corpus", str(tiny_corpus["train"]),
-                     "--eval_corpus", str(tiny_corpus["eval"]), "--tokenizer",
-                     str(tiny_tokenizer), "--dim", "32", "--n_layers", "2", "--core_dim", "48",
-                     "--max_seq_len", "16", "--batch_size", "2", "--total_steps", "4",
-                     "--eval_steps", "2", "--eval_batches", "1", "--no-tensorboard",
-                     "--to_checkpoint", str(out), *extra]) == 0
+        assert (
+            main(
+                [
+                    "train",
+                    "--device",
+                    "cpu",
+                    "--train_corpus",
+                    str(tiny_corpus["train"]),
+                    "--eval_corpus",
+                    str(tiny_corpus["eval"]),
+                    "--tokenizer",
+                    str(tiny_tokenizer),
+                    "--dim",
+                    "32",
+                    "--n_layers",
+                    "2",
+                    "--core_dim",
+                    "48",
+                    "--max_seq_len",
+                    "16",
+                    "--batch_size",
+                    "2",
+                    "--total_steps",
+                    "4",
+                    "--eval_steps",
+                    "2",
+                    "--eval_batches",
+                    "1",
+                    "--no-tensorboard",
+                    "--to_checkpoint",
+                    str(out),
+                    *extra,
+                ]
+            )
+            == 0
+        )
         return out
+
     return run

@@ -1,4 +1,5 @@
-"""Model: shapes, cache consistency, the softplus reference, GQA, RoPE scaling, gradients, errors."""
+"""Model: shapes, cache consistency, the softplus reference, GQA, RoPE scaling, gradients,
+errors."""
 
 import math
 
@@ -15,8 +16,17 @@ ATTENTIONS = ["softmax", "softplus"]
 
 
 def tiny_args(attention: str, **overrides) -> ModelArgs:
-    values = dict(attention=attention, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=61,
-                  core_dim=16, multiple_of=16, max_seq_len=64)
+    values = dict(
+        attention=attention,
+        dim=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        vocab_size=61,
+        core_dim=16,
+        multiple_of=16,
+        max_seq_len=64,
+    )
     values.update(overrides)
     return ModelArgs(**values)
 
@@ -50,7 +60,7 @@ def test_export_form_decoding_equals_full_forward(attention):
     first, k, v = model(tokens[:, :5], k, v)
     steps = [first]
     for i in range(5, 13):
-        logits, k, v = model(tokens[:, i:i + 1], k, v)
+        logits, k, v = model(tokens[:, i : i + 1], k, v)
         steps.append(logits)
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
 
@@ -64,7 +74,7 @@ def test_static_cache_decoding_equals_full_forward(attention):
     steps = [model(tokens[:, :4], cache=cache)]
     cache.lengths += 4
     for i in range(4, 13):
-        steps.append(model(tokens[:, i:i + 1], cache=cache))
+        steps.append(model(tokens[:, i : i + 1], cache=cache))
         cache.lengths += 1
     torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
 
@@ -80,8 +90,12 @@ def test_static_cache_rows_at_different_lengths(attention):
     cache.lengths.copy_(torch.tensor([9, 6]))
     nxt = torch.randint(0, 61, (2, 1))
     step = model(nxt, cache=cache)
-    torch.testing.assert_close(step[0], model(torch.cat([a, nxt[:1]], 1))[0, -1:], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(step[1], model(torch.cat([b, nxt[1:]], 1))[0, -1:], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        step[0], model(torch.cat([a, nxt[:1]], 1))[0, -1:], atol=1e-5, rtol=1e-5
+    )
+    torch.testing.assert_close(
+        step[1], model(torch.cat([b, nxt[1:]], 1))[0, -1:], atol=1e-5, rtol=1e-5
+    )
 
 
 def softplus_by_rows(q, k, v, scale, kv_len=None):
@@ -118,7 +132,9 @@ def test_softplus_reference_kv_len_ignores_the_tail(scale):
     kv_len = torch.tensor([5, 12])
     k[0, :, 5:] = 1e4  # garbage beyond the valid length must not matter
     got = softplus_attention_reference(q, k, v, scale, kv_len)
-    torch.testing.assert_close(got.double(), softplus_by_rows(q, k, v, scale, kv_len), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        got.double(), softplus_by_rows(q, k, v, scale, kv_len), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_gqa_equals_mha_with_repeated_heads():
@@ -184,21 +200,24 @@ def test_tiny_model_overfits_one_batch(attention):
     assert losses[0] > 3.5 and losses[-1] < 0.2, (losses[0], losses[-1])
 
 
-@pytest.mark.parametrize("overrides, field", [
-    (dict(attention="softmax", dim=30, n_heads=4), "dim"),
-    (dict(attention="softmax", n_heads=4, n_kv_heads=3), "n_kv_heads"),
-    (dict(attention="softplus", core_dim=20), "core_dim"),
-    (dict(attention="softplus", core_dim=0), "core_dim"),
-    (dict(n_layers=0), "n_layers"),
-    (dict(attention="linear"), "attention"),
-    (dict(mixer="mlp"), "mixer"),
-    (dict(softplus_scale="log"), "softplus_scale"),
-    (dict(dropout=1.5), "dropout"),
-    (dict(core_output_scale="wide"), "core_output_scale"),
-    (dict(core_output_scale="-0.5"), "core_output_scale"),
-    (dict(core_output_scale="inf"), "core_output_scale"),
-    (dict(init="xavier"), "init"),
-])
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (dict(attention="softmax", dim=30, n_heads=4), "dim"),
+        (dict(attention="softmax", n_heads=4, n_kv_heads=3), "n_kv_heads"),
+        (dict(attention="softplus", core_dim=20), "core_dim"),
+        (dict(attention="softplus", core_dim=0), "core_dim"),
+        (dict(n_layers=0), "n_layers"),
+        (dict(attention="linear"), "attention"),
+        (dict(mixer="mlp"), "mixer"),
+        (dict(softplus_scale="log"), "softplus_scale"),
+        (dict(dropout=1.5), "dropout"),
+        (dict(core_output_scale="wide"), "core_output_scale"),
+        (dict(core_output_scale="-0.5"), "core_output_scale"),
+        (dict(core_output_scale="inf"), "core_output_scale"),
+        (dict(init="xavier"), "init"),
+    ],
+)
 def test_bad_arguments_name_the_field(overrides, field):
     """ModelArgs names its fields; the command line names the flag that sets each (``--dim``)."""
     with pytest.raises(ConfigError, match=rf"\b{field}\b") as raised:
@@ -292,10 +311,12 @@ def test_initialisation_schemes():
     fan_in = Transformer.build(ModelArgs(**args, init="fan_in"))
     for name, m in fan_in.named_modules():
         if isinstance(m, torch.nn.Linear):
-            assert m.weight.std().item() == pytest.approx(m.in_features ** -0.5, rel=0.05), name
+            assert m.weight.std().item() == pytest.approx(m.in_features**-0.5, rel=0.05), name
     assert fan_in.tok_embeddings.weight.std().item() == pytest.approx(1.0, rel=0.05)
-    for attention, writers in (("softplus", ("attention.wo", "feed_forward.wa")),
-                               ("softmax", ("attention.wo", "feed_forward.w2", "feed_forward.w3"))):
+    for attention, writers in (
+        ("softplus", ("attention.wo", "feed_forward.wa")),
+        ("softmax", ("attention.wo", "feed_forward.w2", "feed_forward.w3")),
+    ):
         depth = Transformer.build(ModelArgs(**args, attention=attention, init="depth"))
         stds = _stds(depth)
         for name, std in stds.items():
@@ -304,7 +325,7 @@ def test_initialisation_schemes():
                 expected = 0.02 / math.sqrt(2 * (block + 1)) if role in writers else 0.02
                 # a normal truncated at 3 standard deviations has 0.986 of the deviation
                 assert std == pytest.approx(0.986 * expected, rel=0.06), name
-        assert stds["output.weight"] == pytest.approx(0.986 * 128 ** -0.5, rel=0.05)
+        assert stds["output.weight"] == pytest.approx(0.986 * 128**-0.5, rel=0.05)
         assert stds["tok_embeddings.weight"] == pytest.approx(1.0, rel=0.05)
         weights = [p for p in depth.parameters() if p.dim() == 2][1:]  # all but the embedding
         assert all(p.abs().max() <= 3 * p.std() * 1.02 / 0.986 for p in weights)

@@ -16,7 +16,7 @@ from llama3 import ModelArgs, Transformer, load_checkpoint
 from llama3.training.distributed import Distributed
 
 ARGS = dict(attention="softplus", dim=32, n_layers=2, vocab_size=61, core_dim=16, max_seq_len=16)
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def tiny_model(seed: int = 0) -> Transformer:
@@ -46,19 +46,32 @@ class Piece:
         self.state = state
 
 
-def training_state(model: Transformer, opt: torch.optim.Optimizer,
-                   step: int = 0) -> ckpt.TrainingState:
+def training_state(
+    model: Transformer, opt: torch.optim.Optimizer, step: int = 0
+) -> ckpt.TrainingState:
     return ckpt.TrainingState(
-        model, opt, shared={"history": Piece({"records": [{"kind": "train", "step": step}]})},
-        per_process={"data": Piece({"position": step}),
-                     "rng": ckpt.RandomState(torch.device("cpu"))})
+        model,
+        opt,
+        shared={"history": Piece({"records": [{"kind": "train", "step": step}]})},
+        per_process={
+            "data": Piece({"position": step}),
+            "rng": ckpt.RandomState(torch.device("cpu")),
+        },
+    )
 
 
 def save(root: Path, step: int, model: Transformer, opt: torch.optim.Optimizer, **kw) -> Path:
     group = Distributed.single("cpu")
     return ckpt.save_training_checkpoint(
-        root, step, training_state(model, opt, step), model_state=model.state_dict(),
-        model_args=model.args, tokenizer={"path": "t.model", "sha256": "abc"}, group=group, **kw)
+        root,
+        step,
+        training_state(model, opt, step),
+        model_state=model.state_dict(),
+        model_args=model.args,
+        tokenizer={"path": "t.model", "sha256": "abc"},
+        group=group,
+        **kw,
+    )
 
 
 def test_training_state_round_trip(tmp_path):
@@ -80,9 +93,13 @@ def test_training_state_round_trip(tmp_path):
     for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
         assert torch.equal(a, b), name
     for a, b in zip(opt.state.values(), fresh_opt.state.values()):
-        assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
+        assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(
+            a["exp_avg_sq"], b["exp_avg_sq"]
+        )
 
-    loaded = load_checkpoint(tmp_path)  # the consolidated model, as evaluate/deploy/generate read it
+    loaded = load_checkpoint(
+        tmp_path
+    )  # the consolidated model, as evaluate/deploy/generate read it
     for a, b in zip(model.state_dict().values(), loaded.state_dict().values()):
         assert torch.equal(a, b)
 
@@ -96,8 +113,9 @@ def test_restore_puts_every_piece_back_and_needs_the_same_process_count(tmp_path
     state = training_state(fresh, trained(fresh))
     step_dir, record = ckpt.read_trainer_record(tmp_path)
     with pytest.raises(ckpt.UsageError, match="written by 1 process.*not 2"):
-        ckpt.restore_training_checkpoint(step_dir, record, state,
-                                         Distributed(device=torch.device("cpu"), world_size=2))
+        ckpt.restore_training_checkpoint(
+            step_dir, record, state, Distributed(device=torch.device("cpu"), world_size=2)
+        )
     assert state.per_process["data"].state == {"position": 0}  # refused before anything was read
     ckpt.restore_training_checkpoint(step_dir, record, state, Distributed.single("cpu"))
     assert state.per_process["data"].state == {"position": 7}
@@ -124,8 +142,9 @@ def test_save_failing_before_publish_keeps_previous(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(ckpt, "publish_step_dir", crash)
-    with pytest.raises(ckpt.UsageError, match="step_00000002: No space left on device.*still "
-                                              "step_00000001"):
+    with pytest.raises(
+        ckpt.UsageError, match="step_00000002: No space left on device.*still step_00000001"
+    ):
         save(tmp_path, 2, model, opt)
     monkeypatch.undo()
     assert not (tmp_path / "step_00000002.tmp").exists()  # removed, not left filling the disk
@@ -166,8 +185,9 @@ KILLED_SAVE = textwrap.dedent("""
 
 def test_killed_mid_save_keeps_previous(tmp_path):
     script = KILLED_SAVE.format(tests=str(Path(__file__).parent), root=str(tmp_path))
-    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
-                             cwd=REPO)
+    child = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=REPO
+    )
     try:
         assert child.stdout.readline().strip() == "saving"
         child.send_signal(signal.SIGKILL)

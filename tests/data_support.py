@@ -23,14 +23,18 @@ def make_words(n: int, seed: int) -> list[str]:
     return sorted({"".join(rng.choices(_SYLLABLES, k=rng.randint(1, 4))) for _ in range(n)})
 
 
-def make_texts(n: int, seed: int = 0, words: list[str] | None = None, max_words: int = 40) -> list[str]:
+def make_texts(
+    n: int, seed: int = 0, words: list[str] | None = None, max_words: int = 40
+) -> list[str]:
     """``n`` documents of random words, some with several lines."""
     rng = random.Random(seed)
     words = words or make_words(300, seed)
     texts = []
     for _ in range(n):
-        lines = [" ".join(rng.choices(words, k=rng.randint(3, max_words)))
-                 for _ in range(rng.randint(1, 3))]
+        lines = [
+            " ".join(rng.choices(words, k=rng.randint(3, max_words)))
+            for _ in range(rng.randint(1, 3))
+        ]
         texts.append("\n".join(lines))
     return texts
 
@@ -76,9 +80,15 @@ def write_corpus(path: Path, texts: list[str]) -> Path:
         import pytest
 
         pytest.importorskip("pyarrow")
-        return write_parquet(path, {"id": [f"doc-{i}" for i in range(len(texts))], "text": texts,
-                                    "token_count": [len(t.split()) for t in texts]},
-                             row_group_size=100)
+        return write_parquet(
+            path,
+            {
+                "id": [f"doc-{i}" for i in range(len(texts))],
+                "text": texts,
+                "token_count": [len(t.split()) for t in texts],
+            },
+            row_group_size=100,
+        )
     half = len(texts) // 2
     return write_gzip(path, jsonl_bytes(texts[:half]), jsonl_bytes(texts[half:]))
 
@@ -98,8 +108,14 @@ def train_tiny_tokenizer(directory: Path, vocab_size: int = 400, **kwargs) -> Pa
     from llama3.data.tokenizer import train_tokenizer
 
     corpus = write_jsonl(directory / "tokenizer_corpus.jsonl", make_texts(400, seed=123))
-    return train_tokenizer(corpus, directory / "tiny.model", vocab_size, progress=False,
-                           n_most_frequent_words=kwargs.pop("n_most_frequent_words", 10), **kwargs)
+    return train_tokenizer(
+        corpus,
+        directory / "tiny.model",
+        vocab_size,
+        progress=False,
+        n_most_frequent_words=kwargs.pop("n_most_frequent_words", 10),
+        **kwargs,
+    )
 
 
 def parse(module, argv: list[str]) -> argparse.Namespace:
@@ -111,5 +127,11 @@ def parse(module, argv: list[str]) -> argparse.Namespace:
 def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """``python -m llama3 ARGS`` in a fresh process."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "llama3", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "llama3", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )

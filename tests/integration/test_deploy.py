@@ -19,18 +19,33 @@ import torch
 
 from llama3 import ModelArgs, Transformer, load_checkpoint
 from llama3.deploy import latency
-from llama3.deploy.onnx_export import (EXAMPLE_BATCH, EXAMPLE_CACHE, EXAMPLE_QUERY, INPUT_NAMES,
-                                       OUTPUT_NAMES, export_onnx)
+from llama3.deploy.onnx_export import (
+    EXAMPLE_BATCH,
+    EXAMPLE_CACHE,
+    EXAMPLE_QUERY,
+    INPUT_NAMES,
+    OUTPUT_NAMES,
+    export_onnx,
+)
 from llama3.deploy.runners import OnnxRuntimeRunner, TorchRunner
 from llama3.deploy.tensorrt import EngineTyping, missing_message, profile_shapes, trtexec_command
 from llama3.model.transformer import cache_shape
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = {
-    "softmax": dict(attention="softmax", dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=61,
-                    multiple_of=16, max_seq_len=64),
-    "softplus": dict(attention="softplus", dim=32, n_layers=2, core_dim=16, vocab_size=61,
-                     max_seq_len=64),
+    "softmax": dict(
+        attention="softmax",
+        dim=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        vocab_size=61,
+        multiple_of=16,
+        max_seq_len=64,
+    ),
+    "softplus": dict(
+        attention="softplus", dim=32, n_layers=2, core_dim=16, vocab_size=61, max_seq_len=64
+    ),
 }
 
 
@@ -56,12 +71,39 @@ def deployed(tiny_checkpoint, tiny_tokenizer, tiny_corpus, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("deploy")
     checkpoint, out = tiny_checkpoint("softplus"), tmp / "deployed"
     done = subprocess.run(
-        [sys.executable, "-m", "llama3", "deploy", "--from_checkpoint", str(checkpoint),
-         "--tokenizer", str(tiny_tokenizer), "--eval_corpus", str(tiny_corpus["eval"]),
-         "--batch_size", "2", "--max_seq_len", "16", "--accuracy_batches", "2", "--warmup", "1",
-         "--iterations", "3", "--decode", "--device", "cpu", "--export_dir", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-        env={**os.environ, "PYTHONPATH": f"{_no_tensorrt_path(tmp)}{os.pathsep}{REPO}"})
+        [
+            sys.executable,
+            "-m",
+            "llama3",
+            "deploy",
+            "--from_checkpoint",
+            str(checkpoint),
+            "--tokenizer",
+            str(tiny_tokenizer),
+            "--eval_corpus",
+            str(tiny_corpus["eval"]),
+            "--batch_size",
+            "2",
+            "--max_seq_len",
+            "16",
+            "--accuracy_batches",
+            "2",
+            "--warmup",
+            "1",
+            "--iterations",
+            "3",
+            "--decode",
+            "--device",
+            "cpu",
+            "--export_dir",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": f"{_no_tensorrt_path(tmp)}{os.pathsep}{REPO}"},
+    )
     return done, out, checkpoint
 
 
@@ -99,8 +141,9 @@ def test_onnx_export_matches_pytorch_in_onnxruntime(attention, deployed, tmp_pat
         expected, got = reference(*inputs), runner(*inputs)
         for name, e, g in zip(OUTPUT_NAMES, expected, got):
             assert g.shape == e.shape, (name, batch, query, cached)
-            torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-4,
-                                       msg=f"{name} at {batch, query, cached}")
+            torch.testing.assert_close(
+                g, e, atol=1e-5, rtol=1e-4, msg=f"{name} at {batch, query, cached}"
+            )
         assert got[1].shape == cache_shape(model.args, batch, cached + query)
 
 
@@ -113,8 +156,13 @@ def test_profile_shapes_follow_the_export_form():
     assert shapes["k_cache"].max == shapes["v_cache"].max == (2, 8, 16, 64)
     softmax = profile_shapes(ModelArgs(**TINY["softmax"]), 4, 16, 16)
     assert softmax["v_cache"].max == (2, 4, 16, 2, 8)  # (L, B, T, n_kv_heads, head_dim)
-    mode = EngineTyping(version="10.16.1", precision="fp16", strongly_typed=False,
-                        network_flag=False, builder_flag="FP16")
+    mode = EngineTyping(
+        version="10.16.1",
+        precision="fp16",
+        strongly_typed=False,
+        network_flag=False,
+        builder_flag="FP16",
+    )
     command = trtexec_command("trtexec", "m.onnx", "m.engine", shapes, mode)
     assert "--minShapes=input:1x1,k_cache:2x1x16x0,v_cache:2x1x16x0" in command
     assert "--maxShapes=input:8x48,k_cache:2x8x16x64,v_cache:2x8x16x64" in command
@@ -153,8 +201,9 @@ def test_missing_cuda_provider_is_a_visible_line(capsys, tmp_path):
     lines = capsys.readouterr().out.splitlines()
     assert runner.device == torch.device("cpu") and info["provider"] == "CPUExecutionProvider"
     assert lines == [info["warning"]]
-    assert lines[0].startswith("ONNX Runtime: runs on CPUExecutionProvider, not cuda:0: this "
-                               "onnxruntime")
+    assert lines[0].startswith(
+        "ONNX Runtime: runs on CPUExecutionProvider, not cuda:0: this onnxruntime"
+    )
     assert "onnxruntime-gpu>=1.27 for CUDA 13" in lines[0]
 
 
@@ -173,8 +222,12 @@ def test_deploy_command_end_to_end(deployed):
     assert abs(rows["onnxruntime"]["eval_loss"] - rows["pytorch"]["eval_loss"]) < 1e-4
     assert 4.0 < rows["pytorch"]["eval_loss"] < 7.0  # untrained: near ln(256) ≈ 5.5
     timed = {(r["runner"], r["phase"]): r for r in report["latency"]}
-    assert set(timed) == {("pytorch", "prefill"), ("pytorch", "decode"),
-                          ("onnxruntime", "prefill"), ("onnxruntime", "decode")}
+    assert set(timed) == {
+        ("pytorch", "prefill"),
+        ("pytorch", "decode"),
+        ("onnxruntime", "prefill"),
+        ("onnxruntime", "decode"),
+    }
     prefill = timed[("onnxruntime", "prefill")]
     assert (prefill["batch"], prefill["query"], prefill["cached"]) == (2, 16, 0)
     assert prefill["p50_ms"] <= prefill["p99_ms"] and prefill["iterations"] == 3
@@ -196,9 +249,24 @@ def test_a_failed_export_keeps_the_previous_model(deployed, tmp_path, capsys):
     shutil.copytree(out, export_dir)
     before = (export_dir / "model.onnx").read_bytes()
     with file_size_limit(len(before) // 2):
-        code = main(["deploy", "--from_checkpoint", str(checkpoint), "--export_dir",
-                     str(export_dir), "--device", "cpu", "--no_tensorrt", "--iterations", "0",
-                     "--batch_size", "2", "--seq_len", "16"])
+        code = main(
+            [
+                "deploy",
+                "--from_checkpoint",
+                str(checkpoint),
+                "--export_dir",
+                str(export_dir),
+                "--device",
+                "cpu",
+                "--no_tensorrt",
+                "--iterations",
+                "0",
+                "--batch_size",
+                "2",
+                "--seq_len",
+                "16",
+            ]
+        )
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
     assert code == 2 and len(errors) == 1, errors
     assert f"cannot write the ONNX file {export_dir / 'model.onnx'}" in errors[0]

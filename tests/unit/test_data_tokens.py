@@ -8,14 +8,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_data_support import (jsonl_bytes, make_texts, train_tiny_tokenizer, write_corpus,
-                               write_jsonl, write_zst)
+from data_support import (
+    jsonl_bytes,
+    make_texts,
+    train_tiny_tokenizer,
+    write_corpus,
+    write_jsonl,
+    write_zst,
+)
 
-from llama3.errors import UsageError
 from llama3.data import tokens as tokens_module
 from llama3.data.sources import BadInputError
 from llama3.data.tokenizer import Tokenizer
 from llama3.data.tokens import default_cache_dir, open_token_corpus, token_dtype
+from llama3.errors import UsageError
 
 
 @pytest.fixture(scope="module")
@@ -53,16 +59,22 @@ def test_tokens_equal_direct_encoding_across_files(tokenizer, corpus_dir):
     assert corpus.tokens(0, corpus.n_tokens).tolist() == stream
     assert corpus.dtype == np.uint16 and corpus.tokenizer_sha256 == tokenizer.sha256
     first_shard = sum(len(tokenizer.encode(t)) + 1 for t in make_texts(150, seed=20))
-    assert corpus.tokens(first_shard - 5, first_shard + 5).tolist() == stream[first_shard - 5:first_shard + 5]
-    assert corpus.document(150).tolist() == tokenizer.encode(texts[150], eos=True)  # 2nd file's first
+    assert (
+        corpus.tokens(first_shard - 5, first_shard + 5).tolist()
+        == stream[first_shard - 5 : first_shard + 5]
+    )
+    assert corpus.document(150).tolist() == tokenizer.encode(
+        texts[150], eos=True
+    )  # 2nd file's first
     assert corpus.document_lengths().sum() == corpus.n_tokens
     assert corpus.cache_dir == default_cache_dir(corpus_dir, tokenizer.sha256)
 
 
 def test_parallel_build_is_identical(tokenizer, corpus_dir, tmp_path):
     one = open_token_corpus(corpus_dir, tokenizer, workers=1, progress=False)
-    two = open_token_corpus(corpus_dir, tokenizer, workers=2, progress=False,
-                            cache_dir=tmp_path / "cache2")
+    two = open_token_corpus(
+        corpus_dir, tokenizer, workers=2, progress=False, cache_dir=tmp_path / "cache2"
+    )
     assert one.cache_dir != two.cache_dir and one.fingerprint == two.fingerprint
     for name in (p.name for p in one.cache_dir.glob("*.tokens")):
         assert (one.cache_dir / name).read_bytes() == (two.cache_dir / name).read_bytes()
@@ -110,12 +122,15 @@ def test_tokenizer_change_builds_a_new_cache(tokenizer, corpus_dir, tmp_path):
     assert meta["tokenizer"]["sha256"] == tokenizer.sha256
 
 
-def test_read_only_corpus_folder_falls_back_to_user_cache(tokenizer, corpus_dir, tmp_path,
-                                                          monkeypatch, capsys):
+def test_read_only_corpus_folder_falls_back_to_user_cache(
+    tokenizer, corpus_dir, tmp_path, monkeypatch, capsys
+):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     default = default_cache_dir(corpus_dir, tokenizer.sha256)
     real = tokens_module._writable
-    monkeypatch.setattr(tokens_module, "_writable", lambda d: not d.is_relative_to(corpus_dir) and real(d))
+    monkeypatch.setattr(
+        tokens_module, "_writable", lambda d: not d.is_relative_to(corpus_dir) and real(d)
+    )
     corpus = open_token_corpus(corpus_dir, tokenizer, progress=False)
     assert corpus.cache_dir.is_relative_to(tmp_path / "xdg") and not default.exists()
     assert "not writable; caching tokens in" in capsys.readouterr().err
@@ -149,7 +164,9 @@ def test_interrupted_build_keeps_the_previous_cache(tokenizer, corpus_dir, monke
 def test_bad_input_is_counted_and_strict_stops(tokenizer, tmp_path):
     root = tmp_path / "c"
     (root).mkdir()
-    (root / "a.jsonl").write_bytes(jsonl_bytes(["kalo mi", "ne ru"]) + b"{oops\n" + b'{"text": 1}\n')
+    (root / "a.jsonl").write_bytes(
+        jsonl_bytes(["kalo mi", "ne ru"]) + b"{oops\n" + b'{"text": 1}\n'
+    )
     corpus = open_token_corpus(root, tokenizer, progress=False)
     meta = json.loads((corpus.cache_dir / "meta.json").read_text())
     assert meta["files"][0]["bad_input"] == {"malformed_json": 1, "text_not_string": 1}

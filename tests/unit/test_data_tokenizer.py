@@ -5,10 +5,10 @@ from __future__ import annotations
 import pickle
 
 import pytest
-from test_data_support import make_texts, make_words, train_tiny_tokenizer, write_jsonl
+from data_support import make_texts, make_words, train_tiny_tokenizer, write_jsonl
 
-from llama3.errors import UsageError
 from llama3.data.tokenizer import Tokenizer, _Reservoir, split_long_line, train_tokenizer
+from llama3.errors import UsageError
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +57,9 @@ def test_missing_or_invalid_model_names_flag_and_path(tmp_path):
 
 def test_training_is_deterministic_under_a_seed(tmp_path):
     corpus = write_jsonl(tmp_path / "c.jsonl", make_texts(600, seed=12))
-    common = dict(input_sentence_size=300, n_most_frequent_words=5, progress=False)  # sampling active
+    common = dict(
+        input_sentence_size=300, n_most_frequent_words=5, progress=False
+    )  # sampling active
     a = train_tokenizer(corpus, tmp_path / "a.model", 300, seed=1, **common).read_bytes()
     b = train_tokenizer(corpus, tmp_path / "b.model", 300, seed=1, **common).read_bytes()
     assert a == b
@@ -82,10 +84,13 @@ def test_frequent_words_are_counted_over_all_files(tmp_path):
     words = make_words(200, seed=13)
     write_jsonl(tmp_path / "corpus" / "a.jsonl", make_texts(300, seed=14, words=words))
     rare_elsewhere = "zyxwvu"  # frequent in the second file only
-    texts_b = [f"{rare_elsewhere} {t} {rare_elsewhere}" for t in make_texts(100, seed=15, words=words)]
+    texts_b = [
+        f"{rare_elsewhere} {t} {rare_elsewhere}" for t in make_texts(100, seed=15, words=words)
+    ]
     write_jsonl(tmp_path / "corpus" / "b.jsonl", texts_b)
-    model = train_tokenizer(tmp_path / "corpus", tmp_path / "t.model", 400, n_most_frequent_words=5,
-                            progress=False)
+    model = train_tokenizer(
+        tmp_path / "corpus", tmp_path / "t.model", 400, n_most_frequent_words=5, progress=False
+    )
     tok = Tokenizer(model)
     user_symbols = [tok.piece(i) for i in range(4, 9)]  # right after the 4 special tokens
     assert "\u2581" + rare_elsewhere in user_symbols

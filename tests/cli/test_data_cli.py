@@ -15,8 +15,15 @@ import sys
 import time
 
 import pytest
-from test_data_support import (ROOT, jsonl_bytes, make_texts, run_cli, train_tiny_tokenizer,
-                               write_jsonl, write_zst)
+from data_support import (
+    ROOT,
+    jsonl_bytes,
+    make_texts,
+    run_cli,
+    train_tiny_tokenizer,
+    write_jsonl,
+    write_zst,
+)
 
 from llama3.__main__ import main
 
@@ -35,19 +42,40 @@ def test_preprocess_train_tokenizer_pretokenize_end_to_end(tmp_path):
     assert "preprocess" in done.stderr  # the progress bar
 
     model = tmp_path / "tok" / "t.model"
-    done = run_cli("train_tokenizer", "--train_corpus", str(data / "train"), "--model_file",
-                   str(model), "--vocab_size", "300", "--n_most_frequent_words", "8", "--seed", "1")
+    done = run_cli(
+        "train_tokenizer",
+        "--train_corpus",
+        str(data / "train"),
+        "--model_file",
+        str(model),
+        "--vocab_size",
+        "300",
+        "--n_most_frequent_words",
+        "8",
+        "--seed",
+        "1",
+    )
     assert done.returncode == 0, done.stderr
     assert model.is_file() and model.with_suffix(".vocab").is_file()
 
-    done = run_cli("pretokenize", "--corpus", str(data / "train"), str(data / "eval"),
-                   "--tokenizer", str(model), "--workers", "2")
+    done = run_cli(
+        "pretokenize",
+        "--corpus",
+        str(data / "train"),
+        str(data / "eval"),
+        "--tokenizer",
+        str(model),
+        "--workers",
+        "2",
+    )
     assert done.returncode == 0, done.stderr
     for split in ("train", "eval"):
         meta = next((data / split / ".tokens").glob("*/meta.json"))
         manifest = json.loads((data / "preprocess.json").read_text())
-        assert sum(f["documents"] for f in json.loads(meta.read_text())["files"]) == \
-               manifest["splits"][split]["documents"]
+        assert (
+            sum(f["documents"] for f in json.loads(meta.read_text())["files"])
+            == manifest["splits"][split]["documents"]
+        )
         assert f"{data / split}: " in done.stdout
 
 
@@ -57,14 +85,25 @@ def test_help_runs(capsys):
             main([command, "--help"])
         assert exit_.value.code == 0
     out = capsys.readouterr().out
-    for flag in ("--split_ratio", "--no-lowercase", "--strict", "--vocab_size", "--byte_fallback",
-                 "--n_most_frequent_words", "--cache_dir", "--workers"):
+    for flag in (
+        "--split_ratio",
+        "--no-lowercase",
+        "--strict",
+        "--vocab_size",
+        "--byte_fallback",
+        "--n_most_frequent_words",
+        "--cache_dir",
+        "--workers",
+    ):
         assert flag in out
 
 
 def test_missing_tokenizer_is_a_one_line_error(tmp_path, capsys):
     write_jsonl(tmp_path / "c.jsonl", ["a b"])
-    assert main(["pretokenize", "--corpus", str(tmp_path), "--tokenizer", str(tmp_path / "x.model")]) == 2
+    assert (
+        main(["pretokenize", "--corpus", str(tmp_path), "--tokenizer", str(tmp_path / "x.model")])
+        == 2
+    )
     assert capsys.readouterr().err.startswith(f"error: --tokenizer {tmp_path / 'x.model'}")
 
 
@@ -103,10 +142,25 @@ def test_pretokenize_refuses_the_output_of_a_killed_preprocess(tmp_path):
     fifo = tmp_path / "input.jsonl"
     os.mkfifo(fifo)
     out = tmp_path / "data"
-    child = subprocess.Popen([sys.executable, "-m", "llama3", "preprocess", "--input", str(fifo),
-                              "--output", str(out), "--shard_size_mb", "0.01", "--no-progress"],
-                             cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "llama3",
+            "preprocess",
+            "--input",
+            str(fifo),
+            "--output",
+            str(out),
+            "--shard_size_mb",
+            "0.01",
+            "--no-progress",
+        ],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         with open(fifo, "wb") as writer:  # held open: preprocess waits for more input
             writer.write(jsonl_bytes(make_texts(600, seed=47)))
@@ -136,12 +190,17 @@ def wait_for(condition, timeout: float = 120.0) -> None:
 
 needs_fetcher = pytest.mark.skipif(
     not (shutil.which("curl") or shutil.which("wget")) or not shutil.which("sha256sum"),
-    reason="needs curl or wget, and sha256sum")
+    reason="needs curl or wget, and sha256sum",
+)
 
 
 def download(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(SCRIPTS / "download_the_pile.sh"), *args],
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        ["bash", str(SCRIPTS / "download_the_pile.sh"), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 @needs_fetcher

@@ -22,9 +22,17 @@ import torch
 from llama3 import ModelArgs, Transformer
 from llama3.deploy import command
 from llama3.deploy.onnx_export import export_onnx, graph_precision
-from llama3.deploy.tensorrt import (SUPPORTED_MAJORS, TENSOR_ALIGNMENT, TensorRTRunner, aligned,
-                                    aligned_empty, build_engine, engine_typing, profile_shapes,
-                                    trtexec_command)
+from llama3.deploy.tensorrt import (
+    SUPPORTED_MAJORS,
+    TENSOR_ALIGNMENT,
+    TensorRTRunner,
+    aligned,
+    aligned_empty,
+    build_engine,
+    engine_typing,
+    profile_shapes,
+    trtexec_command,
+)
 
 TINY = dict(attention="softplus", dim=32, n_layers=2, core_dim=16, vocab_size=61, max_seq_len=64)
 VERSIONS = {10: "10.16.1", 11: "11.4.0"}
@@ -68,8 +76,9 @@ class FakeTensorRT(types.ModuleType):
         self.calls: dict[str, object] = {"profile": {}, "flags": [], "cleared": []}
         names = ("FP16", "BF16", "TF32") if major == 10 else ("TF32",)
         self.BuilderFlag = types.SimpleNamespace(**{n: n for n in names})
-        creation = {"EXPLICIT_BATCH": 0, "STRONGLY_TYPED": 1} if major == 10 else {
-            "STRONGLY_TYPED": 0}
+        creation = (
+            {"EXPLICIT_BATCH": 0, "STRONGLY_TYPED": 1} if major == 10 else {"STRONGLY_TYPED": 0}
+        )
         self.NetworkDefinitionCreationFlag = types.SimpleNamespace(**creation)
         fake = self
 
@@ -121,8 +130,9 @@ class FakeTensorRT(types.ModuleType):
                 if network.strongly_typed:
                     compute = network.graph
                 else:  # weakly typed: the builder may pick kernels of the flagged precision
-                    compute = {"FP16": "fp16", "BF16": "bf16"}.get(min(reduced, default=""),
-                                                                    network.graph)
+                    compute = {"FP16": "fp16", "BF16": "bf16"}.get(
+                        min(reduced, default=""), network.graph
+                    )
                 tf32 = compute == "fp32" and "TF32" in config.flags
                 return json.dumps({"compute": compute, "io": network.graph, "tf32": tf32}).encode()
 
@@ -157,8 +167,9 @@ def onnx_files(tmp_path_factory):
 
 def build(trt, onnx_path, tmp_path, precision, **kwargs) -> dict:
     shapes = profile_shapes(ModelArgs(**TINY), 4, 32, 32)
-    engine = build_engine(trt, onnx_path, tmp_path / f"{precision}.engine", shapes, precision,
-                          **kwargs)
+    engine = build_engine(
+        trt, onnx_path, tmp_path / f"{precision}.engine", shapes, precision, **kwargs
+    )
     return json.loads(engine.read_bytes())
 
 
@@ -219,13 +230,16 @@ def test_parser_errors_and_unsupported_versions_are_one_message(onnx_files, tmp_
             engine_typing(FakeTensorRT(major), "fp16")
 
 
-@pytest.mark.parametrize("major, strongly_typed, precision, present, absent", [
-    (10, False, "fp16", ["--fp16"], ["--stronglyTyped", "--noTF32"]),
-    (10, False, "fp32", ["--noTF32"], ["--fp16", "--bf16", "--stronglyTyped"]),
-    (10, True, "bf16", ["--stronglyTyped"], ["--bf16", "--noTF32"]),
-    (11, False, "bf16", [], ["--bf16", "--stronglyTyped", "--noTF32"]),
-    (11, False, "fp32", ["--noTF32"], ["--fp16", "--stronglyTyped"]),
-])
+@pytest.mark.parametrize(
+    "major, strongly_typed, precision, present, absent",
+    [
+        (10, False, "fp16", ["--fp16"], ["--stronglyTyped", "--noTF32"]),
+        (10, False, "fp32", ["--noTF32"], ["--fp16", "--bf16", "--stronglyTyped"]),
+        (10, True, "bf16", ["--stronglyTyped"], ["--bf16", "--noTF32"]),
+        (11, False, "bf16", [], ["--bf16", "--stronglyTyped", "--noTF32"]),
+        (11, False, "fp32", ["--noTF32"], ["--fp16", "--stronglyTyped"]),
+    ],
+)
 def test_trtexec_flags_per_generation(major, strongly_typed, precision, present, absent):
     """trtexec 10 takes --fp16/--bf16 and --stronglyTyped; trtexec 11 rejects --fp16/--bf16
     ("Unknown option") and documents --stronglyTyped as a deprecated no-op; --noTF32 and
@@ -253,12 +267,16 @@ class FakeDevice:
         FakeDevice.log.append(("exit", self.device))
 
 
-@pytest.mark.parametrize("major, precision, onnx_used, typing", [
-    (10, "fp16", "model.onnx", "weakly typed, builder flag FP16"),
-    (11, "fp16", "model_fp16.onnx", "strongly typed, fp16 ONNX graph"),
-])
-def test_deploy_step_exports_what_each_generation_needs(major, precision, onnx_used, typing,
-                                                        onnx_files, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize(
+    "major, precision, onnx_used, typing",
+    [
+        (10, "fp16", "model.onnx", "weakly typed, builder flag FP16"),
+        (11, "fp16", "model_fp16.onnx", "strongly typed, fp16 ONNX graph"),
+    ],
+)
+def test_deploy_step_exports_what_each_generation_needs(
+    major, precision, onnx_used, typing, onnx_files, tmp_path, monkeypatch, capsys
+):
     """The deploy command builds TensorRT 10's fp16 from the fp32 file, and on TensorRT 11 first
     exports model_fp16.onnx; the build runs under the deployment device."""
     trt = FakeTensorRT(major)
@@ -268,11 +286,19 @@ def test_deploy_step_exports_what_each_generation_needs(major, precision, onnx_u
     FakeDevice.log = []
     fp32 = tmp_path / "model.onnx"
     fp32.write_bytes(Path(onnx_files["fp32"]).read_bytes())
-    args = types.SimpleNamespace(no_tensorrt=False, trtexec=False, precision=precision,
-                                 strongly_typed=False, opset=18, batch_size=2, workspace_gib=0.0)
+    args = types.SimpleNamespace(
+        no_tensorrt=False,
+        trtexec=False,
+        precision=precision,
+        strongly_typed=False,
+        opset=18,
+        batch_size=2,
+        workspace_gib=0.0,
+    )
     device = torch.device("cuda", 1)
-    plan = types.SimpleNamespace(device=device, export_dir=tmp_path, model_args=ModelArgs(**TINY),
-                                 seq_len=16, max_cache=16)
+    plan = types.SimpleNamespace(
+        device=device, export_dir=tmp_path, model_args=ModelArgs(**TINY), seq_len=16, max_cache=16
+    )
     info, runner = command.tensorrt_step(args, plan, fp32, onnx_files["model"])
     assert "error" not in info, info
     assert info["typing"] == typing and info["version"] == VERSIONS[major]
@@ -363,20 +389,33 @@ def test_runner_uses_its_own_stream_and_aligned_addresses(monkeypatch, tmp_path)
     base = torch.arange(2 * 1 * 16 * 5 + 1, dtype=torch.float32)
     k = base[1:].view(2, 1, 16, 5)  # 4 bytes past an allocation: not 256-byte aligned
     assert k.data_ptr() % TENSOR_ALIGNMENT
-    for tokens, k_cache in [(torch.tensor([[3, 4]]), k),
-                            (torch.tensor([[5]]), torch.zeros(2, 1, 16, 0))]:
+    for tokens, k_cache in [
+        (torch.tensor([[3, 4]]), k),
+        (torch.tensor([[5]]), torch.zeros(2, 1, 16, 0)),
+    ]:
         FakeStream.log, FakeDevice.log = [], []
         out = runner(tokens, k_cache, torch.zeros_like(k_cache))
         own = runner.stream.cuda_stream
-        assert FakeStream.log == [("wait", own, 0), ("execute", own, ("enter", device)),
-                                  ("wait", 0, own)]
+        assert FakeStream.log == [
+            ("wait", own, 0),
+            ("execute", own, ("enter", device)),
+            ("wait", 0, own),
+        ]
         assert FakeDevice.log[-1] == ("exit", device)
         addresses = runner.context.addresses
-        assert set(addresses) == {"input", "k_cache", "v_cache", "output", "updated_k_cache",
-                                  "updated_v_cache"}
+        assert set(addresses) == {
+            "input",
+            "k_cache",
+            "v_cache",
+            "output",
+            "updated_k_cache",
+            "updated_v_cache",
+        }
         assert all(a and a % TENSOR_ALIGNMENT == 0 for a in addresses.values())
         assert [tuple(o.shape) for o in out] == [
-            (1, tokens.shape[1], 61), *[(2, 1, 16, k_cache.shape[3] + tokens.shape[1])] * 2]
+            (1, tokens.shape[1], 61),
+            *[(2, 1, 16, k_cache.shape[3] + tokens.shape[1])] * 2,
+        ]
         np.testing.assert_array_equal(runner.context.seen["k_cache"], k_cache.flatten().numpy())
 
 
