@@ -10,17 +10,18 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 from llama3.plot import pyplot, save_figure
 
-PANELS = ("width", "init", "scale", "mixer", "context", "seeds")
+PANELS = ("width", "branch", "init", "scale", "mixer", "lr", "context", "seeds")
 LAYER_METRICS = (
     ("entropy", "attention entropy / log(keys)"),
     ("top_share", "largest weight of a row"),
     ("score_range", "scores: 1% to 99% quantile"),
-    ("branch_ratio", "rms(attention branch) / rms(residual)"),
+    ("branch_ratio", "rms(attention branch) / rms(residual), log scale"),
 )
 GRADIENT_ROLES = ("attention.wq", "attention.wk", "attention.wv", "attention.wo")
 
@@ -42,7 +43,7 @@ def write_figures(
 
 def curves(path: str, results: list[dict[str, Any]], seeds: dict[str, Any], what: str) -> Path:
     plt = pyplot()
-    fig, axes = plt.subplots(2, 3, figsize=(17, 9))
+    fig, axes = plt.subplots(2, 4, figsize=(22, 9))
     for ax, group in zip(axes.flat, PANELS):
         if group == "seeds":
             _seed_curves(ax, seeds)
@@ -51,7 +52,7 @@ def curves(path: str, results: list[dict[str, Any]], seeds: dict[str, Any], what
                 xs = [p["tokens"] for p in r["eval_curve"]]
                 ax.plot(
                     xs,
-                    [p["loss"] for p in r["eval_curve"]],
+                    [_nan(p["loss"]) for p in r["eval_curve"]],
                     color=f"C{i % 10}",
                     marker="o",
                     markersize=2,
@@ -90,7 +91,15 @@ def _seed_curves(ax: Any, seeds: dict[str, Any]) -> None:
 
 def _name(r: dict[str, Any], group: str) -> str:
     extra = {"lr": f", lr {r['lr']:g}", "context": f", context {r['context']}"}.get(group, "")
-    return f"{r['label']}{extra}: {r['final_eval_loss']:.3f}"
+    loss = r["final_eval_loss"]
+    return f"{r['label']}{extra}: " + (
+        f"{loss:.3f}" if loss is not None else f"diverged at step {r['diverged_at_step']}"
+    )
+
+
+def _nan(x: float | None) -> float:
+    """A diverged evaluation (None) as a gap in the line."""
+    return math.nan if x is None else x
 
 
 def rates(
@@ -105,10 +114,11 @@ def rates(
         )
         ax.plot(
             [r["lr"] for r in sweep],
-            [r["final_eval_loss"] for r in sweep],
+            [_nan(r["final_eval_loss"]) for r in sweep],
             color=f"C{i}",
             marker="o",
-            label=f"{model} (seed 0)",
+            label=f"{model} (seed 0)"
+            + "".join(f"; lr {r['lr']:g} diverged" for r in sweep if r["final_eval_loss"] is None),
         )
         if model in seeds:
             s = seeds[model]
@@ -148,6 +158,8 @@ def diagnostics(path: str, results: list[dict[str, Any]], plan: Any, what: str) 
             for ax, (metric, title) in zip(axes[layer], LAYER_METRICS):
                 _layer_series(ax, steps, r, layer, metric, f"C{i}")
                 ax.set_title(f"block {layer}: {title}", fontsize=9)
+                if metric == "branch_ratio":  # spans two orders of magnitude between models
+                    ax.set_yscale("log")
         for ax, role in zip(axes[n_layers], GRADIENT_ROLES):
             norms = [d["grad_norms"].get(role, float("nan")) for d in r["diagnostics"]]
             ax.plot(steps, norms, color=f"C{i}", marker="o", markersize=2, label=r["model"])

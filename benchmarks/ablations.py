@@ -21,14 +21,17 @@ that setting). The groups vary one thing at a time:
   both at core_dim 424 with and without the output scale;
 * lr: four peak learning rates per model; seeds: each model at its best rate (lowest final eval
   loss of seed 0) with seeds 0, 1, 2 (mean ± sample standard deviation);
-* context: context 2048 with batch 2 (the same tokens per step and in all) at 3e-3.
+* context: the three models (softmax, core_dim 128, core_dim 424 with the output scale) at context
+  2048 with batch 2 (the same tokens per step and in all) at 3e-3.
 
 Trials run as child processes, ``--jobs`` at a time with ``--threads`` threads each (fixed, so a
 rerun on the same machine gives the same numbers). A trial whose run directory holds a completed
 summary is not run again, so an interrupted benchmark continues where it stopped (``--fresh``
 starts over). Writes ``--output`` (JSON: settings, environment, every trial's eval curve, summary
 and diagnostics, the tables), the figures beside it (``*_curves.png``, ``*_lr.png``,
-``*_diagnostics.png``), and prints the tables.
+``*_diagnostics.png``), and prints the tables. ``--reuse FILE`` takes the trials an earlier results
+file records (same settings and thread count) instead of running them again, so that groups run
+at different times, or on a machine whose run directories are gone, end in one file.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ from benchmarks.quality import RUN_TIMING, add_corpus_flags, corpus, settle_path
 from llama3.model.args import DEFAULT_MIXER
 from llama3.plot import read_metrics
 from llama3.training.metrics import SUMMARY_FILE
+from llama3.training.trainer import EXIT_NON_FINITE
 
 GROUPS = ("width", "branch", "init", "scale", "mixer", "lr", "seeds", "context")
 
@@ -226,7 +230,7 @@ def first_trials(plan: Plan, groups: list[str]) -> list[Trial]:
             trial(plan, m, "mixer", mixer=x) for m in (wide, old) for x in ("combinator", "swiglu")
         ],
         "lr": [trial(plan, m, "lr", lr=lr) for m in plan.models for lr in plan.rates],
-        "context": [trial(plan, m, "context", long=True) for m in plan.models],
+        "context": [trial(plan, m, "context", long=True) for m in plan.models if m != old],
     }
     return merged([t for g in groups if g in made for t in made[g]])
 
@@ -269,6 +273,8 @@ def completed(setup: Setup, t: Trial) -> bool:
     if not summary.is_file():
         return False
     record = json.loads(summary.read_text())
+    if record.get("status") == "non-finite":  # diverged: a result, not a failure
+        return True
     return record.get("status") == "completed" and record.get("steps") == setup.plan.steps
 
 
@@ -325,7 +331,7 @@ def execute(setup: Setup, t: Trial, argv: list[str]) -> float:
     begin = time.perf_counter()
     with open(log, "w") as out:
         done = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
-    if done.returncode != 0:
+    if done.returncode not in (0, EXIT_NON_FINITE) or not completed(setup, t):
         raise RuntimeError(f"{t.key} failed (exit status {done.returncode}); see {log}")
     return (time.perf_counter() - begin) / 60
 
@@ -336,10 +342,11 @@ def run_all(
     jobs: int,
     make: Callable[[Setup, Trial], list[str]] = command,
 ) -> None:
-    """Run the trials not yet completed, ``jobs`` at a time, each the command ``make`` gives; a
-    line for each as it ends (in the order started). A trial that fails does not stop the others;
-    the run then ends with an error naming every failed trial."""
-    todo = [t for t in trials if not completed(setup, t)]
+    """Run the trials not yet completed, ``jobs`` at a time, each the command ``make`` gives, the
+    longest contexts first (so that the last minutes are not one long trial alone); a line for
+    each as it ends, in the order started. A trial that fails does not stop the others; the run
+    then ends with an error naming every failed trial."""
+    todo = sorted((t for t in trials if not completed(setup, t)), key=lambda t: -t.context)
     print(
         f"{len(trials) - len(todo)} of {len(trials)} trials already completed; "
         f"running {len(todo)}, {jobs} at a time",
@@ -355,10 +362,15 @@ def run_all(
                 failed.append(str(err))
                 print(f"[{n}/{len(todo)}] {err}", flush=True)
                 continue
-            loss = summary_of(setup, t)["final_eval_loss"]
+            summary = summary_of(setup, t)
+            outcome = (
+                f"diverged at step {summary['steps'] + 1}"
+                if summary["status"] == "non-finite"
+                else f"eval loss {summary['final_eval_loss']:.4f}"
+            )
             print(
                 f"[{n}/{len(todo)}] {t.label}, lr {t.lr:g}, seed {t.seed}, context "
-                f"{t.context}: eval loss {loss:.4f} ({minutes:.1f} min)",
+                f"{t.context}: {outcome} ({minutes:.1f} min)",
                 flush=True,
             )
     if failed:
@@ -377,6 +389,7 @@ def summary_of(setup: Setup, t: Trial) -> dict[str, Any]:
 def result(setup: Setup, t: Trial) -> dict[str, Any]:
     """A trial's settings, final numbers, eval curve and diagnostics, from its run directory."""
     records, summary = read_metrics(run_dir(setup, t)), summary_of(setup, t)
+    diverged = summary["status"] == "non-finite"
     return {
         "key": t.key,
         "model": t.model,
@@ -390,9 +403,10 @@ def result(setup: Setup, t: Trial) -> dict[str, Any]:
         "params": summary["parameters"],
         "tokens": summary["tokens"],
         "train_minutes": summary["elapsed_s"] / 60,
-        "final_eval_loss": summary["final_eval_loss"],
+        "diverged_at_step": summary["steps"] + 1 if diverged else None,
+        "final_eval_loss": None if diverged else summary["final_eval_loss"],
         "eval_curve": [
-            {k: r[k] for k in ("step", "tokens", "loss")}
+            {"step": r["step"], "tokens": r["tokens"], "loss": _finite_or_none(r["loss"])}
             for r in records
             if r.get("kind") == "eval"
         ],
@@ -404,11 +418,54 @@ def result(setup: Setup, t: Trial) -> dict[str, Any]:
     }
 
 
+RESULT_SETTINGS = (
+    "corpus", "n_layers", "dim", "vocab_size", "context", "batch_size", "steps", "long_context",
+    "every", "threads", "tiny",
+)  # fmt: skip
+
+
+def recorded(path: Path | None, settings: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The trials an earlier results file holds, by key; an error if its settings differ from
+    these in anything that changes a trial's numbers."""
+    if path is None:
+        return {}
+    try:
+        earlier = json.loads(path.read_text())
+        differ = [k for k in RESULT_SETTINGS if earlier["settings"].get(k) != settings[k]]
+        trials = {t["key"]: t for t in earlier["trials"]}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise SystemExit(f"error: --reuse {path}: not a results file of this benchmark ({err})")
+    if differ:
+        raise SystemExit(
+            f"error: --reuse {path}: its trials ran with other settings ("
+            + ", ".join(f"{k} {earlier['settings'].get(k)!r}, here {settings[k]!r}" for k in differ)
+            + ")"
+        )
+    return trials
+
+
+def result_or_recorded(setup: Setup, t: Trial, known: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The trial's result from its run directory, or else from an earlier results file (with this
+    run's groups and label)."""
+    if completed(setup, t) or t.key not in known:
+        return result(setup, t)
+    return {**known[t.key], "label": t.label, "groups": list(t.groups)}
+
+
+def _finite_or_none(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
 def best_rates(results: list[dict[str, Any]], plan: Plan) -> dict[str, float]:
-    """Each main model's learning rate of lowest final eval loss in the sweep (seed 0)."""
+    """Each main model's learning rate of lowest final eval loss in the sweep (seed 0; diverged
+    trials excluded)."""
     best = {}
     for model in plan.models:
-        sweep = [r for r in results if "lr" in r["groups"] and r["model"] == model]
+        sweep = [
+            r
+            for r in results
+            if "lr" in r["groups"] and r["model"] == model and r["final_eval_loss"] is not None
+        ]
         best[model] = min(sweep, key=lambda r: r["final_eval_loss"])["lr"]
     return best
 
@@ -425,23 +482,31 @@ def seed_statistics(
             key=lambda r: r["seed"],
         )
         losses = [r["final_eval_loss"] for r in runs]
+        finite = [x for x in losses if x is not None]
         curves = list(zip(*[[p["loss"] for p in r["eval_curve"]] for r in runs]))
         out[model] = {
             "lr": best[model],
             "seeds": [r["seed"] for r in runs],
             "losses": losses,
-            "mean": statistics.mean(losses),
-            "std": _std(losses),
+            "diverged": len(losses) - len(finite),
+            "mean": statistics.mean(finite) if finite else math.nan,
+            "std": _std(finite),
             "curve": [
-                {"tokens": p["tokens"], "mean": statistics.mean(c), "std": _std(list(c))}
+                {"tokens": p["tokens"], "mean": _mean(c), "std": _std(c)}
                 for p, c in zip(runs[0]["eval_curve"], curves)
             ],
         }
     return out
 
 
-def _std(values: list[float]) -> float:
-    return statistics.stdev(values) if len(values) > 1 else math.nan
+def _mean(values: tuple[float | None, ...]) -> float:
+    finite = [x for x in values if x is not None]
+    return statistics.mean(finite) if finite else math.nan
+
+
+def _std(values: list[float] | tuple[float | None, ...]) -> float:
+    finite = [x for x in values if x is not None]
+    return statistics.stdev(finite) if len(finite) > 1 else math.nan
 
 
 TABLE = (
@@ -485,6 +550,7 @@ def seed_rows(seeds: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
             "model": m,
             "best_lr": s["lr"],
             "seeds": len(s["losses"]),
+            "diverged": s["diverged"],
             "final_eval_loss_mean": s["mean"],
             "final_eval_loss_std": s["std"],
         }
@@ -548,6 +614,14 @@ def parse_args() -> argparse.Namespace:
         action="store_true",
         help="run every trial again, even those completed by an earlier run",
     )
+    p.add_argument(
+        "--reuse",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="an earlier results file of this benchmark: the trials it records (run with the same "
+        "settings and --threads) are taken from it, not run again",
+    )
     add_run_flags(p, "ablations")
     args = checked_run_flags(p, p.parse_args(), "ablations")
     if "seeds" in args.groups and "lr" not in args.groups:
@@ -566,15 +640,22 @@ def main() -> int:
     runs.mkdir(parents=True, exist_ok=True)
     load_before, start = os.getloadavg(), time.perf_counter()
     setup = Setup(plan, corpus(args), runs, args.threads)
+    settings = settings_of(setup, args)
+    known = recorded(args.reuse, settings)
+    if known:
+        print(f"{len(known)} trials recorded in {args.reuse}: those asked for are not run again")
+
+    def run_and_read(trials: list[Trial]) -> list[dict[str, Any]]:
+        run_all(setup, [t for t in trials if t.key not in known], args.jobs)
+        return [result_or_recorded(setup, t, known) for t in trials]
+
     trials = first_trials(plan, args.groups)
-    run_all(setup, trials, args.jobs)
-    results = [result(setup, t) for t in trials]
     best, seeds = {}, {}
+    if "seeds" in args.groups:  # the seeds' rates come from the sweep: it runs first
+        best = best_rates(run_and_read([t for t in trials if "lr" in t.groups]), plan)
+        trials = merged(trials + seed_trials(plan, best))
+    results = run_and_read(trials)
     if "seeds" in args.groups:
-        best = best_rates(results, plan)
-        more = merged(trials + seed_trials(plan, best))
-        run_all(setup, [t for t in more if t.key not in {r["key"] for r in results}], args.jobs)
-        results = [result(setup, t) for t in more]
         seeds = seed_statistics(results, plan, best)
     minutes = (time.perf_counter() - start) / 60
     rows = table_rows(results)
@@ -582,7 +663,31 @@ def main() -> int:
     if seeds:
         print(format_table(seed_rows(seeds), tuple(seed_rows(seeds)[0])))
     figures = write_figures(args.output, results, seeds, plan)
-    settings = {
+    path = write_results(
+        args.output,
+        rows,
+        timing=RUN_TIMING,
+        benchmark="ablations",
+        settings=settings,
+        total_minutes=minutes,
+        figures=[f.name for f in figures],
+        load_average={"before": load_before, "after": os.getloadavg(), "cpus": os.cpu_count()},
+        best_rates=best,
+        seeds=seeds,
+        seed_rows=seed_rows(seeds),
+        reused=sorted(k for k in known if any(t.key == k for t in trials)),
+        trials=results,
+    )
+    print(
+        f"\n{minutes:.1f} minutes; results: {path}\nfigures: " + ", ".join(str(f) for f in figures)
+    )
+    return 0
+
+
+def settings_of(setup: Setup, args: argparse.Namespace) -> dict[str, Any]:
+    """What the results file records of the run's settings."""
+    plan = setup.plan
+    return {
         "corpus": setup.data.name,
         **{k: v for k, v in plan.base.items()},
         "context": plan.context,
@@ -599,24 +704,6 @@ def main() -> int:
         "tiny": args.tiny,
         "groups": args.groups,
     }
-    path = write_results(
-        args.output,
-        rows,
-        timing=RUN_TIMING,
-        benchmark="ablations",
-        settings=settings,
-        total_minutes=minutes,
-        figures=[f.name for f in figures],
-        load_average={"before": load_before, "after": os.getloadavg(), "cpus": os.cpu_count()},
-        best_rates=best,
-        seeds=seeds,
-        seed_rows=seed_rows(seeds),
-        trials=results,
-    )
-    print(
-        f"\n{minutes:.1f} minutes; results: {path}\nfigures: " + ", ".join(str(f) for f in figures)
-    )
-    return 0
 
 
 if __name__ == "__main__":
