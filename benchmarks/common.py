@@ -74,9 +74,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 def child_env(**extra: str) -> dict[str, str]:
     """Environment for a child process: this one's, the repository importable without installing
-    it (as on a machine where it is only copied), and ``extra``."""
+    it (as on a machine where it is only copied), OpenMP's passive wait policy unless this one
+    sets another (as the scripts do: scripts/common.sh), and ``extra``."""
     path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    return {**os.environ, "PYTHONPATH": path, **extra}
+    return {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, "PYTHONPATH": path, **extra}
 
 
 def module_command(name: str, *args: object) -> list[str]:

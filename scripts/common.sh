@@ -34,6 +34,12 @@ handle_help() {
   case "${1:-}" in -h|--help) print_usage; exit 0 ;; esac
 }
 
+# OpenMP threads that wait for work sleep at once instead of spinning first. On a machine shared
+# with other work, spinning threads take the cores the others need and training slows by up to
+# 30 times; alone, passive waiting costs little (benchmarks/threads.py measures both). A value
+# already in the environment is kept.
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
+
 # The optional extras the quick start and the tests install (one set, so neither reinstalls the other's).
 VENV_EXTRAS="test,plot,hf,eval,parquet"
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pickle
 import re
 import subprocess
@@ -186,3 +187,28 @@ def test_project_metadata_reads_without_deprecation_warnings():
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("given, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_scripts_and_benchmarks_let_idle_openmp_threads_sleep(given, expected, monkeypatch):
+    """On a shared machine, spinning OpenMP threads slow training by up to 30 times
+    (benchmarks/threads.py): the scripts and the benchmarks' child processes wait passively
+    unless the user chose a policy."""
+    from benchmarks.common import child_env
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given:
+        env["OMP_WAIT_POLICY"] = given
+    shown = subprocess.run(
+        ["bash", "-c", 'source scripts/common.sh && echo "$OMP_WAIT_POLICY"'],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert shown.stdout.strip() == expected
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    if given:
+        monkeypatch.setenv("OMP_WAIT_POLICY", given)
+    assert child_env()["OMP_WAIT_POLICY"] == expected
