@@ -5,7 +5,9 @@
   seeds at its best rate (mean ± standard deviation);
 * ``*_diagnostics.png``: per layer over training, for the main models at 3e-3: the attention's
   entropy and top-key weight, the range of its scores (1% to 99%), the attention branch's size
-  against the residual stream, and the gradient norms of the attention's projections.
+  against the residual stream, and the gradient norms of the attention's projections;
+* ``*_branch.png``: every trial's final eval loss against the size of block 0's attention branch
+  (against the residual stream) early in training, log scale, diverged trials on top.
 """
 
 from __future__ import annotations
@@ -27,7 +29,11 @@ GRADIENT_ROLES = ("attention.wq", "attention.wk", "attention.wv", "attention.wo"
 
 
 def write_figures(
-    output: Path, results: list[dict[str, Any]], seeds: dict[str, Any], plan: Any
+    output: Path,
+    results: list[dict[str, Any]],
+    seeds: dict[str, Any],
+    plan: Any,
+    early: dict[str, Any],
 ) -> list[Path]:
     stem = Path(output).with_suffix("")
     what = (
@@ -38,6 +44,7 @@ def write_figures(
         curves(f"{stem}_curves.png", results, seeds, what),
         rates(f"{stem}_lr.png", results, seeds, plan, what),
         diagnostics(f"{stem}_diagnostics.png", results, plan, what),
+        branch(f"{stem}_branch.png", early, what),
     ]
 
 
@@ -189,3 +196,31 @@ def _layer_series(
     ax.plot(
         steps, [v[metric] for v in values], color=color, marker="o", markersize=2, label=r["model"]
     )
+
+
+def branch(path: str, early: dict[str, Any], what: str) -> Path:
+    """Final eval loss against block 0's early branch ratio, one colour per model."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    rows = early["rows"]
+    finite = [r["final_eval_loss"] for r in rows if r["final_eval_loss"] is not None]
+    top = max(finite, default=1.0) + 0.1
+    models = list(dict.fromkeys(r["trial"].split(",")[0] for r in rows))
+    for i, model in enumerate(models):
+        mine = [r for r in rows if r["trial"].split(",")[0] == model]
+        for diverged in (False, True):
+            points = [r for r in mine if (r["final_eval_loss"] is None) == diverged]
+            if points:
+                ax.scatter(
+                    [r["block0_branch_ratio"] for r in points],
+                    [top if diverged else r["final_eval_loss"] for r in points],
+                    color=f"C{i % 10}",
+                    marker="x" if diverged else "o",
+                    label=model + (" (diverged, drawn at the top)" if diverged else ""),
+                )
+    ax.set_xscale("log")
+    ax.set_xlabel(f"block 0: rms(attention branch) / rms(residual) at step {early['step']}")
+    ax.set_ylabel("final eval loss (nats/token)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    return save_figure(fig, path, f"Final loss against block 0's branch size\n({what})")

@@ -544,6 +544,34 @@ def table_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+EARLY = 2  # the early diagnostics: the second record (step 100 of 500)
+EARLY_TABLE = ("trial", "lr", "seed", "block0_branch_ratio", "final_eval_loss", "groups")
+
+
+def early_branch(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Every trial at the benchmark's context with the size of block 0's attention branch against
+    the residual stream at the early diagnostics step, beside its final eval loss: the trials that
+    learn slowly are those whose first attention branch outgrew the stream early."""
+    rows = []
+    step, context = None, min(r["context"] for r in results)
+    for r in results:
+        early = r["diagnostics"][EARLY - 1] if len(r["diagnostics"]) >= EARLY else None
+        if early is None or r["context"] != context:
+            continue
+        step = early["step"]
+        rows.append(
+            {
+                "trial": r["label"],
+                "lr": r["lr"],
+                "seed": r["seed"],
+                "block0_branch_ratio": early["layers"][0]["branch_ratio"],
+                "final_eval_loss": r["final_eval_loss"],
+                "groups": " ".join(r["groups"]),
+            }
+        )
+    return {"step": step, "rows": sorted(rows, key=lambda x: x["block0_branch_ratio"])}
+
+
 def seed_rows(seeds: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     return [
         {
@@ -662,7 +690,10 @@ def main() -> int:
     print(format_table(rows, TABLE))
     if seeds:
         print(format_table(seed_rows(seeds), tuple(seed_rows(seeds)[0])))
-    figures = write_figures(args.output, results, seeds, plan)
+    early = early_branch(results)
+    print(f"\nblock 0's attention branch against the residual stream at step {early['step']}:")
+    print(format_table(early["rows"], EARLY_TABLE))
+    figures = write_figures(args.output, results, seeds, plan, early)
     path = write_results(
         args.output,
         rows,
@@ -675,6 +706,7 @@ def main() -> int:
         best_rates=best,
         seeds=seeds,
         seed_rows=seed_rows(seeds),
+        early_branch=early,
         reused=sorted(k for k in known if any(t.key == k for t in trials)),
         trials=results,
     )

@@ -49,8 +49,10 @@ def benchmark(
     return json.loads((work / f"{name}.json").read_text()), done.stdout
 
 
-def ablations(corpus: dict[str, Path], tokenizer: Path, work: Path) -> tuple[dict, str]:
-    return benchmark("ablations", corpus, tokenizer, work, "--groups", "width", "seeds")
+def ablations(
+    corpus: dict[str, Path], tokenizer: Path, work: Path, *flags: str
+) -> tuple[dict, str]:
+    return benchmark("ablations", corpus, tokenizer, work, "--groups", "width", "seeds", *flags)
 
 
 @pytest.fixture(scope="module")
@@ -84,11 +86,21 @@ def test_tiny_ablations_run_resume_and_agree(first, tiny_corpus, tiny_tokenizer)
         assert [d["step"] for d in t["diagnostics"]] == [3, 6]
     for figure in first["figures"]:
         assert (tmp_path / figure).stat().st_size > 10_000
+    early = first["early_branch"]
+    assert early["step"] == 6 and len(early["rows"]) == len(trials)
+    ratios = [r["block0_branch_ratio"] for r in early["rows"]]
+    assert ratios == sorted(ratios) and all(x > 0 for x in ratios)
 
     second, out = ablations(tiny_corpus, tiny_tokenizer, tmp_path)
     counts = re.findall(r"(\d+) of (\d+) trials already completed", out)
     assert counts == [("8", "8"), (str(len(trials)), str(len(trials)))]  # the sweep, then all
     assert second["rows"] == first["rows"] and second["trials"] == first["trials"]
+
+    # elsewhere, given the first results: nothing runs, the same numbers
+    reuse = ("--reuse", str(tmp_path / "ablations.json"))
+    third, out = ablations(tiny_corpus, tiny_tokenizer, tmp_path / "elsewhere", *reuse)
+    assert re.findall(r"(\d+) of (\d+) trials already completed", out) == [("0", "0")] * 2
+    assert third["trials"] == first["trials"] and len(third["reused"]) == len(trials)
 
 
 def test_interventions_start_from_the_ablations_trial(first, tiny_corpus, tiny_tokenizer, tmp_path):
