@@ -51,10 +51,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from benchmarks.common import child_env, format_table, write_results
 from benchmarks.quality import RUN_TIMING, add_corpus_flags, corpus, settle_paths
-from llama3.model.args import DEFAULT_MIXER
+from llama3.model.args import DEFAULT_MIXER, ModelArgs
+from llama3.model.transformer import Transformer
 from llama3.plot import read_metrics
+from llama3.training.diagnostics import WINDOWS, attention_statistics
 from llama3.training.metrics import SUMMARY_FILE
 from llama3.training.trainer import EXIT_NON_FINITE
 
@@ -572,6 +576,24 @@ def early_branch(results: list[dict[str, Any]]) -> dict[str, Any]:
     return {"step": step, "rows": sorted(rows, key=lambda x: x["block0_branch_ratio"])}
 
 
+def initial_branch(plan: Plan) -> dict[str, list[list[float]]]:
+    """Each main model's attention branch against the residual stream, per block, as initialised
+    with each of the plan's seeds (before any step; on random token windows of the plan's
+    context)."""
+    flags = {k.lstrip("-"): int(v) for k, v in zip(plan.model_flags[::2], plan.model_flags[1::2])}
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(4, plan.base["vocab_size"], (WINDOWS, plan.context), generator=generator)
+    out = {}
+    for model, settings in plan.models.items():
+        args = ModelArgs(**plan.base, **flags, **settings, max_seq_len=plan.context)
+        out[model] = []
+        for seed in plan.seeds:
+            torch.manual_seed(seed)
+            layers = attention_statistics(Transformer.build(args), tokens)
+            out[model].append([layer["branch_ratio"] for layer in layers])
+    return out
+
+
 def seed_rows(seeds: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     return [
         {
@@ -690,6 +712,17 @@ def main() -> int:
     print(format_table(rows, TABLE))
     if seeds:
         print(format_table(seed_rows(seeds), tuple(seed_rows(seeds)[0])))
+    initial = initial_branch(plan)
+    print("\nattention branch / residual stream per block, as initialised (one list per seed):")
+    print(
+        format_table(
+            [
+                {"model": m, "per seed": [[round(x, 3) for x in r] for r in v]}
+                for m, v in initial.items()
+            ],
+            ("model", "per seed"),
+        )
+    )
     early = early_branch(results)
     print(f"\nblock 0's attention branch against the residual stream at step {early['step']}:")
     print(format_table(early["rows"], EARLY_TABLE))
@@ -706,6 +739,7 @@ def main() -> int:
         best_rates=best,
         seeds=seeds,
         seed_rows=seed_rows(seeds),
+        initial_branch=initial,
         early_branch=early,
         reused=sorted(k for k in known if any(t.key == k for t in trials)),
         trials=results,

@@ -86,6 +86,11 @@ def test_tiny_ablations_run_resume_and_agree(first, tiny_corpus, tiny_tokenizer)
         assert [d["step"] for d in t["diagnostics"]] == [3, 6]
     for figure in first["figures"]:
         assert (tmp_path / figure).stat().st_size > 10_000
+    # as initialised, the output scale divides block 0's branch by r / dim = 40 / 32 exactly
+    initial = first["initial_branch"]
+    assert set(initial) == set(first["best_rates"]) and len(initial["softmax"]) == 2
+    for scaled, unscaled in zip(initial["softplus-40"], initial["softplus-40-none"]):
+        assert scaled[0] == pytest.approx(unscaled[0] * 32 / 40, rel=1e-5)
     early = first["early_branch"]
     assert early["step"] == 6 and len(early["rows"]) == len(trials)
     ratios = [r["block0_branch_ratio"] for r in early["rows"]]
