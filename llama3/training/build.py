@@ -31,7 +31,7 @@ from llama3.errors import UsageError
 from llama3.model import ModelArgs, Transformer, model_summary, training_flops_per_token
 from llama3.runtime import seed_everything
 from llama3.training.distributed import Distributed
-from llama3.training.flags import TrainingConfig
+from llama3.training.flags import AUTO, TrainingConfig
 from llama3.training.metrics import Throughput, peak_tflops
 from llama3.training.optim import LRSchedule, apply_settings, build_optimizer
 from llama3.training.parallel import ParallelPlan, parallelize
@@ -85,7 +85,11 @@ class Source:
     flags: dict[str, Any] = field(default_factory=dict)  # the flag values it recorded
 
     @classmethod
-    def read(cls, from_checkpoint: str | None) -> Source:
+    def read(cls, from_checkpoint: str | None, run_dir: str | Path) -> Source:
+        """``from_checkpoint`` as given; ``auto``: the newest checkpoint of ``run_dir`` if it
+        holds a step directory, else a new run."""
+        if from_checkpoint == AUTO:
+            from_checkpoint = str(run_dir) if list_step_dirs(run_dir) else None
         if from_checkpoint is None:
             return cls()
         path, record = read_trainer_record(from_checkpoint)

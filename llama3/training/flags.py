@@ -258,6 +258,9 @@ class OptimConfig:
 # --------------------------------------------------------------------------- checkpoints
 
 
+AUTO = "auto"  # --from_checkpoint: resume --to_checkpoint if it holds a checkpoint
+
+
 @dataclass(frozen=True, kw_only=True)
 class CheckpointConfig:
     to_checkpoint: str = flag(
@@ -269,7 +272,9 @@ class CheckpointConfig:
     from_checkpoint: str | None = flag(
         "continue a run exactly (DIR, DIR/step_N), or start from "
         "the weights of a model-only checkpoint (e.g. written by "
-        "import_meta)",
+        f"import_meta); {AUTO}: continue --to_checkpoint from its newest checkpoint if it "
+        "holds one, else start a new run (one command line for the first start and every "
+        f"restart; a directory named {AUTO} is ./{AUTO})",
         metavar="PATH",
     )
     save_steps: int = flag(

@@ -49,7 +49,7 @@ def run_training(
     """Build the run from the flags (and the checkpoint it resumes), train to ``--total_steps``
     holding the run directory, return the exit status. ``prepare`` (experiments) gets the built
     run before its first step."""
-    source = Source.read(args.from_checkpoint)
+    source = Source.read(args.from_checkpoint, args.to_checkpoint)
     config = TrainingConfig.from_args(args, source.flags)
     configure_matmul(config.device.allow_tf32)
     with run_directory_lock(config.checkpoints.run_dir, dist):

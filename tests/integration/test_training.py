@@ -395,6 +395,34 @@ def test_resume_is_exact(data, straight_run, tmp_path):
         assert torch.equal(a, b), name
 
 
+def test_from_checkpoint_auto_starts_a_new_run_or_continues_its_own(
+    data, straight_run, tmp_path, capsys
+):
+    """The same command line starts the run, continues it after a kill, and then finds it done;
+    what an explicit resume refuses stays refused."""
+    flags = ("--dropout", "0.1", "--total_steps", "6", "--save_steps", "3", "--eval_steps", "3")
+    command = (*flags, "--eval_batches", "2", "--from_checkpoint", "auto")
+    fresh = tmp_path / "fresh"
+    assert train(data, fresh, *command) == 0  # nothing there: a new run
+    assert losses(fresh) == losses(straight_run)
+    assert train(data, fresh, *command) == 0
+    assert "the run is complete" in capsys.readouterr().out
+
+    killed = tmp_path / "killed"  # what a run killed after its step-3 save leaves
+    killed.mkdir()
+    shutil.copytree(straight_run / "step_00000003", killed / "step_00000003")
+    (killed / "latest").write_text("step_00000003")
+    assert train(data, killed, *command) == 0
+    assert "resumed from" in capsys.readouterr().out
+    final_a, final_b = load_checkpoint(straight_run), load_checkpoint(killed)
+    for (name, a), b in zip(final_a.state_dict().items(), final_b.state_dict().values()):
+        assert torch.equal(a, b), name
+
+    (killed / "latest").write_text("step_00000009")
+    assert train(data, killed, *command) == 2
+    assert "names step_00000009, which is not a complete checkpoint" in capsys.readouterr().err
+
+
 def test_resume_from_a_version_1_training_record(data, straight_run, tmp_path):
     """A checkpoint of llama3 0.1.0, whose trainer.pt kept the run's entries side by side,
     continues exactly as one written now."""
