@@ -4,18 +4,28 @@
 # Usage: ./multitrain_llama3.sh [extra flags for `python -m llama3 multitrain`]
 #
 # The model, data and optimisation settings are those of train_llama3.sh (edit them there or set
-# them in the environment). This script adds where the processes run; on each node, run it with
-# the same MASTER_ADDR/MASTER_PORT and that node's NODE_RANK:
-#   NPROC_PER_NODE   processes (GPUs) on this node
-#   NNODES           nodes in the job
-#   NODE_RANK        this node's index, 0 .. NNODES-1
-#   MASTER_ADDR      address of node 0
-#   MASTER_PORT      a free TCP port on node 0
+# them in the environment). This script adds where the processes run. Run it on every node with
+# the same RDZV_ENDPOINT and RDZV_ID; the nodes find each other there (torchrun's c10d rendezvous)
+# and number themselves:
+#   NPROC_PER_NODE   processes (GPUs) on this node (default: its GPUs, 1 without any)
+#   NNODES           nodes in the job, or MIN:MAX for a job that goes on with fewer
+#   RDZV_ENDPOINT    HOST:PORT of the rendezvous, on one of the nodes (default 127.0.0.1:29500)
+#   RDZV_ID          the job's name, the same on every node (default llama3)
+#   MAX_RESTARTS     how often torchrun restarts the workers when one fails (default 3); each
+#                    restart continues every run from its newest checkpoint (--from_checkpoint
+#                    auto, which train_llama3.sh passes unless RESUME="")
+#   RDZV_BACKEND     c10d (default), or static for a fixed layout: then NODE_RANK (this node's
+#                    index, 0 .. NNODES-1), MASTER_ADDR and MASTER_PORT (node 0's address and a
+#                    free port on it) place the processes, as in earlier versions
 #   PREFETCHING      FSDP blocks to prefetch ahead in forward and backward (0 = none)
 # BATCH_SIZE in train_llama3.sh is per process: the global batch is BATCH_SIZE × processes.
 set -euo pipefail
-NPROC_PER_NODE="${NPROC_PER_NODE:-}"  # default: the number of GPUs on this node (1 without any)
+NPROC_PER_NODE="${NPROC_PER_NODE:-}"
 NNODES="${NNODES:-1}"
+RDZV_BACKEND="${RDZV_BACKEND:-c10d}"
+RDZV_ENDPOINT="${RDZV_ENDPOINT:-127.0.0.1:29500}"
+RDZV_ID="${RDZV_ID:-llama3}"
+MAX_RESTARTS="${MAX_RESTARTS:-3}"
 NODE_RANK="${NODE_RANK:-0}"
 MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
 MASTER_PORT="${MASTER_PORT:-29500}"
@@ -30,6 +40,11 @@ if [[ -z "$NPROC_PER_NODE" ]]; then
   [[ "$NPROC_PER_NODE" -gt 0 ]] || NPROC_PER_NODE=1
 fi
 
-LAUNCHER="$python_bin -m torch.distributed.run --nproc_per_node $NPROC_PER_NODE --nnodes $NNODES \
---node_rank $NODE_RANK --master_addr $MASTER_ADDR --master_port $MASTER_PORT" \
-SUBCOMMAND=multitrain exec ./train_llama3.sh --prefetching "$PREFETCHING" "$@"
+launcher="$python_bin -m torch.distributed.run --nproc_per_node $NPROC_PER_NODE --nnodes $NNODES \
+--max_restarts $MAX_RESTARTS"
+case "$RDZV_BACKEND" in
+  c10d) launcher+=" --rdzv_backend c10d --rdzv_endpoint $RDZV_ENDPOINT --rdzv_id $RDZV_ID" ;;
+  static) launcher+=" --node_rank $NODE_RANK --master_addr $MASTER_ADDR --master_port $MASTER_PORT" ;;
+  *) die "RDZV_BACKEND must be c10d or static, got '$RDZV_BACKEND'" ;;
+esac
+LAUNCHER="$launcher" SUBCOMMAND=multitrain exec ./train_llama3.sh --prefetching "$PREFETCHING" "$@"

@@ -19,6 +19,10 @@
 #   BASE_LR, WD_RATE, DROPOUT   optimisation
 #   PRECISION_FLAGS             e.g. "--amp_bf16 --allow_tf32" (GPU), "" for fp32
 #   CHECKPOINT_ROOT             where run directories (checkpoints, metrics) are written
+#   RESUME                      auto (default): a run directory holding a checkpoint continues
+#                               from its newest one, so rerunning the script after a stop or a
+#                               crash goes on; "" starts every run anew (a used directory is
+#                               then refused)
 #   LAUNCHER                    the command that runs Python; multitrain_llama3.sh sets torchrun
 set -euo pipefail
 TRAIN_CORPUS="${TRAIN_CORPUS:-/workspace/Datasets/ThePile/pretrain_data/train}"
@@ -43,6 +47,7 @@ WD_RATE="${WD_RATE:-0.1}"
 DROPOUT="${DROPOUT:-0.0}"
 PRECISION_FLAGS="${PRECISION_FLAGS:---amp_bf16 --allow_tf32}"
 CHECKPOINT_ROOT="${CHECKPOINT_ROOT:-checkpoints}"
+RESUME="${RESUME-auto}"
 LAUNCHER="${LAUNCHER:-}"
 SUBCOMMAND="${SUBCOMMAND:-train}"
 
@@ -53,6 +58,9 @@ require_path "$TRAIN_CORPUS" TRAIN_CORPUS "training corpus"
 require_path "$EVAL_CORPUS" EVAL_CORPUS "eval corpus"
 require_path "$TOKENIZER" TOKENIZER "tokenizer"
 [[ -n "$LAUNCHER" ]] || LAUNCHER="$(pick_python)"
+[[ -z "$RESUME" || "$RESUME" == auto ]] || die "RESUME must be auto or empty, got '$RESUME'"
+resume_flags=()
+[[ -z "$RESUME" ]] || resume_flags=(--from_checkpoint "$RESUME")
 
 for seq in $MAX_SEQ_LENS; do
   for core in ${CORE_DIMS:-auto}; do
@@ -72,6 +80,6 @@ for seq in $MAX_SEQ_LENS; do
       --max_seq_len "$seq" --batch_size "$BATCH_SIZE" --accumulation_steps "$ACCUMULATION_STEPS" \
       --total_steps "$TOTAL_STEPS" --eval_steps "$EVAL_STEPS" --eval_batches "$EVAL_BATCHES" \
       --save_steps "$SAVE_STEPS" --base_lr "$BASE_LR" --wd_rate "$WD_RATE" --dropout "$DROPOUT" \
-      $PRECISION_FLAGS --to_checkpoint "${CHECKPOINT_ROOT}/${name}" "$@"
+      $PRECISION_FLAGS --to_checkpoint "${CHECKPOINT_ROOT}/${name}" "${resume_flags[@]}" "$@"
   done
 done

@@ -52,9 +52,9 @@ class Distributed:
         device = _process_device(device_flag, local_rank)
         if device.type == "cuda":
             torch.cuda.set_device(device)
-            dist.init_process_group("nccl", device_id=device)
+            dist.init_process_group("nccl", device_id=device, **_attempt_store())
         else:
-            dist.init_process_group("gloo")
+            dist.init_process_group("gloo", **_attempt_store())
         return cls(
             device=device,
             rank=dist.get_rank(),
@@ -116,3 +116,13 @@ def _process_device(device_flag: str | None, local_rank: int) -> torch.device:
             )
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
+
+
+def _attempt_store() -> dict[str, object]:
+    """torchrun's store (``env://``) under a prefix of this attempt's own: the workers torchrun
+    restarts after a failure then do not read the addresses their predecessors published there,
+    which a restarted gloo group otherwise tries to connect to, and fails."""
+    store, rank, world_size = next(dist.rendezvous("env://"))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    prefixed = dist.PrefixStore(f"llama3/attempt_{attempt}/", store)
+    return {"store": prefixed, "rank": rank, "world_size": world_size}

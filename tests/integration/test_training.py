@@ -22,6 +22,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from functools import partial
 from pathlib import Path
 
@@ -772,6 +773,75 @@ def test_fsdp_two_processes_match_one_and_resume(data, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert losses(resumed) == losses(sharded)
     assert losses(resumed, "eval") == losses(sharded, "eval")
+
+
+def multitrain_script(data: TinyData, root: Path, port: int) -> subprocess.Popen:
+    """./multitrain_llama3.sh: 2 processes through torchrun's c10d rendezvous on this host, one
+    restart allowed, 60 steps saved every 5."""
+    settings = {
+        "TRAIN_CORPUS": data.train, "EVAL_CORPUS": data.eval, "TOKENIZER": data.tokenizer,
+        "N_LAYERS": 2, "DIM": 32, "CORE_DIMS": 16, "MAX_SEQ_LENS": 32, "BATCH_SIZE": 4,
+        "TOTAL_STEPS": 60, "EVAL_STEPS": 30, "EVAL_BATCHES": 2, "SAVE_STEPS": 5,
+        "BASE_LR": "3e-3", "PRECISION_FLAGS": "", "CHECKPOINT_ROOT": root, "NPROC_PER_NODE": 2,
+        "MAX_RESTARTS": 1, "RDZV_ENDPOINT": f"127.0.0.1:{port}", "PYTHON": sys.executable,
+    }  # fmt: skip
+    env = {**ENV, **{k: str(v) for k, v in settings.items()}}
+    return subprocess.Popen(
+        ["./multitrain_llama3.sh", "--warmup_steps", "2", "--no-tensorboard"],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def workers_of(run_dir: Path) -> list[int]:
+    """The training processes (not torchrun's agent) writing ``run_dir``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        text = [a.decode(errors="replace") for a in argv]
+        if str(run_dir) in text and "multitrain" in text and "torch.distributed.run" not in text:
+            found.append(int(proc.name))
+    return found
+
+
+def test_multitrain_script_restarts_a_killed_worker_and_continues(data, tmp_path):
+    """A worker killed after the step-5 checkpoint: torchrun restarts the workers, which continue
+    from the newest checkpoint by themselves and end as the run that was never interrupted."""
+    straight = multitrain_script(data, tmp_path / "straight", free_port())
+    out = straight.communicate(timeout=300)[0]
+    assert straight.returncode == 0, out[-3000:]
+    killed = multitrain_script(data, tmp_path / "killed", free_port())
+    run_dir = tmp_path / "killed" / "softplus_core16_seq32"
+    deadline = time.monotonic() + 120
+    while not (run_dir / "step_00000005").is_dir() and killed.poll() is None:
+        assert time.monotonic() < deadline, "no checkpoint at step 5"
+        time.sleep(0.05)
+    victims = workers_of(run_dir)
+    assert len(victims) == 2 and not (run_dir / "step_00000060").exists()
+    os.kill(victims[0], signal.SIGKILL)
+    out = killed.communicate(timeout=300)[0]
+    assert killed.returncode == 0, out[-3000:]
+    assert "resumed from" in out
+    runs = [root / "softplus_core16_seq32" for root in (tmp_path / "straight", tmp_path / "killed")]
+    last = [{r["step"]: r["loss"] for r in records(run)} for run in runs]  # a rerun step's last
+    assert sorted(last[1]) == list(range(1, 61)) and last[1] == last[0]
+    one, two = load_checkpoint(runs[0]), load_checkpoint(runs[1])
+    for (name, a), b in zip(one.state_dict().items(), two.state_dict().values()):
+        assert torch.equal(a, b), name
 
 
 def test_fsdp_bf16_matches_one_process(data, tmp_path):
