@@ -2,7 +2,10 @@
 
 The first signal only sets a flag; the trainer combines the flags of all processes at the end of a
 step, so every process stops after the same step and they save one checkpoint together. A second
-signal gets the default behaviour (quit at once, without saving).
+Ctrl-C gets the default behaviour (quit at once, without saving). A second SIGTERM changes nothing:
+launchers pass a job's SIGTERM on to workers that may have received it already (torchrun does, when
+a scheduler signals every process of the job), and the checkpoint must still be saved; a
+scheduler's last word is SIGKILL anyway.
 """
 
 from __future__ import annotations
@@ -30,12 +33,17 @@ class StopRequest:
         self._previous.clear()
 
     def _handle(self, signum: int, frame: object) -> None:
+        first = not self.requested
         self.requested = True
-        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
-        if self.announce:
+        if signum == signal.SIGINT:
+            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+        if self.announce and first:
+            again = (
+                " (press Ctrl-C again to quit without saving)" if signum == signal.SIGINT else ""
+            )
             print(
                 f"\n{signal.Signals(signum).name}: stopping after this step and saving a "
-                "checkpoint (send it again to quit without saving)",
+                f"checkpoint{again}",
                 file=sys.stderr,
                 flush=True,
             )

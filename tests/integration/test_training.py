@@ -793,7 +793,24 @@ def multitrain_script(data: TinyData, root: Path, port: int) -> subprocess.Popen
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=True,  # a process group of its own, as a scheduler's job has
     )
+
+
+def wait_for_step(job: subprocess.Popen, run_dir: Path, step: int) -> None:
+    deadline = time.monotonic() + 120
+    while not (run_dir / f"step_{step:08d}").is_dir() and job.poll() is None:
+        assert time.monotonic() < deadline, f"no checkpoint at step {step}"
+        time.sleep(0.05)
+
+
+def same_run(a: Path, b: Path) -> None:
+    """The last loss recorded for each step (a rerun step's last), and the final weights."""
+    last = [{r["step"]: r["loss"] for r in records(run)} for run in (a, b)]
+    assert sorted(last[1]) == list(range(1, 61)) and last[1] == last[0]
+    one, two = load_checkpoint(a), load_checkpoint(b)
+    for (name, x), y in zip(one.state_dict().items(), two.state_dict().values()):
+        assert torch.equal(x, y), name
 
 
 def free_port() -> int:
@@ -818,30 +835,39 @@ def workers_of(run_dir: Path) -> list[int]:
     return found
 
 
-def test_multitrain_script_restarts_a_killed_worker_and_continues(data, tmp_path):
+def test_multitrain_script_restarts_a_killed_worker_and_resumes_a_stopped_job(data, tmp_path):
     """A worker killed after the step-5 checkpoint: torchrun restarts the workers, which continue
-    from the newest checkpoint by themselves and end as the run that was never interrupted."""
+    from the newest checkpoint by themselves. SIGTERM to every process of the job (as a scheduler
+    sends it): a checkpoint, and the same command again finishes the run. Both end as the run
+    that was never interrupted, bit for bit."""
+    run = "softplus_core16_seq32"
     straight = multitrain_script(data, tmp_path / "straight", free_port())
     out = straight.communicate(timeout=300)[0]
     assert straight.returncode == 0, out[-3000:]
+
     killed = multitrain_script(data, tmp_path / "killed", free_port())
-    run_dir = tmp_path / "killed" / "softplus_core16_seq32"
-    deadline = time.monotonic() + 120
-    while not (run_dir / "step_00000005").is_dir() and killed.poll() is None:
-        assert time.monotonic() < deadline, "no checkpoint at step 5"
-        time.sleep(0.05)
-    victims = workers_of(run_dir)
-    assert len(victims) == 2 and not (run_dir / "step_00000060").exists()
+    wait_for_step(killed, tmp_path / "killed" / run, 5)
+    victims = workers_of(tmp_path / "killed" / run)
+    assert len(victims) == 2 and not (tmp_path / "killed" / run / "step_00000060").exists()
     os.kill(victims[0], signal.SIGKILL)
     out = killed.communicate(timeout=300)[0]
     assert killed.returncode == 0, out[-3000:]
     assert "resumed from" in out
-    runs = [root / "softplus_core16_seq32" for root in (tmp_path / "straight", tmp_path / "killed")]
-    last = [{r["step"]: r["loss"] for r in records(run)} for run in runs]  # a rerun step's last
-    assert sorted(last[1]) == list(range(1, 61)) and last[1] == last[0]
-    one, two = load_checkpoint(runs[0]), load_checkpoint(runs[1])
-    for (name, a), b in zip(one.state_dict().items(), two.state_dict().values()):
-        assert torch.equal(a, b), name
+    same_run(tmp_path / "straight" / run, tmp_path / "killed" / run)
+
+    stopped = multitrain_script(data, tmp_path / "stopped", free_port())
+    wait_for_step(stopped, tmp_path / "stopped" / run, 5)
+    os.killpg(stopped.pid, signal.SIGTERM)
+    out = stopped.communicate(timeout=300)[0]
+    summary = json.loads((tmp_path / "stopped" / run / "summary.json").read_text())
+    assert summary["status"] == "interrupted", out[-3000:]
+    assert summary["steps"] < 60 and resolve_step_dir(tmp_path / "stopped" / run).name == (
+        f"step_{summary['steps']:08d}"
+    )
+    again = multitrain_script(data, tmp_path / "stopped", free_port())
+    out = again.communicate(timeout=300)[0]
+    assert again.returncode == 0 and "resumed from" in out, out[-3000:]
+    same_run(tmp_path / "straight" / run, tmp_path / "stopped" / run)
 
 
 def test_fsdp_bf16_matches_one_process(data, tmp_path):

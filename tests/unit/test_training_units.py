@@ -4,6 +4,8 @@ activation checkpointing, metrics files and MFU, flag checks."""
 import argparse
 import json
 import math
+import os
+import signal
 
 import pytest
 import torch
@@ -165,3 +167,23 @@ def test_precision_modes_exclude_each_other():
 def test_default_warmup_is_five_percent():
     config = TrainingConfig.from_args(parse("--total_steps", "200"))
     assert config.optim.warmup_steps == 10
+
+
+def test_a_repeated_sigterm_still_saves_and_a_second_ctrl_c_quits(capsys):
+    """Launchers pass a job's SIGTERM on to workers that already have it: the stop request holds
+    and nothing quits; a second Ctrl-C is a person asking to quit without saving."""
+    from llama3.training.interrupt import StopRequest
+
+    before = signal.getsignal(signal.SIGTERM)
+    stop = StopRequest().install()
+    try:
+        for _ in range(3):
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested
+        assert capsys.readouterr().err.count("stopping after this step") == 1
+        os.kill(os.getpid(), signal.SIGINT)  # the first Ctrl-C: a request, already made
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        stop.uninstall()
+    assert signal.getsignal(signal.SIGTERM) is before
