@@ -62,8 +62,11 @@ require_path "$TOKENIZER" TOKENIZER "tokenizer"
 resume_flags=()
 [[ -z "$RESUME" ]] || resume_flags=(--from_checkpoint "$RESUME")
 
+runs=$(( $(wc -w <<< "$MAX_SEQ_LENS") * $(wc -w <<< "${CORE_DIMS:-auto}") ))
+n=0
 for seq in $MAX_SEQ_LENS; do
   for core in ${CORE_DIMS:-auto}; do
+    n=$((n + 1))
     if [[ "$ATTENTION" == softmax ]]; then
       name="softmax_h${N_HEADS}kv${N_KV_HEADS}_seq${seq}"
       model_flags=(--n_heads "$N_HEADS" --n_kv_heads "$N_KV_HEADS")
@@ -73,8 +76,13 @@ for seq in $MAX_SEQ_LENS; do
       [[ "$core" == auto ]] || model_flags+=(--core_dim "$core")
     fi
     echo "=== run ${name} -> ${CHECKPOINT_ROOT}/${name}"
+    # The last run replaces this shell, so a signal to the job (SIGTERM from a scheduler, Ctrl-C)
+    # reaches the launcher and the training processes, never a shell that would end before they
+    # have saved their checkpoint.
+    launch=()
+    [[ $n -lt $runs ]] || launch=(exec)
     # shellcheck disable=SC2086  # LAUNCHER and PRECISION_FLAGS are word lists
-    $LAUNCHER -m llama3 "$SUBCOMMAND" \
+    "${launch[@]}" $LAUNCHER -m llama3 "$SUBCOMMAND" \
       --train_corpus "$TRAIN_CORPUS" --eval_corpus "$EVAL_CORPUS" --tokenizer "$TOKENIZER" \
       --attention "$ATTENTION" --n_layers "$N_LAYERS" --dim "$DIM" "${model_flags[@]}" \
       --max_seq_len "$seq" --batch_size "$BATCH_SIZE" --accumulation_steps "$ACCUMULATION_STEPS" \

@@ -22,6 +22,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from functools import partial
 from pathlib import Path
@@ -775,9 +776,11 @@ def test_fsdp_two_processes_match_one_and_resume(data, tmp_path):
     assert losses(resumed, "eval") == losses(sharded, "eval")
 
 
-def multitrain_script(data: TinyData, root: Path, port: int) -> subprocess.Popen:
-    """./multitrain_llama3.sh: 2 processes through torchrun's c10d rendezvous on this host, one
-    restart allowed, 60 steps saved every 5."""
+def multitrain_script(
+    data: TinyData, root: Path, port: int, script: str = "multitrain_llama3.sh", **extra: str
+) -> subprocess.Popen:
+    """./multitrain_llama3.sh (or ``script``, with ``extra`` environment): 2 processes through
+    torchrun's c10d rendezvous on this host, one restart allowed, 60 steps saved every 5."""
     settings = {
         "TRAIN_CORPUS": data.train, "EVAL_CORPUS": data.eval, "TOKENIZER": data.tokenizer,
         "N_LAYERS": 2, "DIM": 32, "CORE_DIMS": 16, "MAX_SEQ_LENS": 32, "BATCH_SIZE": 4,
@@ -785,9 +788,9 @@ def multitrain_script(data: TinyData, root: Path, port: int) -> subprocess.Popen
         "BASE_LR": "3e-3", "PRECISION_FLAGS": "", "CHECKPOINT_ROOT": root, "NPROC_PER_NODE": 2,
         "MAX_RESTARTS": 1, "RDZV_ENDPOINT": f"127.0.0.1:{port}", "PYTHON": sys.executable,
     }  # fmt: skip
-    env = {**ENV, **{k: str(v) for k, v in settings.items()}}
+    env = {**ENV, **{k: str(v) for k, v in settings.items()}, **extra}
     return subprocess.Popen(
-        ["./multitrain_llama3.sh", "--warmup_steps", "2", "--no-tensorboard"],
+        [f"./{script}", "--warmup_steps", "2", "--no-tensorboard"],
         env=env,
         cwd=REPO,
         stdout=subprocess.PIPE,
@@ -835,16 +838,27 @@ def workers_of(run_dir: Path) -> list[int]:
     return found
 
 
-def test_multitrain_script_restarts_a_killed_worker_and_resumes_a_stopped_job(data, tmp_path):
+RUN = "softplus_core16_seq32"
+
+
+@pytest.fixture(scope="module")
+def straight_multitrain(data, tmp_path_factory) -> Path:
+    """The multitrain script's run, never interrupted."""
+    root = tmp_path_factory.mktemp("straight_multitrain")
+    job = multitrain_script(data, root, free_port())
+    out = job.communicate(timeout=300)[0]
+    assert job.returncode == 0, out[-3000:]
+    return root / RUN
+
+
+def test_multitrain_script_restarts_a_killed_worker_and_resumes_a_stopped_job(
+    data, straight_multitrain, tmp_path
+):
     """A worker killed after the step-5 checkpoint: torchrun restarts the workers, which continue
     from the newest checkpoint by themselves. SIGTERM to every process of the job (as a scheduler
     sends it): a checkpoint, and the same command again finishes the run. Both end as the run
     that was never interrupted, bit for bit."""
-    run = "softplus_core16_seq32"
-    straight = multitrain_script(data, tmp_path / "straight", free_port())
-    out = straight.communicate(timeout=300)[0]
-    assert straight.returncode == 0, out[-3000:]
-
+    run = RUN
     killed = multitrain_script(data, tmp_path / "killed", free_port())
     wait_for_step(killed, tmp_path / "killed" / run, 5)
     victims = workers_of(tmp_path / "killed" / run)
@@ -853,7 +867,7 @@ def test_multitrain_script_restarts_a_killed_worker_and_resumes_a_stopped_job(da
     out = killed.communicate(timeout=300)[0]
     assert killed.returncode == 0, out[-3000:]
     assert "resumed from" in out
-    same_run(tmp_path / "straight" / run, tmp_path / "killed" / run)
+    same_run(straight_multitrain, tmp_path / "killed" / run)
 
     stopped = multitrain_script(data, tmp_path / "stopped", free_port())
     wait_for_step(stopped, tmp_path / "stopped" / run, 5)
@@ -867,7 +881,63 @@ def test_multitrain_script_restarts_a_killed_worker_and_resumes_a_stopped_job(da
     again = multitrain_script(data, tmp_path / "stopped", free_port())
     out = again.communicate(timeout=300)[0]
     assert again.returncode == 0 and "resumed from" in out, out[-3000:]
-    same_run(tmp_path / "straight" / run, tmp_path / "stopped" / run)
+    same_run(straight_multitrain, tmp_path / "stopped" / run)
+
+
+SLURM_STUBS = {  # what the batch script asks of Slurm, done on this host
+    "srun": """
+        while [[ "${1:-}" == --* ]]; do shift; done  # one task on the one node
+        echo $$ > "$STUBS/step_pgid"  # the step: a process group of its own, as slurmstepd's
+        exec python3 -c 'import os, sys; os.setsid(); os.execvp(sys.argv[1], sys.argv[1:])' "$@"
+    """,
+    "scancel": 'kill -s "${1#--signal=}" -- "-$(cat "$STUBS/step_pgid")"',
+    "scontrol": """
+        case "$1" in
+          show) echo 127.0.0.1 ;;
+          requeue) echo "$2" >> "$STUBS/requeued" ;;
+        esac
+    """,
+}
+
+
+def test_slurm_script_stops_at_a_checkpoint_before_the_time_limit_and_the_requeued_job_finishes(
+    data, straight_multitrain, tmp_path
+):
+    """slurm_llama3.sbatch with srun, scancel and scontrol played on this host: the time-limit
+    signal (USR1 to the batch script) stops the training step at a checkpoint and requeues the
+    job; the requeued job (the same script again) continues and ends as the uninterrupted run."""
+    stubs = tmp_path / "stubs"
+    stubs.mkdir()
+    for name, body in SLURM_STUBS.items():
+        (stubs / name).write_text("#!/usr/bin/env bash\n" + textwrap.dedent(body))
+        (stubs / name).chmod(0o755)
+    slurm = {
+        "PATH": f"{stubs}:{os.environ['PATH']}",
+        "STUBS": str(stubs),
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NODELIST": "node1",
+        "SLURM_JOB_NUM_NODES": "1",
+        "SLURM_SUBMIT_DIR": str(REPO),
+    }
+    root, run_dir = tmp_path / "job", tmp_path / "job" / RUN
+
+    def submit() -> subprocess.Popen:
+        env = {**slurm, "RDZV_PORT": str(free_port()), "RDZV_ENDPOINT": ""}
+        return multitrain_script(data, root, 0, script="slurm_llama3.sbatch", **env)
+
+    job = submit()
+    wait_for_step(job, run_dir, 5)
+    os.kill(job.pid, signal.SIGUSR1)
+    out = job.communicate(timeout=300)[0]
+    assert job.returncode == 0 and "requeueing the job" in out, out[-3000:]
+    assert (stubs / "requeued").read_text() == "4242\n"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["steps"] < 60
+
+    requeued = submit()
+    out = requeued.communicate(timeout=300)[0]
+    assert requeued.returncode == 0 and "resumed from" in out, out[-3000:]
+    same_run(straight_multitrain, run_dir)
 
 
 def test_fsdp_bf16_matches_one_process(data, tmp_path):
