@@ -212,3 +212,34 @@ def test_scripts_and_benchmarks_let_idle_openmp_threads_sleep(given, expected, m
     if given:
         monkeypatch.setenv("OMP_WAIT_POLICY", given)
     assert child_env()["OMP_WAIT_POLICY"] == expected
+
+
+@pytest.mark.parametrize(
+    "script", [*SCRIPTS, "multitrain_llama3.sh", "slurm_llama3.sbatch", "run_tests.sh"]
+)
+def test_every_script_prints_its_manual(script):
+    done = subprocess.run(
+        ["bash", script, "--help"], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Usage:" in done.stdout and "#" not in done.stdout.splitlines()[0]
+
+
+@pytest.mark.parametrize(
+    "script, env, words",
+    [
+        ("slurm_llama3.sbatch", {}, "submit this script with sbatch"),
+        ("multitrain_llama3.sh", {"RDZV_BACKEND": "etcd"}, "RDZV_BACKEND must be c10d or static"),
+    ],
+)
+def test_launch_scripts_refuse_what_they_cannot_run_in_one_line(script, env, words):
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    done = subprocess.run(
+        ["bash", script],
+        cwd=REPO,
+        env={**environment, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1 and done.stderr.startswith("error: ") and words in done.stderr
