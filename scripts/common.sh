@@ -35,9 +35,10 @@ handle_help() {
 }
 
 # OpenMP threads that wait for work sleep at once instead of spinning first. On a machine shared
-# with other work, spinning threads take the cores the others need and training slows by up to
-# 30 times; alone, passive waiting costs little (benchmarks/threads.py measures both). A value
-# already in the environment is kept.
+# with other work, spinning threads take the cores the others need: two 2-thread trainings on two
+# cores ran at a fifth of the speed of two 1-thread ones, and at 0.95 of it with passive waiting,
+# which alone was also the fastest setting (benchmarks/threads.py, results/threads_cpu.json). A
+# value already in the environment is kept.
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 
 # The optional extras the quick start and the tests install (one set, so neither reinstalls the other's).
