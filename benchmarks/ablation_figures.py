@@ -205,9 +205,9 @@ def branch(path: str, early: dict[str, Any], what: str) -> Path:
     rows = early["rows"]
     finite = [r["final_eval_loss"] for r in rows if r["final_eval_loss"] is not None]
     top = max(finite, default=1.0) + 0.1
-    models = list(dict.fromkeys(r["trial"].split(",")[0] for r in rows))
+    models = list(dict.fromkeys(r["model"] for r in rows))
     for i, model in enumerate(models):
-        mine = [r for r in rows if r["trial"].split(",")[0] == model]
+        mine = [r for r in rows if r["model"] == model]
         for diverged in (False, True):
             points = [r for r in mine if (r["final_eval_loss"] is None) == diverged]
             if points:

@@ -82,7 +82,7 @@ class Plan:
     steps: int
     every: int  # evaluation and diagnostics interval
     lr: float  # the other groups' peak learning rate
-    model_flags: tuple[str, ...] = ()
+    model_extra: dict[str, int] = field(default_factory=dict)  # ModelArgs fields beyond base
 
 
 def _softplus(r: int, scale: str) -> dict[str, Any]:
@@ -128,7 +128,7 @@ TINY = Plan(
     steps=6,
     every=3,
     lr=3e-3,
-    model_flags=("--multiple_of", "16"),
+    model_extra={"multiple_of": 16},
 )
 
 
@@ -277,7 +277,7 @@ def completed(setup: Setup, t: Trial) -> bool:
     if not summary.is_file():
         return False
     record = json.loads(summary.read_text())
-    if record.get("status") == "non-finite":  # diverged: a result, not a failure
+    if diverged(record):  # a result, not a failure
         return True
     return record.get("status") == "completed" and record.get("steps") == setup.plan.steps
 
@@ -285,7 +285,8 @@ def completed(setup: Setup, t: Trial) -> bool:
 def command(setup: Setup, t: Trial) -> list[str]:
     """``python -m llama3 train`` for the trial."""
     plan, data = setup.plan, setup.data
-    model = {k: v for k, v in plan.base.items() if k != "vocab_size"} | dict(t.flags)
+    model = {k: v for k, v in plan.base.items() if k != "vocab_size"} | plan.model_extra
+    model |= dict(t.flags)
     args = [
         "train",
         "--device",
@@ -297,7 +298,6 @@ def command(setup: Setup, t: Trial) -> list[str]:
         "--tokenizer",
         data.tokenizer,
         *[x for k, v in model.items() for x in (f"--{k}", v)],
-        *plan.model_flags,
         "--max_seq_len",
         t.context,
         "--batch_size",
@@ -369,7 +369,7 @@ def run_all(
             summary = summary_of(setup, t)
             outcome = (
                 f"diverged at step {summary['steps'] + 1}"
-                if summary["status"] == "non-finite"
+                if diverged(summary)
                 else f"eval loss {summary['final_eval_loss']:.4f}"
             )
             print(
@@ -386,6 +386,11 @@ def run_all(
 # ------------------------------------------------------------------------------ results
 
 
+def diverged(summary: dict[str, Any]) -> bool:
+    """Whether a run's summary says it stopped at a non-finite loss or gradient."""
+    return summary.get("status") == "non-finite"
+
+
 def summary_of(setup: Setup, t: Trial) -> dict[str, Any]:
     return json.loads((run_dir(setup, t) / SUMMARY_FILE).read_text())
 
@@ -393,7 +398,7 @@ def summary_of(setup: Setup, t: Trial) -> dict[str, Any]:
 def result(setup: Setup, t: Trial) -> dict[str, Any]:
     """A trial's settings, final numbers, eval curve and diagnostics, from its run directory."""
     records, summary = read_metrics(run_dir(setup, t)), summary_of(setup, t)
-    diverged = summary["status"] == "non-finite"
+    stopped = diverged(summary)
     return {
         "key": t.key,
         "model": t.model,
@@ -407,8 +412,8 @@ def result(setup: Setup, t: Trial) -> dict[str, Any]:
         "params": summary["parameters"],
         "tokens": summary["tokens"],
         "train_minutes": summary["elapsed_s"] / 60,
-        "diverged_at_step": summary["steps"] + 1 if diverged else None,
-        "final_eval_loss": None if diverged else summary["final_eval_loss"],
+        "diverged_at_step": summary["steps"] + 1 if stopped else None,
+        "final_eval_loss": None if stopped else summary["final_eval_loss"],
         "eval_curve": [
             {"step": r["step"], "tokens": r["tokens"], "loss": _finite_or_none(r["loss"])}
             for r in records
@@ -566,6 +571,7 @@ def early_branch(results: list[dict[str, Any]]) -> dict[str, Any]:
         rows.append(
             {
                 "trial": r["label"],
+                "model": r["model"],
                 "lr": r["lr"],
                 "seed": r["seed"],
                 "block0_branch_ratio": early["layers"][0]["branch_ratio"],
@@ -580,12 +586,11 @@ def initial_branch(plan: Plan) -> dict[str, list[list[float]]]:
     """Each main model's attention branch against the residual stream, per block, as initialised
     with each of the plan's seeds (before any step; on random token windows of the plan's
     context)."""
-    flags = {k.lstrip("-"): int(v) for k, v in zip(plan.model_flags[::2], plan.model_flags[1::2])}
     generator = torch.Generator().manual_seed(0)
     tokens = torch.randint(4, plan.base["vocab_size"], (WINDOWS, plan.context), generator=generator)
     out = {}
     for model, settings in plan.models.items():
-        args = ModelArgs(**plan.base, **flags, **settings, max_seq_len=plan.context)
+        args = ModelArgs(**plan.base, **plan.model_extra, **settings, max_seq_len=plan.context)
         out[model] = []
         for seed in plan.seeds:
             torch.manual_seed(seed)
@@ -741,7 +746,7 @@ def main() -> int:
         seed_rows=seed_rows(seeds),
         initial_branch=initial,
         early_branch=early,
-        reused=sorted(k for k in known if any(t.key == k for t in trials)),
+        reused=sorted(known.keys() & {t.key for t in trials}),
         trials=results,
     )
     print(
