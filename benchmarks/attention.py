@@ -4,7 +4,9 @@
     python -m benchmarks.attention --main     # GPU: only r=128 and 424 at B=16, S=4096, decoding
     python -m benchmarks.attention --tiny     # CPU: tiny shapes, Triton rows interpreted
 
-Training shapes report forward, backward and forward+backward time, TFLOP/s and peak memory. FLOPs
+Training shapes report forward, backward and forward+backward time, TFLOP/s and peak memory, for
+the softplus kernels' fused backward (softplus_triton, the default) and their deterministic one
+(softplus_triton_det, LLAMA3_KERNEL_DETERMINISTIC=1) side by side. FLOPs
 count the score and value products over the visible (causal) pairs only: forward 4·r per pair,
 backward 10·r (five products), the usual FlashAttention convention, the same for every row.
 Softmax runs through scaled_dot_product_attention with one head of head_dim r, on the flash, cuDNN
@@ -140,8 +142,27 @@ SDPA_BACKENDS = {
 }
 
 
+TRITON_IMPLS = ("softplus_triton", "softplus_triton_det")
+
+
+@contextmanager
+def backward_path(impl: str):
+    """The deterministic backward of the softplus kernels inside the block for the
+    softplus_triton_det rows (the module's LLAMA3_KERNEL_DETERMINISTIC switch), else nothing."""
+    if impl != "softplus_triton_det":
+        yield
+        return
+    from llama3.ops import softplus_triton
+
+    saved, softplus_triton.DETERMINISTIC = softplus_triton.DETERMINISTIC, True
+    try:
+        yield
+    finally:
+        softplus_triton.DETERMINISTIC = saved
+
+
 def make_call(impl: str, q, k, v, causal: bool = True) -> Callable[[], torch.Tensor]:
-    if impl == "softplus_triton":
+    if impl in TRITON_IMPLS:
         return lambda: softplus_attention(q, k, v)
     if impl == "softplus_reference":
         return lambda: softplus_attention_reference(q, k, v)
@@ -173,7 +194,7 @@ def reference_bytes(B: int, S: int, T: int) -> float:
 
 
 def _note(impl: str, device: torch.device) -> str | None:
-    if impl == "softplus_triton" and device.type == "cpu":
+    if impl in TRITON_IMPLS and device.type == "cpu":
         return "Triton interpreter on the CPU"
     return None
 
@@ -191,7 +212,7 @@ def measure_training(impl, B, S, r, dtype, timer: Timer) -> dict[str, Any]:
     q, k, v = (x.requires_grad_() for x in inputs_for(impl, B, S, S, r, dtype, device))
     call = make_call(impl, q, k, v)
     try:
-        with interpreted(impl == "softplus_triton" and device.type == "cpu"):
+        with interpreted(impl in TRITON_IMPLS and device.type == "cpu"), backward_path(impl):
             first_fwd, out = first_call(call, device)
             do = torch.randn_like(out)
             backward = functools.partial(torch.autograd.grad, out, (q, k, v), do, retain_graph=True)
@@ -226,7 +247,7 @@ def measure_decoding(impl, B, T, r, dtype, timer: Timer, copy_gb_per_s) -> dict[
     q, k, v = inputs_for(impl, B, 1, T, r, dtype, device, cache_layout=True)
     call = make_call(impl, q, k, v, causal=False)  # one query sees every key
     try:
-        with interpreted(impl == "softplus_triton" and device.type == "cpu"), torch.no_grad():
+        with interpreted(impl in TRITON_IMPLS and device.type == "cpu"), torch.no_grad():
             first, _ = first_call(call, device)
             timed = timer(call)
     except RuntimeError as error:
@@ -246,7 +267,7 @@ def add_ratios(rows: list[dict[str, Any]], peak_tflops: float) -> None:
     """Softplus (Triton) against its softmax counterpart: SDPA flash up to r = 256, else
     memory-efficient (or whichever of the two ran); and against the fastest SDPA backend."""
     for row in rows:
-        if row["impl"] != "softplus_triton" or "fwd_ms" not in row:
+        if row["impl"] not in TRITON_IMPLS or "fwd_ms" not in row:
             continue
         same = {
             x["impl"]: x
@@ -279,10 +300,10 @@ def plan(tiny: bool, device: torch.device, main_rows: bool = False) -> dict[str,
     """Shapes (B, S, r) and (B, T, r), implementations, sizes and the timer; ``main_rows``: only
     the rows the performance goals name (r = 128 and 424), without the reference."""
     if tiny:
-        impls = ["softplus_triton", "softplus_reference", "sdpa_flash", "sdpa_math"]
+        impls = [*TRITON_IMPLS, "softplus_reference", "sdpa_flash", "sdpa_math"]
         training = [(2, 64, 64), (1, 48, 136)]
         if main_rows:
-            impls, training = ["softplus_triton", *SDPA_IMPLS], training[:1]
+            impls, training = [*TRITON_IMPLS, *SDPA_IMPLS], training[:1]
         return dict(
             training=training,
             decoding=[(2, 128, 64)],
@@ -294,9 +315,9 @@ def plan(tiny: bool, device: torch.device, main_rows: bool = False) -> dict[str,
         )
     design = [(16, 4096, r) for r in (128, 256, 424, 512)]
     sweep = [(65536 // s, s, r) for r in (128, 424) for s in (1024, 2048, 8192, 16384)]
-    training, impls = design + sweep, ["softplus_triton", "softplus_reference", *SDPA_IMPLS]
+    training, impls = design + sweep, [*TRITON_IMPLS, "softplus_reference", *SDPA_IMPLS]
     if main_rows:
-        training, impls = [(16, 4096, 128), (16, 4096, 424)], ["softplus_triton", *SDPA_IMPLS]
+        training, impls = [(16, 4096, 128), (16, 4096, 424)], [*TRITON_IMPLS, *SDPA_IMPLS]
     return dict(
         training=training,
         decoding=[(64, 4096, 128), (64, 4096, 424)],
@@ -352,6 +373,7 @@ def main(argv: list[str] | None = None) -> None:
         measure_decoding(impl, B, T, r, p["dtype"], timer, copy_bw)
         for B, T, r in p["decoding"]
         for impl in p["impls"]
+        if impl != "softplus_triton_det"  # the forward is the same
     ]
 
     print("\nTraining shapes (causal, T = S):\n" + format_table(rows, COLUMNS))

@@ -15,10 +15,13 @@ which compiles each exactly as it would on the GPU. For every compiled kernel th
   tensor-core instructions ptxas emptied because it found their result unused ("dead": a
   product the source needs that the compiled kernel skips, which makes it wrong);
 * in the tile loop (the innermost loop holding the score's exp2; for the forward and dQ the first,
-  unmasked one): SASS instructions, special-function ops (``MUFU``), tensor FLOPs executed and
-  global-memory bytes read, each per (query, key) pair of the tile;
+  unmasked one): SASS instructions, special-function ops (``MUFU``), tensor FLOPs executed,
+  global-memory bytes read and bytes of atomic reductions sent to the L2 (the fused backward's
+  dq), each per (query, key) pair of the tile;
 * compile time, and a static ceiling in TFLOP/s from per-SM rates (benchmarks/NOTES.md states the
-  model): tensor time plus issue time per pair, FLOPs counted as the benchmarks count them.
+  model): tensor time plus issue time per pair, or the L2's time for the atomics where that is
+  longer, FLOPs counted as the benchmarks count them; both backward paths (fused, and the
+  deterministic one) get rows and a ceiling.
 
 Prints a table and writes JSON (with the Triton version). Needs no GPU; ``--jobs`` compiles widths
 in parallel processes. ``--cold`` times compilation with an empty Triton cache.
@@ -47,13 +50,25 @@ CLOCK_HZ = 1.98e9
 TENSOR_FLOP_PER_CLOCK = {"bf16": 4096, "fp16": 4096, "tf32": 2048}
 ISSUE_PER_CLOCK = 128  # 4 schedulers × one warp instruction (32 threads) each
 MUFU_PER_CLOCK = 16
+# fp32 reductions (RED, ATOM) the L2 absorbs, bytes per clock per SM: an assumption, not a
+# measurement (about half the L2's read bandwidth, 2.6 TB/s over the chip; --l2_atomic_rate
+# changes it); see NOTES.md.
+ATOMIC_BYTES_PER_CLOCK = 10.0
 SHARED_LIMIT = 232448  # bytes of shared memory one block may use (227 KB)
 
 # Useful FLOPs per visible (query, key) pair, as benchmarks/attention.py counts them.
 USEFUL_FLOPS = {"fwd": 4, "bwd": 10}  # × r
 # Tensor FLOPs per pair each kernel needs at least (its products, × r): a reading below is one
 # that missed part of the tile loop, and is not used.
-LEAST_TENSOR_FLOPS = {"fwd": 4, "bwd_dkdv": 8, "bwd_dv": 4, "bwd_dk": 6, "bwd_dq": 6}
+LEAST_TENSOR_FLOPS = {
+    "fwd": 4,
+    "bwd_dkdv": 8,
+    "bwd_dv": 4,
+    "bwd_dk": 6,
+    "bwd_dq": 6,
+    "bwd_dkdvdq": 10,
+    "bwd_dkdq": 8,
+}
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -245,7 +260,7 @@ def tile_loop(code: list[Sass]) -> tuple[tuple[int, int] | None, list[tuple[int,
 
 _GMMA = re.compile(r"^HGMMA\.(\d+)x(\d+)x(\d+)\.F32(?:\.(\w+))?")  # no type: fp16
 _MMA = re.compile(r"^HMMA\.168(\d+)\.F32(?:\.(\w+))?")
-_WIDTH = {"128": 16, "64": 8, "U16": 2, "S16": 2, "U8": 1, "S8": 1}
+_WIDTH = {"128": 16, "64": 8, "U16": 2, "S16": 2, "U8": 1, "S8": 1, "F32x2": 8, "F32x4": 16}
 
 
 def _width(opcode: str) -> int:
@@ -306,7 +321,7 @@ def count_loop(
     A nested loop pipelined over ``stages`` buffers copies its first stages − 1 chunks before it
     starts (those copies sit in the outer body) and issues its last stages − 1 trips' copies
     predicated off: its asynchronous copies move bytes on nested_trips − (stages − 1) trips."""
-    totals = dict(instructions=0.0, mufu=0.0, tensor_flops=0.0, global_bytes=0.0)
+    totals = dict(instructions=0.0, mufu=0.0, tensor_flops=0.0, global_bytes=0.0, atomic_bytes=0.0)
     dtype = ""
     copying = max(nested_trips - (stages - 1), 0)
     for j in range(loop[0], loop[1] + 1):
@@ -329,6 +344,8 @@ def count_loop(
             totals["global_bytes"] += weight * _width(ins.opcode) * warps * 32
         elif ins.opcode.startswith("UTMALDG"):
             totals["global_bytes"] += copies * tma_bytes
+        elif ins.opcode.startswith(("RED", "ATOMG")):  # global reductions, to the L2
+            totals["atomic_bytes"] += weight * _width(ins.opcode) * warps * 32
     totals["tensor_type"] = dtype
     return totals
 
@@ -386,7 +403,7 @@ def run_launchers(
     S: int,
     decode_B: int,
     decode_T: int,
-    shapes: dict[str, list[tuple]] | None = None,
+    shapes: dict[str, list[str]] | None = None,
 ) -> dict[str, list[Launch]]:
     """Run forward, backward and decoding at one width; every compiled kernel by launch group.
 
@@ -403,7 +420,9 @@ def run_launchers(
 
     dtype = getattr(torch, DTYPES[dtype_name])
     for role, table in (shapes or {}).items():
-        kernels.SHAPES[role][kernels.table_key(role, r, dtype)] = table
+        kernels.SHAPES[role][kernels.table_key(role, r, dtype)] = list(
+            map(kernels.Shape.parse, table)
+        )
     groups: dict[str, list[Launch]] = {}
 
     def collect(group: str, call) -> None:
@@ -432,7 +451,10 @@ def run_launchers(
     v = _meta(B, S, r, dtype=dtype).transpose(1, 2)
     collect("train", lambda: kernels.forward(q, k, v, "length"))
     o, l = _meta(B, S, r, dtype=dtype), _meta(B, S, dtype=torch.float32)
-    collect("train", lambda: kernels.backward(_meta(B, S, r, dtype=dtype), q, k, v, o, l, "length"))
+    do = _meta(B, S, r, dtype=dtype)
+    collect("train", lambda: kernels.backward(do, q, k, v, o, l, "length"))
+    kernels.DETERMINISTIC = True  # the deterministic backward's launches too
+    collect("train_det", lambda: kernels.backward(do, q, k, v, o, l, "length"))
     qd = _meta(decode_B, 1, r, dtype=dtype)
     kd, vd = _meta(decode_B, r, decode_T, dtype=dtype), _meta(decode_B, r, decode_T, dtype=dtype)
     kv_len = _meta(decode_B, dtype=torch.int64)
@@ -489,6 +511,7 @@ class Row:
     mufu_per_pair: float | None
     tensor_flops_per_pair: float | None
     global_bytes_per_pair: float | None
+    atomic_bytes_per_pair: float | None  # fp32 reductions to the L2
     clocks_per_pair: float | None  # per SM
     compile_s: float
     grid: list[int] | None
@@ -508,7 +531,9 @@ def _slices(config: dict[str, Any], r: int) -> int:
     return -(-r // dv) if dv else 1
 
 
-def analyse(launch: Launch, r: int, dtype: str, workdir: str) -> Row:
+def analyse(
+    launch: Launch, r: int, dtype: str, workdir: str, atomic_rate: float = ATOMIC_BYTES_PER_CLOCK
+) -> Row:
     compiled = launch.compiled
     cubin = os.path.join(workdir, f"{compiled.hash}.cubin")
     with open(cubin, "wb") as f:
@@ -525,7 +550,7 @@ def analyse(launch: Launch, r: int, dtype: str, workdir: str) -> Row:
         if any(i.opcode.startswith("HMMA") for i in code)
         else "-"
     )
-    per_pair = dict(inst=None, mufu=None, flops=None, bytes=None, clocks=None)
+    per_pair = dict(inst=None, mufu=None, flops=None, bytes=None, atomic=None, clocks=None)
     loop, nested = tile_loop(code)
     pairs = config.get("BLOCK_M", 0) * config.get("BLOCK_N", 0)  # per tile-loop iteration
     if loop is not None and pairs:
@@ -546,14 +571,17 @@ def analyse(launch: Launch, r: int, dtype: str, workdir: str) -> Row:
             mufu=totals["mufu"] * threads * scale,
             flops=totals["tensor_flops"] * scale,
             bytes=totals["global_bytes"] * scale,
+            atomic=totals["atomic_bytes"] * scale,
         )
         rate = TENSOR_FLOP_PER_CLOCK.get(
             {"BF16": "bf16", "F16": "fp16", "TF32": "tf32"}.get(totals["tensor_type"], "bf16")
         )
         issue = max(per_pair["inst"] / ISSUE_PER_CLOCK, per_pair["mufu"] / MUFU_PER_CLOCK)
         least = LEAST_TENSOR_FLOPS.get(_kernel_label(launch.kernel, config), 0) * r
-        if per_pair["flops"] >= least:
-            per_pair["clocks"] = per_pair["flops"] / rate + issue
+        if per_pair["flops"] >= least:  # the L2's reductions overlap the SM's work
+            per_pair["clocks"] = max(
+                per_pair["flops"] / rate + issue, per_pair["atomic"] / atomic_rate
+            )
         else:  # the reading is not to be trusted: no ceiling from it
             print(
                 f"r={r} {launch.kernel} {_config_label(config)}: the tile loop counted "
@@ -578,6 +606,7 @@ def analyse(launch: Launch, r: int, dtype: str, workdir: str) -> Row:
         mufu_per_pair=_round(per_pair["mufu"]),
         tensor_flops_per_pair=_round(per_pair["flops"]),
         global_bytes_per_pair=_round(per_pair["bytes"]),
+        atomic_bytes_per_pair=_round(per_pair["atomic"]),
         clocks_per_pair=per_pair["clocks"],
         compile_s=round(launch.compile_s, 2),
         grid=list(launch.grid) if launch.grid else None,
@@ -587,8 +616,9 @@ def analyse(launch: Launch, r: int, dtype: str, workdir: str) -> Row:
 def _kernel_label(name: str, config: dict[str, Any]) -> str:
     """The kernel's name without decoration; the key-gradient kernel says which it computes."""
     label = name.strip("_").removesuffix("_kernel")
-    if label == "bwd_dkdv" and not (config.get("GRAD_K", True) and config.get("GRAD_V", True)):
-        label = "bwd_dk" if config.get("GRAD_K") else "bwd_dv"
+    if label == "bwd_dkdv":
+        grads = [g for g in ("K", "V", "Q") if config.get(f"GRAD_{g}", g != "Q")]
+        label = "bwd_" + "".join(f"d{g.lower()}" for g in grads)
     return label
 
 
@@ -611,22 +641,28 @@ def _usable(row: Row) -> bool:
 
 
 def ceilings(rows: list[Row], r: int) -> dict[str, float | None]:
-    """Best static TFLOP/s of the forward, and of the backward (dK/dV + dQ), over the
-    configurations that fit and do not spill."""
+    """Best static TFLOP/s of the forward and of both backward paths, over the configurations
+    that fit, do not spill and have no emptied product: the fused one (dK/dV/dQ in one launch,
+    or dV then dK/dQ) and the deterministic one (dK/dV, or dV then dK, then dQ)."""
 
-    def best(kernel: str) -> float | None:
-        found = [row.clocks_per_pair for row in rows if row.kernel == kernel and _usable(row)]
-        return min(found) if found else None
+    def best(*kernels: str) -> float | None:
+        found = [
+            min(
+                (row.clocks_per_pair for row in rows if row.kernel == k and _usable(row)), default=0
+            )
+            for k in kernels
+        ]
+        return sum(found) if all(found) else None
 
-    fwd, dkdv, dq = best("fwd"), best("bwd_dkdv"), best("bwd_dq")
-    dk, dv = best("bwd_dk"), best("bwd_dv")
-    if dkdv is None and dk and dv:  # one launch per key gradient
-        dkdv = dk + dv
+    def ceiling(useful: int, clocks: float | None) -> float | None:
+        return round(tflops(useful * r, clocks), 1) if clocks else None
+
+    fused = best("bwd_dkdvdq") or best("bwd_dv", "bwd_dkdq")
+    deterministic = best("bwd_dkdv", "bwd_dq") or best("bwd_dv", "bwd_dk", "bwd_dq")
     return {
-        "fwd_tflops": round(tflops(USEFUL_FLOPS["fwd"] * r, fwd), 1) if fwd else None,
-        "bwd_tflops": (
-            round(tflops(USEFUL_FLOPS["bwd"] * r, dkdv + dq), 1) if dkdv and dq else None
-        ),
+        "fwd_tflops": ceiling(USEFUL_FLOPS["fwd"], best("fwd")),
+        "bwd_tflops": ceiling(USEFUL_FLOPS["bwd"], fused),
+        "bwd_det_tflops": ceiling(USEFUL_FLOPS["bwd"], deterministic),
     }
 
 
@@ -638,7 +674,8 @@ def report_width(
     decode_B: int,
     decode_T: int,
     cache_dir: str | None,
-    shapes: dict[str, list[tuple]] | None = None,
+    shapes: dict[str, list[str]] | None = None,
+    atomic_rate: float = ATOMIC_BYTES_PER_CLOCK,
 ) -> dict[str, Any]:
     """Compile and read every kernel at width r (run in a worker process)."""
     if cache_dir:
@@ -649,7 +686,7 @@ def report_width(
     with tempfile.TemporaryDirectory() as workdir:
         for group, launches in groups.items():
             for launch in launches:
-                row = analyse(launch, r, dtype, workdir)
+                row = analyse(launch, r, dtype, workdir, atomic_rate)
                 if group == "decode":
                     row.kernel = "decode_" + row.kernel
                 rows.append(row)
@@ -685,6 +722,7 @@ COLUMNS = [
     "mufu_per_pair",
     "tensor_flops_per_pair",
     "global_bytes_per_pair",
+    "atomic_bytes_per_pair",
     "compile_s",
 ]
 
@@ -729,10 +767,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--shapes",
         default=None,
-        metavar="KERNEL:M,N,DV,WARPS,STAGES;...",
-        help="try other autotune candidates for a launch (fwd, dkdv, dv, dk, dq) "
-        "at every width given, e.g. 'dkdv:32,128,128,8,2;16,128,128,8,3'"
-        " (repeat the flag's groups with '|' for several kernels)",
+        metavar="ROLE:M,N,DV,WARPS,STAGES[,rolled][,tma][,dkNN];...",
+        help="try other autotune candidates for a launch role (fwd, dkdvq, dkq, dkdv, dv, dk, "
+        "dq) at every width given, e.g. 'dkdvq:32,128,128,8,2;16,128,128,8,3' (repeat the "
+        "flag's groups with '|' for several roles; tma: TMA chunk loads, dkNN: chunks of NN)",
+    )
+    parser.add_argument(
+        "--l2_atomic_rate",
+        type=float,
+        default=ATOMIC_BYTES_PER_CLOCK,
+        metavar="BYTES",
+        help="fp32 reduction bytes the L2 absorbs per clock per SM, the bound on dq's atomic "
+        "adds in the fused backward (default: %(default)s, an assumption; see benchmarks/NOTES.md)",
     )
     parser.add_argument(
         "--output", default=str(DEFAULT_OUTPUT), help="JSON file to write (default: %(default)s)"
@@ -740,18 +786,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_shapes(text: str | None) -> dict[str, list[tuple]] | None:
-    """'fwd:128,64,128,8,3;64,64,128,4,3|bwd_dq:...' → {"fwd": [(128, 64, 128, 8, 3), ...]}."""
+def parse_shapes(text: str | None) -> dict[str, list[str]] | None:
+    """'fwd:128,64,128,8,3;64,64,128,4,3|dkq:...' → {"fwd": ["128,64,128,8,3", ...], ...}; each
+    shape is read by softplus_triton.Shape.parse in the worker that compiles it."""
     if not text:
         return None
     found = {}
     for group in text.split("|"):
         name, _, rest = group.partition(":")
-        found[name.strip()] = [
-            tuple(int(x) if x.strip().isdigit() else x.strip() for x in shape.split(","))
-            for shape in rest.split(";")
-            if shape.strip()
-        ]
+        found[name.strip()] = [shape for shape in rest.split(";") if shape.strip()]
     return found
 
 
@@ -764,10 +807,11 @@ def collect(
     decode_T: int,
     jobs: int = 1,
     cache_dir: str | None = None,
-    shapes: dict[str, list[tuple]] | None = None,
+    shapes: dict[str, list[str]] | None = None,
+    atomic_rate: float = ATOMIC_BYTES_PER_CLOCK,
 ) -> list[dict[str, Any]]:
     """Reports for every width, each compiled in a fresh process (a kernel module per target)."""
-    args = [(r, dtype, B, S, decode_B, decode_T, cache_dir, shapes) for r in widths]
+    args = [(r, dtype, B, S, decode_B, decode_T, cache_dir, shapes, atomic_rate) for r in widths]
     with ProcessPoolExecutor(max_workers=max(1, jobs), max_tasks_per_child=1) as pool:
         return list(pool.map(_report_width_star, args))
 
@@ -793,6 +837,7 @@ def main(argv: list[str] | None = None) -> int:
             args.jobs,
             cache_dir,
             parse_shapes(args.shapes),
+            args.l2_atomic_rate,
         )
     rows = [row for report in reports for row in report["rows"]]
     print(format_table(rows, COLUMNS))
@@ -832,6 +877,7 @@ def main(argv: list[str] | None = None) -> int:
             tensor_flop_per_clock=TENSOR_FLOP_PER_CLOCK,
             issue_per_clock=ISSUE_PER_CLOCK,
             mufu_per_clock=MUFU_PER_CLOCK,
+            atomic_bytes_per_clock=args.l2_atomic_rate,
             shared_limit=SHARED_LIMIT,
         ),
         summary=summary,

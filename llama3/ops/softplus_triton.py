@@ -58,6 +58,7 @@ benchmarks/kernel_static.py reads this module's compiled Hopper code (registers,
 memory, instructions per pair) on any machine; the shape tables below follow its report.
 """
 
+import dataclasses
 import functools
 import math
 import os
@@ -88,13 +89,15 @@ def _interpreted() -> bool:
 # end): interpreted or compiled for the GPU; LLAMA3_KERNEL_AUTOTUNE=0 skips autotuning (each
 # kernel runs the first shape of its table, so a first call compiles one configuration);
 # LLAMA3_KERNEL_FP32=ieee|tf32x3|tf32 fixes the precision of fp32 inputs' dots (see
-# _dot_precision); LLAMA3_KERNEL_TMA=0 keeps every launch on pointer loads (no TMA descriptors).
+# _dot_precision); LLAMA3_KERNEL_TMA=0 keeps every launch on pointer loads (no TMA descriptors);
+# LLAMA3_KERNEL_DETERMINISTIC=1 runs the deterministic backward (see deterministic_backward).
 INTERPRETED = _interpreted()
 _INTERPRET_SETTING = os.environ.get("TRITON_INTERPRET")
 if INTERPRETED:
     os.environ["TRITON_INTERPRET"] = "1"
 AUTOTUNE = os.environ.get("LLAMA3_KERNEL_AUTOTUNE", "1") != "0"
 TMA_ALLOWED = os.environ.get("LLAMA3_KERNEL_TMA", "1") != "0"
+DETERMINISTIC = os.environ.get("LLAMA3_KERNEL_DETERMINISTIC", "0") not in ("0", "")
 FP32_PRECISION = os.environ.get("LLAMA3_KERNEL_FP32") or None
 if FP32_PRECISION not in (None, "ieee", "tf32x3", "tf32"):
     raise ValueError(f"LLAMA3_KERNEL_FP32 must be ieee, tf32x3 or tf32, got {FP32_PRECISION!r}")
@@ -354,23 +357,27 @@ def _descriptors(
     Q_LAYOUT: tl.constexpr,
     KV_LAYOUT: tl.constexpr,
     TMA: tl.constexpr,
+    GRADIENTS: tl.constexpr,
 ):
     """TMA descriptors (k, v, q, dO) of the r-wide products' chunks: key tiles (keys past kv_len
-    read as zeros) and query-row tiles; None where the launch takes r whole or has no TMA."""
+    read as zeros) and query-row tiles; None where the launch takes r whole or has no TMA. Without
+    GRADIENTS (the forward: V and DO not given) only k's and q's."""
     if TMA and BLOCK_DK < R:
         nb = tl.num_programs(1)
-        descs = (
-            _r_desc(
-                K, stride_kb, stride_kt, stride_kr, nb, kv_len, R, BLOCK_N, BLOCK_DK, KV_LAYOUT == 1
-            ),
-            _r_desc(
-                V, stride_vb, stride_vt, stride_vr, nb, kv_len, R, BLOCK_N, BLOCK_DK, KV_LAYOUT == 1
-            ),
-            _r_desc(Q, stride_qb, stride_qs, stride_qr, nb, S, R, BLOCK_M, BLOCK_DK, Q_LAYOUT == 2),
-            _r_desc(
-                DO, stride_dob, stride_dos, stride_dor, nb, S, R, BLOCK_M, BLOCK_DK, Q_LAYOUT == 2
-            ),
+        k = _r_desc(
+            K, stride_kb, stride_kt, stride_kr, nb, kv_len, R, BLOCK_N, BLOCK_DK, KV_LAYOUT == 1
         )
+        q = _r_desc(Q, stride_qb, stride_qs, stride_qr, nb, S, R, BLOCK_M, BLOCK_DK, Q_LAYOUT == 2)
+        if GRADIENTS:
+            v = _r_desc(
+                V, stride_vb, stride_vt, stride_vr, nb, kv_len, R, BLOCK_N, BLOCK_DK, KV_LAYOUT == 1
+            )
+            do = _r_desc(
+                DO, stride_dob, stride_dos, stride_dor, nb, S, R, BLOCK_M, BLOCK_DK, Q_LAYOUT == 2
+            )
+            descs = (k, v, q, do)
+        else:
+            descs = (k, k, q, q)  # the forward reads only descs[0] and descs[2]
     else:
         descs = None
     return descs
@@ -532,20 +539,20 @@ def _fwd_kernel(
     descs = _descriptors(
         Q,
         K,
-        K,
-        Q,
+        None,
+        None,
         stride_qb,
         stride_qs,
         stride_qr,
         stride_kb,
         stride_kr,
         stride_kt,
-        stride_kb,
-        stride_kr,
-        stride_kt,
-        stride_qb,
-        stride_qs,
-        stride_qr,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
         S,
         kv_len,
         R,
@@ -555,7 +562,8 @@ def _fwd_kernel(
         Q_LAYOUT,
         KV_LAYOUT,
         TMA,
-    )  # k and q: the scores need only those (the others compile away)
+        False,
+    )  # k and q: the scores need only those
 
     # keys [0, end) are seen by some row of the block, keys [0, full) by all of them
     end = tl.minimum(first + m0 + BLOCK_M, kv_len)
@@ -769,6 +777,9 @@ def _dkdv_step(
     dv,
     kt,
     vt,
+    kq,
+    dq_cols,
+    dqa_ptrs,
     kt_ptrs,
     vt_ptrs,
     key_ok,
@@ -799,12 +810,17 @@ def _dkdv_step(
     SCALE_DO: tl.constexpr,
     GRAD_K: tl.constexpr,
     GRAD_V: tl.constexpr,
+    GRAD_Q: tl.constexpr,
     FAST: tl.constexpr,
     TMA: tl.constexpr,
     Q_LAYOUT: tl.constexpr,
     KV_LAYOUT: tl.constexpr,
 ):
     """Add one query tile (rows) to the key tile's dk and/or dv; scores are kept transposed.
+    GRAD_Q: also add the tile's share of dq, Σ_j λ_i dz_ij k_j over this tile's keys, to the fp32
+    accumulator with atomic adds: kq holds the keys' columns of this r slice in parts (dq_cols:
+    their indices; see _dq_parts), each a product of its own; dqa_ptrs points at the rows
+    (1, BLOCK_M), or with one part at the part's columns too (BLOCK_DV, BLOCK_M).
 
     MASKED: the tile may cross the causal diagonal or the last row; otherwise every row exists
     and sees every key, and nothing is checked.
@@ -896,8 +912,46 @@ def _dkdv_step(
         if MASKED:
             sig = tl.where(seen, sig, 0.0)
         dzt = (dpt * c_dp[None, :] - c_sh[None, :]) * sig  # (λ_i dz_ij)ᵀ
-        dk = tl.dot(dzt.to(q.dtype), q, dk, input_precision=PRECISION)
+        ds = dzt.to(q.dtype)
+        dk = tl.dot(ds, q, dk, input_precision=PRECISION)
+        if GRAD_Q:  # (dq)ᵀ = kᵀ (λ dz)ᵀ: r-slice rows, so every warp owns its own
+            for part in tl.static_range(len(kq)):  # one product of kq[part]'s columns at a time
+                c = dq_cols[part]
+                dqt = tl.dot(tl.trans(kq[part]), ds, input_precision=PRECISION)  # (cols, M)
+                ok = (c < R)[:, None] & row_ok[None, :]
+                if len(kq) == 1:  # the launcher's pointers are the part's
+                    tl.atomic_add(dqa_ptrs, dqt, mask=ok, sem="relaxed")
+                else:
+                    tl.atomic_add(dqa_ptrs + c[:, None], dqt, mask=ok, sem="relaxed")
     return dk, dv
+
+
+@triton.jit
+def _key_columns(k_ptrs, stride_kr, cols, key_ok, R: tl.constexpr):
+    """(BLOCK_N, len(cols)) tile of the keys at k_ptrs (one pointer per key), columns cols of r."""
+    return tl.load(
+        k_ptrs + cols[None, :] * stride_kr, mask=key_ok[:, None] & (cols < R)[None, :], other=0.0
+    )
+
+
+@triton.jit
+def _dq_parts(k_ptrs, stride_kr, first, key_ok, R: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """The keys' columns first .. first + BLOCK_DV of r for the dq product, and their indices: one
+    part, or past 256 columns four, so that one fp32 product of BLOCK_DV / 4 columns is live at a
+    time (dk's accumulator holds most registers: r = 424 in one part of 512 spills)."""
+    if BLOCK_DV > 256:
+        c = first + tl.arange(0, BLOCK_DV // 4)
+        cols = (c, c + BLOCK_DV // 4, c + BLOCK_DV // 2, c + 3 * (BLOCK_DV // 4))
+        tiles = (
+            _key_columns(k_ptrs, stride_kr, cols[0], key_ok, R),
+            _key_columns(k_ptrs, stride_kr, cols[1], key_ok, R),
+            _key_columns(k_ptrs, stride_kr, cols[2], key_ok, R),
+            _key_columns(k_ptrs, stride_kr, cols[3], key_ok, R),
+        )
+    else:
+        cols = (first + tl.arange(0, BLOCK_DV),)
+        tiles = (_key_columns(k_ptrs, stride_kr, cols[0], key_ok, R),)
+    return tiles, cols
 
 
 @triton.jit(do_not_specialize=["S", "T"])
@@ -910,6 +964,7 @@ def _bwd_dkdv_kernel(
     KV_LEN,
     DK,
     DV,
+    DQ_ACC,
     stride_qb,
     stride_qs,
     stride_qr,
@@ -940,6 +995,7 @@ def _bwd_dkdv_kernel(
     KV_LAYOUT: tl.constexpr,
     GRAD_K: tl.constexpr,
     GRAD_V: tl.constexpr,
+    GRAD_Q: tl.constexpr,
     FAST: tl.constexpr,
     TMA: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -950,7 +1006,11 @@ def _bwd_dkdv_kernel(
 ):
     """Grid (key blocks × r slices, B): dk and/or dv of one key tile, over the query rows that
     see it. Up to r = 128 one launch computes both; wider cores run one launch per gradient, each
-    with a single accumulator (two would not fit in registers) and without the other's work."""
+    with a single accumulator (two would not fit in registers) and without the other's work.
+
+    GRAD_Q (with GRAD_K: the fused backward): the same pass adds each tile's dq terms to DQ_ACC,
+    (B, S, R) fp32 zeroed by the launcher, with atomic adds: the scores and dP serve dk and dq,
+    and the separate dq launch is not needed. The order of the adds varies from run to run."""
     stride_qb, stride_qs, stride_qr = _hinted(stride_qb, stride_qs, stride_qr, Q_LAYOUT)
     stride_dob, stride_dos, stride_dor = _hinted(stride_dob, stride_dos, stride_dor, Q_LAYOUT)
     stride_kb, stride_kr, stride_kt = _hinted(stride_kb, stride_kr, stride_kt, KV_LAYOUT)
@@ -982,6 +1042,7 @@ def _bwd_dkdv_kernel(
     do_ptrs = do_b + m[:, None] * stride_dos + cols[None, :] * stride_dor
     rows_ptrs = ROWS + b.to(tl.int64) * S + m
     plane = tl.num_programs(1).to(tl.int64) * S
+    dqa_ptrs = DQ_ACC + (b.to(tl.int64) * S + m[None, :]) * R  # (1, BLOCK_M), rows 0..
     if BLOCK_DK >= R:  # one chunk covers r: keep the key and value tiles
         kv_mask = key_ok[:, None] & d_ok[None, :]
         kt = tl.load(kt_ptrs, mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_DK)
@@ -989,6 +1050,16 @@ def _bwd_dkdv_kernel(
     else:
         kt = None
         vt = None
+    if GRAD_Q and BLOCK_DK >= R and BLOCK_DV == BLOCK_DK:
+        kq, dq_cols = (kt,), (cols,)  # the slice is all of r
+    elif GRAD_Q:  # the keys' columns of this r slice, for the dq product
+        kq_ptrs = K + b.to(tl.int64) * stride_kb + keys[:, None] * stride_kt
+        kq, dq_cols = _dq_parts(kq_ptrs, stride_kr, r_slice * BLOCK_DV, key_ok, R, BLOCK_DV)
+    else:
+        kq, dq_cols = None, None
+    if GRAD_Q:
+        if len(kq) == 1:  # pointers at every column of the one part
+            dqa_ptrs += dq_cols[0][:, None]
     descs = _descriptors(
         Q,
         K,
@@ -1015,6 +1086,7 @@ def _bwd_dkdv_kernel(
         Q_LAYOUT,
         KV_LAYOUT,
         TMA,
+        True,
     )
 
     # rows from n0 − first on see a key of the tile, rows from m_full on see all of them; the
@@ -1037,6 +1109,9 @@ def _bwd_dkdv_kernel(
                 dv,
                 kt,
                 vt,
+                kq,
+                dq_cols,
+                dqa_ptrs + m0 * R,
                 kt_ptrs,
                 vt_ptrs,
                 key_ok,
@@ -1067,6 +1142,7 @@ def _bwd_dkdv_kernel(
                 SCALE_DO,
                 GRAD_K,
                 GRAD_V,
+                GRAD_Q,
                 FAST,
                 TMA,
                 Q_LAYOUT,
@@ -1308,6 +1384,7 @@ def _bwd_dq_kernel(
         Q_LAYOUT,
         KV_LAYOUT,
         TMA,
+        True,
     )
 
     end = tl.minimum(first + m0 + BLOCK_M, kv_len)
@@ -1398,109 +1475,194 @@ def _bwd_dq_kernel(
 # Launchers: block shapes, autotuning
 # ---------------------------------------------------------------------------------------------
 #
-# Shapes are (BLOCK_M, BLOCK_N, BLOCK_DV, num_warps, num_stages[, ROLLED]) per launch role, input
-# class ("16" for fp16/bf16, "32" for fp32) and padded width: the autotuner's candidates, keyed on
-# r, the power of two above S, the layouts and the dot precision. Rules, each checked on the
-# compiled sm_90 code by benchmarks/kernel_static.py (tests/integration/test_kernel_static.py in
-# CI):
-#  * the rows of a chained dot (BLOCK_M in the forward and dQ, BLOCK_N in dK/dV) are at least
-#    16 × num_warps, so every warp owns its own rows (Triton lays a chained dot's warps along
-#    its rows; fewer rows would make warpgroups compute the same scores twice);
+# Shapes (see Shape) per launch role, input class ("16" for fp16/bf16, "32" for fp32) and padded
+# width: the autotuner's candidates, keyed on r, the power of two above S, the layouts and the dot
+# precision. Rules, each checked on the compiled sm_90 code by benchmarks/kernel_static.py
+# (tests/integration/test_kernel_static.py in CI):
+#  * every warp owns its own rows of a chained dot: its rows (BLOCK_M in the forward and dQ,
+#    BLOCK_N in dK/dV) are at least 16 × num_warps, or its columns are wide enough for the
+#    warpgroups to split them (dK's 512 columns at BLOCK_N = 64); fewer would make warpgroups
+#    compute the same scores twice;
 #  * every shape fits in the 227 KB of shared memory a block may use, and none spills registers.
 # The first shape of each list is the one used without autotuning (LLAMA3_KERNEL_AUTOTUNE=0). A
 # table may hold an entry for one exact width (424, the default core at dim 128), tried before the
 # entry of its padded width.
-# Roles: "fwd"; "dkdv" (both key gradients in one launch, r ≤ 128), or "dv" and "dk" (one launch
-# each, wider r); "dq". ROLLED: the r-chunk loop is a loop, not unrolled; "dkNN": chunks of NN
-# columns of r (default: see chunk_width); TMA: the r chunks are copied by the TMA unit through
-# tensor descriptors (a rolled loop, no address arithmetic nor masks), a shape used only when
-# the launcher found every tensor's layout fit for descriptors (see unit_axis) and then in place
-# of the table's other shapes; NOT_FP16: a shape for bf16 only (fp16 keeps dO unscaled, one more
-# per-row constant, and the shape spills there).
-ROLLED = "rolled"
-TMA = "tma"
-NOT_FP16 = "not_fp16"
+# Roles: "fwd"; the fused backward: "dkdvq" (every gradient in one launch, r ≤ 128), or "dv" and
+# "dkq" (wider r); the deterministic backward: "dkdv" (r ≤ 128) or "dv" and "dk", then "dq".
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """One autotune candidate: block sizes, warps and pipeline stages, and how r is read.
+
+    rolled: the r-chunk loop stays a loop (not unrolled); tma: the r chunks are copied by the TMA
+    unit through tensor descriptors (always a rolled loop), a shape used only where the launcher
+    found every tensor's layout fit for descriptors (see unit_axis), and then in place of the
+    table's other shapes; chunk: BLOCK_DK, columns of r per chunk (default: see chunk_width);
+    not_fp16: for bf16 only (fp16 keeps dO unscaled, one more per-row constant, and the shape
+    spills there).
+    """
+
+    block_m: int
+    block_n: int
+    block_dv: int
+    warps: int
+    stages: int
+    rolled: bool = False
+    tma: bool = False
+    chunk: int | None = None
+    not_fp16: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> "Shape":
+        """'M,N,DV,WARPS,STAGES[,rolled][,tma][,dkNN][,not_fp16]' (benchmarks' --shapes)."""
+        fields = [f.strip() for f in text.split(",") if f.strip()]
+        flags = set(fields[5:])
+        chunk = next((int(f[2:]) for f in flags if f.startswith("dk")), None)
+        unknown = flags - {"rolled", "tma", "not_fp16"} - {f"dk{chunk}"}
+        if len(fields) < 5 or unknown:
+            raise ValueError(f"not a shape: {text!r}")
+        m, n, dv, warps, stages = (int(f) for f in fields[:5])
+        return cls(
+            m, n, dv, warps, stages, "rolled" in flags, "tma" in flags, chunk, "not_fp16" in flags
+        )
+
+
 SHAPES = {
     "fwd": {
-        ("16", 64): [(128, 64, 64, 8, 3), (64, 64, 64, 4, 3)],
-        ("16", 128): [(128, 64, 128, 8, 3), (128, 128, 128, 8, 2), (64, 64, 128, 4, 3)],
-        ("16", 256): [(128, 32, 256, 8, 2), (128, 32, 256, 8, 3)],
-        ("16", 512): [(128, 32, 256, 8, 2)],
-        ("16", 1024): [(128, 64, 256, 8, 2, TMA, "dk128"), (128, 32, 256, 8, 2, ROLLED)],
-        ("32", 64): [(64, 32, 64, 4, 2)],
-        ("32", 128): [(64, 32, 128, 4, 2)],
-        ("32", 256): [(64, 32, 128, 4, 2)],
-        ("32", 512): [(64, 32, 128, 4, 2)],
-        ("32", 1024): [(64, 32, 128, 4, 2, ROLLED)],
+        ("16", 64): [Shape(128, 64, 64, 8, 3), Shape(64, 64, 64, 4, 3)],
+        ("16", 128): [
+            Shape(128, 64, 128, 8, 3),
+            Shape(128, 128, 128, 8, 2),
+            Shape(64, 64, 128, 4, 3),
+        ],
+        ("16", 256): [Shape(128, 32, 256, 8, 2), Shape(128, 32, 256, 8, 3)],
+        ("16", 512): [Shape(128, 32, 256, 8, 2)],
+        ("16", 1024): [
+            Shape(128, 64, 256, 8, 2, tma=True, chunk=128),
+            Shape(128, 32, 256, 8, 2, rolled=True),
+        ],
+        ("32", 64): [Shape(64, 32, 64, 4, 2)],
+        ("32", 128): [Shape(64, 32, 128, 4, 2)],
+        ("32", 256): [Shape(64, 32, 128, 4, 2)],
+        ("32", 512): [Shape(64, 32, 128, 4, 2)],
+        ("32", 1024): [Shape(64, 32, 128, 4, 2, rolled=True)],
     },
     # BLOCK_N keys stay, BLOCK_M query rows stream past; two BLOCK_N × BLOCK_DV accumulators
     "dkdv": {
-        ("16", 64): [(32, 128, 64, 8, 3), (32, 64, 64, 4, 3)],
-        ("16", 128): [(32, 128, 128, 8, 3), (16, 128, 128, 8, 3)],
-        ("32", 64): [(32, 64, 64, 4, 2)],
-        ("32", 128): [(32, 64, 64, 4, 2)],
+        ("16", 64): [Shape(32, 128, 64, 8, 3), Shape(32, 64, 64, 4, 3)],
+        ("16", 128): [Shape(32, 128, 128, 8, 3), Shape(16, 128, 128, 8, 3)],
+        ("32", 64): [Shape(32, 64, 64, 4, 2)],
+        ("32", 128): [Shape(32, 64, 64, 4, 2)],
     },
     "dv": {
-        ("16", 256): [(32, 64, 256, 4, 2, NOT_FP16), (32, 128, 256, 8, 2)],
+        ("16", 256): [Shape(32, 64, 256, 4, 2, not_fp16=True), Shape(32, 128, 256, 8, 2)],
         ("16", 512): [
-            (64, 128, 256, 8, 2, TMA, "dk128", NOT_FP16),
-            (32, 128, 256, 8, 2, TMA, "dk128"),
-            (32, 128, 256, 8, 2, "dk64"),
+            Shape(32, 64, 512, 8, 2, tma=True, chunk=128),
+            Shape(64, 128, 256, 8, 2, tma=True, chunk=128, not_fp16=True),
+            Shape(32, 128, 256, 8, 2, tma=True, chunk=128),
+            Shape(32, 128, 256, 8, 2, chunk=64),
         ],
         ("16", 1024): [
-            (64, 128, 256, 8, 2, TMA, "dk128", NOT_FP16),
-            (32, 128, 256, 8, 2, TMA, "dk128"),
-            (32, 128, 256, 8, 2, ROLLED, "dk64"),
+            Shape(32, 64, 512, 8, 2, tma=True, chunk=128),
+            Shape(64, 128, 256, 8, 2, tma=True, chunk=128, not_fp16=True),
+            Shape(32, 128, 256, 8, 2, tma=True, chunk=128),
+            Shape(32, 128, 256, 8, 2, rolled=True, chunk=64),
         ],
-        ("32", 256): [(32, 64, 64, 4, 2)],
-        ("32", 512): [(32, 64, 64, 4, 2)],
-        ("32", 1024): [(32, 64, 64, 4, 2, ROLLED)],
+        ("32", 256): [Shape(32, 64, 64, 4, 2)],
+        ("32", 512): [Shape(32, 64, 64, 4, 2)],
+        ("32", 1024): [Shape(32, 64, 64, 4, 2, rolled=True)],
+    },
+    # the fused backward: dk, dv and dq's terms in one pass (r ≤ 128), or dk and dq (wider r,
+    # beside the "dv" launch)
+    "dkdvq": {
+        ("16", 64): [Shape(32, 128, 64, 8, 3), Shape(16, 128, 64, 8, 3)],
+        ("16", 128): [Shape(32, 128, 128, 8, 3, not_fp16=True), Shape(16, 128, 128, 8, 3)],
+        ("32", 64): [Shape(32, 64, 64, 4, 2)],
+        ("32", 128): [Shape(32, 64, 64, 4, 2)],
+    },
+    # one r slice of 512 (dk's accumulator in 64 key rows), not two that each recompute the
+    # scores and dP (32 rows of 128 keys spill 32 bytes at r = 424); dq's atomic traffic is then
+    # 4r / 64 bytes per pair, 32 at r = 424 (see benchmarks/NOTES.md)
+    "dkq": {
+        ("16", 256): [Shape(16, 128, 256, 8, 2), Shape(16, 128, 256, 8, 3)],
+        ("16", 512): [
+            Shape(32, 64, 512, 8, 2, tma=True, chunk=128),
+            Shape(16, 64, 512, 8, 2, tma=True, chunk=128),
+            Shape(16, 64, 512, 8, 2, rolled=True, chunk=64),
+        ],
+        ("16", 1024): [
+            Shape(32, 64, 512, 8, 2, tma=True, chunk=128),
+            Shape(16, 64, 512, 8, 2, tma=True, chunk=128),
+            Shape(16, 64, 512, 8, 2, rolled=True, chunk=64),
+        ],
+        ("32", 256): [Shape(32, 64, 64, 4, 2)],
+        ("32", 512): [Shape(32, 64, 64, 4, 2)],
+        ("32", 1024): [Shape(32, 64, 64, 4, 2, rolled=True)],
     },
     "dk": {
-        ("16", 256): [(32, 128, 256, 8, 2)],
-        ("16", 512): [(32, 128, 256, 8, 2, TMA, "dk128"), (16, 128, 256, 8, 2, ROLLED, "dk64")],
-        ("16", 1024): [(32, 128, 256, 8, 2, TMA, "dk128"), (16, 128, 256, 8, 2, ROLLED, "dk64")],
-        ("32", 256): [(32, 64, 64, 4, 2)],
-        ("32", 512): [(32, 64, 64, 4, 2)],
-        ("32", 1024): [(32, 64, 64, 4, 2, ROLLED)],
+        ("16", 256): [Shape(32, 128, 256, 8, 2)],
+        ("16", 512): [
+            Shape(32, 128, 256, 8, 2, tma=True, chunk=128),
+            Shape(16, 128, 256, 8, 2, rolled=True, chunk=64),
+        ],
+        ("16", 1024): [
+            Shape(32, 128, 256, 8, 2, tma=True, chunk=128),
+            Shape(16, 128, 256, 8, 2, rolled=True, chunk=64),
+        ],
+        ("32", 256): [Shape(32, 64, 64, 4, 2)],
+        ("32", 512): [Shape(32, 64, 64, 4, 2)],
+        ("32", 1024): [Shape(32, 64, 64, 4, 2, rolled=True)],
     },
     # decoding (S ≤ 16, split-K): one 16-row block, not autotuned (CUDA graphs capture it)
     "decode": {
-        ("16", 64): [(16, 32, 64, 4, 3)],
-        ("16", 128): [(16, 32, 128, 4, 3)],
-        ("16", 256): [(16, 32, 256, 4, 3)],
-        ("16", 512): [(16, 32, 512, 4, 3, "dk64")],
-        ("16", 1024): [(16, 32, 256, 4, 2)],
-        ("32", 64): [(16, 32, 64, 4, 2)],
-        ("32", 128): [(16, 32, 128, 4, 2)],
-        ("32", 256): [(16, 32, 256, 4, 2)],
-        ("32", 512): [(16, 32, 256, 4, 2)],
-        ("32", 1024): [(16, 32, 256, 4, 2)],
+        ("16", 64): [Shape(16, 32, 64, 4, 3)],
+        ("16", 128): [Shape(16, 32, 128, 4, 3)],
+        ("16", 256): [Shape(16, 32, 256, 4, 3)],
+        ("16", 512): [Shape(16, 32, 512, 4, 3, chunk=64)],
+        ("16", 1024): [Shape(16, 32, 256, 4, 2)],
+        ("32", 64): [Shape(16, 32, 64, 4, 2)],
+        ("32", 128): [Shape(16, 32, 128, 4, 2)],
+        ("32", 256): [Shape(16, 32, 256, 4, 2)],
+        ("32", 512): [Shape(16, 32, 256, 4, 2)],
+        ("32", 1024): [Shape(16, 32, 256, 4, 2)],
     },
     "dq": {
-        ("16", 64): [(128, 64, 64, 8, 3), (64, 64, 64, 4, 3)],
-        ("16", 128): [(128, 64, 128, 8, 2), (128, 32, 128, 8, 3), (64, 64, 128, 4, 3)],
-        ("16", 256): [(128, 32, 256, 8, 2)],
-        ("16", 424): [
-            (128, 64, 256, 8, 2, TMA, "dk128"),
-            (128, 32, 256, 8, 2, ROLLED),
-            (128, 16, 256, 8, 2, ROLLED),
+        ("16", 64): [Shape(128, 64, 64, 8, 3), Shape(64, 64, 64, 4, 3)],
+        ("16", 128): [
+            Shape(128, 64, 128, 8, 2),
+            Shape(128, 32, 128, 8, 3),
+            Shape(64, 64, 128, 4, 3),
         ],
-        ("16", 512): [(128, 64, 256, 8, 2, TMA, "dk128"), (128, 16, 256, 8, 2, ROLLED, "dk64")],
-        ("16", 1024): [(128, 64, 256, 8, 2, TMA, "dk128"), (128, 32, 256, 8, 2, ROLLED)],
-        ("32", 64): [(64, 32, 64, 4, 2)],
-        ("32", 128): [(64, 32, 128, 4, 2)],
-        ("32", 256): [(64, 32, 128, 4, 2)],
-        ("32", 512): [(64, 32, 128, 4, 2)],
-        ("32", 1024): [(64, 32, 128, 4, 2, ROLLED)],
+        ("16", 256): [Shape(128, 32, 256, 8, 2)],
+        ("16", 424): [
+            Shape(128, 64, 256, 8, 2, tma=True, chunk=128),
+            Shape(128, 32, 256, 8, 2, rolled=True),
+            Shape(128, 16, 256, 8, 2, rolled=True),
+        ],
+        ("16", 512): [
+            Shape(128, 64, 256, 8, 2, tma=True, chunk=128),
+            Shape(128, 16, 256, 8, 2, rolled=True, chunk=64),
+        ],
+        ("16", 1024): [
+            Shape(128, 64, 256, 8, 2, tma=True, chunk=128),
+            Shape(128, 32, 256, 8, 2, rolled=True),
+        ],
+        ("32", 64): [Shape(64, 32, 64, 4, 2)],
+        ("32", 128): [Shape(64, 32, 128, 4, 2)],
+        ("32", 256): [Shape(64, 32, 128, 4, 2)],
+        ("32", 512): [Shape(64, 32, 128, 4, 2)],
+        ("32", 1024): [Shape(64, 32, 128, 4, 2, rolled=True)],
     },
 }
-_KERNELS = {
-    "fwd": "_fwd_kernel",
-    "dkdv": "_bwd_dkdv_kernel",
-    "dv": "_bwd_dkdv_kernel",
-    "dk": "_bwd_dkdv_kernel",
-    "dq": "_bwd_dq_kernel",
+KERNELS = {
+    "fwd": _fwd_kernel,
+    "dkdv": _bwd_dkdv_kernel,
+    "dv": _bwd_dkdv_kernel,
+    "dk": _bwd_dkdv_kernel,
+    "dq": _bwd_dq_kernel,
+    "dkdvq": _bwd_dkdv_kernel,
+    "dkq": _bwd_dkdv_kernel,
 }
 # The interpreter runs one small shape per role (no autotuning): diagonals cross tiles, r is sliced.
 _INTERPRETER_SHAPES = {
@@ -1509,7 +1671,17 @@ _INTERPRETER_SHAPES = {
     "dv": (32, 64, 128),
     "dk": (32, 64, 128),
     "dq": (64, 32, 128),
+    "dkdvq": (32, 64, 128),
+    "dkq": (32, 64, 512),  # r > 256: dq in two parts, as compiled
 }
+
+
+def deterministic_backward() -> bool:
+    """Whether the backward runs its deterministic launches (every gradient element written by
+    one program, bit-identical from run to run) instead of the fused one (dq by atomic adds, whose
+    order varies): asked for by ``torch.use_deterministic_algorithms(True)`` or
+    LLAMA3_KERNEL_DETERMINISTIC=1."""
+    return DETERMINISTIC or torch.are_deterministic_algorithms_enabled()
 
 
 def split_key_gradients(r: int) -> bool:
@@ -1567,25 +1739,23 @@ def _configs(role: str, r: int, dtype: torch.dtype, tma: bool) -> list[triton.Co
     table = [
         shape
         for shape in SHAPES[role][table_key(role, r, dtype)]
-        if not (dtype == torch.float16 and NOT_FP16 in shape[5:])
+        if not (dtype == torch.float16 and shape.not_fp16)
     ]
-    use_tma = tma and any(TMA in shape[5:] for shape in table)
+    use_tma = tma and any(shape.tma for shape in table)
     found = []
-    for m, n, dv, warps, stages, *flags in table:
-        if (TMA in flags) != use_tma:
+    for shape in table:
+        if shape.tma != use_tma:
             continue
-        dv = min(dv, width)
-        chunk = next((int(f[2:]) for f in flags if f.startswith("dk")), chunk_width(r, dv))
-        rolled = ROLLED in flags or TMA in flags
+        dv = min(shape.block_dv, width)
         meta = dict(
-            BLOCK_M=m,
-            BLOCK_N=n,
+            BLOCK_M=shape.block_m,
+            BLOCK_N=shape.block_n,
             BLOCK_DV=dv,
-            BLOCK_DK=min(chunk, width),
-            UNROLL=unrolled(r) and not rolled,
-            TMA=TMA in flags,
+            BLOCK_DK=min(shape.chunk or chunk_width(r, dv), width),
+            UNROLL=unrolled(r) and not (shape.rolled or shape.tma),
+            TMA=shape.tma,
         )
-        found.append(triton.Config(meta, num_warps=warps, num_stages=stages))
+        found.append(triton.Config(meta, num_warps=shape.warps, num_stages=shape.stages))
     return found
 
 
@@ -1593,7 +1763,7 @@ def _configs(role: str, r: int, dtype: torch.dtype, tma: bool) -> list[triton.Co
 def _autotuned(role: str, r: int, dtype: torch.dtype, tma: bool):
     """The kernel of launch ``role`` in an autotuner over its shapes for width r and ``dtype``."""
     key = ["R", "S_BUCKET", "Q_LAYOUT", "KV_LAYOUT", "PRECISION"]
-    return triton.autotune(configs=configs(role, r, dtype, tma), key=key)(globals()[_KERNELS[role]])
+    return triton.autotune(configs=configs(role, r, dtype, tma), key=key)(KERNELS[role])
 
 
 def _launch(role: str, grid, args: tuple, r: int, dtype: torch.dtype, **meta) -> None:
@@ -1609,7 +1779,7 @@ def _launch(role: str, grid, args: tuple, r: int, dtype: torch.dtype, **meta) ->
     width = padded_width(r)
     dv = width if width <= 128 else min(block_dv, width)
     tma = tma and _configs(role, r, dtype, tma)[0].kwargs["TMA"]
-    globals()[_KERNELS[role]][grid](
+    KERNELS[role][grid](
         *args,
         **meta,
         BLOCK_M=block_m,
@@ -1892,13 +2062,24 @@ def backward(
     in_strides = (*q.stride(), *k.stride(), *v.stride(), *do_scaled.stride())
     tail = (stride_kvl, S, T, triton.next_power_of_2(S))
     slices = lambda m: triton.cdiv(r, m["BLOCK_DV"])
-    dkdv_args = (*inputs, dk, dv, *in_strides, *dk.stride(), *dv.stride(), *tail)
     key_grid = lambda m: (triton.cdiv(T, m["BLOCK_N"]) * slices(m), B)
+    fused = not deterministic_backward()
+    # the fused launches add dq's terms into an fp32 accumulator (dq itself when it is one)
+    dq_acc = dq if dq.dtype == torch.float32 and dq.is_contiguous() else None
+    if fused:
+        dq_acc = dq_acc.zero_() if dq_acc is not None else q.new_zeros(B, S, r, dtype=torch.float32)
+    key_args = (*inputs, dk, dv, dq_acc if fused else dk)
+    key_args += (*in_strides, *dk.stride(), *dv.stride(), *tail)
+    key = lambda role, **grads: _launch(role, key_grid, key_args, r, q.dtype, **meta, **grads)
     if split_key_gradients(r):
-        _launch("dv", key_grid, dkdv_args, r, q.dtype, **meta, GRAD_K=False, GRAD_V=True)
-        _launch("dk", key_grid, dkdv_args, r, q.dtype, **meta, GRAD_K=True, GRAD_V=False)
+        key("dv", GRAD_K=False, GRAD_V=True, GRAD_Q=False)
+        key("dkq" if fused else "dk", GRAD_K=True, GRAD_V=False, GRAD_Q=fused)
     else:
-        _launch("dkdv", key_grid, dkdv_args, r, q.dtype, **meta, GRAD_K=True, GRAD_V=True)
+        key("dkdvq" if fused else "dkdv", GRAD_K=True, GRAD_V=True, GRAD_Q=fused)
+    if fused:
+        if dq_acc is not dq:
+            dq.copy_(dq_acc)
+        return dq, dk, dv
     _launch(
         "dq",
         lambda m: (triton.cdiv(S, m["BLOCK_M"]) * slices(m), B),

@@ -82,9 +82,10 @@ def flat(o, grads):
     return (o, *grads)
 
 
-# (B, S, r, cached keys C = T − S, dtype, scale): together every r in {8, 64, 128, 424, 512}, S in
-# {1, 17, 128, 300}, C in {0, 5, 129}, batch 1 and 3, fp32 and fp16, both scales; the S = 1 cases
-# take the split-K decoding path, r > 128 the chunked and r-sliced one (1000: near the widest).
+# (B, S, r, cached keys C = T − S, dtype, scale): together every r in {8, 24, 64, 128, 424, 512},
+# S in {1, 17, 70, 128, 300}, C in {0, 5, 9, 129}, batch 1, 2 and 3, fp32 and fp16, both scales;
+# the S = 1 cases take the split-K decoding path, r > 128 the chunked and r-sliced one (1000: near
+# the widest). The gradients come from the fused backward (dq by atomic adds), the default.
 CASES = [
     (1, 1, 8, 0, torch.float32, "length"),
     (3, 17, 64, 5, torch.float16, "length"),
@@ -97,6 +98,7 @@ CASES = [
     (1, 300, 8, 129, torch.float32, "length"),
     (1, 17, 512, 0, torch.float32, "length"),
     (1, 17, 1000, 3, torch.float32, "length"),
+    (2, 70, 24, 9, torch.float16, "length"),
 ]
 
 
@@ -108,6 +110,65 @@ def test_kernels_match_reference(interpret, seed, B, S, r, C, dtype, scale):
     out = run(q, k, v, do, scale)
     assert out[0].dtype == dtype and all(g.dtype == dtype for g in out[1])
     assert_close(flat(*out), flat(*reference(q, k, v, do, scale)), dtype, seed)
+
+
+@pytest.fixture
+def deterministic(monkeypatch):
+    """The deterministic backward (LLAMA3_KERNEL_DETERMINISTIC=1) for this test."""
+    pytest.importorskip("triton")
+    from llama3.ops import softplus_triton
+
+    monkeypatch.setattr(softplus_triton, "DETERMINISTIC", True)
+
+
+# the deterministic launches: dK/dV then dQ (r ≤ 128); dV, dK, then dQ, chunked, sliced
+DETERMINISTIC_CASES = [
+    (3, 17, 64, 5, torch.float16, "length"),
+    (1, 128, 128, 129, torch.float32, "constant"),
+    (1, 17, 424, 129, torch.float32, "length"),
+    (1, 17, 1000, 3, torch.float32, "length"),
+]
+
+
+@pytest.mark.parametrize("B, S, r, C, dtype, scale", DETERMINISTIC_CASES)
+def test_deterministic_backward_matches_reference(
+    interpret, deterministic, seed, B, S, r, C, dtype, scale
+):
+    q, k, v = random_inputs(B, S, r, S + C, dtype)
+    do = torch.randn(B, S, r, dtype=dtype)
+    assert_close(flat(*run(q, k, v, do, scale)), flat(*reference(q, k, v, do, scale)), dtype, seed)
+
+
+@pytest.mark.parametrize("r", [64, 424])
+def test_backward_path_follows_the_determinism_switch(interpret, monkeypatch, r):
+    """The fused launches by default; the deterministic ones under PyTorch's own switch or
+    LLAMA3_KERNEL_DETERMINISTIC=1, with no dq launch in the fused path."""
+    from llama3.ops import softplus_triton
+
+    roles = []
+    launch = softplus_triton._launch
+    monkeypatch.setattr(
+        softplus_triton,
+        "_launch",
+        lambda role, *a, **kw: roles.append(role) or launch(role, *a, **kw),
+    )
+    q, k, v = random_inputs(1, 20, r, 20, torch.float32)
+    do = torch.randn(1, 20, r)
+    wide = r > 128
+    fused = run(q, k, v, do)[1]
+    assert roles == (["fwd", "dv", "dkq"] if wide else ["fwd", "dkdvq"]), roles
+    roles.clear()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert softplus_triton.deterministic_backward()
+        exact = run(q, k, v, do)[1]
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert roles == (["fwd", "dv", "dk", "dq"] if wide else ["fwd", "dkdv", "dq"]), roles
+    monkeypatch.setattr(softplus_triton, "DETERMINISTIC", True)
+    assert softplus_triton.deterministic_backward()
+    for a, e in zip(fused, exact):
+        assert relative_error(a, e) < 1e-6
 
 
 def test_tolerance_detects_a_small_error(interpret, seed):
@@ -148,7 +209,7 @@ def test_tensor_descriptor_path(interpret, seed, keys_along):
     else:
         k, v = (torch.randn(B, r, T, dtype=torch.float16) for _ in range(2))
     assert unit_axis(q) == 2 and unit_axis(k, v) == (1 if keys_along == "r" else 2)
-    for role in ("dv", "dk", "dq"):
+    for role in ("dv", "dk", "dq", "dkq"):
         assert all(c.kwargs["TMA"] for c in configs(role, r, torch.float16, tma=True)), role
     do = torch.randn(B, S, r, dtype=torch.float16)
     tail = (torch.arange(T).view(1, 1, T) >= kv_len.view(B, 1, 1)).expand(B, r, T)
@@ -158,6 +219,18 @@ def test_tensor_descriptor_path(interpret, seed, keys_along):
     )
     assert_close((o, dq, dk, dv), flat(*expected), torch.float16, seed)
     assert (dk[tail] == 0).all() and (dv[tail] == 0).all()
+
+
+def test_shapes_read_from_text():
+    """The benchmarks' --shapes spelling of a table entry."""
+    pytest.importorskip("triton")
+    from llama3.ops.softplus_triton import Shape
+
+    assert Shape.parse("16,64,512,8,2,tma,dk128") == Shape(16, 64, 512, 8, 2, tma=True, chunk=128)
+    assert Shape.parse("32, 64, 64, 4, 2, rolled") == Shape(32, 64, 64, 4, 2, rolled=True)
+    for bad in ("16,64,512", "16,64,512,8,2,fast"):
+        with pytest.raises(ValueError, match="not a shape"):
+            Shape.parse(bad)
 
 
 def test_tensor_descriptors_need_aligned_layouts_and_can_be_switched_off(monkeypatch):
@@ -174,16 +247,16 @@ def test_tensor_descriptor_shapes_replace_the_others():
     """Where a table has TMA shapes they are the only candidates when the layouts allow
     descriptors, and never otherwise; a TMA shape always loops over r."""
     pytest.importorskip("triton")
-    from llama3.ops.softplus_triton import SHAPES, TMA, _configs
+    from llama3.ops.softplus_triton import SHAPES, _configs
 
     for role, tables in SHAPES.items():
         for (kind, width), table in tables.items():
-            dtype = torch.float16 if kind == "16" else torch.float32
+            dtype = torch.bfloat16 if kind == "16" else torch.float32
             r = width if width != 1024 else 1000
             with_tma = [c.kwargs["TMA"] for c in _configs(role, r, dtype, True)]
             without = [c.kwargs["TMA"] for c in _configs(role, r, dtype, False)]
             assert not any(without), (role, kind, width)
-            assert all(with_tma) == any(TMA in shape for shape in table), (role, kind, width)
+            assert all(with_tma) == any(shape.tma for shape in table), (role, kind, width)
             for c in _configs(role, r, dtype, True):
                 assert not (c.kwargs["TMA"] and c.kwargs["UNROLL"]), (role, kind, width)
 
@@ -425,7 +498,11 @@ def test_model_trains_the_same_through_the_kernels(seed):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("B, S, r, C", [(2, 300, 424, 37), (64, 1, 128, 1000), (1, 1000, 128, 0)])
-def test_cuda_kernels_match_reference(seed, dtype, B, S, r, C):
+@pytest.mark.parametrize("path", ["fused", "deterministic"])
+def test_cuda_kernels_match_reference(seed, monkeypatch, path, dtype, B, S, r, C):
+    from llama3.ops import softplus_triton
+
+    monkeypatch.setattr(softplus_triton, "DETERMINISTIC", path == "deterministic")
     q, k, v = (x.cuda() for x in random_inputs(B, S, r, S + C, dtype))
     do = torch.randn(B, S, r, dtype=dtype, device="cuda")
     assert use_kernels(q)
