@@ -416,6 +416,7 @@ def run_launchers(
     driver.set_active(fake)
     timings: dict[str, float] = {}
     _install_compile_timer(timings)
+    from llama3.ops import softplus_kernels
     from llama3.ops import softplus_triton as kernels
 
     dtype = getattr(torch, DTYPES[dtype_name])
@@ -428,12 +429,12 @@ def run_launchers(
     def collect(group: str, call) -> None:
         from triton.runtime.errors import OutOfResources
 
-        before = _compiled_kernels(kernels)
+        before = _compiled_kernels(softplus_kernels)
         try:
             call()
         except OutOfResources as error:  # every candidate failed: still report what compiled
             print(f"r={r} {group}: {error}", file=sys.stderr)
-        for key, (name, compiled) in _compiled_kernels(kernels).items():
+        for key, (name, compiled) in _compiled_kernels(softplus_kernels).items():
             if key in before:
                 continue
             launch = Launch(

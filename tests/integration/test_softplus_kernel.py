@@ -532,7 +532,7 @@ def _elementwise_kernel(monkeypatch):
     import triton
     import triton.language as tl
 
-    from llama3.ops import softplus_triton as kernels
+    from llama3.ops import softplus_kernels as kernels
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # Triton fixes the mode at definition
     # the interpreter resolves a kernel's names in its module's globals
