@@ -7,6 +7,9 @@ be at most RTOL times the largest error of the same formula computed densely by 
 inputs' low precision, plus twice the rounding of that low precision near the reference's values.
 A kernel as accurate as plain low-precision PyTorch passes; one that loses more precision fails.
 
+The backward is checked on both of its paths: the fused one (the default; dq by atomic adds) in
+every case, the deterministic one at the model's layouts, where it must also repeat bit for bit.
+
 Cases: every r in {64, 128, 424, 512} at S = 1 (decoding after a long cache, per-row lengths,
 split-K), 7 (a few rows, no unit stride anywhere, constant scale), 300 (the model's layouts, per-row
 lengths) and 4096 (a training window). Keys past a row's length hold NaN: a kernel that reads them
@@ -198,6 +201,28 @@ def check_case(
 def test_kernels_within_flash_attention_tolerance(kernels, dtype, r, S):
     B, C, layout, ragged, scale = SHAPES[S]
     assert check_case(B, S, r, C, layout, ragged, scale, dtype, seed=S * 1000 + r) == []
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d)[6:])
+@pytest.mark.parametrize("r", R_VALUES)
+def test_deterministic_backward_within_tolerance_and_repeatable(kernels, monkeypatch, dtype, r):
+    """The deterministic launches (LLAMA3_KERNEL_DETERMINISTIC=1), at the model's layouts with
+    per-row lengths: within the same tolerance, and the same gradients bit for bit when run
+    again (the fused path's dq may differ in its last bits)."""
+    from llama3.ops import softplus_triton
+
+    monkeypatch.setattr(softplus_triton, "DETERMINISTIC", True)
+    S = next(s for s, shape in SHAPES.items() if shape[2] == "model")
+    B, C, layout, ragged, scale = SHAPES[S]
+    assert check_case(B, S, r, C, layout, ragged, scale, dtype, seed=S * 1000 + r) == []
+    torch.manual_seed(r)
+    q, k, v, do = make_inputs(B, S, r, S + C, dtype, layout)
+    first, again = (
+        outputs_and_gradients(lambda *x: softplus_attention(*x, scale=scale), q, k, v, do)
+        for _ in range(2)
+    )
+    for name, a, b in zip(("o", "dq", "dk", "dv"), first, again):
+        assert torch.equal(a, b), f"{name} differs between two runs (r={r}, {dtype})"
 
 
 def test_tolerance_detects_a_wrong_scale(kernels):
