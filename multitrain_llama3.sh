@@ -11,6 +11,12 @@
 #   NNODES           nodes in the job, or MIN:MAX for a job that goes on with fewer
 #   RDZV_ENDPOINT    HOST:PORT of the rendezvous, on one of the nodes (default 127.0.0.1:29500)
 #   RDZV_ID          the job's name, the same on every node (default llama3)
+#   NODE_ADDR        this node's address on the network the nodes share (default: what its
+#                    hostname resolves to); set it where the hostname resolves elsewhere (e.g. a
+#                    second network interface): the workers then reach the first node there, and
+#                    the node whose NODE_ADDR is RDZV_ENDPOINT's host hosts the rendezvous. The
+#                    processes' own connections need that interface's name too:
+#                    GLOO_SOCKET_IFNAME (CPU), NCCL_SOCKET_IFNAME (GPU)
 #   MAX_RESTARTS     how often torchrun restarts the workers when one fails (default 3); each
 #                    restart continues every run from its newest checkpoint (--from_checkpoint
 #                    auto, which train_llama3.sh passes unless RESUME="")
@@ -25,6 +31,7 @@ NNODES="${NNODES:-1}"
 RDZV_BACKEND="${RDZV_BACKEND:-c10d}"
 RDZV_ENDPOINT="${RDZV_ENDPOINT:-127.0.0.1:29500}"
 RDZV_ID="${RDZV_ID:-llama3}"
+NODE_ADDR="${NODE_ADDR:-}"
 MAX_RESTARTS="${MAX_RESTARTS:-3}"
 NODE_RANK="${NODE_RANK:-0}"
 MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
@@ -43,8 +50,20 @@ fi
 launcher="$python_bin -m torch.distributed.run --nproc_per_node $NPROC_PER_NODE --nnodes $NNODES \
 --max_restarts $MAX_RESTARTS"
 case "$RDZV_BACKEND" in
-  c10d) launcher+=" --rdzv_backend c10d --rdzv_endpoint $RDZV_ENDPOINT --rdzv_id $RDZV_ID" ;;
+  c10d)
+    launcher+=" --rdzv_backend c10d --rdzv_endpoint $RDZV_ENDPOINT --rdzv_id $RDZV_ID"
+    if [[ -n "$NODE_ADDR" ]]; then
+      launcher+=" --local_addr $NODE_ADDR"
+      # torchrun itself hosts the rendezvous on the node whose hostname has the endpoint's address
+      [[ "${RDZV_ENDPOINT%:*}" != "$NODE_ADDR" ]] || launcher+=" --rdzv_conf is_host=1"
+    fi
+    ;;
   static) launcher+=" --node_rank $NODE_RANK --master_addr $MASTER_ADDR --master_port $MASTER_PORT" ;;
   *) die "RDZV_BACKEND must be c10d or static, got '$RDZV_BACKEND'" ;;
 esac
+# Each attempt (the first start and every restart) gets a rendezvous store of its own, hosted by
+# its rank 0, instead of torchrun's store kept across attempts: nodes count their restarts alike
+# only when all fail together, so a store shared by attempts cannot be split per attempt on every
+# node the same way, and restarted workers would read what their predecessors left there.
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE="${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}"
 LAUNCHER="$launcher" SUBCOMMAND=multitrain exec ./train_llama3.sh --prefetching "$PREFETCHING" "$@"

@@ -25,23 +25,23 @@ in one line. ``DIR`` means the step ``latest`` names, never a guess: a missing, 
 
 Here: saving and restoring, composed from one module per concern: :mod:`.layout` (the files of a
 run directory), :mod:`.model_file` (the model record), :mod:`.state` (the training records),
-:mod:`.sharded` (model and optimizer shards), :mod:`.rng` (random-number state), :mod:`.lock` (one
-writer per run directory), :mod:`.group` (the processes, acting together) and :mod:`.failures`
-(errors in one line).
+:mod:`.sharded` (model and optimizer shards), :mod:`.rng` (random-number state), :mod:`.saving`
+(a training step's records, written and published together), :mod:`.background` (the same while
+training goes on), :mod:`.lock` (one writer per run directory), :mod:`.group` (the processes,
+acting together) and :mod:`.failures` (errors in one line).
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
+from llama3.checkpoint.background import BackgroundSaves, check_background_saves
 from llama3.checkpoint.failures import failure_types, save_error
-from llama3.checkpoint.group import ONE_PROCESS, ProcessGroup, act_together
+from llama3.checkpoint.group import ONE_PROCESS, GlooGroup, ProcessGroup, act_together
 from llama3.checkpoint.layout import (
     LATEST,
     MODEL_FILE,
@@ -71,7 +71,8 @@ from llama3.checkpoint.model_file import (
     write_model_file,
 )
 from llama3.checkpoint.rng import RandomState, capture_rng_state, restore_rng_state
-from llama3.checkpoint.sharded import load_training_state, save_sharded_state
+from llama3.checkpoint.saving import save_training_checkpoint
+from llama3.checkpoint.sharded import load_training_state
 from llama3.checkpoint.state import (
     TRAINER_FORMAT,
     TRAINER_VERSION,
@@ -79,11 +80,9 @@ from llama3.checkpoint.state import (
     TrainingState,
     read_rank_record,
     read_trainer_record,
-    trainer_record,
 )
 from llama3.errors import UsageError
-from llama3.fileio import STAGING_SUFFIX, remove
-from llama3.model.args import ModelArgs
+from llama3.fileio import remove
 
 __all__ = [
     "FORMAT",
@@ -95,6 +94,8 @@ __all__ = [
     "TRAINER_FORMAT",
     "TRAINER_VERSION",
     "VERSION",
+    "BackgroundSaves",
+    "GlooGroup",
     "ProcessGroup",
     "RandomState",
     "Stateful",
@@ -102,6 +103,7 @@ __all__ = [
     "act_together",
     "atomic_torch_save",
     "capture_rng_state",
+    "check_background_saves",
     "check_model_flags",
     "check_new_checkpoint_dir",
     "list_step_dirs",
@@ -150,67 +152,6 @@ def save_model_checkpoint(
         except BaseException as err:
             remove(staging)
             raise save_error(err, Path(root) / step_dir_name(step), root)
-
-
-def save_training_checkpoint(
-    root: str | os.PathLike,
-    step: int,
-    state: TrainingState,
-    *,
-    model_state: dict[str, torch.Tensor],
-    model_args: ModelArgs,
-    tokenizer: dict[str, str] | None,
-    group: ProcessGroup,
-    keep_last: int | None = None,
-) -> Path:
-    """Write step ``step`` under ``root`` from every process; returns the published directory.
-
-    Collective: every process calls it. ``model_state`` is the gathered full state dict (only the
-    main process's copy is written). Every piece's state is taken first, before any file is
-    written. Nothing is visible under the final name until every process has finished writing, so
-    an interrupted save leaves the previous checkpoint as ``latest``; a failed one (a full disk)
-    is removed and raised on every process as one :class:`UsageError` line.
-    """
-    own = {name: piece.state_dict() for name, piece in state.per_process.items()}
-    shared = {name: piece.state_dict() for name, piece in state.shared.items()}
-    staging = Path(root) / (step_dir_name(step) + STAGING_SUFFIX)
-    final = Path(root) / step_dir_name(step)
-
-    def write() -> None:
-        save_sharded_state(staging / STATE_DIR, state.model, state.optimizer, group)
-        atomic_torch_save(own, staging / rank_file_name(group.rank))
-        if group.rank == 0:
-            write_model_file(
-                staging / MODEL_FILE, model_state, model_args, tokenizer=tokenizer, step=step
-            )
-            atomic_torch_save(
-                trainer_record(step, group.world_size, model_args, tokenizer, shared),
-                staging / TRAINER_FILE,
-            )
-
-    steps = (
-        (lambda: stage_step_dir(root, step), False),
-        (write, True),
-        (lambda: publish_step_dir(root, staging, step, keep_last), False),
-    )
-    try:
-        for action, everywhere in steps:
-            act_together(
-                group,
-                action,
-                everywhere=everywhere,
-                failures=failure_types(),
-                elsewhere="another process could not write its part",
-            )
-    except failure_types() as err:
-        if group.rank == 0:
-            remove(staging)
-        raise save_error(err, final, root)
-    if group.rank == 0:
-        for stale in Path(root).glob("step_*" + STAGING_SUFFIX):  # left by interrupted saves
-            shutil.rmtree(stale, ignore_errors=True)
-    group.barrier()
-    return final
 
 
 def restore_training_checkpoint(

@@ -61,3 +61,31 @@ def act_together(
     if group.any_failed(error is not None):
         raise error or UsageError(elsewhere)
     return result
+
+
+class GlooGroup:
+    """A gloo process group of its own over every process (CPU collectives), for the work of a
+    background thread: its collectives never interleave with those of training, which runs on
+    the default group meanwhile."""
+
+    active = True
+
+    def __init__(self) -> None:
+        """Collective: every process creates it, in the same order as any other group."""
+        import torch.distributed as dist
+
+        self.handle = dist.new_group(backend="gloo")
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+
+    def barrier(self) -> None:
+        import torch.distributed as dist
+
+        dist.barrier(group=self.handle)
+
+    def any_failed(self, failed: bool) -> bool:
+        import torch
+        import torch.distributed as dist
+
+        flag = torch.tensor(int(failed))
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.handle)
+        return bool(flag.item())

@@ -1,11 +1,13 @@
 """Model and optimizer state through torch.distributed.checkpoint (``state/``): one shard file per
-process, resharded on load to however many processes continue the run."""
+process, resharded on load to however many processes continue the run; written at once, or in the
+background (its ``async_save``)."""
 
 from __future__ import annotations
 
 import contextlib
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import Future
 from pathlib import Path
 
 import torch
@@ -14,6 +16,8 @@ from torch import nn
 from llama3.checkpoint.failures import damaged, failure_types, first_failure
 from llama3.checkpoint.group import ProcessGroup
 from llama3.checkpoint.layout import STATE_DIR
+
+SINGLE_PROCESS_WARNING = "torch.distributed is disabled"  # what a save without a group warns
 
 
 def save_sharded_state(
@@ -30,6 +34,31 @@ def save_sharded_state(
             checkpoint_id=path,
             no_dist=not group.active,
         )
+
+
+def start_sharded_save(
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, group: ProcessGroup
+) -> Future:
+    """Start writing this process's shard under ``path`` in the background; returns when the
+    state has been copied to memory of its own (async_save's staging, which copies CPU tensors
+    too), so the next optimizer step may change the model at once. The future completes when
+    every process has written its part (collective over ``group``, a group of its own that
+    nothing else uses meanwhile: :class:`~llama3.checkpoint.group.GlooGroup`)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    if not group.active:  # warned in the writing thread, after any catch_warnings block here
+        warnings.filterwarnings("ignore", message=SINGLE_PROCESS_WARNING)
+    with _single_process_quiet(group):
+        started = dcp.async_save(
+            {"model": model_state, "optimizer": optim_state},
+            checkpoint_id=path,
+            process_group=getattr(group, "handle", None),
+            no_dist=not group.active,
+        )
+    # torch returns the upload's future, or (staging in the background) both futures
+    return getattr(started, "upload_completion", started)
 
 
 def load_training_state(
@@ -66,5 +95,5 @@ def _single_process_quiet(group: ProcessGroup) -> Iterator[None]:
     process; here that is intended."""
     with warnings.catch_warnings():
         if not group.active:
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            warnings.filterwarnings("ignore", message=SINGLE_PROCESS_WARNING)
         yield

@@ -7,6 +7,8 @@
 - :mod:`~llama3.training.state` the run's mutable progress and the pieces of state a checkpoint
   keeps;
 - :mod:`~llama3.training.trainer` the loop: steps, evaluation, checkpoints, interruption;
+- :mod:`~llama3.training.checkpoints` the loop's saves, at once or in the background, and how
+  long each held training up;
 - :mod:`~llama3.training.step` one optimizer step: accumulation, loss normalisation, clipping;
 - :mod:`~llama3.training.parallel` activation checkpointing → compile → FSDP2;
 - :mod:`~llama3.training.distributed` the processes and their collectives;

@@ -119,9 +119,15 @@ def _process_device(device_flag: str | None, local_rank: int) -> torch.device:
 
 
 def _attempt_store() -> dict[str, object]:
-    """torchrun's store (``env://``) under a prefix of this attempt's own: the workers torchrun
-    restarts after a failure then do not read the addresses their predecessors published there,
-    which a restarted gloo group otherwise tries to connect to, and fails."""
+    """torchrun's store (``env://``). Where it is the agents' store, kept across restarts
+    (torchrun's default), under a prefix of this attempt's own: the workers torchrun restarts
+    after a failure then do not read the addresses their predecessors published there, which a
+    restarted gloo group otherwise tries to connect to, and fails. The prefix counts this node's
+    restarts, which every node counts alike only when they all fail together; so
+    multitrain_llama3.sh asks torchrun for a new store per attempt instead
+    (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, hosted by rank 0), which needs no prefix."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}  # a store of this attempt's own
     store, rank, world_size = next(dist.rendezvous("env://"))
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     prefixed = dist.PrefixStore(f"llama3/attempt_{attempt}/", store)

@@ -283,6 +283,14 @@ class CheckpointConfig:
     keep_last: int = flag(
         "keep only the newest N checkpoints (0: keep all)", default=0, resumable=True
     )
+    async_checkpoint: bool = flag(
+        "write checkpoints in the background (torch.distributed.checkpoint's async_save): "
+        "training waits only while each process copies its state to memory, and a checkpoint "
+        "becomes the newest (latest) once every process has written it; at most one in "
+        "flight, the last one complete before the process ends",
+        default=False,
+        action="store_true",
+    )
 
     def __post_init__(self) -> None:
         _refuse(self.save_steps <= 0, "save_steps", self.save_steps, "must be positive")

@@ -213,6 +213,8 @@ def write_summary(run_dir: Path, summary: dict[str, Any]) -> Path:
 
 def format_summary(summary: dict[str, Any]) -> str:
     def fmt(value: Any) -> str:
+        if isinstance(value, list):
+            return ", ".join(map(fmt, value)) or "none"
         if isinstance(value, bool) or value is None:
             return str(value)
         if isinstance(value, int) or (isinstance(value, float) and abs(value) >= 1e4):

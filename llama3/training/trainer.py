@@ -2,8 +2,10 @@
 
 Each iteration runs one optimizer step (:mod:`llama3.training.step`) at the scheduled learning
 rate and records it; around the steps: evaluation on fixed held-out batches every
-``--eval_steps``, a checkpoint every ``--save_steps`` and at the end, a stop with a checkpoint on
-Ctrl-C or SIGTERM, and a stop without one on a non-finite loss or gradient.
+``--eval_steps``, a checkpoint every ``--save_steps`` and at the end (:mod:`.checkpoints`: written
+while training waits, or in the background), a stop with a checkpoint on Ctrl-C or SIGTERM, and a
+stop without one on a non-finite loss or gradient. The process ends once its last checkpoint is
+complete.
 """
 
 from __future__ import annotations
@@ -16,12 +18,13 @@ from typing import Any
 
 import torch
 
-from llama3.checkpoint import run_directory_lock, save_training_checkpoint
+from llama3.checkpoint import check_background_saves, run_directory_lock
 from llama3.errors import UsageError
 from llama3.loss import evaluate_loss
 from llama3.model import ModelArgs, Transformer, parameter_counts
 from llama3.runtime import configure_matmul
 from llama3.training.build import Run, Source, build_run
+from llama3.training.checkpoints import Checkpoints
 from llama3.training.diagnostics import WINDOWS as DIAGNOSTIC_WINDOWS
 from llama3.training.diagnostics import attention_statistics
 from llama3.training.distributed import Distributed
@@ -37,7 +40,6 @@ from llama3.training.metrics import (
     reset_peak_memory,
     write_summary,
 )
-from llama3.training.parallel import full_state_dict
 
 EXIT_NON_FINITE = 3
 EXIT_INTERRUPTED = 130
@@ -51,6 +53,8 @@ def run_training(
     run before its first step."""
     source = Source.read(args.from_checkpoint, args.to_checkpoint)
     config = TrainingConfig.from_args(args, source.flags)
+    if config.checkpoints.async_checkpoint:
+        check_background_saves(dist)
     configure_matmul(config.device.allow_tf32)
     with run_directory_lock(config.checkpoints.run_dir, dist):
         run = build_run(config, dist, source)
@@ -91,16 +95,19 @@ def _train(run: Run) -> int:
         total_steps=config.batch.total_steps,
         tensorboard=config.metrics.tensorboard,
     )
+    checkpoints = Checkpoints(run, metrics)
     stop = StopRequest(announce=dist.is_main).install()
     batches = iter(run.parts.train_windows)
     run.progress.start_clock()
     try:
-        status = _loop(run, batches, metrics, stop)
+        status = _loop(run, batches, metrics, stop, checkpoints)
+        checkpoints.finish()  # the last checkpoint is complete before the process ends
     finally:
+        checkpoints.close()
         stop.uninstall()
         batches.close()  # stops the data prefetch thread
         metrics.close()
-    _finish(run, status)
+    _finish(run, status, checkpoints.stalls)
     return {"completed": 0, "interrupted": EXIT_INTERRUPTED}.get(status, EXIT_NON_FINITE)
 
 
@@ -109,6 +116,7 @@ def _loop(
     batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
     metrics: MetricsLog,
     stop: StopRequest,
+    checkpoints: Checkpoints,
 ) -> str:
     """Train until the last step, a stop request or a non-finite value; returns which."""
     batch, progress = run.config.batch, run.progress
@@ -136,6 +144,7 @@ def _loop(
             return "non-finite"
         metrics.write(record)
         metrics.progress(record)
+        checkpoints.poll()
         if diagnose:
             metrics.write(diagnostics(run, window[0], grad_norms))
         final = progress.step == batch.total_steps
@@ -146,9 +155,9 @@ def _loop(
             status = "interrupted"
             break
         if progress.step % run.config.checkpoints.save_steps == 0 and not final:
-            save(run, metrics)
+            checkpoints.save()
     if progress.step != progress.saved_step:
-        save(run, metrics)
+        checkpoints.save(wait=True)
     return status
 
 
@@ -229,23 +238,6 @@ def evaluate(run: Run) -> dict[str, Any]:
     }
 
 
-def save(run: Run, metrics: MetricsLog) -> None:
-    """Write a checkpoint of the current step (every process takes part)."""
-    parts, progress = run.parts, run.progress
-    path = save_training_checkpoint(
-        run.run_dir,
-        progress.step,
-        run.checkpointed,
-        model_state=full_state_dict(parts.model),
-        model_args=parts.model_args,
-        tokenizer=parts.tokenizer_fingerprint,
-        group=parts.dist,
-        keep_last=run.config.checkpoints.keep_last or None,
-    )
-    progress.saved_step = progress.step
-    metrics.note(f"step {progress.step}: saved {path}")
-
-
 def _eval_line(record: dict[str, Any]) -> str:
     return (
         f"step {record['step']}: eval loss {record['loss']:.4f} "
@@ -269,8 +261,9 @@ def _header(run: Run) -> list[str]:
     ]
 
 
-def _finish(run: Run, status: str) -> None:
-    """Print and save the end-of-run summary (main process)."""
+def _finish(run: Run, status: str, stalls: list[float]) -> None:
+    """Print and save the end-of-run summary (main process); ``stalls``: the seconds each
+    checkpoint held training up."""
     parts, progress = run.parts, run.progress
     dist = parts.dist
     if not dist.is_main:
@@ -293,6 +286,7 @@ def _finish(run: Run, status: str) -> None:
         "final_train_loss": last_value(progress.history, "train"),
         "final_eval_loss": last_value(progress.history, "eval"),
         "parameters": _parameter_count(parts.model_args),
+        "checkpoint_stall_s": [round(s, 4) for s in stalls],
         "processes": dist.world_size,
         "device": str(dist.device),
         "precision": run.config.device.precision.name,

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
@@ -777,10 +778,18 @@ def test_fsdp_two_processes_match_one_and_resume(data, tmp_path):
 
 
 def multitrain_script(
-    data: TinyData, root: Path, port: int, script: str = "multitrain_llama3.sh", **extra: str
+    data: TinyData,
+    root: Path,
+    port: int,
+    script: str = "multitrain_llama3.sh",
+    *,
+    prefix: Sequence[str] = (),
+    flags: Sequence[str] = (),
+    **extra: str,
 ) -> subprocess.Popen:
-    """./multitrain_llama3.sh (or ``script``, with ``extra`` environment): 2 processes through
-    torchrun's c10d rendezvous on this host, one restart allowed, 60 steps saved every 5."""
+    """./multitrain_llama3.sh (or ``script``, with ``extra`` environment and more ``flags``, run
+    through the command ``prefix``): 2 processes through torchrun's c10d rendezvous on this host,
+    one restart allowed, 60 steps saved every 5."""
     settings = {
         "TRAIN_CORPUS": data.train, "EVAL_CORPUS": data.eval, "TOKENIZER": data.tokenizer,
         "N_LAYERS": 2, "DIM": 32, "CORE_DIMS": 16, "MAX_SEQ_LENS": 32, "BATCH_SIZE": 4,
@@ -790,7 +799,7 @@ def multitrain_script(
     }  # fmt: skip
     env = {**ENV, **{k: str(v) for k, v in settings.items()}, **extra}
     return subprocess.Popen(
-        [f"./{script}", "--warmup_steps", "2", "--no-tensorboard"],
+        [*prefix, f"./{script}", "--warmup_steps", "2", "--no-tensorboard", *flags],
         env=env,
         cwd=REPO,
         stdout=subprocess.PIPE,

@@ -1,17 +1,20 @@
 """Checkpoints: the training-state round trip, atomic publication (a save interrupted by an error
-or by SIGKILL leaves the previous checkpoint loadable), pruning, random-number state."""
+or by SIGKILL leaves the previous checkpoint loadable), pruning, random-number state, and saves
+written in the background (the state of their step, published once written, errors raised)."""
 
 import random
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 
 import llama3.checkpoint as ckpt
+import llama3.checkpoint.saving as saving
 from llama3 import ModelArgs, Transformer, load_checkpoint
 from llama3.training.distributed import Distributed
 
@@ -141,7 +144,7 @@ def test_save_failing_before_publish_keeps_previous(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(ckpt, "publish_step_dir", crash)
+    monkeypatch.setattr(saving, "publish_step_dir", crash)
     with pytest.raises(
         ckpt.UsageError, match="step_00000002: No space left on device.*still step_00000001"
     ):
@@ -158,7 +161,7 @@ def test_save_failing_before_publish_keeps_previous(tmp_path, monkeypatch):
 
 def test_a_failure_that_is_not_a_write_is_raised_as_it_is(tmp_path, monkeypatch):
     model = tiny_model()
-    monkeypatch.setattr(ckpt, "write_model_file", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr(saving, "write_model_file", lambda *a, **k: 1 / 0)
     with pytest.raises(ZeroDivisionError):
         save(tmp_path, 1, model, trained(model))
     assert not list(tmp_path.iterdir())
@@ -168,16 +171,15 @@ KILLED_SAVE = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {tests!r})
     import test_checkpoint as t
-    import llama3.checkpoint as ckpt
+    import llama3.checkpoint.saving as saving
     root = {root!r}
     model = t.tiny_model()
     opt = t.trained(model)
     t.save(root, 1, model, opt)
-    write = ckpt.write_model_file
     def slow_write(*args, **kwargs):  # stall mid-save so the parent can kill us there
         print("saving", flush=True)
         time.sleep(60)
-    ckpt.write_model_file = slow_write
+    saving.write_model_file = slow_write
     t.trained(model)
     t.save(root, 2, model, opt)
 """)
@@ -235,3 +237,111 @@ def test_unreadable_training_record_is_a_usage_error(tmp_path):
     (tmp_path / "step_00000001" / "trainer.pt").write_bytes(b"garbage")
     with pytest.raises(ckpt.UsageError, match="cannot read training record"):
         ckpt.read_trainer_record(tmp_path)
+
+
+# ------------------------------------------------------------------- saved in the background
+
+
+@pytest.fixture
+def held_shards(monkeypatch) -> threading.Event:
+    """An event torch's file writer waits for before it writes a shard under a directory named
+    ``background``: until the test sets it, a save there stays in flight (a slow storage
+    layer)."""
+    from torch.distributed.checkpoint import filesystem
+
+    release = threading.Event()
+    write = filesystem.FileSystemWriter.write_data
+
+    def held(self, plan, planner):
+        if "background" in Path(self.path).parts:
+            assert release.wait(timeout=120), "the test never released the save"
+        return write(self, plan, planner)
+
+    monkeypatch.setattr(filesystem.FileSystemWriter, "write_data", held)
+    return release
+
+
+def start(saves: ckpt.BackgroundSaves, root: Path, step: int, model, opt) -> None:
+    saves.start(
+        root,
+        step,
+        training_state(model, opt, step),
+        model_state=model.state_dict(),
+        model_args=model.args,
+        tokenizer={"path": "t.model", "sha256": "abc"},
+    )
+
+
+def restored(step_dir: Path) -> tuple[dict, dict]:
+    """Model weights and optimizer moments a fresh model takes from ``step_dir``'s shards."""
+    fresh = tiny_model(seed=1)
+    opt = trained(fresh)
+    ckpt.load_training_state(step_dir, fresh, opt, Distributed.single("cpu"))
+    return fresh.state_dict(), {i: dict(s) for i, s in enumerate(opt.state.values())}
+
+
+def test_a_background_save_holds_its_step_and_is_published_once_written(tmp_path, held_shards):
+    """Taken at step 1, written after another optimizer step and an in-place change of every
+    weight: the checkpoint equals a foreground save of step 1. It is not the newest checkpoint
+    until it is written, and poll says so."""
+    model = tiny_model()
+    opt = trained(model)
+    save(tmp_path / "foreground", 1, model, opt)
+    saves = ckpt.BackgroundSaves(Distributed.single("cpu"))
+    root = tmp_path / "background"
+    try:
+        start(saves, root, 1, model, opt)
+        assert saves.in_flight and saves.poll() is None
+        assert not (root / "latest").exists() and not ckpt.list_step_dirs(root)
+        model(torch.randint(0, 61, (2, 16))).square().mean().backward()
+        opt.step()
+        with torch.no_grad():
+            for weight in model.parameters():
+                weight.add_(1.0)
+        held_shards.set()
+        assert saves.wait() == root / "step_00000001" and not saves.in_flight
+    finally:
+        saves.close()
+    assert ckpt.resolve_step_dir(root) == root / "step_00000001"
+    a, b = (restored(r / "step_00000001") for r in (tmp_path / "foreground", root))
+    for name, weight in a[0].items():
+        assert torch.equal(weight, b[0][name]), name
+    for i, moments in a[1].items():
+        for key, value in moments.items():
+            assert torch.equal(value, b[1][i][key]), (i, key)
+    for name, weight in load_checkpoint(tmp_path / "foreground").state_dict().items():
+        assert torch.equal(weight, load_checkpoint(root).state_dict()[name]), name
+    rank = [ckpt.read_rank_record(r / "step_00000001", 0) for r in (tmp_path / "foreground", root)]
+    assert rank[0]["data"] == rank[1]["data"]
+    assert torch.equal(rank[0]["rng"]["torch"], rank[1]["rng"]["torch"])
+
+
+def test_a_failed_background_save_raises_its_error_and_leaves_nothing(tmp_path, monkeypatch):
+    model = tiny_model()
+    opt = trained(model)
+    save(tmp_path, 1, model, opt)
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(saving, "write_model_file", full)
+    saves = ckpt.BackgroundSaves(Distributed.single("cpu"))
+    try:
+        start(saves, tmp_path, 2, model, opt)
+        with pytest.raises(
+            ckpt.UsageError, match="step_00000002: No space left on device.*still step_00000001"
+        ):
+            saves.wait()
+    finally:
+        saves.close()
+    assert not (tmp_path / "step_00000002.tmp").exists()
+    assert [p.name for p in ckpt.list_step_dirs(tmp_path)] == ["step_00000001"]
+    assert ckpt.resolve_step_dir(tmp_path).name == "step_00000001"
+
+
+def test_background_saves_are_refused_without_async_save(monkeypatch):
+    import torch.distributed.checkpoint as dcp
+
+    monkeypatch.delattr(dcp, "async_save")
+    with pytest.raises(ckpt.UsageError, match=r"^--async_checkpoint needs .*async_save"):
+        ckpt.BackgroundSaves(Distributed.single("cpu"))

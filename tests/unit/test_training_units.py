@@ -169,6 +169,15 @@ def test_default_warmup_is_five_percent():
     assert config.optim.warmup_steps == 10
 
 
+def test_async_checkpoint_is_chosen_by_each_process_not_recorded():
+    """How checkpoints are written is no setting of the run: a checkpoint does not record it (so
+    it holds the same either way), and a resumed run writes as its own flags say."""
+    assert not TrainingConfig.from_args(parse()).checkpoints.async_checkpoint
+    config = TrainingConfig.from_args(parse("--async_checkpoint"))
+    assert config.checkpoints.async_checkpoint and "async_checkpoint" not in config.flags
+    assert config.flags == TrainingConfig.from_args(parse()).flags
+
+
 def test_a_repeated_sigterm_still_saves_and_a_second_ctrl_c_quits(capsys):
     """Launchers pass a job's SIGTERM on to workers that already have it: the stop request holds
     and nothing quits; a second Ctrl-C is a person asking to quit without saving."""
