@@ -27,8 +27,10 @@ See benchmarks.gpu_stages for stages 2-4.
 Every stage runs in a process group of its own with a time budget (--budget_scale multiplies them
 all): a stage past its budget is stopped and recorded "over budget", and the run goes on. Stages
 1-2 run beside 3-4 (correctness only; the GPU has room for both); stages 5-7 time the GPU and run
-alone, afterwards. Kernel autotuning is off unless --autotune (LLAMA3_KERNEL_AUTOTUNE=0: each
-kernel runs the first configuration of its table); first-call times are reported apart.
+alone, afterwards. With --tiny, where nothing is timed against a goal, the corpus starts the lane
+of 3-4 and kernel_bench ends that of 1-2, so that two CPU cores stay busy. Kernel autotuning is
+off unless --autotune (LLAMA3_KERNEL_AUTOTUNE=0: each kernel runs the first configuration of its
+table); first-call times are reported apart.
 
 Written to --out (at most 8 files, for machines that return only a few): gpu_check_SET_DEVICE.json
 (every stage: status, seconds, budget, summary, details, GPU and versions; rewritten after each
@@ -74,17 +76,18 @@ class Stage:
     budget_s: float  # on the GPU
     tiny_budget_s: float  # --device cpu --tiny
     lane: str  # "tests" and "runs" go side by side; "alone" stages run one at a time afterwards
+    tiny_lane: str | None = None  # the lane with --tiny, where it differs
 
 
 STAGES = {
     s.name: s
     for s in [
-        Stage("corpus", 60, 60, "first"),
+        Stage("corpus", 60, 60, "first", tiny_lane="runs"),
         Stage("kernel_tests", 150, 120, "tests"),
         Stage("decode", 45, 60, "tests"),
         Stage("training", 120, 120, "runs"),
         Stage("onnx", 45, 90, "runs"),
-        Stage("kernel_bench", 60, 60, "alone"),
+        Stage("kernel_bench", 60, 120, "alone", tiny_lane="tests"),
         Stage("train_table", 200, 90, "alone"),
         Stage("inference_table", 130, 90, "alone"),
     ]
@@ -116,6 +119,10 @@ class Context:
     def budget(self, stage: str) -> float:
         spec = STAGES[stage]
         return (spec.tiny_budget_s if self.tiny else spec.budget_s) * self.budget_scale
+
+    def lane(self, stage: str) -> str:
+        spec = STAGES[stage]
+        return spec.tiny_lane if self.tiny and spec.tiny_lane else spec.lane
 
 
 # ----------------------------------------------------------------------- stage command lines
@@ -428,7 +435,7 @@ class Runner:
 
     def run_all(self) -> None:
         lanes = {
-            lane: [s for s in self.names if STAGES[s].lane == lane]
+            lane: [s for s in self.names if self.ctx.lane(s) == lane]
             for lane in ("first", "tests", "runs", "alone")
         }
         self.lane(lanes["first"])

@@ -23,11 +23,15 @@ pytest's ``pythonpath``, with the fixtures below, which every folder shares.
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -146,6 +150,58 @@ def tiny_checkpoint(tiny_tokenizer, tmp_path_factory):
     return make
 
 
+_INDEXING = pytest.StashKey[tuple[Path, subprocess.Popen]]()
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Where lm-eval runs among the collected tests (those using ``lm_eval_index``, and the
+    bad-input rows named ``lm-eval-*``), a process of its own starts indexing lm-eval's built-in
+    tasks now (seconds of one core), while the tests before them run on the other core."""
+    if importlib.util.find_spec("lm_eval") is None or not any(
+        "lm_eval_index" in getattr(item, "fixturenames", ()) or "[lm-eval-" in item.name
+        for item in session.items
+    ):
+        return
+    from lm_eval_tasks import WRITE_INDEX
+
+    index_file = Path(tempfile.mkdtemp(prefix="lm_eval_index_")) / "built_in_tasks.pickle"
+    process = subprocess.Popen(
+        [sys.executable, "-c", WRITE_INDEX, str(index_file)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    session.config.stash[_INDEXING] = (index_file, process)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    indexing = session.config.stash.get(_INDEXING, None)
+    if indexing is not None:
+        index_file, process = indexing
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        shutil.rmtree(index_file.parent, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def lm_eval_index(request, tmp_path_factory) -> Path:
+    """A file for lm-eval's index of its built-in tasks, read by every lm-eval run of the tests
+    (``lm_eval_tasks.index_once`` in this process, ``lm_eval_tasks.python_m`` in a child), so the
+    task files are parsed once per pytest run, not once per run of lm-eval: the file the process
+    started after collection wrote, or else one the first run writes."""
+    indexing = request.config.stash.get(_INDEXING, None)
+    if indexing is None:
+        return tmp_path_factory.mktemp("lm_eval") / "built_in_tasks.pickle"
+    index_file, process = indexing
+    try:
+        process.wait(timeout=300)
+    except subprocess.TimeoutExpired:  # the first run indexes them then
+        process.kill()
+        process.wait()
+    return index_file
+
+
 @pytest.fixture
 def one_thread():
     """One thread per process: the test machines have two cores, shared. Modules that train or
@@ -177,5 +233,39 @@ def llama3_cli():
             env=environment,
             timeout=timeout,
         )
+
+    return run
+
+
+@pytest.fixture
+def side_by_side():
+    """``side_by_side(*argvs, timeout=300)`` → a CompletedProcess (text output) for each command
+    line, all run at the same time from the repository root: independent runs of a command that
+    uses one thread keep both cores of a test machine busy. The outputs go to unnamed files, so
+    no pipe fills while another process is waited for."""
+
+    def run(*argvs: list[str], timeout: float = 300) -> list[subprocess.CompletedProcess]:
+        with contextlib.ExitStack() as stack:
+            outputs = [
+                [stack.enter_context(tempfile.TemporaryFile("w+")) for _ in range(2)] for _ in argvs
+            ]
+            processes = []
+            try:
+                for argv, (out, err) in zip(argvs, outputs):
+                    processes.append(
+                        subprocess.Popen(argv, cwd=REPO, stdout=out, stderr=err, text=True)
+                    )
+                codes = [process.wait(timeout=timeout) for process in processes]
+            finally:
+                for process in processes:
+                    if process.poll() is None:
+                        process.kill()
+                        process.wait()
+            done = []
+            for argv, code, files in zip(argvs, codes, outputs):
+                for file in files:
+                    file.seek(0)
+                done.append(subprocess.CompletedProcess(argv, code, *(f.read() for f in files)))
+            return done
 
     return run

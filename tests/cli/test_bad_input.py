@@ -16,10 +16,8 @@ import contextlib
 import io
 import json
 import logging
-import resource
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -27,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from lm_eval_tasks import local_choice_task
+from faults import file_size_limit
+from lm_eval_tasks import index_once, local_choice_task
 
 from llama3.__main__ import main
 
@@ -841,22 +840,6 @@ CASES = [
 ]
 
 
-@contextlib.contextmanager
-def file_size_limit(limit: int | None) -> Iterator[None]:
-    """Writes past ``limit`` bytes fail with EFBIG (SIGXFSZ ignored), as on a full disk."""
-    if limit is None:
-        yield
-        return
-    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-        signal.signal(signal.SIGXFSZ, handler)
-
-
 def run_command(argv: list[str], capsys) -> tuple[int, str]:
     """Exit status and stderr of ``python -m llama3 ARGV`` run in this process."""
     try:
@@ -896,9 +879,11 @@ def paths(tmp_path, trained_run, tiny_corpus, tiny_tokenizer, tiny_checkpoint) -
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input_gives_one_line(case: Case, paths: Paths, capsys, monkeypatch):
+def test_bad_input_gives_one_line(case: Case, paths: Paths, capsys, monkeypatch, request):
     for module in case.needs:
         pytest.importorskip(module)
+    if "lm_eval" in case.needs:
+        index_once(request.getfixturevalue("lm_eval_index"), monkeypatch)
     for handler in logging.getLogger("lm_eval").handlers:  # made in an earlier test, on its stderr
         if type(handler) is logging.StreamHandler:
             monkeypatch.setattr(handler, "stream", sys.stderr)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -17,42 +18,57 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
+def command(
+    name: str, corpus: dict[str, Path], tokenizer: Path, work: Path, *flags: str
+) -> list[str]:
+    """``python -m benchmarks.NAME --tiny FLAGS`` on the tiny corpus, into ``work``."""
+    return [
+        sys.executable,
+        "-m",
+        f"benchmarks.{name}",
+        "--tiny",
+        *flags,
+        "--train_corpus",
+        str(corpus["train"]),
+        "--eval_corpus",
+        str(corpus["eval"]),
+        "--tokenizer",
+        str(tokenizer),
+        "--work_dir",
+        str(work),
+        "--jobs",
+        "2",
+        "--threads",
+        "1",
+    ]
+
+
+def result(name: str, work: Path, done: subprocess.CompletedProcess) -> tuple[dict, str]:
+    """The results file the run wrote, and its output."""
+    assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
+    return json.loads((work / f"{name}.json").read_text()), done.stdout
+
+
 def benchmark(
     name: str, corpus: dict[str, Path], tokenizer: Path, work: Path, *flags: str
 ) -> tuple[dict, str]:
     done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            f"benchmarks.{name}",
-            "--tiny",
-            *flags,
-            "--train_corpus",
-            str(corpus["train"]),
-            "--eval_corpus",
-            str(corpus["eval"]),
-            "--tokenizer",
-            str(tokenizer),
-            "--work_dir",
-            str(work),
-            "--jobs",
-            "2",
-            "--threads",
-            "1",
-        ],
+        command(name, corpus, tokenizer, work, *flags),
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=300,
     )
-    assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
-    return json.loads((work / f"{name}.json").read_text()), done.stdout
+    return result(name, work, done)
+
+
+GROUPS = ("--groups", "width", "seeds")
 
 
 def ablations(
     corpus: dict[str, Path], tokenizer: Path, work: Path, *flags: str
 ) -> tuple[dict, str]:
-    return benchmark("ablations", corpus, tokenizer, work, "--groups", "width", "seeds", *flags)
+    return benchmark("ablations", corpus, tokenizer, work, *GROUPS, *flags)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +77,7 @@ def first(tiny_corpus, tiny_tokenizer, tmp_path_factory) -> tuple[dict, Path]:
     return ablations(tiny_corpus, tiny_tokenizer, work)[0], work
 
 
-def test_tiny_ablations_run_resume_and_agree(first, tiny_corpus, tiny_tokenizer):
+def test_tiny_ablations_run_resume_and_agree(first, tiny_corpus, tiny_tokenizer, side_by_side):
     first, tmp_path = first
     trials = {t["key"]: t for t in first["trials"]}
     groups = {g for t in trials.values() for g in t["groups"]}
@@ -96,14 +112,22 @@ def test_tiny_ablations_run_resume_and_agree(first, tiny_corpus, tiny_tokenizer)
     ratios = [r["block0_branch_ratio"] for r in early["rows"]]
     assert ratios == sorted(ratios) and all(x > 0 for x in ratios)
 
-    second, out = ablations(tiny_corpus, tiny_tokenizer, tmp_path)
+    # a rerun, and elsewhere a run given the first results (a copy, which the rerun leaves as it
+    # is), side by side: neither trains
+    shutil.copy(tmp_path / "ablations.json", tmp_path / "first.json")
+    reuse = ("--reuse", str(tmp_path / "first.json"))
+    elsewhere = tmp_path / "elsewhere"
+    rerun, reused = side_by_side(
+        command("ablations", tiny_corpus, tiny_tokenizer, tmp_path, *GROUPS),
+        command("ablations", tiny_corpus, tiny_tokenizer, elsewhere, *GROUPS, *reuse),
+    )
+    second, out = result("ablations", tmp_path, rerun)
     counts = re.findall(r"(\d+) of (\d+) trials already completed", out)
     assert counts == [("8", "8"), (str(len(trials)), str(len(trials)))]  # the sweep, then all
     assert second["rows"] == first["rows"] and second["trials"] == first["trials"]
 
     # elsewhere, given the first results: nothing runs, the same numbers
-    reuse = ("--reuse", str(tmp_path / "ablations.json"))
-    third, out = ablations(tiny_corpus, tiny_tokenizer, tmp_path / "elsewhere", *reuse)
+    third, out = result("ablations", elsewhere, reused)
     assert re.findall(r"(\d+) of (\d+) trials already completed", out) == [("0", "0")] * 2
     assert third["trials"] == first["trials"] and len(third["reused"]) == len(trials)
 

@@ -189,13 +189,15 @@ def test_missing_tensorrt_is_one_line(monkeypatch, capsys, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("TensorRT: skipped (import tensorrt failed")
 
 
-def test_missing_cuda_provider_is_a_visible_line(capsys, tmp_path):
+def test_missing_cuda_provider_is_a_visible_line(deployed, capsys):
     """On a CUDA --device, an onnxruntime without its CUDA provider (the CPU build here) runs on
-    the CPU, and one printed line, kept in the report, says so and what to install."""
+    the CPU, and one printed line, kept in the report, says so and what to install (the model:
+    the softplus export of the deploy command)."""
     from llama3.deploy import command
 
-    model = tiny_model("softplus")
-    path = export_onnx(model, tmp_path / "model.onnx")
+    done, out, checkpoint = deployed
+    assert done.returncode == 0, done.stderr[-3000:]
+    model, path = load_checkpoint(checkpoint), out / "model.onnx"
     plan = types.SimpleNamespace(model_args=model.args, device=torch.device("cuda", 0))
     info, runner = command.onnxruntime_step(plan, path)
     lines = capsys.readouterr().out.splitlines()
@@ -240,7 +242,7 @@ def test_a_failed_export_keeps_the_previous_model(deployed, tmp_path, capsys):
     leaves the model.onnx of the run before as it was, with no temporary file."""
     import shutil
 
-    from test_bad_input import file_size_limit
+    from faults import file_size_limit
 
     from llama3.__main__ import main
 

@@ -10,13 +10,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from lm_eval_tasks import local_choice_task, local_rolling_task
+from lm_eval_tasks import local_choice_task, local_rolling_task, python_m
 
 from llama3 import load_checkpoint
 from llama3.__main__ import main
@@ -220,17 +219,35 @@ def test_requests_mostly_unknown_to_the_tokenizer_are_said_once(
     assert err.count("are <unk>") == 1 and "lm-eval requests" in err, err
 
 
-def run_harness(
-    command: list[str],
-    model_args: str,
-    tasks: Path,
-    names: str,
-    output: Path,
-    *flags: str,
-    preexec_fn=None,
-) -> subprocess.CompletedProcess:
+def harness_command(
+    command: list[str], model_args: str, tasks: Path, names: str, output: Path, *flags: str
+) -> list[str]:
     """lm-eval's command line (``command``: the module and model) on the tasks ``names`` in
-    ``tasks``, offline, with the datasets cache beside the tasks."""
+    ``tasks``, its results in ``output``."""
+    return [
+        *command,
+        "--model_args",
+        model_args,
+        "--tasks",
+        names,
+        "--include_path",
+        str(tasks),
+        "--device",
+        "cpu",
+        "--batch_size",
+        "4",
+        "--output_path",
+        str(output),
+        *flags,
+    ]
+
+
+def run_harness(
+    tasks: Path, index: Path, *commands: list[str], preexec_fn=None
+) -> subprocess.CompletedProcess:
+    """The harness ``commands`` (of :func:`harness_command`) one after the other in one process,
+    offline, with the datasets cache beside the tasks and lm-eval's index of its built-in tasks
+    in ``index``."""
     env = {
         **os.environ,
         "PYTHONPATH": str(REPO),
@@ -240,24 +257,7 @@ def run_harness(
         "HF_DATASETS_CACHE": str(tasks / "datasets"),
     }
     return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            *command,
-            "--model_args",
-            model_args,
-            "--tasks",
-            names,
-            "--include_path",
-            str(tasks),
-            "--device",
-            "cpu",
-            "--batch_size",
-            "4",
-            "--output_path",
-            str(output),
-            *flags,
-        ],
+        python_m(index, *commands),
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -272,21 +272,22 @@ def run_lm_eval(
     tokenizer: Path,
     tasks: Path,
     output: Path,
+    index: Path,
     *flags: str,
     names: str = "tiny_choice",
     attention: str = "softplus",
     preexec_fn=None,
 ) -> subprocess.CompletedProcess:
     """``python -m llama3 lm_eval`` on a tiny checkpoint and the tasks ``names`` in ``tasks``."""
-    return run_harness(
+    command = harness_command(
         ["llama3", "lm_eval", "--model", "llama3"],
         f"checkpoint={tiny_checkpoint(attention)},tokenizer={tokenizer}",
         tasks,
         names,
         output,
         *flags,
-        preexec_fn=preexec_fn,
     )
+    return run_harness(tasks, index, command, preexec_fn=preexec_fn)
 
 
 def logged_loglikelihoods(output: Path, task: str) -> list[float]:
@@ -301,31 +302,59 @@ def logged_loglikelihoods(output: Path, task: str) -> list[float]:
     return [float(r[0] if isinstance(r, list) else r) for r in responses]  # r: ll or (ll, greedy)
 
 
-def test_the_lm_eval_command_runs_a_local_task(tiny_checkpoint, tiny_tokenizer, tmp_path, lm):
+QUESTIONS = [
+    ("The River", [" flows", " music"], 0),
+    ("The city", [" of", " garden"], 1),
+    ("A quiet", [" morning", " the"], 0),
+    ("Old stone", [" bridge", " window"], 1),
+]
+TEXTS = [
+    "The river and the garden of the old city by the water. " * 4,
+    "Music school in the <unk> village, a quiet morning.",
+    "Stone",
+]
+
+
+@pytest.fixture(scope="module")
+def ours(tiny_checkpoint, tiny_tokenizer, lm_eval_index, tmp_path_factory) -> Path:
+    """``python -m llama3 lm_eval`` on the tiny softmax model, run once for the tests below: a
+    multiple-choice task (QUESTIONS) and a perplexity task (TEXTS) from local files in the
+    returned folder, their samples logged, the results in its ``ours`` (the datasets cache beside
+    the tasks is warm afterwards)."""
+    tasks = local_rolling_task(
+        local_choice_task(tmp_path_factory.mktemp("lm_eval_tasks"), QUESTIONS), TEXTS
+    )
+    done = run_lm_eval(
+        tiny_checkpoint,
+        tiny_tokenizer,
+        tasks,
+        tasks / "ours",
+        lm_eval_index,
+        "--log_samples",
+        names="tiny_choice,tiny_rolling",
+        attention="softmax",
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return tasks
+
+
+def test_the_lm_eval_command_runs_a_local_task(ours, tiny_checkpoint, tiny_tokenizer):
     """``python -m llama3 lm_eval`` with a multiple-choice task read from a local JSON file; its
     accuracy is the share of questions whose right answer our loglikelihood scores highest."""
-    questions = [
-        ("The River", [" flows", " music"], 0),
-        ("The city", [" of", " garden"], 1),
-        ("A quiet", [" morning", " the"], 0),
-        ("Old stone", [" bridge", " window"], 1),
-    ]
-    task = local_choice_task(tmp_path, questions)
-    done = run_lm_eval(tiny_checkpoint, tiny_tokenizer, task, tmp_path / "out")
-    assert done.returncode == 0, done.stderr[-3000:]
-    (result,) = (tmp_path / "out").rglob("results_*.json")
+    (result,) = (ours / "ours").rglob("results_*.json")
     accuracy = json.loads(result.read_text())["results"]["tiny_choice"]["acc,none"]
+    lm = harness_model(tiny_checkpoint("softmax"), tiny_tokenizer)
     right = 0
-    for question, choices, label in questions:
+    for question, choices, label in QUESTIONS:
         scores = lm.loglikelihood(
             requests("loglikelihood", *[(question, c) for c in choices]), disable_tqdm=True
         )
         right += max(range(len(choices)), key=lambda i: scores[i][0]) == label
-    assert accuracy == pytest.approx(right / len(questions))
+    assert accuracy == pytest.approx(right / len(QUESTIONS))
 
 
 def test_lm_evals_hf_backend_on_the_export_gives_our_scores(
-    tiny_checkpoint, tiny_tokenizer, tmp_path
+    ours, tiny_checkpoint, tiny_tokenizer, lm_eval_index, tmp_path
 ):
     """lm-eval's own ``hf`` model on an export_hf directory scores as our ``llama3`` model does:
     multiple choice with default settings, and whole texts (perplexity) with add_bos_token=False,
@@ -351,39 +380,26 @@ def test_lm_evals_hf_backend_on_the_export_gives_our_scores(
     start = Tokenizer(tiny_tokenizer).eos_id  # the start token of packed training
     assert config["bos_token_id"] == generation["bos_token_id"] == start
 
-    questions = [
-        ("The River", [" flows", " music"], 0),
-        ("A quiet", [" morning", " the"], 0),
-        ("Old stone", [" bridge", " window"], 1),
-    ]
-    texts = [
-        "The river and the garden of the old city by the water. " * 4,
-        "Music school in the <unk> village, a quiet morning.",
-        "Stone",
-    ]
-    tasks = local_rolling_task(local_choice_task(tmp_path, questions), texts)
-    ours = run_lm_eval(
-        tiny_checkpoint,
-        tiny_tokenizer,
-        tasks,
-        tmp_path / "ours",
-        "--log_samples",
-        names="tiny_choice,tiny_rolling",
-        attention="softmax",
+    settings = {"tiny_choice": "", "tiny_rolling": ",add_bos_token=False"}
+    theirs = run_harness(
+        ours,
+        lm_eval_index,
+        *[
+            harness_command(
+                ["lm_eval", "--model", "hf"],
+                f"pretrained={directory}{setting}",
+                ours,
+                task,
+                tmp_path / task,
+                "--log_samples",
+            )
+            for task, setting in settings.items()
+        ],
     )
-    assert ours.returncode == 0, ours.stderr[-3000:]
-    for task, settings in (("tiny_choice", ""), ("tiny_rolling", ",add_bos_token=False")):
-        theirs = run_harness(
-            ["lm_eval", "--model", "hf"],
-            f"pretrained={directory}{settings}",
-            tasks,
-            task,
-            tmp_path / task,
-            "--log_samples",
-        )
-        assert theirs.returncode == 0, theirs.stderr[-3000:]
-        expected = logged_loglikelihoods(tmp_path / "ours", task)
-        assert len(expected) == (6 if task == "tiny_choice" else len(texts))
+    assert theirs.returncode == 0, theirs.stderr[-3000:]
+    for task in settings:
+        expected = logged_loglikelihoods(ours / "ours", task)
+        assert len(expected) == (2 * len(QUESTIONS) if task == "tiny_choice" else len(TEXTS))
         assert logged_loglikelihoods(tmp_path / task, task) == pytest.approx(expected, abs=1e-4)
 
 
@@ -419,14 +435,13 @@ def test_requests_that_cannot_be_scored_are_one_line(lm, context, continuation, 
         lm.loglikelihood(requests("loglikelihood", (context, continuation)), disable_tqdm=True)
 
 
-def test_results_the_disk_cannot_hold_are_one_line(tiny_checkpoint, tiny_tokenizer, tmp_path):
+def test_results_the_disk_cannot_hold_are_one_line(
+    ours, tiny_checkpoint, tiny_tokenizer, lm_eval_index, tmp_path
+):
     """A full disk (a file size limit) when lm-eval saves its results: it would log this and
-    exit 0; the command prints its table, removes the partial files and ends with one line."""
+    exit 0; the command prints its table, removes the partial files and ends with one line. The
+    tasks are those the run of ``ours`` read, so their datasets cache needs no writing."""
     import resource
-
-    task = local_choice_task(tmp_path, [("The River", [" flows", " music"], 0)])
-    first = run_lm_eval(tiny_checkpoint, tiny_tokenizer, task, tmp_path / "out")  # warms the cache
-    assert first.returncode == 0, first.stderr[-3000:]
 
     def full_disk() -> None:
         resource.setrlimit(resource.RLIMIT_FSIZE, (1024, resource.RLIM_INFINITY))
@@ -434,8 +449,9 @@ def test_results_the_disk_cannot_hold_are_one_line(tiny_checkpoint, tiny_tokeniz
     done = run_lm_eval(
         tiny_checkpoint,
         tiny_tokenizer,
-        task,
+        ours,
         tmp_path / "full",
+        lm_eval_index,
         "--log_samples",
         preexec_fn=full_disk,
     )

@@ -1,44 +1,43 @@
 """python -m benchmarks.quality --tiny end to end (data, three trainings, evaluation at four
-lengths, figures), run twice to show a rerun gives the same numbers; and plot_lengths on what it
-wrote."""
+lengths, figures), run twice (side by side, one thread each) to show a rerun gives the same
+numbers; and plot_lengths on what it wrote."""
 
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
 
-
-def quality(corpus: dict[str, Path], tokenizer: Path, work: Path) -> dict:
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.quality",
-            "--tiny",
-            "--train_corpus",
-            str(corpus["train"]),
-            "--eval_corpus",
-            str(corpus["eval"]),
-            "--tokenizer",
-            str(tokenizer),
-            "--work_dir",
-            str(work),
-            "--threads",
-            "1",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
+def quality(side_by_side, corpus: dict[str, Path], tokenizer: Path, *works: Path) -> list[dict]:
+    """The results of ``python -m benchmarks.quality --tiny`` run into each of ``works``, the runs
+    side by side (one thread each)."""
+    done = side_by_side(
+        *[
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.quality",
+                "--tiny",
+                "--train_corpus",
+                str(corpus["train"]),
+                "--eval_corpus",
+                str(corpus["eval"]),
+                "--tokenizer",
+                str(tokenizer),
+                "--work_dir",
+                str(work),
+                "--threads",
+                "1",
+            ]
+            for work in works
+        ]
     )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads((work / "quality.json").read_text())
+    for run in done:
+        assert run.returncode == 0, run.stderr[-3000:]
+    return [json.loads((work / "quality.json").read_text()) for work in works]
 
 
 def untimed(models: dict) -> dict:
@@ -55,11 +54,14 @@ def untimed(models: dict) -> dict:
     }
 
 
-def test_tiny_quality_benchmark_reruns_identically(tiny_corpus, tiny_tokenizer, tmp_path, capsys):
+def test_tiny_quality_benchmark_reruns_identically(
+    tiny_corpus, tiny_tokenizer, tmp_path, capsys, side_by_side
+):
     from llama3.__main__ import main
 
-    first = quality(tiny_corpus, tiny_tokenizer, tmp_path / "a")
-    second = quality(tiny_corpus, tiny_tokenizer, tmp_path / "b")
+    first, second = quality(
+        side_by_side, tiny_corpus, tiny_tokenizer, tmp_path / "a", tmp_path / "b"
+    )
     assert [r["model"] for r in first["rows"]] == [
         "softmax",
         "softplus-16",
