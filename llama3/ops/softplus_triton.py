@@ -128,13 +128,11 @@ SHAPES = {
         ("16", 512): [
             Shape(32, 64, 512, 8, 2, tma=True, chunk=128),
             Shape(64, 128, 256, 8, 2, tma=True, chunk=128, not_fp16=True),
-            Shape(32, 128, 256, 8, 2, tma=True, chunk=128),
             Shape(32, 128, 256, 8, 2, chunk=64),
         ],
         ("16", 1024): [
             Shape(32, 64, 512, 8, 2, tma=True, chunk=128),
             Shape(64, 128, 256, 8, 2, tma=True, chunk=128, not_fp16=True),
-            Shape(32, 128, 256, 8, 2, tma=True, chunk=128),
             Shape(32, 128, 256, 8, 2, rolled=True, chunk=64),
         ],
         ("32", 256): [Shape(32, 64, 64, 4, 2)],
@@ -156,12 +154,10 @@ SHAPES = {
         ("16", 256): [Shape(16, 128, 256, 8, 2), Shape(16, 128, 256, 8, 3)],
         ("16", 512): [
             Shape(32, 64, 512, 8, 2, tma=True, chunk=128),
-            Shape(16, 64, 512, 8, 2, tma=True, chunk=128),
             Shape(16, 64, 512, 8, 2, rolled=True, chunk=64),
         ],
         ("16", 1024): [
             Shape(32, 64, 512, 8, 2, tma=True, chunk=128),
-            Shape(16, 64, 512, 8, 2, tma=True, chunk=128),
             Shape(16, 64, 512, 8, 2, rolled=True, chunk=64),
         ],
         ("32", 256): [Shape(32, 64, 64, 4, 2)],
