@@ -627,23 +627,29 @@ def backward(
     tail = (stride_kvl, S, T, triton.next_power_of_2(S))
     slices = lambda m: triton.cdiv(r, m["BLOCK_DV"])
     key_grid = lambda m: (triton.cdiv(T, m["BLOCK_N"]) * slices(m), B)
-    fused = not deterministic_backward()
-    # the fused launches add dq's terms into an fp32 accumulator (dq itself when it is one)
-    dq_acc = dq if dq.dtype == torch.float32 and dq.is_contiguous() else None
-    if fused:
-        dq_acc = dq_acc.zero_() if dq_acc is not None else q.new_zeros(B, S, r, dtype=torch.float32)
-    key_args = (*inputs, dk, dv, dq_acc if fused else dk)
-    key_args += (*in_strides, dk.stride(), dv.stride(), *tail)
-    key = lambda role, **grads: _launch(role, key_grid, key_args, r, q.dtype, **meta, **grads)
-    if split_key_gradients(r):
-        key("dv", GRAD_K=False, GRAD_V=True, GRAD_Q=False)
-        key("dkq" if fused else "dk", GRAD_K=True, GRAD_V=False, GRAD_Q=fused)
-    else:
-        key("dkdvq" if fused else "dkdv", GRAD_K=True, GRAD_V=True, GRAD_Q=fused)
-    if fused:
-        if dq_acc is not dq:
-            dq.copy_(dq_acc)
+
+    def over_keys(role: str, dq_acc: Tensor, **grads: bool) -> None:
+        """A launch over key tiles: dk and/or dv, and with GRAD_Q dq's terms into dq_acc."""
+        args = (*inputs, dk, dv, dq_acc, *in_strides, dk.stride(), dv.stride(), *tail)
+        _launch(role, key_grid, args, r, q.dtype, **meta, **grads)
+
+    wide = split_key_gradients(r)
+    if not deterministic_backward():  # fused: dq's terms added into an fp32 accumulator
+        fp32 = dq.dtype == torch.float32 and dq.is_contiguous()
+        acc = dq.zero_() if fp32 else q.new_zeros(B, S, r, dtype=torch.float32)
+        if wide:
+            over_keys("dv", dk, GRAD_K=False, GRAD_V=True, GRAD_Q=False)
+            over_keys("dkq", acc, GRAD_K=True, GRAD_V=False, GRAD_Q=True)
+        else:
+            over_keys("dkdvq", acc, GRAD_K=True, GRAD_V=True, GRAD_Q=True)
+        if acc is not dq:
+            dq.copy_(acc)
         return dq, dk, dv
+    if wide:  # deterministic: every element from one program (dk: DQ_ACC's unread stand-in)
+        over_keys("dv", dk, GRAD_K=False, GRAD_V=True, GRAD_Q=False)
+        over_keys("dk", dk, GRAD_K=True, GRAD_V=False, GRAD_Q=False)
+    else:
+        over_keys("dkdv", dk, GRAD_K=True, GRAD_V=True, GRAD_Q=False)
     _launch(
         "dq",
         lambda m: (triton.cdiv(S, m["BLOCK_M"]) * slices(m), B),

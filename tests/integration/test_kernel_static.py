@@ -2,7 +2,7 @@
 
 Every autotune configuration of every kernel (both backward paths: the fused one and the
 deterministic one) is compiled for sm_90 at the benchmark shapes (bf16, B = 16, S = 4096; decoding
-B = 64, T = 4096) for r = 128, 424 and 512 in bf16 and r = 128, 256 and 424 in fp16 (which keeps dO
+B = 64, T = 4096) for r = 128, 424 and 512 in bf16 and r = 128 and 424 in fp16 (which keeps dO
 unscaled: one more per-row constant), and must fit in the shared memory
 a block may use, must not spill registers (every shape in the tables is one the launcher may pick),
 must give every warp rows of its own and must compute every product it is written to. The
@@ -67,8 +67,9 @@ def report(tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="module")
 def report_fp16(tmp_path_factory) -> dict:
-    """fp16 at r = 128, 256 and 424, where its extra per-row constant costs registers."""
-    return static_report(tmp_path_factory.mktemp("static"), "fp16", "128,256,424")
+    """fp16 at r = 128 and 424, where its extra per-row constant costs registers (and the tables
+    leave shapes out for it)."""
+    return static_report(tmp_path_factory.mktemp("static"), "fp16", "128,424")
 
 
 def test_every_configuration_fits_and_does_not_spill(report, report_fp16):
