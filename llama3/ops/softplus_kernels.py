@@ -913,8 +913,9 @@ def _key_columns(k_ptrs, stride_kr, cols, key_ok, R: tl.constexpr):
 @triton.jit
 def _dq_parts(k_ptrs, stride_kr, first, key_ok, R: tl.constexpr, BLOCK_DV: tl.constexpr):
     """The keys' columns first .. first + BLOCK_DV of r for the dq product, and their indices: one
-    part, or past 256 columns four, so that one fp32 product of BLOCK_DV / 4 columns is live at a
-    time (dk's accumulator holds most registers: r = 424 in one part of 512 spills)."""
+    part, or for 256 columns two and past 256 four, so that one fp32 product of at most 128
+    columns is live at a time (dk's accumulator holds most registers: r = 424 in one part of 512
+    spills)."""
     if BLOCK_DV > 256:
         c = first + tl.arange(0, BLOCK_DV // 4)
         cols = (c, c + BLOCK_DV // 4, c + BLOCK_DV // 2, c + 3 * (BLOCK_DV // 4))
@@ -923,6 +924,13 @@ def _dq_parts(k_ptrs, stride_kr, first, key_ok, R: tl.constexpr, BLOCK_DV: tl.co
             _key_columns(k_ptrs, stride_kr, cols[1], key_ok, R),
             _key_columns(k_ptrs, stride_kr, cols[2], key_ok, R),
             _key_columns(k_ptrs, stride_kr, cols[3], key_ok, R),
+        )
+    elif BLOCK_DV == 256:
+        c = first + tl.arange(0, 128)
+        cols = (c, c + 128)
+        tiles = (
+            _key_columns(k_ptrs, stride_kr, cols[0], key_ok, R),
+            _key_columns(k_ptrs, stride_kr, cols[1], key_ok, R),
         )
     else:
         cols = (first + tl.arange(0, BLOCK_DV),)

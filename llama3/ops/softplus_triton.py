@@ -127,12 +127,10 @@ SHAPES = {
         ("16", 256): [Shape(32, 64, 256, 4, 2, not_fp16=True), Shape(32, 128, 256, 8, 2)],
         ("16", 512): [
             Shape(32, 64, 512, 8, 2, tma=True, chunk=128),
-            Shape(64, 128, 256, 8, 2, tma=True, chunk=128, not_fp16=True),
             Shape(32, 128, 256, 8, 2, chunk=64),
         ],
         ("16", 1024): [
             Shape(32, 64, 512, 8, 2, tma=True, chunk=128),
-            Shape(64, 128, 256, 8, 2, tma=True, chunk=128, not_fp16=True),
             Shape(32, 128, 256, 8, 2, rolled=True, chunk=64),
         ],
         ("32", 256): [Shape(32, 64, 64, 4, 2)],
@@ -152,8 +150,15 @@ SHAPES = {
     # 4r / 64 bytes per pair, 32 at r = 424 (see benchmarks/NOTES.md)
     "dkq": {
         ("16", 256): [Shape(16, 128, 256, 8, 2), Shape(16, 128, 256, 8, 3)],
+        ("16", 424): [  # two slices of 256 over 128 keys spill here
+            Shape(32, 64, 512, 8, 2, tma=True, chunk=128),
+            Shape(16, 64, 512, 8, 2, rolled=True, chunk=64),
+        ],
+        # or two slices of 256 over 128 keys: the scores and dP twice, half the atomic traffic
+        # (which of the two wins depends on the L2's reduction rate)
         ("16", 512): [
             Shape(32, 64, 512, 8, 2, tma=True, chunk=128),
+            Shape(32, 128, 256, 8, 2, tma=True, chunk=128),
             Shape(16, 64, 512, 8, 2, rolled=True, chunk=64),
         ],
         ("16", 1024): [

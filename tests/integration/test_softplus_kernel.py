@@ -171,6 +171,24 @@ def test_backward_path_follows_the_determinism_switch(interpret, monkeypatch, r)
         assert relative_error(a, e) < 1e-6
 
 
+@pytest.mark.parametrize("block_dv", [128, 256, 512])
+def test_fused_dq_in_parts(interpret, monkeypatch, seed, block_dv):
+    """The fused dK/dQ launch of a wide core takes dq's product in one, two or four parts by its
+    slice width (the compiled tables use 256 and 512 at r = 424): every way gives the reference's
+    gradients, with per-row cache lengths."""
+    from llama3.ops import softplus_triton
+
+    block_m, block_n, _ = softplus_triton._INTERPRETER_SHAPES["dkq"]
+    shapes = {**softplus_triton._INTERPRETER_SHAPES, "dkq": (block_m, block_n, block_dv)}
+    monkeypatch.setattr(softplus_triton, "_INTERPRETER_SHAPES", shapes)
+    B, S, T, r = 2, 20, 29, 424
+    kv_len = torch.tensor([T, 24])
+    q, k, v = random_inputs(B, S, r, T, torch.float32)
+    do = torch.randn(B, S, r)
+    out = flat(*run(q, k, v, do, kv_len=kv_len))
+    assert_close(out, flat(*reference(q, k, v, do, kv_len=kv_len)), torch.float32, seed)
+
+
 def test_tolerance_detects_a_small_error(interpret, seed):
     """Scores off by 0.1% fail the fp32 bound: the comparisons above can fail."""
     q, k, v = random_inputs(2, 40, 64, 45, torch.float32)
