@@ -33,16 +33,17 @@ from typing import Any
 from benchmarks.common import (
     BASE,
     RESULTS_DIR,
-    TINY_BASE,
     Timed,
     child_env,
     format_table,
     python_docs_corpus,
+    small_train_command,
     wall_clock,
     write_results,
 )
 
 MODES = {"synchronous": [], "--async_checkpoint": ["--async_checkpoint"]}
+RUN = Path("RUN")  # the run directory, as the results record the commands
 OUT_DIR = RESULTS_DIR.parent / "out"
 COLUMNS = (
     "mode",
@@ -59,38 +60,10 @@ COLUMNS = (
 
 
 def train_command(data: Any, run: Path, args: argparse.Namespace, mode: str) -> list[str]:
-    base = TINY_BASE if args.tiny else BASE
-    shape = {
-        "n_layers": base["n_layers"],
-        "dim": base["dim"],
-        "core_dim": 16 if args.tiny else 128,
-        "max_seq_len": 32 if args.tiny else 256,
-        "batch_size": 4 if args.tiny else 16,
-        **({"multiple_of": 16} if args.tiny else {}),
-    }
-    return [
-        sys.executable,
-        "-m",
-        "llama3",
-        "train",
-        "--device",
-        "cpu",
-        "--train_corpus",
-        str(data.train),
-        "--tokenizer",
-        str(data.tokenizer),
-        *(item for name, value in shape.items() for item in (f"--{name}", str(value))),
-        "--total_steps",
-        str(args.steps),
-        "--save_steps",
-        str(args.save_steps),
-        "--seed",
-        "0",
-        "--no-tensorboard",
-        "--to_checkpoint",
-        str(run),
-        *MODES[mode],
-    ]
+    flags = ["--seed", "0", *MODES[mode]]
+    return small_train_command(
+        data, run, tiny=args.tiny, steps=args.steps, save_steps=args.save_steps, flags=flags
+    )
 
 
 def train(data: Any, run: Path, args: argparse.Namespace, mode: str) -> dict[str, Any]:
@@ -130,6 +103,18 @@ def row(mode: str, runs: list[dict[str, Any]], reference: list[float]) -> dict[s
         "stalls_ms": stalls,
         "final_stalls_ms": final,
     }
+
+
+def recorded(command: list[str], args: argparse.Namespace) -> list[str]:
+    """A training command as the results record it: without the interpreter, the work
+    directory's files named relative to it (WORK_DIR/...)."""
+    work, out = args.work_dir.resolve(), []
+    for arg in command[1:]:
+        try:
+            out.append(str("WORK_DIR" / Path(arg).resolve().relative_to(work)))
+        except ValueError:  # not a file of the work directory
+            out.append(arg)
+    return out
 
 
 def parse_args() -> argparse.Namespace:
@@ -200,7 +185,7 @@ def main() -> int:
         saves=(args.steps - 1) // args.save_steps * args.repeats,
         threads=args.threads,
         cpus=os.cpu_count(),
-        commands={mode: train_command(data, Path("RUN"), args, mode)[1:] for mode in MODES},
+        commands={mode: recorded(train_command(data, RUN, args, mode), args) for mode in MODES},
         load_average={"before": load_before, "after": os.getloadavg()},
     )
     print(f"results: {path}")

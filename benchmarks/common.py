@@ -86,6 +86,44 @@ def module_command(name: str, *args: object) -> list[str]:
     return [sys.executable, "-m", f"benchmarks.{name}", *map(str, args)]
 
 
+def small_train_command(
+    data: "DocsCorpus", run: Path, *, tiny: bool, steps: int, save_steps: int, flags=()
+) -> list[str]:
+    """``python -m llama3 train`` on the CPU at the benchmarks' small softplus shape (BASE, or
+    TINY_BASE with ``tiny``): the model, batch and data the threads and checkpoint-stall
+    benchmarks train, ``flags`` after the rest."""
+    base = TINY_BASE if tiny else BASE
+    shape = {
+        "n_layers": base["n_layers"],
+        "dim": base["dim"],
+        "core_dim": 16 if tiny else 128,
+        "max_seq_len": 32 if tiny else 256,
+        "batch_size": 4 if tiny else 16,
+        **({"multiple_of": 16} if tiny else {}),
+    }
+    return [
+        sys.executable,
+        "-m",
+        "llama3",
+        "train",
+        "--device",
+        "cpu",
+        "--train_corpus",
+        str(data.train),
+        "--tokenizer",
+        str(data.tokenizer),
+        *(item for name, value in shape.items() for item in (f"--{name}", str(value))),
+        "--total_steps",
+        str(steps),
+        "--save_steps",
+        str(save_steps),
+        "--no-tensorboard",
+        "--to_checkpoint",
+        str(run),
+        *flags,
+    ]
+
+
 def autotune_enabled() -> bool:
     return os.environ.get(AUTOTUNE_VARIABLE, "1") != "0"
 

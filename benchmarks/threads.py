@@ -33,10 +33,10 @@ from typing import Any
 from benchmarks.common import (
     BASE,
     RESULTS_DIR,
-    TINY_BASE,
     child_env,
     format_table,
     python_docs_corpus,
+    small_train_command,
     wall_clock,
     write_results,
 )
@@ -45,44 +45,6 @@ SITUATIONS = ("alone", "beside a busy process", "two copies")
 SETTINGS = ((1, None), (2, None), (2, "PASSIVE"))  # (threads, OMP_WAIT_POLICY)
 SKIPPED = 10  # first steps left out of tokens/s
 COLUMNS = ("situation", "threads", "wait_policy", "tokens_per_s", "vs_1_thread")
-
-
-def train_command(data: Any, run: Path, steps: int, tiny: bool) -> list[str]:
-    base = TINY_BASE if tiny else BASE
-    shape = [
-        "--n_layers",
-        base["n_layers"],
-        "--dim",
-        base["dim"],
-        "--core_dim",
-        16 if tiny else 128,
-        "--max_seq_len",
-        32 if tiny else 256,
-    ]
-    if tiny:
-        shape += ["--multiple_of", 16]
-    return [
-        sys.executable,
-        "-m",
-        "llama3",
-        "train",
-        "--device",
-        "cpu",
-        "--train_corpus",
-        data.train,
-        "--tokenizer",
-        data.tokenizer,
-        *map(str, shape),
-        "--batch_size",
-        "4" if tiny else "16",
-        "--total_steps",
-        str(steps),
-        "--save_steps",
-        str(steps),
-        "--no-tensorboard",
-        "--to_checkpoint",
-        str(run),
-    ]
 
 
 def start(
@@ -94,7 +56,7 @@ def start(
     if policy:
         env["OMP_WAIT_POLICY"] = policy
     return subprocess.Popen(
-        [str(a) for a in train_command(data, run, steps, tiny)],
+        small_train_command(data, run, tiny=tiny, steps=steps, save_steps=steps),
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -26,24 +26,12 @@ from typing import Any
 
 import pytest
 import torch
-from test_training import ENV, REPO, TINY, TinyData, losses, records, train
+from test_training import ENV, REPO, STRAIGHT, TINY, TinyData, losses, records, train
 
 from llama3.checkpoint import list_step_dirs, resolve_step_dir, step_of
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-STRAIGHT = [  # the flags of test_training's straight_run: dropout, saved at steps 3 and 6
-    "--dropout",
-    "0.1",
-    "--total_steps",
-    "6",
-    "--save_steps",
-    "3",
-    "--eval_steps",
-    "3",
-    "--eval_batches",
-    "2",
-]
 MEASURED = {"elapsed_s", "tokens_per_s", "mfu", "peak_memory_gib"}  # differ between any two runs
 
 

@@ -341,27 +341,26 @@ def _targets_per_micro_batch_differ(data: TinyData) -> bool:
     return counts[0] != counts[1]
 
 
+# 6 steps with dropout (so generator state matters), saved at steps 3 and 6
+STRAIGHT = (
+    "--dropout",
+    "0.1",
+    "--total_steps",
+    "6",
+    "--save_steps",
+    "3",
+    "--eval_steps",
+    "3",
+    "--eval_batches",
+    "2",
+)
+
+
 @pytest.fixture(scope="module")
 def straight_run(data, tmp_path_factory) -> Path:
-    """6 steps with dropout (so generator state matters), saved at steps 3 and 6."""
+    """The STRAIGHT run, uninterrupted."""
     run_dir = tmp_path_factory.mktemp("straight") / "run"
-    assert (
-        train(
-            data,
-            run_dir,
-            "--dropout",
-            "0.1",
-            "--total_steps",
-            "6",
-            "--save_steps",
-            "3",
-            "--eval_steps",
-            "3",
-            "--eval_batches",
-            "2",
-        )
-        == 0
-    )
+    assert train(data, run_dir, *STRAIGHT) == 0
     return run_dir
 
 
