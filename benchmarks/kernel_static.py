@@ -17,7 +17,8 @@ which compiles each exactly as it would on the GPU. For every compiled kernel th
 * in the tile loop (the innermost loop holding the score's exp2; for the forward and dQ the first,
   unmasked one): SASS instructions, special-function ops (``MUFU``), tensor FLOPs executed,
   global-memory bytes read and bytes of atomic reductions sent to the L2 (the fused backward's
-  dq), each per (query, key) pair of the tile;
+  dq; only r's own columns, not the padding of its last slice, whose adds are masked off), each
+  per (query, key) pair of the tile;
 * compile time, and a static ceiling in TFLOP/s from per-SM rates (benchmarks/NOTES.md states the
   model): tensor time plus issue time per pair, or the L2's time for the atomics where that is
   longer, FLOPs counted as the benchmarks count them; both backward paths (fused, and the
@@ -532,6 +533,14 @@ def _slices(config: dict[str, Any], r: int) -> int:
     return -(-r // dv) if dv else 1
 
 
+def _written_share(config: dict[str, Any], r: int) -> float:
+    """Share of the r slices' columns that exist (r = 424 in one slice of 512: 424 / 512). The
+    kernels mask the padded columns' atomic adds, and a lane whose predicate is off sends nothing
+    to the L2, so the atomic bytes count only these."""
+    dv = config.get("BLOCK_DV")
+    return min(1.0, r / (_slices(config, r) * dv)) if dv else 1.0
+
+
 def analyse(
     launch: Launch, r: int, dtype: str, workdir: str, atomic_rate: float = ATOMIC_BYTES_PER_CLOCK
 ) -> Row:
@@ -572,7 +581,7 @@ def analyse(
             mufu=totals["mufu"] * threads * scale,
             flops=totals["tensor_flops"] * scale,
             bytes=totals["global_bytes"] * scale,
-            atomic=totals["atomic_bytes"] * scale,
+            atomic=totals["atomic_bytes"] * scale * _written_share(config, r),
         )
         rate = TENSOR_FLOP_PER_CLOCK.get(
             {"BF16": "bf16", "F16": "fp16", "TF32": "tf32"}.get(totals["tensor_type"], "bf16")

@@ -22,7 +22,7 @@ BLOCK_DK with the tail masked (r = 424: 7 chunks of 64, not 512; unrolled up to 
 beyond), and the output may be split into slices of BLOCK_DV columns, one slice per program, to
 keep the fp32 accumulator in registers when r is wide; each slice recomputes the scores. When one
 chunk covers r, the operand that stays put (q in the forward) is loaded once. Where the shape
-tables say so (the backward for r > 256, the forward past 512) and the layouts allow, the chunks
+tables say so (r > 256: chunks of 256, the tail zero-filled) and the layouts allow, the chunks
 are copied by Hopper's TMA unit through tensor descriptors: a rolled loop with neither addresses
 nor masks per thread.
 

@@ -105,9 +105,12 @@ SHAPES = {
             Shape(64, 64, 128, 4, 3),
         ],
         ("16", 256): [Shape(128, 32, 256, 8, 2), Shape(128, 32, 256, 8, 3)],
-        ("16", 512): [Shape(128, 32, 256, 8, 2)],
+        ("16", 512): [
+            Shape(128, 64, 256, 8, 2, tma=True, chunk=256),
+            Shape(128, 32, 256, 8, 2),
+        ],
         ("16", 1024): [
-            Shape(128, 64, 256, 8, 2, tma=True, chunk=128),
+            Shape(128, 64, 256, 8, 2, tma=True, chunk=256),
             Shape(128, 32, 256, 8, 2, rolled=True),
         ],
         ("32", 64): [Shape(64, 32, 64, 4, 2)],
@@ -126,11 +129,11 @@ SHAPES = {
     "dv": {
         ("16", 256): [Shape(32, 64, 256, 4, 2, not_fp16=True), Shape(32, 128, 256, 8, 2)],
         ("16", 512): [
-            Shape(32, 64, 512, 8, 2, tma=True, chunk=128),
+            Shape(32, 64, 512, 8, 2, tma=True, chunk=256),
             Shape(32, 128, 256, 8, 2, chunk=64),
         ],
         ("16", 1024): [
-            Shape(32, 64, 512, 8, 2, tma=True, chunk=128),
+            Shape(32, 64, 512, 8, 2, tma=True, chunk=256),
             Shape(32, 128, 256, 8, 2, rolled=True, chunk=64),
         ],
         ("32", 256): [Shape(32, 64, 64, 4, 2)],
@@ -147,22 +150,23 @@ SHAPES = {
     },
     # one r slice of 512 (dk's accumulator in 64 key rows), not two that each recompute the
     # scores and dP (32 rows of 128 keys spill 32 bytes at r = 424); dq's atomic traffic is then
-    # 4r / 64 bytes per pair, 32 at r = 424 (see benchmarks/NOTES.md)
+    # 4r / 64 bytes per pair, 26.5 at r = 424 (see benchmarks/NOTES.md). TMA chunks of 256 issue
+    # half the loop overhead of chunks of 128 (dK/dQ at r = 424: 125 instructions per pair, 162)
     "dkq": {
         ("16", 256): [Shape(16, 128, 256, 8, 2), Shape(16, 128, 256, 8, 3)],
         ("16", 424): [  # two slices of 256 over 128 keys spill here
-            Shape(32, 64, 512, 8, 2, tma=True, chunk=128),
+            Shape(32, 64, 512, 8, 2, tma=True, chunk=256),
             Shape(16, 64, 512, 8, 2, rolled=True, chunk=64),
         ],
         # or two slices of 256 over 128 keys: the scores and dP twice, half the atomic traffic
-        # (which of the two wins depends on the L2's reduction rate)
+        # (which of the two wins depends on the L2's reduction rate; chunks of 256 need 241 KB)
         ("16", 512): [
-            Shape(32, 64, 512, 8, 2, tma=True, chunk=128),
+            Shape(32, 64, 512, 8, 2, tma=True, chunk=256),
             Shape(32, 128, 256, 8, 2, tma=True, chunk=128),
             Shape(16, 64, 512, 8, 2, rolled=True, chunk=64),
         ],
         ("16", 1024): [
-            Shape(32, 64, 512, 8, 2, tma=True, chunk=128),
+            Shape(32, 64, 512, 8, 2, tma=True, chunk=256),
             Shape(16, 64, 512, 8, 2, rolled=True, chunk=64),
         ],
         ("32", 256): [Shape(32, 64, 64, 4, 2)],
@@ -172,11 +176,11 @@ SHAPES = {
     "dk": {
         ("16", 256): [Shape(32, 128, 256, 8, 2)],
         ("16", 512): [
-            Shape(32, 128, 256, 8, 2, tma=True, chunk=128),
+            Shape(32, 128, 256, 8, 2, tma=True, chunk=256),
             Shape(16, 128, 256, 8, 2, rolled=True, chunk=64),
         ],
         ("16", 1024): [
-            Shape(32, 128, 256, 8, 2, tma=True, chunk=128),
+            Shape(32, 128, 256, 8, 2, tma=True, chunk=256),
             Shape(16, 128, 256, 8, 2, rolled=True, chunk=64),
         ],
         ("32", 256): [Shape(32, 64, 64, 4, 2)],
@@ -205,16 +209,16 @@ SHAPES = {
         ],
         ("16", 256): [Shape(128, 32, 256, 8, 2)],
         ("16", 424): [
-            Shape(128, 64, 256, 8, 2, tma=True, chunk=128),
+            Shape(128, 64, 256, 8, 2, tma=True, chunk=256),
             Shape(128, 32, 256, 8, 2, rolled=True),
             Shape(128, 16, 256, 8, 2, rolled=True),
         ],
         ("16", 512): [
-            Shape(128, 64, 256, 8, 2, tma=True, chunk=128),
+            Shape(128, 64, 256, 8, 2, tma=True, chunk=256),
             Shape(128, 16, 256, 8, 2, rolled=True, chunk=64),
         ],
         ("16", 1024): [
-            Shape(128, 64, 256, 8, 2, tma=True, chunk=128),
+            Shape(128, 64, 256, 8, 2, tma=True, chunk=256),
             Shape(128, 32, 256, 8, 2, rolled=True),
         ],
         ("32", 64): [Shape(64, 32, 64, 4, 2)],
@@ -266,7 +270,8 @@ def padded_width(r: int) -> int:
 def chunk_width(r: int, block_dv: int) -> int:
     """BLOCK_DK: the whole padded width up to 128, or 256 when one program computes every output
     column (BLOCK_DV covers r); else chunks of 128 or, if r is not a multiple of 128, 64
-    (r = 424 → 7 × 64 = 448 columns of work, not 512)."""
+    (r = 424 → 7 × 64 = 448 columns of work, not 512). The default of a shape that names none;
+    the tables' TMA shapes name 256."""
     width = padded_width(r)
     if width <= 128 or (width <= 256 and block_dv >= width):
         return width
@@ -347,13 +352,14 @@ def _launch(role: str, grid, args: tuple, r: int, dtype: torch.dtype, **meta) ->
     block_m, block_n, block_dv = _INTERPRETER_SHAPES[role]
     width = padded_width(r)
     dv = width if width <= 128 else min(block_dv, width)
-    tma = tma and _configs(role, r, dtype, tma)[0].kwargs["TMA"]
+    first = _configs(role, r, dtype, tma)[0].kwargs  # through descriptors: its chunks too
+    tma = tma and first["TMA"]
     KERNELS[role][grid](
         *args,
         **meta,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
-        BLOCK_DK=chunk_width(r, dv),
+        BLOCK_DK=first["BLOCK_DK"] if tma else chunk_width(r, dv),
         BLOCK_DV=dv,
         UNROLL=unrolled(r) and not tma,
         TMA=tma,

@@ -88,6 +88,16 @@ def test_every_configuration_fits_and_does_not_spill(report, report_fp16):
             assert row["tensor_flops_per_pair"] >= least * row["r"], f"{where}: loop misread"
 
 
+def test_atomic_traffic_is_r_columns_per_query_row_and_key_tile(report):
+    """The fused launches send each query row's r columns of dq once per key tile, 4r / BLOCK_N
+    bytes per pair, whatever the slices (r = 424: 26.5, its last slice's padding masked off)."""
+    fused = [row for row in report["rows"] if row["kernel"] in ("bwd_dkdq", "bwd_dkdvdq")]
+    assert {row["r"] for row in fused} == {128, 424, 512}
+    for row in fused:
+        block_n = int(row["config"].split(",")[1])
+        assert row["atomic_bytes_per_pair"] == pytest.approx(4 * row["r"] / block_n), row
+
+
 def test_one_special_function_op_per_pair_in_the_forward(report):
     """The polynomial leaves the exp2 as the forward's only special-function op, and the
     tensor cores do the products (wgmma)."""

@@ -213,10 +213,10 @@ def test_strided_inputs(interpret, seed, r):
 
 @pytest.mark.parametrize("keys_along", ["r", "T"])
 def test_tensor_descriptor_path(interpret, seed, keys_along):
-    """fp16 at r = 424 with 16-byte-aligned layouts: the backward's r-wide products (and their
-    zero-filled tail chunk) come through TMA descriptors, in both orientations of k and v (the
-    model's, unit stride along r; a cache's, along T), with cached keys and kv_len < T whose
-    unwritten keys hold NaN."""
+    """fp16 at r = 424 with 16-byte-aligned layouts: the forward's and backward's r-wide
+    products (and their zero-filled tail chunk) come through TMA descriptors, in both
+    orientations of k and v (the model's, unit stride along r; a cache's, along T), with cached
+    keys and kv_len < T whose unwritten keys hold NaN."""
     from llama3.ops.softplus_triton import configs, unit_axis
 
     B, S, T, r = 2, 40, 56, 424
@@ -227,8 +227,9 @@ def test_tensor_descriptor_path(interpret, seed, keys_along):
     else:
         k, v = (torch.randn(B, r, T, dtype=torch.float16) for _ in range(2))
     assert unit_axis(q) == 2 and unit_axis(k, v) == (1 if keys_along == "r" else 2)
-    for role in ("dv", "dk", "dq", "dkq"):
-        assert all(c.kwargs["TMA"] for c in configs(role, r, torch.float16, tma=True)), role
+    for role in ("fwd", "dv", "dk", "dq", "dkq"):  # chunks of 256: the tail one 168 columns
+        first = configs(role, r, torch.float16, tma=True)[0].kwargs
+        assert first["TMA"] and first["BLOCK_DK"] == 256, role
     do = torch.randn(B, S, r, dtype=torch.float16)
     tail = (torch.arange(T).view(1, 1, T) >= kv_len.view(B, 1, 1)).expand(B, r, T)
     expected = reference(q, k.masked_fill(tail, 0.0), v.masked_fill(tail, 0.0), do, kv_len=kv_len)
