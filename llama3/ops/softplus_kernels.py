@@ -219,6 +219,41 @@ def _hinted(strides, UNIT: tl.constexpr):
 
 
 @triton.jit
+def _tile_ptrs(base, b, stride_b, rows, stride_rows, cols, stride_cols):
+    """Pointers (len(rows), len(cols)) at elements [b, rows, cols] of a 3-d tensor, by its strides
+    along the batch, the rows' axis and the columns' axis."""
+    return (
+        base + b.to(tl.int64) * stride_b + rows[:, None] * stride_rows + cols[None, :] * stride_cols
+    )
+
+
+@triton.jit
+def _query_tile(
+    KV_LEN,
+    stride_kvl,
+    S,
+    T,
+    HAS_KV_LEN: tl.constexpr,
+    R: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
+    """A query-tile program's place (grid: row blocks × r slices, B): batch row b, r slice,
+    valid keys kv_len, absolute position of query row 0 (first), first row m0, and the rows and r
+    columns (cols) of its tile. Tiles go longest causal rows first."""
+    NUM_SLICES: tl.constexpr = (R + BLOCK_DV - 1) // BLOCK_DV
+    pid = tl.program_id(0)
+    m_block = (S + BLOCK_M - 1) // BLOCK_M - 1 - pid // NUM_SLICES
+    b = tl.program_id(1)
+    kv_len = _valid_keys(KV_LEN, stride_kvl, b, T, HAS_KV_LEN)
+    m0 = m_block * BLOCK_M
+    rows = m0 + tl.arange(0, BLOCK_M)
+    r_slice = pid % NUM_SLICES
+    cols = r_slice * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    return b, r_slice, kv_len, kv_len - S, m0, rows, cols
+
+
+@triton.jit
 def _dot_over_r(
     a_ptrs,
     a_ok,
@@ -538,28 +573,20 @@ def _fwd_kernel(
     stride_ob, stride_os, stride_or = _hinted(o_strides, Q_LAYOUT)
     stride_kb, stride_kr, stride_kt = _hinted(k_strides, KV_LAYOUT)
     stride_vb, stride_vr, stride_vt = _hinted(v_strides, KV_LAYOUT)
-    NUM_SLICES: tl.constexpr = (R + BLOCK_DV - 1) // BLOCK_DV
-    pid = tl.program_id(0)
-    m_block = (S + BLOCK_M - 1) // BLOCK_M - 1 - pid // NUM_SLICES  # longest causal rows first
-    r_slice = pid % NUM_SLICES
-    b = tl.program_id(1)
+    b, r_slice, kv_len, first, m0, rows, cols = _query_tile(
+        KV_LEN, stride_kvl, S, T, HAS_KV_LEN, R, BLOCK_M, BLOCK_DV
+    )
     split = tl.program_id(2)
-
-    kv_len = _valid_keys(KV_LEN, stride_kvl, b, T, HAS_KV_LEN)
-    first = kv_len - S  # absolute position of query row 0
-    m0 = m_block * BLOCK_M
-    rows = m0 + tl.arange(0, BLOCK_M)
     row_ok = rows < S
     pos = first + rows
     lam2 = _row_scale(pos, inv_sqrt_r, LENGTH_SCALE) * _LOG2E  # once per row
     n = tl.arange(0, BLOCK_N)
     d = tl.arange(0, BLOCK_DK)
     d_ok = d < R
-    cols = r_slice * BLOCK_DV + tl.arange(0, BLOCK_DV)
     col_ok = cols < R
-    q_ptrs = Q + b.to(tl.int64) * stride_qb + rows[:, None] * stride_qs + d[None, :] * stride_qr
-    k_ptrs = K + b.to(tl.int64) * stride_kb + d[:, None] * stride_kr + n[None, :] * stride_kt
-    vt_ptrs = V + b.to(tl.int64) * stride_vb + n[:, None] * stride_vt + cols[None, :] * stride_vr
+    q_ptrs = _tile_ptrs(Q, b, stride_qb, rows, stride_qs, d, stride_qr)
+    k_ptrs = _tile_ptrs(K, b, stride_kb, d, stride_kr, n, stride_kt)
+    vt_ptrs = _tile_ptrs(V, b, stride_vb, n, stride_vt, cols, stride_vr)
     if BLOCK_DK >= R:  # one chunk covers r: keep the query tile for the whole pass
         q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     else:
@@ -643,9 +670,7 @@ def _fwd_kernel(
         if r_slice == 0:
             tl.store(L_PART + part, l, mask=row_ok)
     else:
-        o_ptrs = (
-            O + b.to(tl.int64) * stride_ob + rows[:, None] * stride_os + cols[None, :] * stride_or
-        )
+        o_ptrs = _tile_ptrs(O, b, stride_ob, rows, stride_os, cols, stride_or)
         tl.store(o_ptrs, (acc / l[:, None]).to(O.dtype.element_ty), mask=out_ok)
         if r_slice == 0:
             tl.store(L + b.to(tl.int64) * S + rows, l * _LN2, mask=row_ok)
@@ -722,10 +747,8 @@ def _bwd_rows_kernel(
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < S
     d = tl.arange(0, BLOCK_DK)
-    o_ptrs = O + b.to(tl.int64) * stride_ob + rows[:, None] * stride_os + d[None, :] * stride_or
-    do_ptrs = (
-        DO + b.to(tl.int64) * stride_dob + rows[:, None] * stride_dos + d[None, :] * stride_dor
-    )
+    o_ptrs = _tile_ptrs(O, b, stride_ob, rows, stride_os, d, stride_or)
+    do_ptrs = _tile_ptrs(DO, b, stride_dob, rows, stride_dos, d, stride_dor)
     scaled_ptrs = DO_SCALED + (b.to(tl.int64) * S + rows[:, None]) * R + d[None, :]
     c = _LN2 / tl.load(L + b.to(tl.int64) * S + rows, mask=row_ok, other=1.0)
     delta = tl.full([BLOCK_M], 0.0, tl.float32)
@@ -1006,8 +1029,8 @@ def _bwd_dkdv_kernel(
     col_ok = cols < R
     q_b = Q + b.to(tl.int64) * stride_qb
     do_b = DO + b.to(tl.int64) * stride_dob
-    kt_ptrs = K + b.to(tl.int64) * stride_kb + keys[:, None] * stride_kt + d[None, :] * stride_kr
-    vt_ptrs = V + b.to(tl.int64) * stride_vb + keys[:, None] * stride_vt + d[None, :] * stride_vr
+    kt_ptrs = _tile_ptrs(K, b, stride_kb, keys, stride_kt, d, stride_kr)
+    vt_ptrs = _tile_ptrs(V, b, stride_vb, keys, stride_vt, d, stride_vr)
     qt_ptrs = q_b + d[:, None] * stride_qr + m[None, :] * stride_qs  # (BLOCK_DK, BLOCK_M), rows 0..
     dot_ptrs = do_b + d[:, None] * stride_dor + m[None, :] * stride_dos
     q_ptrs = q_b + m[:, None] * stride_qs + cols[None, :] * stride_qr  # (BLOCK_M, BLOCK_DV)
@@ -1114,12 +1137,8 @@ def _bwd_dkdv_kernel(
             )
 
     out_ok = (keys < T)[:, None] & col_ok[None, :]  # keys past kv_len get zero gradients
-    dk_ptrs = (
-        DK + b.to(tl.int64) * stride_dkb + keys[:, None] * stride_dkt + cols[None, :] * stride_dkr
-    )
-    dv_ptrs = (
-        DV + b.to(tl.int64) * stride_dvb + keys[:, None] * stride_dvt + cols[None, :] * stride_dvr
-    )
+    dk_ptrs = _tile_ptrs(DK, b, stride_dkb, keys, stride_dkt, cols, stride_dkr)
+    dv_ptrs = _tile_ptrs(DV, b, stride_dvb, keys, stride_dvt, cols, stride_dvr)
     if GRAD_K:
         tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=out_ok)
     if GRAD_V:
@@ -1270,16 +1289,9 @@ def _bwd_dq_kernel(
     stride_dqb, stride_dqs, stride_dqr = _hinted(dq_strides, Q_LAYOUT)
     stride_kb, stride_kr, stride_kt = _hinted(k_strides, KV_LAYOUT)
     stride_vb, stride_vr, stride_vt = _hinted(v_strides, KV_LAYOUT)
-    NUM_SLICES: tl.constexpr = (R + BLOCK_DV - 1) // BLOCK_DV
-    pid = tl.program_id(0)
-    m_block = (S + BLOCK_M - 1) // BLOCK_M - 1 - pid // NUM_SLICES  # longest causal rows first
-    r_slice = pid % NUM_SLICES
-    b = tl.program_id(1)
-
-    kv_len = _valid_keys(KV_LEN, stride_kvl, b, T, HAS_KV_LEN)
-    first = kv_len - S
-    m0 = m_block * BLOCK_M
-    rows = m0 + tl.arange(0, BLOCK_M)
+    b, _, kv_len, first, m0, rows, cols = _query_tile(
+        KV_LEN, stride_kvl, S, T, HAS_KV_LEN, R, BLOCK_M, BLOCK_DV
+    )
     row_ok = rows < S
     pos = first + rows
     c_y, c_dp, c_sh, _ = _load_rows(
@@ -1289,17 +1301,12 @@ def _bwd_dq_kernel(
     n = tl.arange(0, BLOCK_N)
     d = tl.arange(0, BLOCK_DK)
     d_ok = d < R
-    cols = r_slice * BLOCK_DV + tl.arange(0, BLOCK_DV)
     col_ok = cols < R
-    k_b = K + b.to(tl.int64) * stride_kb
-    v_b = V + b.to(tl.int64) * stride_vb
-    q_ptrs = Q + b.to(tl.int64) * stride_qb + rows[:, None] * stride_qs + d[None, :] * stride_qr
-    do_ptrs = (
-        DO + b.to(tl.int64) * stride_dob + rows[:, None] * stride_dos + d[None, :] * stride_dor
-    )
-    k_ptrs = k_b + d[:, None] * stride_kr + n[None, :] * stride_kt  # (BLOCK_DK, BLOCK_N), keys 0..
-    v_ptrs = v_b + d[:, None] * stride_vr + n[None, :] * stride_vt
-    kt_ptrs = k_b + n[:, None] * stride_kt + cols[None, :] * stride_kr  # (BLOCK_N, BLOCK_DV)
+    q_ptrs = _tile_ptrs(Q, b, stride_qb, rows, stride_qs, d, stride_qr)
+    do_ptrs = _tile_ptrs(DO, b, stride_dob, rows, stride_dos, d, stride_dor)
+    k_ptrs = _tile_ptrs(K, b, stride_kb, d, stride_kr, n, stride_kt)  # (BLOCK_DK, BLOCK_N)
+    v_ptrs = _tile_ptrs(V, b, stride_vb, d, stride_vr, n, stride_vt)
+    kt_ptrs = _tile_ptrs(K, b, stride_kb, n, stride_kt, cols, stride_kr)  # (BLOCK_N, BLOCK_DV)
     if BLOCK_DK >= R:  # one chunk covers r: keep the query and output-gradient tiles
         q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         do = tl.load(do_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
@@ -1373,9 +1380,7 @@ def _bwd_dq_kernel(
                 KV_LAYOUT,
             )
 
-    dq_ptrs = (
-        DQ + b.to(tl.int64) * stride_dqb + rows[:, None] * stride_dqs + cols[None, :] * stride_dqr
-    )
+    dq_ptrs = _tile_ptrs(DQ, b, stride_dqb, rows, stride_dqs, cols, stride_dqr)
     tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
