@@ -86,10 +86,14 @@ class Source:
 
     @classmethod
     def read(cls, from_checkpoint: str | None, run_dir: str | Path) -> Source:
-        """``from_checkpoint`` as given; ``auto``: the newest checkpoint of ``run_dir`` if it
-        holds a step directory, else a new run."""
+        """``from_checkpoint`` as given; ``auto``: the newest step directory of ``run_dir``, else
+        a new run. A step directory gets its name only once every process has written its part,
+        so the newest is complete even where the job stopped before ``latest`` named it (a
+        restart must not stop there: the first save has no older one to go back to, and a later
+        one would leave a step newer than ``latest``'s)."""
         if from_checkpoint == AUTO:
-            from_checkpoint = str(run_dir) if list_step_dirs(run_dir) else None
+            steps = list_step_dirs(run_dir)
+            from_checkpoint = str(steps[-1]) if steps else None
         if from_checkpoint is None:
             return cls()
         path, record = read_trainer_record(from_checkpoint)

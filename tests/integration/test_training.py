@@ -400,8 +400,9 @@ def test_resume_is_exact(data, straight_run, tmp_path):
 def test_from_checkpoint_auto_starts_a_new_run_or_continues_its_own(
     data, straight_run, tmp_path, capsys
 ):
-    """The same command line starts the run, continues it after a kill, and then finds it done;
-    what an explicit resume refuses stays refused."""
+    """The same command line starts the run, continues it after a kill (also one between
+    publishing a step directory and naming it ``latest``, the first save's: nothing older to go
+    back to), and then finds it done."""
     flags = ("--dropout", "0.1", "--total_steps", "6", "--save_steps", "3", "--eval_steps", "3")
     command = (*flags, "--eval_batches", "2", "--from_checkpoint", "auto")
     fresh = tmp_path / "fresh"
@@ -420,9 +421,14 @@ def test_from_checkpoint_auto_starts_a_new_run_or_continues_its_own(
     for (name, a), b in zip(final_a.state_dict().items(), final_b.state_dict().values()):
         assert torch.equal(a, b), name
 
-    (killed / "latest").write_text("step_00000009")
-    assert train(data, killed, *command) == 2
-    assert "names step_00000009, which is not a complete checkpoint" in capsys.readouterr().err
+    published = tmp_path / "published"  # killed between publishing step 3 and naming it latest
+    published.mkdir()
+    shutil.copytree(straight_run / "step_00000003", published / "step_00000003")
+    assert train(data, published, *command) == 0
+    assert "resumed from" in capsys.readouterr().out
+    final_c = load_checkpoint(published)
+    for (name, a), c in zip(final_a.state_dict().items(), final_c.state_dict().values()):
+        assert torch.equal(a, c), name
 
 
 def test_resume_from_a_version_1_training_record(data, straight_run, tmp_path):
