@@ -401,8 +401,8 @@ def test_from_checkpoint_auto_starts_a_new_run_or_continues_its_own(
     data, straight_run, tmp_path, capsys
 ):
     """The same command line starts the run, continues it after a kill (also one between
-    publishing a step directory and naming it ``latest``, the first save's: nothing older to go
-    back to), and then finds it done."""
+    publishing a step directory and naming it ``latest``, at the first save or a later one), and
+    then finds it done."""
     flags = ("--dropout", "0.1", "--total_steps", "6", "--save_steps", "3", "--eval_steps", "3")
     command = (*flags, "--eval_batches", "2", "--from_checkpoint", "auto")
     fresh = tmp_path / "fresh"
@@ -420,6 +420,10 @@ def test_from_checkpoint_auto_starts_a_new_run_or_continues_its_own(
     final_a, final_b = load_checkpoint(straight_run), load_checkpoint(killed)
     for (name, a), b in zip(final_a.state_dict().items(), final_b.state_dict().values()):
         assert torch.equal(a, b), name
+
+    (killed / "latest").write_text("step_00000003")  # stopped before latest named step 6
+    assert train(data, killed, *command) == 0
+    assert "the run is complete" in capsys.readouterr().out
 
     published = tmp_path / "published"  # killed between publishing step 3 and naming it latest
     published.mkdir()
