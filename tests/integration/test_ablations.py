@@ -36,11 +36,10 @@ def command(
         str(tokenizer),
         "--work_dir",
         str(work),
-        "--jobs",
-        "2",
-        "--threads",
-        "1",
     ]
+
+
+PARALLEL = ("--jobs", "2", "--threads", "1")  # two trials at a time, one thread each
 
 
 def result(name: str, work: Path, done: subprocess.CompletedProcess) -> tuple[dict, str]:
@@ -53,7 +52,7 @@ def benchmark(
     name: str, corpus: dict[str, Path], tokenizer: Path, work: Path, *flags: str
 ) -> tuple[dict, str]:
     done = subprocess.run(
-        command(name, corpus, tokenizer, work, *flags),
+        command(name, corpus, tokenizer, work, *flags, *PARALLEL),
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -118,8 +117,8 @@ def test_tiny_ablations_run_resume_and_agree(first, tiny_corpus, tiny_tokenizer,
     reuse = ("--reuse", str(tmp_path / "first.json"))
     elsewhere = tmp_path / "elsewhere"
     rerun, reused = side_by_side(
-        command("ablations", tiny_corpus, tiny_tokenizer, tmp_path, *GROUPS),
-        command("ablations", tiny_corpus, tiny_tokenizer, elsewhere, *GROUPS, *reuse),
+        command("ablations", tiny_corpus, tiny_tokenizer, tmp_path, *GROUPS, *PARALLEL),
+        command("ablations", tiny_corpus, tiny_tokenizer, elsewhere, *GROUPS, *reuse, *PARALLEL),
     )
     second, out = result("ablations", tmp_path, rerun)
     counts = re.findall(r"(\d+) of (\d+) trials already completed", out)

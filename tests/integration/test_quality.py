@@ -5,35 +5,17 @@ numbers; and plot_lengths on what it wrote."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from test_ablations import command
 
 
 def quality(side_by_side, corpus: dict[str, Path], tokenizer: Path, *works: Path) -> list[dict]:
     """The results of ``python -m benchmarks.quality --tiny`` run into each of ``works``, the runs
     side by side (one thread each)."""
     done = side_by_side(
-        *[
-            [
-                sys.executable,
-                "-m",
-                "benchmarks.quality",
-                "--tiny",
-                "--train_corpus",
-                str(corpus["train"]),
-                "--eval_corpus",
-                str(corpus["eval"]),
-                "--tokenizer",
-                str(tokenizer),
-                "--work_dir",
-                str(work),
-                "--threads",
-                "1",
-            ]
-            for work in works
-        ]
+        *[command("quality", corpus, tokenizer, work, "--threads", "1") for work in works]
     )
     for run in done:
         assert run.returncode == 0, run.stderr[-3000:]

@@ -367,22 +367,7 @@ def straight_run(data, tmp_path_factory) -> Path:
 def test_resume_is_exact(data, straight_run, tmp_path):
     resumed = tmp_path / "resumed"
     assert (
-        train(
-            data,
-            resumed,
-            "--dropout",
-            "0.1",
-            "--total_steps",
-            "6",
-            "--save_steps",
-            "3",
-            "--eval_steps",
-            "3",
-            "--eval_batches",
-            "2",
-            "--from_checkpoint",
-            str(straight_run / "step_00000003"),
-        )
+        train(data, resumed, *STRAIGHT, "--from_checkpoint", str(straight_run / "step_00000003"))
         == 0
     )
     for kind in ("train", "eval"):
@@ -403,8 +388,7 @@ def test_from_checkpoint_auto_starts_a_new_run_or_continues_its_own(
     """The same command line starts the run, continues it after a kill (also one between
     publishing a step directory and naming it ``latest``, at the first save or a later one), and
     then finds it done."""
-    flags = ("--dropout", "0.1", "--total_steps", "6", "--save_steps", "3", "--eval_steps", "3")
-    command = (*flags, "--eval_batches", "2", "--from_checkpoint", "auto")
+    command = (*STRAIGHT, "--from_checkpoint", "auto")
     fresh = tmp_path / "fresh"
     assert train(data, fresh, *command) == 0  # nothing there: a new run
     assert losses(fresh) == losses(straight_run)
@@ -859,14 +843,19 @@ def workers_of(run_dir: Path) -> list[int]:
 RUN = "softplus_core16_seq32"
 
 
-@pytest.fixture(scope="module")
-def straight_multitrain(data, tmp_path_factory) -> Path:
-    """The multitrain script's run, never interrupted."""
-    root = tmp_path_factory.mktemp("straight_multitrain")
+def uninterrupted_multitrain(data: TinyData, root: Path) -> Path:
+    """The multitrain script's run into ``root``, two processes on this host, never interrupted;
+    its run directory."""
     job = multitrain_script(data, root, free_port())
     out = job.communicate(timeout=300)[0]
     assert job.returncode == 0, out[-3000:]
     return root / RUN
+
+
+@pytest.fixture(scope="module")
+def straight_multitrain(data, tmp_path_factory) -> Path:
+    """The multitrain script's run, never interrupted."""
+    return uninterrupted_multitrain(data, tmp_path_factory.mktemp("straight_multitrain"))
 
 
 def test_multitrain_script_restarts_a_killed_worker_and_resumes_a_stopped_job(

@@ -36,6 +36,7 @@ from test_training import (
     multitrain_script,
     records,
     same_run,
+    uninterrupted_multitrain,
     wait_for_step,
     workers_of,
 )
@@ -154,11 +155,7 @@ def data(tmp_path_factory) -> TinyData:
 @pytest.fixture(scope="module")
 def one_node(data, tmp_path_factory) -> Path:
     """The same run on one node: two processes on this host."""
-    root = tmp_path_factory.mktemp("one_node")
-    job = multitrain_script(data, root, free_port())
-    out = job.communicate(timeout=300)[0]
-    assert job.returncode == 0, out[-3000:]
-    return root / RUN
+    return uninterrupted_multitrain(data, tmp_path_factory.mktemp("one_node"))
 
 
 def test_two_nodes_match_one_restart_a_killed_worker_and_resume_a_stopped_job(
